@@ -1,0 +1,23 @@
+"""shmring: zero-copy inter-process communication over shared memory.
+
+Processes on one machine exchange numpy arrays and msgpack messages through a
+lock-free ring buffer in a shared segment; a consumer's array is a read-only
+view of the shared pages.  See README.md for a tour and docs/design.md for the
+protocol.
+"""
+from ._core import Message
+from .errors import (CorruptSegmentError, EndOfStream, EscapedViewWarning, HandleClosed,
+                     IncompatibleSegment, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
+                     RoleTaken, SegmentExists, SegmentNotFound, ShmringError, Timeout,
+                     UnsupportedType)
+from .ring import Consumer, Producer, Reservation, Ring
+from .segment import list_segments, unlink
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink",
+    "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
+    "SegmentExists", "PermissionDenied", "NoSpace", "CorruptSegmentError", "IncompatibleSegment",
+    "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning",
+]

@@ -1,0 +1,1127 @@
+/*
+ * shmring._core: the atomics, futex waits and per-message hot paths.
+ *
+ * Everything else (segments, naming, codecs, roles, errors, the public
+ * classes) is Python.  The protocol is described in shmring/layout.py and
+ * docs/design.md; the numbers come from _layout.h.
+ *
+ * Shared words are touched only through the load_acquire / store_release /
+ * cas / fetch_add helpers below, each call commented with the access it pairs
+ * with.  Plain accesses are used only for record bytes that the other side
+ * cannot see yet (producer, before its release store of write_pos) or that
+ * the other side will not touch again (consumer, below write_pos and above
+ * read_pos).
+ *
+ * Every value read from shared memory is untrusted: positions are checked
+ * against the invariant read_pos <= write_pos <= read_pos + capacity, and
+ * record lengths/types against the published window before any byte of the
+ * payload is touched.  A violation raises CorruptSegmentError.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <errno.h>
+#include <time.h>
+#include <sched.h>
+#include <limits.h>
+#include <pthread.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+
+#include "_layout.h"
+
+/* ---------------------------------------------------------------- atomics */
+
+static inline uint64_t load_acquire64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_ACQUIRE); }
+static inline uint32_t load_acquire32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
+static inline uint64_t load_seqcst64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_SEQ_CST); }
+static inline uint32_t load_seqcst32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_SEQ_CST); }
+static inline uint32_t load_relaxed32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
+static inline void store_release64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE); }
+static inline void store_release32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
+static inline uint32_t fetch_add32(void *p, uint32_t v) { return __atomic_fetch_add((uint32_t *)p, v, __ATOMIC_SEQ_CST); }
+static inline uint64_t fetch_add64(void *p, uint64_t v) { return __atomic_fetch_add((uint64_t *)p, v, __ATOMIC_SEQ_CST); }
+static inline int cas64(void *p, uint64_t expect, uint64_t desired) {
+    return __atomic_compare_exchange_n((uint64_t *)p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+static inline int cas32(void *p, uint32_t expect, uint32_t desired) {
+    return __atomic_compare_exchange_n((uint32_t *)p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+static inline uint64_t align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ futex */
+
+/* Shared (not private) futex: the word lives in a MAP_SHARED mapping that
+ * other processes map at other addresses. */
+static int futex_wait(uint32_t *addr, uint32_t expected, uint64_t timeout_ns) {
+    struct timespec ts;
+    ts.tv_sec = (time_t)(timeout_ns / 1000000000ull);
+    ts.tv_nsec = (long)(timeout_ns % 1000000000ull);
+    long r = syscall(SYS_futex, addr, FUTEX_WAIT, expected, &ts, NULL, 0);
+    return r == 0 ? 0 : errno;
+}
+
+static void futex_wake_all(uint32_t *addr) {
+    syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+/*
+ * The wake-up protocol (no lost wake-ups).
+ *
+ *   sleeper                                   waker
+ *   s = load_acquire(seq)                     store_release(position)
+ *   fetch_add(waiters, 1)      [seq_cst]      fence                [seq_cst]
+ *   if condition(): leave      [seq_cst load] if load(waiters) > 0:
+ *   futex_wait(seq, s)                            fetch_add(seq, 1); futex_wake(seq)
+ *   fetch_sub(waiters, 1)
+ *
+ * The waiters increment and the condition load on one side, the position
+ * store and the waiters load on the other, are the store-buffering pattern:
+ * with seq_cst on both sides at least one of them sees the other's store.
+ * Either the sleeper sees the new position and does not sleep, or the waker
+ * sees waiters > 0 and bumps seq; the bump lands either before futex_wait
+ * compares seq with s (it returns EAGAIN at once) or after it has queued the
+ * sleeper (the wake reaches it).  The waker pays one fence and one load per
+ * message; the syscall happens only while somebody has announced a sleep.
+ */
+static inline void wake_if_waiting(char *wake_line) {
+    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with the sleeper's fetch_add(waiters) */
+    if (load_relaxed32(wake_line + SHMR_WAKE_WAITERS)) {
+        fetch_add32(wake_line + SHMR_WAKE_SEQ, 1); /* seen by the sleeper's futex_wait compare */
+        futex_wake_all((uint32_t *)(wake_line + SHMR_WAKE_SEQ));
+    }
+}
+
+static inline void wake_always(char *wake_line) {
+    fetch_add32(wake_line + SHMR_WAKE_SEQ, 1);
+    futex_wake_all((uint32_t *)(wake_line + SHMR_WAKE_SEQ));
+}
+
+typedef int (*cond_fn)(void *ctx);
+
+/* Wait until cond(ctx) holds or slice_ns elapses: spin for spin_ns, then
+ * yield, then sleep on the futex.  Called with the GIL released.
+ * Returns 1 (condition holds), 0 (slice elapsed) or -1 (interrupted). */
+static int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns, uint64_t spin_ns) {
+    uint64_t start = now_ns();
+    uint64_t deadline = start + slice_ns;
+    uint64_t spin_end = start + (spin_ns < slice_ns ? spin_ns : slice_ns);
+    uint64_t yield_end = spin_end + (spin_ns ? 50000u : 0u);
+    for (;;) {
+        for (int i = 0; i < 64; i++) {
+            if (cond(ctx)) return 1;
+            cpu_relax();
+        }
+        uint64_t t = now_ns();
+        if (t >= spin_end) break;
+    }
+    while (now_ns() < yield_end && now_ns() < deadline) {
+        if (cond(ctx)) return 1;
+        sched_yield();
+    }
+    uint32_t *seq = (uint32_t *)(wake_line + SHMR_WAKE_SEQ);
+    uint32_t *waiters = (uint32_t *)(wake_line + SHMR_WAKE_WAITERS);
+    for (;;) {
+        uint32_t s = load_acquire32(seq);
+        fetch_add32(waiters, 1);          /* pairs with the waker's fence + load(waiters) */
+        if (cond(ctx)) { fetch_add32(waiters, (uint32_t)-1); return 1; }
+        uint64_t t = now_ns();
+        if (t >= deadline) { fetch_add32(waiters, (uint32_t)-1); return cond(ctx) ? 1 : 0; }
+        int err = futex_wait(seq, s, deadline - t);
+        fetch_add32(waiters, (uint32_t)-1);
+        if (cond(ctx)) return 1;
+        if (err == EINTR) return -1;
+        if (now_ns() >= deadline) return 0;
+    }
+}
+
+/* ------------------------------------------------------------- exceptions */
+
+static PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *EscapedViewWarning;
+static PyObject *decode_func;          /* shmring.codec._decode(msg) */
+static unsigned long fork_generation;  /* bumped in every forked child */
+
+static void at_fork_child(void) { fork_generation++; }
+
+static int load_errors(void) {
+    PyObject *m = PyImport_ImportModule("shmring.errors");
+    if (!m) return -1;
+    CorruptSegmentError = PyObject_GetAttrString(m, "CorruptSegmentError");
+    MessageTooLarge = PyObject_GetAttrString(m, "MessageTooLarge");
+    HandleClosed = PyObject_GetAttrString(m, "HandleClosed");
+    ShmringError = PyObject_GetAttrString(m, "ShmringError");
+    EscapedViewWarning = PyObject_GetAttrString(m, "EscapedViewWarning");
+    Py_DECREF(m);
+    return (CorruptSegmentError && MessageTooLarge && HandleClosed && ShmringError && EscapedViewWarning) ? 0 : -1;
+}
+
+/* ----------------------------------------------------------------- Region */
+
+/* A mapped region: holds a buffer export of the mapping for its lifetime, so
+ * the mapping cannot be unmapped (mmap.close() raises BufferError) while any
+ * handle or message still points into it. */
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+    char *base;
+    char *data;
+    uint64_t capacity, mask, max_message;
+    unsigned long fork_gen;
+    int closed;
+} Region;
+
+static int Region_init(Region *self, PyObject *args, PyObject *kw) {
+    PyObject *buf;
+    if (!PyArg_ParseTuple(args, "O", &buf)) return -1;
+    if (self->has_view) { PyErr_SetString(PyExc_RuntimeError, "already initialized"); return -1; }
+    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
+    self->has_view = 1;
+    self->base = (char *)self->view.buf;
+    if ((uintptr_t)self->base % 4096 != 0 || self->view.len < (Py_ssize_t)SHMR_HEADER_SIZE) {
+        PyErr_SetString(CorruptSegmentError, "region is unaligned or smaller than the header page");
+        return -1;
+    }
+    /* Read once and cached: later corruption of the header cannot move our bounds. */
+    uint64_t cap = load_acquire64(self->base + SHMR_OFF_CAPACITY);
+    if (cap < SHMR_MIN_CAPACITY || cap > SHMR_MAX_CAPACITY || (cap & (cap - 1)) != 0 ||
+        (uint64_t)self->view.len < SHMR_HEADER_SIZE + cap) {
+        PyErr_Format(CorruptSegmentError, "capacity %llu does not fit a region of %zd bytes",
+                     (unsigned long long)cap, self->view.len);
+        return -1;
+    }
+    self->capacity = cap;
+    self->mask = cap - 1;
+    self->max_message = cap / 2 - SHMR_REC_HDR;
+    self->data = self->base + SHMR_HEADER_SIZE;
+    self->fork_gen = fork_generation;
+    return 0;
+}
+
+static void Region_dealloc(Region *self) {
+    if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Offsets passed from Python must be aligned and inside the header page. */
+static char *header_word(Region *self, PyObject *arg, unsigned size) {
+    if (!self->has_view) { PyErr_SetString(HandleClosed, "region is detached"); return NULL; }
+    long long off = PyLong_AsLongLong(arg);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    if (off < 0 || off + size > SHMR_HEADER_SIZE || off % size != 0) {
+        PyErr_Format(PyExc_ValueError, "bad header offset %lld for a %u-byte word", off, size);
+        return NULL;
+    }
+    return self->base + off;
+}
+
+static PyObject *Region_load_u32(Region *self, PyObject *off) {
+    char *p = header_word(self, off, 4); if (!p) return NULL;
+    return PyLong_FromUnsignedLong(load_acquire32(p));
+}
+static PyObject *Region_load_u64(Region *self, PyObject *off) {
+    char *p = header_word(self, off, 8); if (!p) return NULL;
+    return PyLong_FromUnsignedLongLong(load_acquire64(p));
+}
+static PyObject *Region_store_u32(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "store_u32(offset, value)"); return NULL; }
+    char *p = header_word(self, args[0], 4); if (!p) return NULL;
+    unsigned long v = PyLong_AsUnsignedLong(args[1]); if (PyErr_Occurred()) return NULL;
+    store_release32(p, (uint32_t)v);
+    Py_RETURN_NONE;
+}
+static PyObject *Region_store_u64(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "store_u64(offset, value)"); return NULL; }
+    char *p = header_word(self, args[0], 8); if (!p) return NULL;
+    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    store_release64(p, v);
+    Py_RETURN_NONE;
+}
+static PyObject *Region_cas_u64(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "cas_u64(offset, expected, desired)"); return NULL; }
+    char *p = header_word(self, args[0], 8); if (!p) return NULL;
+    unsigned long long e = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    unsigned long long d = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(cas64(p, e, d));
+}
+static PyObject *Region_fetch_add_u64(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "fetch_add_u64(offset, delta)"); return NULL; }
+    char *p = header_word(self, args[0], 8); if (!p) return NULL;
+    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    return PyLong_FromUnsignedLongLong(fetch_add64(p, v));
+}
+/* Wake every sleeper on the wake line at `offset` (used for end of stream). */
+static PyObject *Region_wake(Region *self, PyObject *off) {
+    char *p = header_word(self, off, 8); if (!p) return NULL;
+    wake_always(p);
+    Py_RETURN_NONE;
+}
+static PyObject *Region_get_capacity(Region *self, void *c) { return PyLong_FromUnsignedLongLong(self->capacity); }
+static PyObject *Region_get_max_message(Region *self, void *c) { return PyLong_FromUnsignedLongLong(self->max_message); }
+
+static PyMethodDef Region_methods[] = {
+    {"load_u32", (PyCFunction)Region_load_u32, METH_O, "load_u32(offset): acquire load of a header word"},
+    {"load_u64", (PyCFunction)Region_load_u64, METH_O, "load_u64(offset): acquire load of a header word"},
+    {"store_u32", (PyCFunction)(void (*)(void))Region_store_u32, METH_FASTCALL, "store_u32(offset, value): release store"},
+    {"store_u64", (PyCFunction)(void (*)(void))Region_store_u64, METH_FASTCALL, "store_u64(offset, value): release store"},
+    {"cas_u64", (PyCFunction)(void (*)(void))Region_cas_u64, METH_FASTCALL, "cas_u64(offset, expected, desired) -> bool"},
+    {"fetch_add_u64", (PyCFunction)(void (*)(void))Region_fetch_add_u64, METH_FASTCALL, "fetch_add_u64(offset, delta) -> old"},
+    {"wake", (PyCFunction)Region_wake, METH_O, "wake(offset): wake every sleeper on that wake word"},
+    {NULL}
+};
+static PyGetSetDef Region_getset[] = {
+    {"capacity", (getter)Region_get_capacity, NULL, "data area bytes", NULL},
+    {"max_message", (getter)Region_get_max_message, NULL, "largest payload", NULL},
+    {NULL}
+};
+
+static PyTypeObject RegionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.Region",
+    .tp_basicsize = sizeof(Region),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Region(buffer): atomics on the header of a mapped shmring region",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Region_init,
+    .tp_dealloc = (destructor)Region_dealloc,
+    .tp_methods = Region_methods,
+    .tp_getset = Region_getset,
+};
+
+static int check_usable(Region *r) {
+    if (r->closed || !r->has_view) { PyErr_SetString(HandleClosed, "handle is closed"); return -1; }
+    if (r->fork_gen != fork_generation) {
+        PyErr_SetString(ShmringError, "this handle was created before fork(); a forked child must "
+                                      "take its own handle (ring.producer() / ring.consumer())");
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ ProducerCore */
+
+typedef struct {
+    Region r;
+    uint64_t write_pos;     /* ours; mirrors the shared write_pos after each commit */
+    uint64_t cached_read;   /* last read_pos we loaded */
+    int reserved;           /* a reservation is open */
+    uint64_t res_start;     /* position of its record header */
+    uint64_t res_len;       /* payload bytes reserved */
+    uint64_t res_prev;      /* write_pos before it (padding included), for abort */
+} Producer;
+
+static PyObject *str_send_obj, *str_try_send_obj, *str_send_wait, *str_recv_wait;
+
+static int Producer_init(Producer *self, PyObject *args, PyObject *kw) {
+    if (Region_init(&self->r, args, kw) < 0) return -1;
+    uint64_t wp = load_acquire64(self->r.base + SHMR_OFF_WRITE_POS);
+    uint64_t rp = load_acquire64(self->r.base + SHMR_OFF_READ_POS); /* pairs with consumer's store_release(read_pos) */
+    if (rp > wp || wp - rp > self->r.capacity || (wp & 7) || (rp & 7)) {
+        PyErr_Format(CorruptSegmentError, "positions out of order: read %llu, write %llu, capacity %llu",
+                     (unsigned long long)rp, (unsigned long long)wp, (unsigned long long)self->r.capacity);
+        return -1;
+    }
+    self->write_pos = wp;
+    self->cached_read = rp;
+    return 0;
+}
+
+/* Claim room for a record of payload_len bytes at write_pos (writing a padding
+ * record first when it would cross the end of the data area).  Nothing is
+ * visible to the consumer until publish().  Returns 1 and the record start,
+ * 0 when the ring is full right now, -1 on corruption (exception set). */
+static int producer_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start) {
+    uint64_t cap = p->r.capacity;
+    uint64_t need = align8(SHMR_REC_HDR + payload_len);
+    uint64_t wp = p->write_pos;
+    uint64_t tail = cap - (wp & p->r.mask);
+    uint64_t total = need <= tail ? need : tail + need;
+    if (wp + total - p->cached_read > cap) {
+        uint64_t rp = load_acquire64(p->r.base + SHMR_OFF_READ_POS); /* pairs with consumer's store_release(read_pos) */
+        if (rp > wp || wp - rp > cap || (rp & 7)) {
+            PyErr_Format(CorruptSegmentError, "consumer position %llu is outside [%llu - capacity, %llu]",
+                         (unsigned long long)rp, (unsigned long long)wp, (unsigned long long)wp);
+            return -1;
+        }
+        p->cached_read = rp;
+        if (wp + total - rp > cap) return 0;
+    }
+    if (need > tail) {
+        char *h = p->r.data + (wp & p->r.mask);   /* not yet visible: plain stores */
+        *(uint32_t *)h = (uint32_t)(tail - SHMR_REC_HDR);
+        *(uint16_t *)(h + 4) = SHMR_T_PAD;
+        *(uint16_t *)(h + 6) = 0;
+        wp += tail;
+    }
+    *rec_start = wp;
+    return 1;
+}
+
+static inline void producer_write_header(Producer *p, uint64_t start, uint64_t len, unsigned type) {
+    char *h = p->r.data + (start & p->r.mask);
+    *(uint32_t *)h = (uint32_t)len;
+    *(uint16_t *)(h + 4) = (uint16_t)type;
+    *(uint16_t *)(h + 6) = 0;
+}
+
+static inline void producer_publish(Producer *p, uint64_t new_wp) {
+    p->write_pos = new_wp;
+    store_release64(p->r.base + SHMR_OFF_WRITE_POS, new_wp); /* pairs with consumer's load_acquire(write_pos) */
+    wake_if_waiting(p->r.base + SHMR_OFF_DATA_WAKE);
+}
+
+/* Copy one payload in and publish it. 1 sent, 0 full, -1 error. */
+static int producer_push(Producer *p, const char *buf, uint64_t len, unsigned type) {
+    if (len > p->r.max_message) {
+        PyErr_Format(MessageTooLarge, "message of %llu bytes can never fit: this ring's largest "
+                     "message is %llu bytes (capacity %llu / 2 - %u)", (unsigned long long)len,
+                     (unsigned long long)p->r.max_message, (unsigned long long)p->r.capacity, SHMR_REC_HDR);
+        return -1;
+    }
+    if (p->reserved) { PyErr_SetString(ShmringError, "a reservation is open; commit or abort it first"); return -1; }
+    uint64_t start;
+    int r = producer_claim(p, len, &start);
+    if (r <= 0) return r;
+    producer_write_header(p, start, len, type);
+    memcpy(p->r.data + (start & p->r.mask) + SHMR_REC_HDR, buf, len);
+    producer_publish(p, start + align8(SHMR_REC_HDR + len));
+    return 1;
+}
+
+/* Fast path for bytes / bytearray: 1 sent, 0 full, -1 error, 2 not a fast type. */
+static int producer_push_fast(Producer *p, PyObject *data) {
+    if (PyBytes_CheckExact(data))
+        return producer_push(p, PyBytes_AS_STRING(data), (uint64_t)PyBytes_GET_SIZE(data), SHMR_T_BYTES);
+    if (PyByteArray_CheckExact(data))
+        return producer_push(p, PyByteArray_AS_STRING(data), (uint64_t)PyByteArray_GET_SIZE(data), SHMR_T_BYTES);
+    return 2;
+}
+
+static PyObject *Producer_send(Producer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    if (nargs < 1) { PyErr_SetString(PyExc_TypeError, "send(data, *, timeout=None)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    PyObject *timeout = Py_None;
+    if (nargs > 1 || (kwnames && PyTuple_GET_SIZE(kwnames) > 0)) {
+        if (nargs > 1 || PyTuple_GET_SIZE(kwnames) != 1 ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0)) ||
+            PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0) {
+            PyErr_SetString(PyExc_TypeError, "send(data, *, timeout=None)");
+            return NULL;
+        }
+        timeout = args[1];
+    }
+    int r = producer_push_fast(self, args[0]);
+    if (r == 1) Py_RETURN_NONE;
+    if (r < 0) return NULL;
+    if (r == 0) return PyObject_CallMethodObjArgs((PyObject *)self, str_send_wait, args[0], timeout, NULL);
+    return PyObject_CallMethodObjArgs((PyObject *)self, str_send_obj, args[0], timeout, NULL);
+}
+
+static PyObject *Producer_try_send(Producer *self, PyObject *data) {
+    if (check_usable(&self->r) < 0) return NULL;
+    int r = producer_push_fast(self, data);
+    if (r == 1) Py_RETURN_TRUE;
+    if (r == 0) Py_RETURN_FALSE;
+    if (r < 0) return NULL;
+    return PyObject_CallMethodObjArgs((PyObject *)self, str_try_send_obj, data, NULL);
+}
+
+/* _push(buffer, type) -> bool: try to send any contiguous buffer as one record. */
+static PyObject *Producer_push(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_push(buffer, type)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    long type = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    int r = producer_push(self, (const char *)b.buf, (uint64_t)b.len, (unsigned)type);
+    PyBuffer_Release(&b);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+/* _reserve(payload_len, type) -> offset of the payload in the region, or None if full. */
+static PyObject *Producer_reserve(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_reserve(nbytes, type)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    unsigned long long len = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    long type = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
+    if (len > self->r.max_message) {
+        PyErr_Format(MessageTooLarge, "reservation of %llu bytes can never fit: this ring's largest "
+                     "message is %llu bytes", len, (unsigned long long)self->r.max_message);
+        return NULL;
+    }
+    if (self->reserved) { PyErr_SetString(ShmringError, "a reservation is already open; commit or abort it first"); return NULL; }
+    uint64_t prev = self->write_pos, start;
+    int r = producer_claim(self, len, &start);
+    if (r < 0) return NULL;
+    if (r == 0) Py_RETURN_NONE;
+    self->reserved = 1;
+    self->res_start = start;
+    self->res_len = len;
+    self->res_prev = prev;
+    producer_write_header(self, start, len, (unsigned)type);
+    /* The claim may have written a padding record: keep write_pos before it
+     * until commit, so abort forgets both. */
+    return PyLong_FromUnsignedLongLong(SHMR_HEADER_SIZE + (start & self->r.mask) + SHMR_REC_HDR);
+}
+
+/* _commit(nbytes=-1): publish the open reservation, optionally shrunk to nbytes. */
+static PyObject *Producer_commit(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (!self->reserved) { PyErr_SetString(ShmringError, "no open reservation"); return NULL; }
+    uint64_t len = self->res_len;
+    if (n >= 1 && args[0] != Py_None) {
+        unsigned long long l = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+        if (l > len) { PyErr_Format(PyExc_ValueError, "cannot commit %llu bytes of a %llu-byte reservation", l, (unsigned long long)len); return NULL; }
+        len = l;
+        *(uint32_t *)(self->r.data + (self->res_start & self->r.mask)) = (uint32_t)len;
+    }
+    self->reserved = 0;
+    producer_publish(self, self->res_start + align8(SHMR_REC_HDR + len));
+    Py_RETURN_NONE;
+}
+
+static PyObject *Producer_abort(Producer *self, PyObject *unused) {
+    if (self->reserved) { self->reserved = 0; self->write_pos = self->res_prev; }
+    Py_RETURN_NONE;
+}
+
+struct space_ctx { char *base; uint64_t wp, total, cap; };
+static int space_cond(void *vctx) {
+    struct space_ctx *c = vctx;
+    uint64_t rp = load_seqcst64(c->base + SHMR_OFF_READ_POS); /* pairs with consumer's store_release(read_pos) */
+    if (rp > c->wp) return 1;          /* corrupt: let the caller's claim report it */
+    return c->wp + c->total - rp <= c->cap;
+}
+
+/* _wait_space(payload_len, slice_s, spin_s) -> bool (GIL released while waiting). */
+static PyObject *Producer_wait_space(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "_wait_space(nbytes, slice, spin)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    unsigned long long len = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    double slice = PyFloat_AsDouble(args[1]); if (PyErr_Occurred()) return NULL;
+    double spin = PyFloat_AsDouble(args[2]); if (PyErr_Occurred()) return NULL;
+    struct space_ctx c;
+    uint64_t need = align8(SHMR_REC_HDR + len);
+    uint64_t tail = self->r.capacity - (self->write_pos & self->r.mask);
+    c.base = self->r.base; c.wp = self->write_pos; c.cap = self->r.capacity;
+    c.total = need <= tail ? need : tail + need;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = wait_for(self->r.base + SHMR_OFF_SPACE_WAKE, space_cond, &c,
+                 slice > 0 ? (uint64_t)(slice * 1e9) : 0, spin > 0 ? (uint64_t)(spin * 1e9) : 0);
+    Py_END_ALLOW_THREADS
+    if (PyErr_CheckSignals() < 0) return NULL;
+    return PyBool_FromLong(r == 1);
+}
+
+static PyObject *Producer_mark_closed(Producer *self, PyObject *unused) {
+    self->r.closed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Producer_get_write_pos(Producer *self, void *c) { return PyLong_FromUnsignedLongLong(self->write_pos); }
+static PyObject *Producer_get_reserved(Producer *self, void *c) { return PyBool_FromLong(self->reserved); }
+static PyObject *Region_get_closed(Region *self, void *c) { return PyBool_FromLong(self->closed); }
+
+static PyMethodDef Producer_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))Producer_send, METH_FASTCALL | METH_KEYWORDS,
+     "send(data, *, timeout=None): send bytes, an ndarray or a msgpack-able object; "
+     "block up to timeout seconds (None: forever) while the ring is full"},
+    {"try_send", (PyCFunction)Producer_try_send, METH_O, "try_send(data) -> bool: send if there is room now"},
+    {"_push", (PyCFunction)(void (*)(void))Producer_push, METH_FASTCALL, NULL},
+    {"_reserve", (PyCFunction)(void (*)(void))Producer_reserve, METH_FASTCALL, NULL},
+    {"_commit", (PyCFunction)(void (*)(void))Producer_commit, METH_FASTCALL, NULL},
+    {"_abort", (PyCFunction)Producer_abort, METH_NOARGS, NULL},
+    {"_wait_space", (PyCFunction)(void (*)(void))Producer_wait_space, METH_FASTCALL, NULL},
+    {"_mark_closed", (PyCFunction)Producer_mark_closed, METH_NOARGS, NULL},
+    {NULL}
+};
+static PyGetSetDef Producer_getset[] = {
+    {"position", (getter)Producer_get_write_pos, NULL, "bytes committed so far (the write position)", NULL},
+    {"_reserved", (getter)Producer_get_reserved, NULL, NULL, NULL},
+    {"closed", (getter)Region_get_closed, NULL, "True once close() was called", NULL},
+    {NULL}
+};
+
+static PyTypeObject ProducerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.ProducerCore",
+    .tp_basicsize = sizeof(Producer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "C half of shmring.Producer",
+    .tp_base = &RegionType,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Producer_init,
+    .tp_methods = Producer_methods,
+    .tp_getset = Producer_getset,
+};
+
+/* ------------------------------------------------------------ ConsumerCore */
+
+/* Records handed out and not yet released, in position order.  Space is
+ * given back (read_pos advanced) only over a prefix of released records. */
+typedef struct { uint64_t start, end; int done; } Entry;
+
+typedef struct {
+    Region r;
+    uint64_t next_pos;      /* next record to hand out */
+    uint64_t read_pos;      /* last value stored to the shared read_pos */
+    uint64_t cached_write;  /* last write_pos we loaded */
+    Entry *q; size_t qhead, qlen, qcap;   /* circular queue of outstanding records */
+    int detached;           /* role given up: never store read_pos again */
+    uint64_t received;
+} Consumer;
+
+typedef struct {
+    PyObject_HEAD
+    Consumer *cons;         /* strong reference while not released */
+    uint64_t start, end;
+    Py_ssize_t off, len;    /* payload, relative to the region base */
+    int type;
+    int exports;            /* live buffer exports of this message */
+    int state;              /* 0 live, 1 release deferred until exports == 0, 2 released */
+} Message;
+
+static PyTypeObject MessageType;
+
+static int Consumer_init(Consumer *self, PyObject *args, PyObject *kw) {
+    if (Region_init(&self->r, args, kw) < 0) return -1;
+    uint64_t rp = load_acquire64(self->r.base + SHMR_OFF_READ_POS);
+    uint64_t wp = load_acquire64(self->r.base + SHMR_OFF_WRITE_POS); /* pairs with producer's store_release(write_pos) */
+    if (rp > wp || wp - rp > self->r.capacity || (wp & 7) || (rp & 7)) {
+        PyErr_Format(CorruptSegmentError, "positions out of order: read %llu, write %llu, capacity %llu",
+                     (unsigned long long)rp, (unsigned long long)wp, (unsigned long long)self->r.capacity);
+        return -1;
+    }
+    self->read_pos = self->next_pos = rp;
+    self->cached_write = wp;
+    return 0;
+}
+
+static void Consumer_dealloc(Consumer *self) {
+    PyMem_Free(self->q);
+    self->q = NULL;
+    Region_dealloc(&self->r);
+}
+
+static inline void consumer_store_read(Consumer *c, uint64_t rp) {
+    c->read_pos = rp;
+    if (c->detached) return;
+    store_release64(c->r.base + SHMR_OFF_READ_POS, rp); /* pairs with producer's load_acquire(read_pos) */
+    wake_if_waiting(c->r.base + SHMR_OFF_SPACE_WAKE);
+}
+
+/* Record [start, end) is finished with. */
+static int consumer_finish(Consumer *c, uint64_t start, uint64_t end) {
+    size_t i;
+    for (i = 0; i < c->qlen; i++) {
+        Entry *e = &c->q[(c->qhead + i) % c->qcap];
+        if (e->start == start) { e->done = 1; break; }
+    }
+    if (i == c->qlen) { PyErr_SetString(PyExc_SystemError, "shmring: release of an unknown record"); return -1; }
+    uint64_t rp = c->read_pos;
+    while (c->qlen && c->q[c->qhead].done) {
+        rp = c->q[c->qhead].end;
+        c->qhead = (c->qhead + 1) % c->qcap;
+        c->qlen--;
+    }
+    if (rp != c->read_pos) consumer_store_read(c, rp);
+    return 0;
+}
+
+static int consumer_track(Consumer *c, uint64_t start, uint64_t end, int done) {
+    if (c->qlen == c->qcap) {
+        size_t ncap = c->qcap ? c->qcap * 2 : 16;
+        Entry *nq = PyMem_Malloc(ncap * sizeof(Entry));
+        if (!nq) { PyErr_NoMemory(); return -1; }
+        for (size_t i = 0; i < c->qlen; i++) nq[i] = c->q[(c->qhead + i) % c->qcap];
+        PyMem_Free(c->q);
+        c->q = nq; c->qcap = ncap; c->qhead = 0;
+    }
+    Entry *e = &c->q[(c->qhead + c->qlen) % c->qcap];
+    e->start = start; e->end = end; e->done = done;
+    c->qlen++;
+    return 0;
+}
+
+typedef struct { uint64_t start, end; Py_ssize_t off, len; int type; } Rec;
+
+static int corrupt(Consumer *c, const char *what, uint64_t pos, uint64_t a, uint64_t b) {
+    PyErr_Format(CorruptSegmentError, "%s at position %llu (%llu, %llu)", what,
+                 (unsigned long long)pos, (unsigned long long)a, (unsigned long long)b);
+    return -1;
+}
+
+/* Find the next record.  1 found, 0 empty, 2 empty and end of stream, -1 corrupt. */
+static int consumer_peek(Consumer *c, Rec *out) {
+    for (;;) {
+        uint64_t pos = c->next_pos;
+        if (pos == c->cached_write) {
+            uint64_t wp = load_acquire64(c->r.base + SHMR_OFF_WRITE_POS); /* pairs with producer's store_release(write_pos) */
+            if (wp < pos || wp - c->read_pos > c->r.capacity || (wp & 7))
+                return corrupt(c, "producer position out of range", pos, wp, c->read_pos);
+            c->cached_write = wp;
+            if (wp == pos) {
+                /* pairs with the producer's store_release(closed) made after its last write_pos store */
+                if (!load_acquire32(c->r.base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED)) return 0;
+                wp = load_acquire64(c->r.base + SHMR_OFF_WRITE_POS);
+                if (wp == pos) return 2;
+                if (wp < pos || wp - c->read_pos > c->r.capacity || (wp & 7))
+                    return corrupt(c, "producer position out of range", pos, wp, c->read_pos);
+                c->cached_write = wp;
+            }
+        }
+        uint64_t off = pos & c->r.mask;
+        uint64_t avail = c->cached_write - pos;
+        uint64_t tail = c->r.capacity - off;
+        if (avail < SHMR_REC_HDR) return corrupt(c, "truncated record header", pos, avail, tail);
+        const char *h = c->r.data + off;
+        uint64_t len = *(const uint32_t *)h;
+        unsigned type = *(const uint16_t *)(h + 4);
+        uint64_t need = align8(SHMR_REC_HDR + len);
+        if (type == SHMR_T_PAD) {
+            if (need != tail || tail > avail) return corrupt(c, "bad padding record", pos, len, tail);
+            c->next_pos = pos + tail;
+            if (c->qlen == 0 && c->read_pos == pos) consumer_store_read(c, pos + tail);
+            else if (consumer_track(c, pos, pos + tail, 1) < 0) return -1;
+            continue;
+        }
+        if (type != SHMR_T_BYTES && type != SHMR_T_ARRAY && type != SHMR_T_OBJECT)
+            return corrupt(c, "unknown record type", pos, type, len);
+        if (len > c->r.max_message || need > tail || need > avail)
+            return corrupt(c, "record length out of bounds", pos, len, avail);
+        out->start = pos;
+        out->end = pos + need;
+        out->off = (Py_ssize_t)(SHMR_HEADER_SIZE + off + SHMR_REC_HDR);
+        out->len = (Py_ssize_t)len;
+        out->type = (int)type;
+        return 1;
+    }
+}
+
+/* The ring is drained and the producer's closed word is set: 1 is a normal
+ * end of stream, anything else means the producer stopped on an error. */
+static PyObject *raise_eos(Consumer *c) {
+    uint32_t how = load_acquire32(c->r.base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED);
+    PyObject *m = PyImport_ImportModule("shmring.errors");
+    if (!m) return NULL;
+    PyObject *cls = PyObject_GetAttrString(m, how == 1 ? "EndOfStream" : "PeerGone");
+    Py_DECREF(m);
+    if (!cls) return NULL;
+    if (how == 1)
+        PyErr_SetString(cls, "end of stream: the producer closed the ring and every message was received");
+    else
+        PyErr_SetString(cls, "the producer stopped on an error (its with-block raised); every message "
+                             "it committed was received");
+    Py_DECREF(cls);
+    return NULL;
+}
+
+/* Every message handed out is tracked until released; records finished at
+ * once (copied bytes, padding) are tracked only when something before them
+ * is still outstanding.  With nothing outstanding, next_pos == read_pos. */
+static PyObject *make_message(Consumer *c, Rec *r) {
+    Message *m = PyObject_New(Message, &MessageType);
+    if (!m) return NULL;
+    if (consumer_track(c, r->start, r->end, 0) < 0) { PyObject_Free(m); return NULL; }
+    Py_INCREF(c);
+    m->cons = c;
+    m->start = r->start; m->end = r->end;
+    m->off = r->off; m->len = r->len; m->type = r->type;
+    m->exports = 0; m->state = 0;
+    c->next_pos = r->end;
+    c->received++;
+    return (PyObject *)m;
+}
+
+/* try_recv() -> Message | None; raises EndOfStream once drained after close. */
+static PyObject *Consumer_try_recv(Consumer *self, PyObject *unused) {
+    if (check_usable(&self->r) < 0) return NULL;
+    Rec r;
+    int s = consumer_peek(self, &r);
+    if (s == 1) return make_message(self, &r);
+    if (s == 0) Py_RETURN_NONE;
+    if (s == 2) return raise_eos(self);
+    return NULL;
+}
+
+static int parse_timeout_kw(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **timeout, const char *sig) {
+    *timeout = Py_None;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs + nkw == 0) return 0;
+    if (nargs + nkw > 1) goto bad;
+    if (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0) goto bad;
+    *timeout = args[0];
+    return 0;
+bad:
+    PyErr_Format(PyExc_TypeError, "%s", sig);
+    return -1;
+}
+
+static PyObject *str_recv_copy;
+
+/* recv(*, timeout=None, copy=False) -> Message; the blocking part lives in Python (_recv_wait). */
+static PyObject *Consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *timeout = Py_None, *copy = Py_False;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs) goto bad;
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kwnames, i);
+        if (PyUnicode_CompareWithASCIIString(k, "timeout") == 0) timeout = args[i];
+        else if (PyUnicode_CompareWithASCIIString(k, "copy") == 0) copy = args[i];
+        else goto bad;
+    }
+    if (check_usable(&self->r) < 0) return NULL;
+    int want_copy = PyObject_IsTrue(copy);
+    if (want_copy < 0) return NULL;
+    if (want_copy) return PyObject_CallMethodObjArgs((PyObject *)self, str_recv_copy, timeout, NULL);
+    Rec r;
+    int s = consumer_peek(self, &r);
+    if (s == 1) return make_message(self, &r);
+    if (s < 0) return NULL;
+    if (s == 2) return raise_eos(self);
+    return PyObject_CallMethodObjArgs((PyObject *)self, str_recv_wait, timeout, Py_False, NULL);
+bad:
+    PyErr_SetString(PyExc_TypeError, "recv(*, timeout=None, copy=False)");
+    return NULL;
+}
+
+/* Copy out a bytes record and release it at once.  1 done, 0 empty, 2 eos, -1 error. */
+static int consumer_take_bytes(Consumer *self, PyObject **out) {
+    Rec r;
+    int s = consumer_peek(self, &r);
+    if (s != 1) return s;
+    if (r.type != SHMR_T_BYTES) {
+        PyErr_SetString(PyExc_TypeError, "the next message is not bytes (it is an array or an object); "
+                        "use recv() for it. It was not consumed.");
+        return -1;
+    }
+    PyObject *b = PyBytes_FromStringAndSize(self->r.base + r.off, r.len);
+    if (!b) return -1;
+    self->next_pos = r.end;
+    self->received++;
+    if (self->qlen == 0 && self->read_pos == r.start) consumer_store_read(self, r.end);
+    else if (consumer_track(self, r.start, r.end, 1) < 0) { Py_DECREF(b); return -1; }
+    *out = b;
+    return 1;
+}
+
+static PyObject *Consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    PyObject *timeout;
+    if (parse_timeout_kw(args, nargs, kwnames, &timeout, "recv_bytes(*, timeout=None)") < 0) return NULL;
+    if (check_usable(&self->r) < 0) return NULL;
+    PyObject *b = NULL;
+    int s = consumer_take_bytes(self, &b);
+    if (s == 1) return b;
+    if (s < 0) return NULL;
+    if (s == 2) return raise_eos(self);
+    return PyObject_CallMethodObjArgs((PyObject *)self, str_recv_wait, timeout, Py_True, NULL);
+}
+
+/* _try_recv_bytes() -> bytes | None */
+static PyObject *Consumer_try_recv_bytes(Consumer *self, PyObject *unused) {
+    if (check_usable(&self->r) < 0) return NULL;
+    PyObject *b = NULL;
+    int s = consumer_take_bytes(self, &b);
+    if (s == 1) return b;
+    if (s == 0) Py_RETURN_NONE;
+    if (s == 2) return raise_eos(self);
+    return NULL;
+}
+
+struct data_ctx { char *base; uint64_t pos; };
+static int data_cond(void *vctx) {
+    struct data_ctx *c = vctx;
+    /* pairs with producer's store_release(write_pos) / store_release(closed) */
+    return load_seqcst64(c->base + SHMR_OFF_WRITE_POS) != c->pos ||
+           load_seqcst32(c->base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED) != 0;
+}
+
+/* _wait_data(slice_s, spin_s) -> bool (GIL released while waiting). */
+static PyObject *Consumer_wait_data(Consumer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_wait_data(slice, spin)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    double slice = PyFloat_AsDouble(args[0]); if (PyErr_Occurred()) return NULL;
+    double spin = PyFloat_AsDouble(args[1]); if (PyErr_Occurred()) return NULL;
+    struct data_ctx c = { self->r.base, self->next_pos };
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = wait_for(self->r.base + SHMR_OFF_DATA_WAKE, data_cond, &c,
+                 slice > 0 ? (uint64_t)(slice * 1e9) : 0, spin > 0 ? (uint64_t)(spin * 1e9) : 0);
+    Py_END_ALLOW_THREADS
+    if (PyErr_CheckSignals() < 0) return NULL;
+    return PyBool_FromLong(r == 1);
+}
+
+static PyObject *Consumer_mark_closed(Consumer *self, PyObject *unused) {
+    self->r.closed = 1;
+    self->detached = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Consumer_get_pending(Consumer *self, void *c) {
+    /* messages handed out and not released yet (tracked or the single untracked one) */
+    if (self->qlen) {
+        size_t n = 0;
+        for (size_t i = 0; i < self->qlen; i++) if (!self->q[(self->qhead + i) % self->qcap].done) n++;
+        return PyLong_FromSize_t(n);
+    }
+    return PyLong_FromLong(self->next_pos != self->read_pos);
+}
+static PyObject *Consumer_get_read_pos(Consumer *self, void *c) { return PyLong_FromUnsignedLongLong(self->read_pos); }
+static PyObject *Consumer_get_received(Consumer *self, void *c) { return PyLong_FromUnsignedLongLong(self->received); }
+
+static PyMethodDef Consumer_methods[] = {
+    {"recv", (PyCFunction)(void (*)(void))Consumer_recv, METH_FASTCALL | METH_KEYWORDS,
+     "recv(*, timeout=None) -> Message: the next message, zero-copy; use it as a context manager"},
+    {"try_recv", (PyCFunction)Consumer_try_recv, METH_NOARGS, "try_recv() -> Message | None: never blocks"},
+    {"recv_bytes", (PyCFunction)(void (*)(void))Consumer_recv_bytes, METH_FASTCALL | METH_KEYWORDS,
+     "recv_bytes(*, timeout=None) -> bytes: copy out the next bytes message and release it at once"},
+    {"_try_recv_bytes", (PyCFunction)Consumer_try_recv_bytes, METH_NOARGS, NULL},
+    {"_wait_data", (PyCFunction)(void (*)(void))Consumer_wait_data, METH_FASTCALL, NULL},
+    {"_mark_closed", (PyCFunction)Consumer_mark_closed, METH_NOARGS, NULL},
+    {NULL}
+};
+static PyGetSetDef Consumer_getset[] = {
+    {"pending", (getter)Consumer_get_pending, NULL, "messages received and not yet released", NULL},
+    {"position", (getter)Consumer_get_read_pos, NULL, "bytes released so far (the read position)", NULL},
+    {"received", (getter)Consumer_get_received, NULL, "messages received through this handle", NULL},
+    {"closed", (getter)Region_get_closed, NULL, "True once close() was called", NULL},
+    {NULL}
+};
+
+static PyTypeObject ConsumerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.ConsumerCore",
+    .tp_basicsize = sizeof(Consumer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "C half of shmring.Consumer",
+    .tp_base = &RegionType,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Consumer_init,
+    .tp_dealloc = (destructor)Consumer_dealloc,
+    .tp_methods = Consumer_methods,
+    .tp_getset = Consumer_getset,
+};
+
+/* ---------------------------------------------------------------- Message */
+
+static const char *kind_names[] = {"?", "bytes", "array", "object"};
+
+static void message_finish(Message *m) {
+    Consumer *c = m->cons;
+    m->state = 2;
+    m->cons = NULL;
+    if (!c) return;
+    if (consumer_finish(c, m->start, m->end) < 0) PyErr_WriteUnraisable((PyObject *)m);
+    Py_DECREF(c);
+}
+
+static int Message_getbuffer(Message *m, Py_buffer *view, int flags) {
+    if (m->state != 0 || !m->cons) {
+        PyErr_SetString(PyExc_BufferError, "message was released; its bytes may already be overwritten");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)m, m->cons->r.base + m->off, m->len, 1, flags) < 0) return -1;
+    m->exports++;
+    return 0;
+}
+
+static void Message_releasebuffer(Message *m, Py_buffer *view) {
+    m->exports--;
+    if (m->exports == 0 && m->state == 1) message_finish(m);
+}
+
+static PyBufferProcs Message_as_buffer = {
+    (getbufferproc)Message_getbuffer,
+    (releasebufferproc)Message_releasebuffer,
+};
+
+static PyObject *Message_release(Message *m, PyObject *unused) {
+    if (m->state != 0) Py_RETURN_NONE;
+    /* The message keeps no view of its own (value is built on each access),
+     * so any live export is a view the caller kept: it escaped. */
+    if (m->exports > 0) {
+        m->state = 1;
+        if (PyErr_WarnFormat(EscapedViewWarning, 1,
+                "a view of a received %s message (%zd bytes at ring position %llu) is still alive after "
+                "release; its ring space stays held until that view is garbage-collected. Keep a copy "
+                "instead: msg.copy() or recv(copy=True).", kind_names[m->type], m->len,
+                (unsigned long long)m->start) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    message_finish(m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Message_enter(PyObject *m, PyObject *unused) { Py_INCREF(m); return m; }
+static PyObject *Message_exit(Message *m, PyObject *const *args, Py_ssize_t n) {
+    PyObject *r = Message_release(m, NULL);
+    if (!r) return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *Message_get_value(Message *m, void *c) {
+    if (m->state != 0) { PyErr_SetString(HandleClosed, "message was released; keep msg.copy() to use data after release"); return NULL; }
+    if (m->type == SHMR_T_BYTES) return PyMemoryView_FromObject((PyObject *)m);
+    return PyObject_CallOneArg(decode_func, (PyObject *)m);
+}
+
+static PyObject *Message_tobytes(Message *m, PyObject *unused) {
+    if (m->state != 0) { PyErr_SetString(HandleClosed, "message was released"); return NULL; }
+    return PyBytes_FromStringAndSize(m->cons->r.base + m->off, m->len);
+}
+
+static void Message_dealloc(Message *m) {
+    /* exports hold references to m, so here exports == 0: a dropped message
+     * that was never released is released now */
+    if (m->state == 0) message_finish(m);
+    else Py_CLEAR(m->cons);
+    PyObject_Free(m);
+}
+
+static PyObject *Message_get_kind(Message *m, void *c) { return PyUnicode_FromString(kind_names[m->type]); }
+static PyObject *Message_get_type(Message *m, void *c) { return PyLong_FromLong(m->type); }
+static PyObject *Message_get_nbytes(Message *m, void *c) { return PyLong_FromSsize_t(m->len); }
+static PyObject *Message_get_offset(Message *m, void *c) { return PyLong_FromSsize_t(m->off); }
+static PyObject *Message_get_position(Message *m, void *c) { return PyLong_FromUnsignedLongLong(m->start); }
+static PyObject *Message_get_released(Message *m, void *c) { return PyBool_FromLong(m->state != 0); }
+static PyObject *Message_get_exports(Message *m, void *c) { return PyLong_FromLong(m->exports); }
+
+static PyObject *Message_repr(Message *m) {
+    return PyUnicode_FromFormat("<shmring.Message %s, %zd bytes at position %llu%s>", kind_names[m->type],
+                                m->len, (unsigned long long)m->start,
+                                m->state == 0 ? "" : m->state == 1 ? ", release deferred" : ", released");
+}
+
+static PyObject *Message_copy(Message *m, PyObject *unused);
+
+static PyMethodDef Message_methods[] = {
+    {"release", (PyCFunction)Message_release, METH_NOARGS,
+     "release(): give the message's ring space back. Idempotent. If a view of it is still alive the "
+     "space is held until that view is garbage-collected, and EscapedViewWarning is issued."},
+    {"copy", (PyCFunction)Message_copy, METH_NOARGS, "copy(): the value, detached from the ring (owns its memory)"},
+    {"tobytes", (PyCFunction)Message_tobytes, METH_NOARGS, "tobytes(): a copy of the raw payload bytes"},
+    {"__enter__", (PyCFunction)Message_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Message_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+static PyGetSetDef Message_getset[] = {
+    {"value", (getter)Message_get_value, NULL,
+     "the payload: a read-only memoryview (bytes), a read-only ndarray (array), or the decoded object "
+     "(msgpack, arrays inside are read-only views). Built anew on each access; valid until release().", NULL},
+    {"kind", (getter)Message_get_kind, NULL, "'bytes', 'array' or 'object'", NULL},
+    {"type", (getter)Message_get_type, NULL, "record type code (shmring.layout.T_*)", NULL},
+    {"nbytes", (getter)Message_get_nbytes, NULL, "payload size in bytes", NULL},
+    {"_offset", (getter)Message_get_offset, NULL, "payload offset in the region", NULL},
+    {"position", (getter)Message_get_position, NULL, "ring position of the record", NULL},
+    {"released", (getter)Message_get_released, NULL, "True once release() was called", NULL},
+    {"_exports", (getter)Message_get_exports, NULL, NULL, NULL},
+    {NULL}
+};
+
+static PyTypeObject MessageType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring.Message",
+    .tp_basicsize = sizeof(Message),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A received message: a zero-copy window on ring memory.\n\n"
+              "Lifetime: msg.value and every view derived from it (slices, numpy views, "
+              "memoryviews) point into the shared ring and are valid until msg.release() "
+              "(called when a `with` block exits). After that the producer may overwrite the "
+              "space, so release() checks whether a view escaped: if one did, the space is held "
+              "until the view is garbage-collected and EscapedViewWarning is issued. To keep data, "
+              "use msg.copy() or recv(copy=True).",
+    .tp_new = NULL,
+    .tp_dealloc = (destructor)Message_dealloc,
+    .tp_as_buffer = &Message_as_buffer,
+    .tp_methods = Message_methods,
+    .tp_getset = Message_getset,
+    .tp_repr = (reprfunc)Message_repr,
+};
+
+static PyObject *copy_func;
+static PyObject *Message_copy(Message *m, PyObject *unused) {
+    if (m->state != 0) { PyErr_SetString(HandleClosed, "message was released"); return NULL; }
+    if (m->type == SHMR_T_BYTES) return Message_tobytes(m, NULL);
+    return PyObject_CallOneArg(copy_func, (PyObject *)m);
+}
+
+/* ----------------------------------------------------------------- module */
+
+static PyObject *set_codec(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_set_codec(decode, copy)"); return NULL; }
+    Py_INCREF(args[0]); Py_XSETREF(decode_func, args[0]);
+    Py_INCREF(args[1]); Py_XSETREF(copy_func, args[1]);
+    Py_RETURN_NONE;
+}
+
+static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+#define PUT(name) do { PyObject *v = PyLong_FromUnsignedLongLong((unsigned long long)(name)); \
+        if (!v || PyDict_SetItemString(d, #name, v) < 0) { Py_XDECREF(v); Py_DECREF(d); return NULL; } Py_DECREF(v); } while (0)
+    PUT(SHMR_MAGIC); PUT(SHMR_LAYOUT_VERSION); PUT(SHMR_HEADER_SIZE); PUT(SHMR_LINE);
+    PUT(SHMR_OFF_MAGIC); PUT(SHMR_OFF_VERSION); PUT(SHMR_OFF_KIND); PUT(SHMR_OFF_LAYOUT_HASH);
+    PUT(SHMR_OFF_CAPACITY); PUT(SHMR_OFF_DATA_OFFSET); PUT(SHMR_OFF_MAX_MESSAGE);
+    PUT(SHMR_OFF_CREATOR_PID); PUT(SHMR_OFF_READY); PUT(SHMR_OFF_CREATOR_START);
+    PUT(SHMR_OFF_CREATED_NS); PUT(SHMR_OFF_SEGMENT_SIZE);
+    PUT(SHMR_OFF_WRITE_POS); PUT(SHMR_OFF_READ_POS); PUT(SHMR_OFF_PROD_ROLE); PUT(SHMR_OFF_CONS_ROLE);
+    PUT(SHMR_OFF_DATA_WAKE); PUT(SHMR_OFF_SPACE_WAKE);
+    PUT(SHMR_ROLE_OWNER); PUT(SHMR_ROLE_CLOSED); PUT(SHMR_ROLE_SESSIONS);
+    PUT(SHMR_WAKE_SEQ); PUT(SHMR_WAKE_WAITERS);
+    PUT(SHMR_REC_HDR); PUT(SHMR_REC_ALIGN); PUT(SHMR_T_PAD); PUT(SHMR_T_BYTES); PUT(SHMR_T_ARRAY);
+    PUT(SHMR_T_OBJECT); PUT(SHMR_KIND_SPSC); PUT(SHMR_MIN_CAPACITY); PUT(SHMR_MAX_CAPACITY);
+#undef PUT
+    return d;
+}
+
+static PyMethodDef module_methods[] = {
+    {"_set_codec", (PyCFunction)(void (*)(void))set_codec, METH_FASTCALL, NULL},
+    {"layout_constants", (PyCFunction)layout_constants, METH_NOARGS, "the constants of _layout.h, by name"},
+    {NULL}
+};
+
+static struct PyModuleDef coremodule = {
+    PyModuleDef_HEAD_INIT, "shmring._core",
+    "shmring's C core: atomics, futex waits and the per-message hot paths.", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__core(void) {
+    if (load_errors() < 0) return NULL;
+    if (PyType_Ready(&RegionType) < 0 || PyType_Ready(&ProducerType) < 0 ||
+        PyType_Ready(&ConsumerType) < 0 || PyType_Ready(&MessageType) < 0)
+        return NULL;
+    str_send_obj = PyUnicode_InternFromString("_send_obj");
+    str_try_send_obj = PyUnicode_InternFromString("_try_send_obj");
+    str_send_wait = PyUnicode_InternFromString("_send_wait");
+    str_recv_wait = PyUnicode_InternFromString("_recv_wait");
+    str_recv_copy = PyUnicode_InternFromString("_recv_copy");
+    if (!str_recv_copy || !str_send_obj || !str_try_send_obj || !str_send_wait || !str_recv_wait) return NULL;
+    pthread_atfork(NULL, NULL, at_fork_child);
+    PyObject *m = PyModule_Create(&coremodule);
+    if (!m) return NULL;
+    Py_INCREF(&RegionType); PyModule_AddObject(m, "Region", (PyObject *)&RegionType);
+    Py_INCREF(&ProducerType); PyModule_AddObject(m, "ProducerCore", (PyObject *)&ProducerType);
+    Py_INCREF(&ConsumerType); PyModule_AddObject(m, "ConsumerCore", (PyObject *)&ConsumerType);
+    Py_INCREF(&MessageType); PyModule_AddObject(m, "Message", (PyObject *)&MessageType);
+    return m;
+}

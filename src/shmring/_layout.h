@@ -1,0 +1,67 @@
+/*
+ * shmring shared-region layout, C side.
+ *
+ * The one source of truth is shmring/layout.py (diagrams and rationale live
+ * there); this header mirrors its numbers for the C core, and
+ * tests/test_layout.py proves the two agree value for value and byte for byte.
+ * Change both together and bump SHMR_LAYOUT_VERSION.
+ */
+#ifndef SHMRING_LAYOUT_H
+#define SHMRING_LAYOUT_H
+
+#define SHMR_MAGIC            0x31474E49524D4853ULL /* "SHMRING1" little-endian */
+#define SHMR_LAYOUT_VERSION   1u
+#define SHMR_HEADER_SIZE      4096u                 /* data area starts here */
+#define SHMR_LINE             128u                  /* one cursor per line */
+
+/* Header page, fixed fields (written once by the creator, then read-only). */
+#define SHMR_OFF_MAGIC          0   /* u64 */
+#define SHMR_OFF_VERSION        8   /* u32 */
+#define SHMR_OFF_KIND          12   /* u32 */
+#define SHMR_OFF_LAYOUT_HASH   16   /* u64 */
+#define SHMR_OFF_CAPACITY      24   /* u64, power of two */
+#define SHMR_OFF_DATA_OFFSET   32   /* u64, == SHMR_HEADER_SIZE */
+#define SHMR_OFF_MAX_MESSAGE   40   /* u64, largest payload accepted */
+#define SHMR_OFF_CREATOR_PID   48   /* u32 */
+#define SHMR_OFF_READY         52   /* u32, 1 once the header is complete (release) */
+#define SHMR_OFF_CREATOR_START 56   /* u64, /proc/<pid>/stat field 22 */
+#define SHMR_OFF_CREATED_NS    64   /* u64, CLOCK_REALTIME ns */
+#define SHMR_OFF_SEGMENT_SIZE  72   /* u64, header + capacity */
+
+/* Cursor lines: each alone on its own 128-byte line. */
+#define SHMR_OFF_WRITE_POS    128   /* u64, producer position: store_release by producer */
+#define SHMR_OFF_READ_POS     256   /* u64, consumer position: store_release by consumer */
+#define SHMR_OFF_PROD_ROLE    384   /* role slot of the producer */
+#define SHMR_OFF_CONS_ROLE    512   /* role slot of the consumer */
+#define SHMR_OFF_DATA_WAKE    640   /* wake word the consumer sleeps on */
+#define SHMR_OFF_SPACE_WAKE   768   /* wake word the producer sleeps on */
+
+/* Role slot (relative to its line).  The owner word is taken and given back
+ * with one 64-bit CAS, so pid and start time always change together:
+ *   owner = pid | (start_time & 0xffffffff) << 32,  0 = free. */
+#define SHMR_ROLE_OWNER         0   /* u64 */
+#define SHMR_ROLE_CLOSED        8   /* u32, producer slot only: 1 = end of stream */
+#define SHMR_ROLE_SESSIONS     16   /* u64, times the role was taken */
+
+/* Wake word (relative to its line). */
+#define SHMR_WAKE_SEQ           0   /* u32, futex word, bumped by the waker */
+#define SHMR_WAKE_WAITERS       4   /* u32, sleepers announced on SEQ */
+
+/* Record header: 8 bytes, 8-aligned, in the data area.
+ *   u32 length  payload bytes that follow the header (unpadded)
+ *   u16 type    SHMR_T_*
+ *   u16 flags   reserved, 0
+ * Record size = align8(8 + length). */
+#define SHMR_REC_HDR            8
+#define SHMR_REC_ALIGN          8
+#define SHMR_T_PAD              0x5041u  /* skip to the end of the data area */
+#define SHMR_T_BYTES            1u
+#define SHMR_T_ARRAY            2u
+#define SHMR_T_OBJECT           3u
+
+#define SHMR_KIND_SPSC          1u
+
+#define SHMR_MIN_CAPACITY       4096ULL
+#define SHMR_MAX_CAPACITY       (1ULL << 40)
+
+#endif

@@ -1,0 +1,80 @@
+"""shmring's exceptions.
+
+Every error derives from :class:`ShmringError` and also from the built-in a
+caller would already catch (``TimeoutError``, ``ValueError``, ...).  Messages
+say what was expected, what was found, and name the segment.  All of them
+pickle, so they cross process boundaries intact.
+"""
+from __future__ import annotations
+
+
+class ShmringError(Exception):
+    """Base class of every shmring error."""
+
+
+class Timeout(ShmringError, TimeoutError):
+    """A blocking call did not complete within its timeout."""
+
+
+class EndOfStream(ShmringError, EOFError):
+    """The producer closed the ring and every message was received."""
+
+
+class PeerGone(ShmringError, ConnectionError):
+    """The process on the other side died (its pid is gone or was reused).
+
+    A consumer gets it only after draining every message the producer had
+    committed; a producer gets it while waiting for room that a dead consumer
+    will never free.
+    """
+
+
+class MessageTooLarge(ShmringError, ValueError):
+    """The message can never fit in this ring (not "full right now")."""
+
+
+class SegmentNotFound(ShmringError, FileNotFoundError):
+    """No segment (or file) by that name."""
+
+
+class SegmentExists(ShmringError, FileExistsError):
+    """A segment (or file) by that name exists already."""
+
+
+class PermissionDenied(ShmringError, PermissionError):
+    """The segment exists but this process may not open it."""
+
+
+class NoSpace(ShmringError, OSError):
+    """There is not enough space (e.g. in /dev/shm) to create the segment."""
+
+
+class CorruptSegmentError(ShmringError):
+    """A value read from shared memory is impossible: foreign, truncated or corrupt segment."""
+
+
+class IncompatibleSegment(CorruptSegmentError):
+    """The segment was written by another shmring layout version."""
+
+
+class RoleTaken(ShmringError):
+    """The role (producer or consumer) is held by another live process."""
+
+    def __init__(self, message: str, pid: int = 0):
+        super().__init__(message, pid)
+        self.pid = pid
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class HandleClosed(ShmringError, ValueError):
+    """The handle (ring, producer, consumer or message) was closed or released."""
+
+
+class UnsupportedType(ShmringError, TypeError):
+    """The value cannot be sent: object dtype, or not msgpack-able."""
+
+
+class EscapedViewWarning(UserWarning):
+    """A zero-copy view outlived its message; its ring space stays held until the view dies."""

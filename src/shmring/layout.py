@@ -1,0 +1,209 @@
+"""Every offset and constant of a shmring shared region, in one place.
+
+The C core mirrors these numbers in ``_layout.h``; ``tests/test_layout.py``
+checks that the two agree, value for value, and that a header written by C
+decodes with the pure-Python :func:`read_header` below.
+
+The region::
+
+    0                                   4096                       4096 + capacity
+    +-----------------------------------+--------------------------------------+
+    | header page                       | data area (capacity bytes, 2**k)     |
+    +-----------------------------------+--------------------------------------+
+
+    header page (each cursor alone on its own 128-byte line, so the producer's
+    and the consumer's stores never share a cache line or an adjacent-line pair
+    pulled in by the spatial prefetcher):
+
+      0   magic "SHMRING1" u64 | version u32 | kind u32 | layout hash u64
+          capacity u64 | data offset u64 | max message u64
+          creator pid u32 | ready u32 | creator start time u64
+          created ns u64 | segment size u64
+    128   write_pos u64    producer position, bytes ever committed
+    256   read_pos  u64    consumer position, bytes ever released
+    384   producer role    owner u64 | closed u32 | pad u32 | sessions u64
+    512   consumer role    owner u64 | (unused) u32 | pad u32 | sessions u64
+          owner = pid | (start time & 0xffffffff) << 32, taken and given
+          back by one 64-bit CAS so pid and start time change together
+    640   data wake word   seq u32 | waiters u32     consumer sleeps here
+    768   space wake word  seq u32 | waiters u32     producer sleeps here
+
+Positions are 64-bit and only grow; the byte offset of a position in the data
+area is ``pos & (capacity - 1)``.  ``read_pos <= write_pos <= read_pos +
+capacity`` always holds; anything else read from a segment is corruption.
+
+A record (8-byte aligned, never straddling the end of the data area)::
+
+     0               1               2               3
+     0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+    +---------------------------------------------------------------+
+    |                 length: payload bytes (u32)                   |
+    +-------------------------------+-------------------------------+
+    |           type (u16)          |        flags (u16) = 0        |
+    +-------------------------------+-------------------------------+
+    |                   payload (length bytes) ...                  |
+    |                   ... zero padding to 8 bytes                 |
+    +---------------------------------------------------------------+
+
+A record that would not fit before the end of the data area is preceded by a
+``T_PAD`` record covering the rest of the area, so every payload is contiguous
+and an array never straddles the wrap.  The one publication rule: the producer
+writes the record, then stores ``write_pos`` with release ordering; the
+consumer loads ``write_pos`` with acquire ordering before it reads a record.
+The consumer stores ``read_pos`` with release ordering only after it is done
+with every byte below it (its views are gone), and the producer loads it with
+acquire ordering before reusing that space.
+
+Payload of ``T_ARRAY`` / ``T_OBJECT`` (see :mod:`shmring.codec`)::
+
+    u32 meta length | u32 0 | msgpack meta ... | pad | array bytes (64-aligned) ...
+
+The largest payload is ``capacity // 2 - REC_HDR``: with that bound a record
+always fits into an empty ring, wherever the positions stand.
+"""
+from __future__ import annotations
+
+import struct
+import zlib
+
+MAGIC = 0x31474E49524D4853          # b"SHMRING1" read as a little-endian u64
+LAYOUT_VERSION = 1
+HEADER_SIZE = 4096
+LINE = 128
+
+# Fixed header fields: (offset, struct format).
+OFF_MAGIC = 0
+OFF_VERSION = 8
+OFF_KIND = 12
+OFF_LAYOUT_HASH = 16
+OFF_CAPACITY = 24
+OFF_DATA_OFFSET = 32
+OFF_MAX_MESSAGE = 40
+OFF_CREATOR_PID = 48
+OFF_READY = 52
+OFF_CREATOR_START = 56
+OFF_CREATED_NS = 64
+OFF_SEGMENT_SIZE = 72
+
+# Cursor lines.
+OFF_WRITE_POS = 128
+OFF_READ_POS = 256
+OFF_PROD_ROLE = 384
+OFF_CONS_ROLE = 512
+OFF_DATA_WAKE = 640
+OFF_SPACE_WAKE = 768
+
+# Role slot, relative to its line.
+ROLE_OWNER = 0
+ROLE_CLOSED = 8
+ROLE_SESSIONS = 16
+
+# Wake word, relative to its line.
+WAKE_SEQ = 0
+WAKE_WAITERS = 4
+
+# Records.
+REC_HDR = 8
+REC_ALIGN = 8
+T_PAD = 0x5041
+T_BYTES = 1
+T_ARRAY = 2
+T_OBJECT = 3
+
+ARRAY_ALIGN = 64                     # array payload bytes start 64-aligned
+
+KIND_SPSC = 1
+KINDS = {"spsc": KIND_SPSC}
+KIND_NAMES = {v: k for k, v in KINDS.items()}
+
+MIN_CAPACITY = 4096
+MAX_CAPACITY = 1 << 40
+
+HEADER_STRUCT = struct.Struct("<QIIQQQQIIQQQ")   # fields at offsets 0..79, in order
+HEADER_FIELDS = ("magic", "version", "kind", "layout_hash", "capacity",
+                 "data_offset", "max_message", "creator_pid", "ready",
+                 "creator_start", "created_ns", "segment_size")
+assert HEADER_STRUCT.size == OFF_SEGMENT_SIZE + 8
+
+# The constants C must agree with; their hash is stored in every header so a
+# segment written by a different layout is refused even if the version was
+# not bumped.
+C_CONSTANTS = {
+    "SHMR_MAGIC": MAGIC, "SHMR_LAYOUT_VERSION": LAYOUT_VERSION,
+    "SHMR_HEADER_SIZE": HEADER_SIZE, "SHMR_LINE": LINE,
+    "SHMR_OFF_MAGIC": OFF_MAGIC, "SHMR_OFF_VERSION": OFF_VERSION,
+    "SHMR_OFF_KIND": OFF_KIND, "SHMR_OFF_LAYOUT_HASH": OFF_LAYOUT_HASH,
+    "SHMR_OFF_CAPACITY": OFF_CAPACITY, "SHMR_OFF_DATA_OFFSET": OFF_DATA_OFFSET,
+    "SHMR_OFF_MAX_MESSAGE": OFF_MAX_MESSAGE, "SHMR_OFF_CREATOR_PID": OFF_CREATOR_PID,
+    "SHMR_OFF_READY": OFF_READY, "SHMR_OFF_CREATOR_START": OFF_CREATOR_START,
+    "SHMR_OFF_CREATED_NS": OFF_CREATED_NS, "SHMR_OFF_SEGMENT_SIZE": OFF_SEGMENT_SIZE,
+    "SHMR_OFF_WRITE_POS": OFF_WRITE_POS, "SHMR_OFF_READ_POS": OFF_READ_POS,
+    "SHMR_OFF_PROD_ROLE": OFF_PROD_ROLE, "SHMR_OFF_CONS_ROLE": OFF_CONS_ROLE,
+    "SHMR_OFF_DATA_WAKE": OFF_DATA_WAKE, "SHMR_OFF_SPACE_WAKE": OFF_SPACE_WAKE,
+    "SHMR_ROLE_OWNER": ROLE_OWNER, "SHMR_ROLE_CLOSED": ROLE_CLOSED,
+    "SHMR_ROLE_SESSIONS": ROLE_SESSIONS,
+    "SHMR_WAKE_SEQ": WAKE_SEQ, "SHMR_WAKE_WAITERS": WAKE_WAITERS,
+    "SHMR_REC_HDR": REC_HDR, "SHMR_REC_ALIGN": REC_ALIGN,
+    "SHMR_T_PAD": T_PAD, "SHMR_T_BYTES": T_BYTES, "SHMR_T_ARRAY": T_ARRAY,
+    "SHMR_T_OBJECT": T_OBJECT, "SHMR_KIND_SPSC": KIND_SPSC,
+    "SHMR_MIN_CAPACITY": MIN_CAPACITY, "SHMR_MAX_CAPACITY": MAX_CAPACITY,
+}
+
+LAYOUT_HASH = zlib.crc32(repr(sorted(C_CONSTANTS.items())).encode()) | (LAYOUT_VERSION << 32)
+
+
+def align(n: int, a: int) -> int:
+    """Round ``n`` up to a multiple of ``a`` (a power of two)."""
+    return (n + a - 1) & ~(a - 1)
+
+
+def record_size(payload_len: int) -> int:
+    """Bytes a record with ``payload_len`` payload bytes occupies in the ring."""
+    return align(REC_HDR + payload_len, REC_ALIGN)
+
+
+def max_message(capacity: int) -> int:
+    """Largest payload a ring of ``capacity`` accepts (see the module docstring)."""
+    return capacity // 2 - REC_HDR
+
+
+def owner_word(pid: int, start_time: int) -> int:
+    """The role owner word for a process (see the diagram)."""
+    return (pid & 0xFFFFFFFF) | ((start_time & 0xFFFFFFFF) << 32)
+
+
+def split_owner(word: int) -> tuple[int, int]:
+    """(pid, low 32 bits of start time) of an owner word."""
+    return word & 0xFFFFFFFF, word >> 32
+
+
+def segment_size(capacity: int) -> int:
+    return HEADER_SIZE + capacity
+
+
+def pack_header(*, kind: int, capacity: int, creator_pid: int, creator_start: int,
+                created_ns: int, ready: int = 0) -> bytes:
+    """The fixed header fields, as the creator writes them."""
+    return HEADER_STRUCT.pack(MAGIC, LAYOUT_VERSION, kind, LAYOUT_HASH, capacity,
+                              HEADER_SIZE, max_message(capacity), creator_pid, ready,
+                              creator_start, created_ns, segment_size(capacity))
+
+
+def read_header(buf) -> dict:
+    """Decode the fixed header fields of a region (pure Python, no validation)."""
+    return dict(zip(HEADER_FIELDS, HEADER_STRUCT.unpack_from(buf, 0)))
+
+
+def read_u32(buf, off: int) -> int:
+    return struct.unpack_from("<I", buf, off)[0]
+
+
+def read_u64(buf, off: int) -> int:
+    return struct.unpack_from("<Q", buf, off)[0]
+
+
+def read_record_header(buf, pos: int, capacity: int) -> tuple[int, int]:
+    """(length, type) of the record at position ``pos`` (pure Python reader)."""
+    off = HEADER_SIZE + (pos & (capacity - 1))
+    length, rtype, _flags = struct.unpack_from("<IHH", buf, off)
+    return length, rtype

@@ -1,0 +1,537 @@
+"""Rings and their producer / consumer handles.
+
+The contract, written once:
+
+* A ring is a bounded byte ring in a shared segment.  ``send`` copies a value
+  in exactly once; ``recv`` hands out a :class:`~shmring.Message` whose value
+  is a read-only view of the ring (valid until the message is released);
+  ``recv_bytes`` copies a bytes message out and releases it at once.
+* A consumer sees each committed message exactly once, in commit order,
+  byte-identical.  Space is given back only when a message is released, so a
+  consumer that dies loses nothing: the next consumer gets every message that
+  was not released (at-least-once across a crash).
+* A full ring is not an error: ``try_send`` returns False, ``send`` waits (spin,
+  yield, then a futex sleep) up to its timeout.  A message that can never fit
+  is :class:`~shmring.errors.MessageTooLarge`, at the call.
+* Every wait wakes at least every ``WAIT_SLICE`` seconds to run signal handlers
+  (Ctrl-C) and check that the peer's process is alive.
+
+Producer example::
+
+    with shmring.Ring.create("frames", 1 << 26) as ring, ring.producer() as prod:
+        prod.send(b"hello")                        # bytes
+        prod.send(np.arange(10.0))                 # ndarray
+        prod.send({"id": 1, "img": image})         # msgpack with an embedded array
+        with prod.reserve_array((480, 640), np.uint8) as out:
+            camera.read_into(out)                  # built in place, committed on exit
+
+Consumer example::
+
+    ring = shmring.Ring.attach("frames")
+    with ring.consumer() as cons:
+        for msg in cons:                           # until the producer closes
+            with msg:
+                process(msg.value)                 # zero-copy view, valid in the block
+"""
+from __future__ import annotations
+
+import os
+import time
+import weakref
+
+import numpy as np
+
+from . import _core, codec
+from . import layout as L
+from ._proc import alive, my_start_time
+from .errors import (EndOfStream, HandleClosed, MessageTooLarge, PeerGone, RoleTaken,
+                     ShmringError, Timeout)
+from .segment import Segment, validate_header, write_header
+
+_core._set_codec(codec._decode, codec._copy)
+
+WAIT_SLICE = 0.1          # seconds between liveness / signal checks while blocked
+DEFAULT_SPIN = 50e-6      # seconds to busy-poll before yielding, then sleeping
+
+CLOSED_EOS = 1            # producer role "closed" word: closed normally
+CLOSED_ABORTED = 2        # closed because of an exception in the producer
+
+# Role handles alive in this process, by (segment identity, role line): lets a
+# process take back a role whose handle it dropped without closing.
+_live_roles: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
+
+
+def _check_timeout(timeout):
+    if timeout is None:
+        return None
+    timeout = float(timeout)
+    if timeout < 0 or timeout != timeout:
+        raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout}")
+    return time.monotonic() + timeout
+
+
+class Ring:
+    """A shared ring buffer.  Create it once, attach to it from other processes.
+
+    ``close()`` detaches this process; ``unlink()`` removes the name.  Used as
+    a context manager, a ring made by :meth:`create` is closed and, for a
+    POSIX segment, unlinked on exit; a file-backed ring's file persists until
+    ``unlink()``; an attached ring is only closed.  A ring pickles by name,
+    so it can be passed to a child process, which attaches on unpickling.
+    """
+
+    def __init__(self, seg: Segment, header: dict, *, created: bool):
+        self._seg = seg
+        self._header = header
+        self._created = created
+        self._region = _core.Region(seg.buf)
+        self._identity = seg.identity
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def create(cls, name: str | None = None, capacity: int = 1 << 20, *, kind: str = "spsc",
+               path=None, mode: int = 0o600) -> "Ring":
+        """Create a ring with ``capacity`` bytes of data area (a power of two, >= 4096).
+
+        ``name`` names a POSIX segment (``/dev/shm/shmring.NAME``); with ``path``
+        the ring lives in that file instead and persists until ``unlink()``.
+        The largest message is ``capacity // 2 - 8`` bytes.
+        """
+        if kind not in L.KINDS:
+            raise ValueError(f"unknown ring kind {kind!r}; this version supports {sorted(L.KINDS)}")
+        if path is None and name is None:
+            raise TypeError("Ring.create() needs a name (POSIX segment) or path= (file-backed ring)")
+        if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
+            raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
+        capacity = int(capacity)
+        if capacity < L.MIN_CAPACITY or capacity > L.MAX_CAPACITY or capacity & (capacity - 1):
+            hint = 1 << max(12, (max(capacity, 1) - 1).bit_length())
+            raise ValueError(f"capacity must be a power of two from {L.MIN_CAPACITY} to {L.MAX_CAPACITY}, "
+                             f"got {capacity}" + (f" (next power of two: {hint})" if hint <= L.MAX_CAPACITY else ""))
+        seg = Segment.create(name, L.segment_size(capacity), path=path, mode=mode)
+        try:
+            write_header(seg.buf, kind=L.KINDS[kind], capacity=capacity)
+            region = _core.Region(seg.buf)
+            region.store_u32(L.OFF_READY, 1)       # pairs with attach's read of `ready` after the header
+            del region
+            return cls(seg, validate_header(seg), created=True)
+        except BaseException:
+            seg.close()
+            seg.unlink()
+            raise
+
+    @classmethod
+    def attach(cls, name: str | None = None, *, path=None) -> "Ring":
+        """Attach to an existing ring by name (or by path for a file-backed ring)."""
+        if path is None and name is None:
+            raise TypeError("Ring.attach() needs a name or path=")
+        seg = Segment.open(name, path=path)
+        try:
+            return cls(seg, validate_header(seg), created=False)
+        except BaseException:
+            seg.close()
+            raise
+
+    def __reduce__(self):
+        return (_attach, (self._seg.name, self._seg.path))
+
+    # -- roles --------------------------------------------------------------
+    def producer(self, *, spin: float = DEFAULT_SPIN) -> "Producer":
+        """Take the producer role (an spsc ring has one live producer)."""
+        return Producer(self, spin)
+
+    def consumer(self, *, spin: float = DEFAULT_SPIN) -> "Consumer":
+        """Take the consumer role (an spsc ring has one live consumer)."""
+        return Consumer(self, spin)
+
+    # -- properties -----------------------------------------------------------
+    @property
+    def name(self) -> str | None:
+        return self._seg.name
+
+    @property
+    def path(self) -> str | None:
+        return self._seg.path
+
+    @property
+    def kind(self) -> str:
+        return L.KIND_NAMES[self._header["kind"]]
+
+    @property
+    def capacity(self) -> int:
+        return self._header["capacity"]
+
+    @property
+    def max_message(self) -> int:
+        """Largest payload, in bytes, a single message may have."""
+        return self._header["max_message"]
+
+    @property
+    def closed(self) -> bool:
+        return self._seg.buf is None
+
+    def _live_region(self):
+        if self._seg.buf is None:
+            raise HandleClosed(f"ring {self._seg.label} is closed")
+        return self._region
+
+    def stats(self) -> dict:
+        """A snapshot of the ring's shared state (positions in bytes)."""
+        r = self._live_region()
+        wp, rp = r.load_u64(L.OFF_WRITE_POS), r.load_u64(L.OFF_READ_POS)
+
+        def role(line):
+            pid, st = L.split_owner(r.load_u64(line + L.ROLE_OWNER))
+            return {"pid": pid or None, "alive": bool(pid) and alive(pid, st),
+                    "sessions": r.load_u64(line + L.ROLE_SESSIONS)}
+        closed = r.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED)
+        return {"name": self.name, "path": self.path, "kind": self.kind, "capacity": self.capacity,
+                "write_pos": wp, "read_pos": rp, "used": wp - rp,
+                "fill": (wp - rp) / self.capacity, "closed": {0: None, 1: "eos", 2: "aborted"}.get(closed, closed),
+                "producer": role(L.OFF_PROD_ROLE), "consumer": role(L.OFF_CONS_ROLE),
+                "creator_pid": self._header["creator_pid"], "created_ns": self._header["created_ns"]}
+
+    # -- lifetime -------------------------------------------------------------
+    def close(self) -> None:
+        """Detach this process.  Never unmaps under a live handle or view: the
+        mapping then lives until the last of them is gone."""
+        self._region = None
+        self._seg.close()
+
+    def unlink(self) -> None:
+        """Remove the ring's name (or file).  Attached processes keep working."""
+        self._seg.unlink()
+
+    def __enter__(self) -> "Ring":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self._created and self._seg.path is None:
+            try:
+                self.unlink()
+            except ShmringError:
+                pass
+
+    def __repr__(self) -> str:
+        return f"<shmring.Ring {self.kind} {self._seg.label} capacity={self.capacity}>"
+
+
+def _attach(name, path):
+    return Ring.attach(name, path=path)
+
+
+class _Role:
+    """Taking and giving back a role slot (one 64-bit owner word, see layout)."""
+
+    def _claim(self, ring: Ring, line: int, role: str) -> None:
+        region = ring._live_region()
+        key = (ring._identity, line)
+        me = L.owner_word(os.getpid(), my_start_time())
+        while True:
+            cur = region.load_u64(line + L.ROLE_OWNER)
+            if cur == 0:
+                if region.cas_u64(line + L.ROLE_OWNER, 0, me):
+                    break
+                continue
+            pid, start = L.split_owner(cur)
+            if cur == me and key not in _live_roles:
+                break                   # our own handle was dropped without closing: take it back
+            if cur == me:
+                raise RoleTaken(f"the {role} role of {ring._seg.label} is already held by another handle "
+                                f"in this process (pid {pid}); close it first", pid)
+            if alive(pid, start):
+                raise RoleTaken(f"the {role} role of {ring._seg.label} is held by live process {pid}; "
+                                f"an {ring.kind} ring has one {role}", pid)
+            if region.cas_u64(line + L.ROLE_OWNER, cur, me):
+                break                   # the holder died: take over
+        region.fetch_add_u64(line + L.ROLE_SESSIONS, 1)
+        _live_roles[key] = self
+        self._ring, self._line, self._owner, self._key = ring, line, me, key
+
+    def _give_back(self) -> None:
+        region = self._ring._region
+        if region is not None:
+            region.cas_u64(self._line + L.ROLE_OWNER, self._owner, 0)
+        if _live_roles.get(self._key) is self:
+            del _live_roles[self._key]
+
+    def _peer_gone(self, line: int) -> int:
+        """pid of the peer if it is registered and dead, else 0."""
+        pid, start = L.split_owner(self._ring._region.load_u64(line + L.ROLE_OWNER))
+        return pid if pid and not alive(pid, start) else 0
+
+
+class Producer(_core.ProducerCore, _Role):
+    """The producer handle of a ring (a context manager; exiting closes the stream).
+
+    ``send(data, *, timeout=None)`` and ``try_send(data)`` are implemented in C
+    for bytes and bytearray; arrays and objects go through :mod:`shmring.codec`.
+    """
+
+    def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN):
+        region = ring._live_region()
+        if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
+            raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer; "
+                               "create a new ring for a new stream")
+        self._claim(ring, L.OFF_PROD_ROLE, "producer")
+        try:
+            super().__init__(ring._seg.buf)
+        except BaseException:
+            self._give_back()
+            raise
+        self.spin = float(spin)
+        self._wmv = memoryview(ring._seg.buf)
+        self._label = ring._seg.label
+
+    # -- slow paths called from C ------------------------------------------------
+    def _send_obj(self, data, timeout):
+        if isinstance(data, np.ndarray) or not _is_bytes_like(data):
+            enc = codec.encode(data)
+            self._write(enc, timeout)
+            return None
+        with memoryview(data) as mv:
+            if not mv.c_contiguous:
+                mv = memoryview(mv.tobytes())
+            if not self._push(mv, L.T_BYTES):
+                self._block(lambda: self._push(mv, L.T_BYTES) or None, mv.nbytes, timeout)
+        return None
+
+    def _try_send_obj(self, data) -> bool:
+        if isinstance(data, np.ndarray) or not _is_bytes_like(data):
+            return self._write(codec.encode(data), 0, blocking=False)
+        with memoryview(data) as mv:
+            return self._push(mv if mv.c_contiguous else mv.tobytes(), L.T_BYTES)
+
+    def _send_wait(self, data, timeout):
+        self._block(lambda: self.try_send(data) or None, len(data), timeout)
+
+    # -- reserve / commit --------------------------------------------------------
+    def _write(self, enc: codec.Encoded, timeout, blocking=True):
+        off = self._reserve_blocking(enc.max_payload, enc.type, timeout, blocking)
+        if off is None:
+            return False
+        try:
+            n, _ = codec.write(self._wmv, off, enc)
+        except BaseException:
+            self._abort()
+            raise
+        self._commit(n)
+        return True
+
+    def _reserve_blocking(self, nbytes, type_, timeout, blocking=True):
+        off = self._reserve(nbytes, type_)
+        if off is None and blocking:
+            off = self._block(lambda: self._reserve(nbytes, type_), nbytes, timeout)
+        return off
+
+    def _block(self, attempt, nbytes, timeout):
+        """Retry ``attempt`` (None = full) until it succeeds, waiting for room between tries."""
+        deadline = _check_timeout(timeout)
+        while True:
+            r = attempt()
+            if r is not None:
+                return r
+            if deadline is None:
+                wait = WAIT_SLICE
+            else:
+                wait = min(WAIT_SLICE, deadline - time.monotonic())
+                if wait <= 0:
+                    raise Timeout(f"ring {self._label} stayed full for {timeout} s "
+                                  f"(a {nbytes}-byte message waited for room)")
+            if not self._wait_space(nbytes, wait, self.spin):
+                pid = self._peer_gone(L.OFF_CONS_ROLE)
+                if pid:
+                    r = attempt()
+                    if r is not None:
+                        return r
+                    raise PeerGone(f"the consumer (pid {pid}) of {self._label} died while the ring was "
+                                   "full; unreleased messages stay in the ring for the next consumer")
+
+    def reserve(self, nbytes: int, *, timeout=None) -> "Reservation":
+        """Reserve ``nbytes`` for a bytes message and return a writable memoryview
+        of them (a context manager: commits on normal exit, aborts on error)."""
+        nbytes = int(nbytes)
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        off = self._reserve_blocking(nbytes, L.T_BYTES, timeout)
+        return Reservation(self, self._wmv[off:off + nbytes], None)
+
+    def reserve_array(self, shape, dtype, *, order: str = "C", timeout=None) -> "Reservation":
+        """Reserve a ``shape`` x ``dtype`` array inside the ring and return a
+        reservation whose ``__enter__`` gives the writable ndarray to fill in place.
+
+        Lifetime: the array points into the ring.  On normal exit of the
+        ``with`` block the message is committed (and the array made read-only:
+        writing through it after commit would change a message the consumer
+        may be reading); on an exception it is aborted and nothing is sent.
+        """
+        enc = codec.array_encoding(shape, dtype, order)
+        off = self._reserve_blocking(enc.max_payload, enc.type, timeout)
+        try:
+            n, views = codec.write(self._wmv, off, enc)
+        except BaseException:
+            self._abort()
+            raise
+        return Reservation(self, views[0], n)
+
+    # -- lifetime ------------------------------------------------------------------
+    def close(self, *, _status: int = CLOSED_EOS) -> None:
+        """End the stream: consumers drain what was sent, then get EndOfStream.
+        Idempotent.  An open reservation is aborted."""
+        if self.closed:
+            return
+        self._abort()
+        region = self._ring._region
+        if region is not None:
+            region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, _status)  # pairs with the consumer's acquire load in peek
+            region.wake(L.OFF_DATA_WAKE)
+        self.detach()
+
+    def detach(self) -> None:
+        """Give up the producer role without ending the stream (another
+        producer may attach and continue it)."""
+        if self.closed:
+            return
+        self._abort()
+        self._mark_closed()
+        self._give_back()
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(_status=CLOSED_EOS if exc_type is None else CLOSED_ABORTED)
+
+    def __repr__(self) -> str:
+        return f"<shmring.Producer of {self._label} at position {self.position}{' closed' if self.closed else ''}>"
+
+
+class Reservation:
+    """Space reserved in the ring, filled in place, then committed or aborted.
+
+    A context manager: ``__enter__`` returns the writable view (memoryview or
+    ndarray); normal exit commits, an exception aborts.  ``commit()`` and
+    ``abort()`` may also be called directly, once.
+    """
+
+    def __init__(self, producer: Producer, view, nbytes):
+        self._producer = producer
+        self.view = view
+        self._nbytes = nbytes
+        self._done = False
+
+    def __enter__(self):
+        return self.view
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+
+    def _finish(self):
+        if self._done:
+            raise HandleClosed("reservation already committed or aborted")
+        self._done = True
+        v, self.view = self.view, None
+        if isinstance(v, np.ndarray):
+            v.flags.writeable = False
+        elif isinstance(v, memoryview):
+            try:
+                v.release()
+            except BufferError:
+                pass
+
+    def commit(self) -> None:
+        """Publish the message."""
+        self._finish()
+        self._producer._commit(self._nbytes)
+
+    def abort(self) -> None:
+        """Forget the reservation: nothing is sent."""
+        self._finish()
+        self._producer._abort()
+
+
+def _is_bytes_like(data) -> bool:
+    try:
+        memoryview(data).release()
+        return True
+    except TypeError:
+        return False
+
+
+class Consumer(_core.ConsumerCore, _Role):
+    """The consumer handle of a ring (a context manager; exiting detaches).
+
+    ``recv()`` returns a :class:`~shmring.Message`, a zero-copy window valid
+    until released; ``recv_bytes()`` copies a bytes message out and releases
+    it at once; iteration yields messages until the producer closes.
+    """
+
+    def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN):
+        ring._live_region()
+        self._claim(ring, L.OFF_CONS_ROLE, "consumer")
+        try:
+            super().__init__(ring._seg.buf)
+        except BaseException:
+            self._give_back()
+            raise
+        self.spin = float(spin)
+        self._label = ring._seg.label
+
+    def _recv_copy(self, timeout):
+        with _core.ConsumerCore.recv(self, timeout=timeout) as msg:
+            return msg.copy()
+
+    # -- slow path called from C ---------------------------------------------------------
+    def _recv_wait(self, timeout, want_bytes):
+        attempt = self._try_recv_bytes if want_bytes else self.try_recv
+        deadline = _check_timeout(timeout)
+        while True:
+            r = attempt()
+            if r is not None:
+                return r
+            if deadline is None:
+                wait = WAIT_SLICE
+            else:
+                wait = min(WAIT_SLICE, deadline - time.monotonic())
+                if wait <= 0:
+                    raise Timeout(f"no message arrived on {self._label} within {timeout} s")
+            if not self._wait_data(wait, self.spin):
+                pid = self._peer_gone(L.OFF_PROD_ROLE)
+                if pid:
+                    r = attempt()
+                    if r is not None:
+                        return r
+                    raise PeerGone(f"the producer (pid {pid}) of {self._label} died without closing "
+                                   "the stream; every message it committed was received")
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return self.recv()
+        except EndOfStream:
+            raise StopIteration from None
+
+    def close(self) -> None:
+        """Give up the consumer role.  Messages not released yet will be
+        delivered again to the next consumer (at-least-once).  Idempotent."""
+        if self.closed:
+            return
+        self._mark_closed()
+        self._give_back()
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<shmring.Consumer of {self._label} at position {self.position}{' closed' if self.closed else ''}>"

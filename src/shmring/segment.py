@@ -1,0 +1,255 @@
+"""Shared-memory segments: create, attach, close, unlink.
+
+A segment is either a named POSIX shared-memory object (``/dev/shm/shmring.NAME``,
+through ``posix_ipc``) or a regular file at a path (a persistent ring).  This
+module knows nothing of rings: it maps bytes, validates the fixed header of
+:mod:`shmring.layout`, and turns OS errors into shmring errors.
+
+Lifetimes, as in ``multiprocessing.shared_memory``: :meth:`Segment.close`
+detaches this process; :meth:`Segment.unlink` removes the name.  Nothing here
+registers with ``multiprocessing.resource_tracker``.
+
+Space is reserved at creation with ``posix_fallocate``, so a full ``/dev/shm``
+is a :class:`~shmring.errors.NoSpace` error at create time, never a SIGBUS on
+a later write.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import re
+import stat
+import time
+
+import posix_ipc
+
+from . import layout as L
+from ._proc import my_start_time
+from .errors import (CorruptSegmentError, IncompatibleSegment, NoSpace, PermissionDenied,
+                     SegmentExists, SegmentNotFound, ShmringError)
+
+PREFIX = "shmring."
+SHM_DIR = "/dev/shm"
+MAX_NAME = 64
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def validate_name(name) -> str:
+    """Return ``name`` if it is a valid segment name, else raise ValueError saying why."""
+    if not isinstance(name, str):
+        raise TypeError(f"segment name must be a str, not {type(name).__name__}")
+    if not 1 <= len(name) <= MAX_NAME:
+        raise ValueError(f"segment name must be 1 to {MAX_NAME} characters, got {len(name)}: {name!r}")
+    if not _NAME_RE.match(name):
+        raise ValueError(f"segment name {name!r} may hold only letters, digits, '.', '_' and '-', "
+                         "and must start with a letter or digit (no slashes)")
+    return name
+
+
+def posix_name(name: str) -> str:
+    return "/" + PREFIX + name
+
+
+def _label(name, path) -> str:
+    return f"file {path!r}" if path is not None else f"segment {name!r}"
+
+
+def _os_error(exc: OSError, what: str) -> ShmringError:
+    if exc.errno == errno.ENOENT:
+        return SegmentNotFound(f"{what} does not exist")
+    if exc.errno == errno.EEXIST:
+        return SegmentExists(f"{what} exists already")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return PermissionDenied(f"{what}: permission denied ({exc.strerror})")
+    if exc.errno == errno.ELOOP:
+        return PermissionDenied(f"{what} is a symbolic link; shmring refuses to follow it")
+    if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT):
+        return NoSpace(f"{what}: no space ({exc.strerror})")
+    return ShmringError(f"{what}: {exc}")
+
+
+class Segment:
+    """A mapped segment.  ``buf`` is the writable mmap of the whole segment."""
+
+    def __init__(self, name: str | None, path: str | None, buf: mmap.mmap, size: int, identity=None):
+        self.identity = identity          # (st_dev, st_ino): the same object under any name
+        self.name = name
+        self.path = path
+        self.buf = buf
+        self.size = size
+
+    @property
+    def label(self) -> str:
+        return _label(self.name, self.path)
+
+    # -- create -------------------------------------------------------------
+    @classmethod
+    def create(cls, name: str | None, size: int, *, path=None, mode: int = 0o600) -> "Segment":
+        """Create a segment of ``size`` bytes (all zero), reserving its space now."""
+        if path is None:
+            validate_name(name)
+        else:
+            path = os.fspath(path)
+        what = _label(name, path)
+        if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be a permission mask like 0o600, got {mode!r}")
+        try:
+            if path is None:
+                shm = posix_ipc.SharedMemory(posix_name(name), posix_ipc.O_CREX, mode=mode, size=0)
+                fd = shm.fd
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        except posix_ipc.ExistentialError:
+            raise SegmentExists(f"{what} exists already; attach to it, or unlink it first") from None
+        except posix_ipc.PermissionsError as e:
+            raise PermissionDenied(f"{what}: permission denied ({e})") from None
+        except OSError as e:
+            raise _os_error(e, what) from None
+        try:
+            os.fchmod(fd, mode)           # exactly the mode asked for, whatever the umask
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM):
+                    where = SHM_DIR if path is None else os.path.dirname(os.path.abspath(path))
+                    free = _free_bytes(where)
+                    raise NoSpace(f"cannot create {what}: it needs {size:,} bytes but {where} has "
+                                  f"{free:,} bytes free") from None
+                raise _os_error(e, what) from None
+            buf = mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink(name, path)
+            raise
+        os.close(fd)
+        return cls(name, path, buf, size, (st.st_dev, st.st_ino))
+
+    # -- attach -------------------------------------------------------------
+    @classmethod
+    def open(cls, name: str | None, *, path=None) -> "Segment":
+        """Map an existing segment (no validation beyond its size; see validate_header)."""
+        if path is None:
+            validate_name(name)
+        else:
+            path = os.fspath(path)
+        what = _label(name, path)
+        try:
+            if path is None:
+                fd = posix_ipc.SharedMemory(posix_name(name), 0).fd
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except posix_ipc.ExistentialError:
+            raise SegmentNotFound(f"{what} does not exist") from None
+        except posix_ipc.PermissionsError as e:
+            raise PermissionDenied(f"{what}: permission denied ({e})") from None
+        except OSError as e:
+            raise _os_error(e, what) from None
+        try:
+            st = os.fstat(fd)
+            if path is not None and not stat.S_ISREG(st.st_mode):
+                raise CorruptSegmentError(f"{what} is not a regular file")
+            size = st.st_size
+            if size < L.HEADER_SIZE:
+                raise CorruptSegmentError(f"{what} is {size} bytes, smaller than the {L.HEADER_SIZE}-byte "
+                                          "shmring header: truncated, still being created, or not a shmring segment")
+            buf = mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        return cls(name, path, buf, size, (st.st_dev, st.st_ino))
+
+    # -- lifetime -----------------------------------------------------------
+    def close(self) -> None:
+        """Detach.  If views of the mapping are still alive it stays mapped
+        until they are gone (it is never unmapped under a live view)."""
+        buf, self.buf = self.buf, None
+        if buf is not None:
+            try:
+                buf.close()
+            except BufferError:
+                pass              # exported to a handle or a view: unmapped when the last one dies
+
+    def unlink(self) -> None:
+        """Remove the name (or file).  Mappings stay valid until closed."""
+        _unlink(self.name, self.path, missing_ok=False)
+
+
+def _unlink(name, path, missing_ok=True) -> None:
+    try:
+        if path is not None:
+            os.unlink(path)
+        else:
+            posix_ipc.unlink_shared_memory(posix_name(name))
+    except (posix_ipc.ExistentialError, FileNotFoundError):
+        if not missing_ok:
+            raise SegmentNotFound(f"{_label(name, path)} does not exist (already unlinked?)") from None
+    except posix_ipc.PermissionsError as e:
+        raise PermissionDenied(f"{_label(name, path)}: permission denied ({e})") from None
+
+
+def unlink(name: str | None = None, *, path=None, missing_ok: bool = False) -> None:
+    """Remove a segment by name (or a ring file by path) without attaching to it."""
+    if path is None:
+        validate_name(name)
+    _unlink(name, None if path is None else os.fspath(path), missing_ok=missing_ok)
+
+
+def _free_bytes(where: str) -> int:
+    try:
+        s = os.statvfs(where)
+        return s.f_bavail * s.f_frsize
+    except OSError:
+        return 0
+
+
+def write_header(buf, *, kind: int, capacity: int) -> None:
+    """Fill a fresh (zeroed) segment's fixed header; ``ready`` is stored last by the caller."""
+    buf[:L.HEADER_STRUCT.size] = L.pack_header(kind=kind, capacity=capacity, creator_pid=os.getpid(),
+                                               creator_start=my_start_time(), created_ns=time.time_ns())
+
+
+def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
+    """Check a mapped segment's fixed header; return its fields.  Every field is untrusted."""
+    what = seg.label
+    deadline = time.monotonic() + wait_ready
+    while True:
+        h = L.read_header(seg.buf)
+        if h["magic"] == L.MAGIC and h["ready"] == 1:
+            break
+        if h["magic"] not in (0, L.MAGIC):
+            raise CorruptSegmentError(f"{what} is not a shmring segment: magic {h['magic']:#018x}, "
+                                      f"expected {L.MAGIC:#018x} ('SHMRING1')")
+        if time.monotonic() >= deadline:
+            raise CorruptSegmentError(f"{what} was never fully initialized (ready flag {h['ready']}, "
+                                      f"magic {h['magic']:#x}); its creator may have died while creating it")
+        time.sleep(0.005)
+    if h["version"] != L.LAYOUT_VERSION:
+        raise IncompatibleSegment(f"{what} uses shmring layout version {h['version']}; this shmring "
+                                  f"reads version {L.LAYOUT_VERSION}")
+    if h["layout_hash"] != L.LAYOUT_HASH:
+        raise IncompatibleSegment(f"{what} has layout hash {h['layout_hash']:#x}, expected "
+                                  f"{L.LAYOUT_HASH:#x}: written by an incompatible shmring build")
+    if h["kind"] not in L.KIND_NAMES:
+        raise CorruptSegmentError(f"{what} has unknown ring kind {h['kind']}")
+    cap = h["capacity"]
+    if not (L.MIN_CAPACITY <= cap <= L.MAX_CAPACITY) or cap & (cap - 1):
+        raise CorruptSegmentError(f"{what} has impossible capacity {cap}")
+    if h["data_offset"] != L.HEADER_SIZE or h["max_message"] != L.max_message(cap):
+        raise CorruptSegmentError(f"{what} has inconsistent header fields: data offset "
+                                  f"{h['data_offset']}, max message {h['max_message']} for capacity {cap}")
+    expect = L.segment_size(cap)
+    if h["segment_size"] != expect or seg.size < expect:
+        raise CorruptSegmentError(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,} "
+                                  f"(capacity {cap:,} needs {expect:,}): truncated or corrupt")
+    return h
+
+
+def list_segments() -> list[str]:
+    """Names of the POSIX segments shmring created on this machine (by file name)."""
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    return sorted(e[len(PREFIX):] for e in entries if e.startswith(PREFIX))
