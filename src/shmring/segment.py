@@ -129,7 +129,7 @@ class Segment:
 
     # -- attach -------------------------------------------------------------
     @classmethod
-    def open(cls, name: str | None, *, path=None) -> "Segment":
+    def open(cls, name: str | None, *, path=None, wait_ready: float = 1.0) -> "Segment":
         """Map an existing segment (no validation beyond its size; see validate_header)."""
         if path is None:
             validate_name(name)
@@ -151,6 +151,11 @@ class Segment:
             st = os.fstat(fd)
             if path is not None and not stat.S_ISREG(st.st_mode):
                 raise CorruptSegmentError(f"{what} is not a regular file")
+            # A creator sizes the segment right after creating it: give it a moment.
+            deadline = time.monotonic() + wait_ready
+            while st.st_size < L.HEADER_SIZE and time.monotonic() < deadline:
+                time.sleep(0.005)
+                st = os.fstat(fd)
             size = st.st_size
             if size < L.HEADER_SIZE:
                 raise CorruptSegmentError(f"{what} is {size} bytes, smaller than the {L.HEADER_SIZE}-byte "
