@@ -115,6 +115,11 @@ static inline void wake_always(char *wake_line) {
 
 typedef int (*cond_fn)(void *ctx);
 
+/* Process-local wait counters (tests use them to prove no wake-up is lost:
+ * with long slices, a sleep that ends by timeout with the condition already
+ * true would be a missed wake-up). */
+static uint64_t n_sleeps, n_late_wakeups;
+
 /* Wait until cond(ctx) holds or slice_ns elapses: spin for spin_ns, then
  * yield, then sleep on the futex.  Called with the GIL released.
  * Returns 1 (condition holds), 0 (slice elapsed) or -1 (interrupted). */
@@ -145,7 +150,11 @@ static int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns,
         if (t >= deadline) { fetch_add32(waiters, (uint32_t)-1); return cond(ctx) ? 1 : 0; }
         int err = futex_wait(seq, s, deadline - t);
         fetch_add32(waiters, (uint32_t)-1);
-        if (cond(ctx)) return 1;
+        __atomic_fetch_add(&n_sleeps, 1, __ATOMIC_RELAXED);
+        if (cond(ctx)) {
+            if (err == ETIMEDOUT) __atomic_fetch_add(&n_late_wakeups, 1, __ATOMIC_RELAXED);
+            return 1;
+        }
         if (err == EINTR) return -1;
         if (now_ns() >= deadline) return 0;
     }
@@ -1094,7 +1103,15 @@ static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
     return d;
 }
 
+static PyObject *wait_counters(PyObject *mod, PyObject *unused) {
+    return Py_BuildValue("{sKsK}", "sleeps", (unsigned long long)n_sleeps,
+                         "late_wakeups", (unsigned long long)n_late_wakeups);
+}
+
 static PyMethodDef module_methods[] = {
+    {"wait_counters", (PyCFunction)wait_counters, METH_NOARGS,
+     "wait_counters() -> {'sleeps': futex sleeps, 'late_wakeups': sleeps that timed out although "
+     "their condition held (a missed wake-up if slices are long)} for this process"},
     {"_set_codec", (PyCFunction)(void (*)(void))set_codec, METH_FASTCALL, NULL},
     {"layout_constants", (PyCFunction)layout_constants, METH_NOARGS, "the constants of _layout.h, by name"},
     {NULL}
