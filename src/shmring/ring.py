@@ -256,6 +256,11 @@ class _Role:
         if _live_roles.get(self._key) is self:
             del _live_roles[self._key]
 
+    def __reduce__(self):
+        raise TypeError(f"a {type(self).__name__} handle belongs to the process that took the role and "
+                        "cannot be pickled; pass the Ring and call ring.producer() / ring.consumer() "
+                        "in the other process")
+
     def _peer_gone(self, line: int) -> int:
         """pid of the peer if it is registered and dead, else 0."""
         pid, start = L.split_owner(self._ring._region.load_u64(line + L.ROLE_OWNER))
