@@ -85,9 +85,9 @@ static void futex_wake_all(uint32_t *addr) {
  * The wake-up protocol (no lost wake-ups).
  *
  *   sleeper                                   waker
- *   s = load_acquire(seq)                     store_release(position)
- *   fetch_add(waiters, 1)      [seq_cst]      fence                [seq_cst]
- *   if condition(): leave      [seq_cst load] if load(waiters) > 0:
+ *   s = load_acquire(seq)                     exchange(position)   [seq_cst]
+ *   fetch_add(waiters, 1)      [seq_cst]
+ *   if condition(): leave      [seq_cst load] if load(waiters) > 0: [seq_cst]
  *   futex_wait(seq, s)                            fetch_add(seq, 1); futex_wake(seq)
  *   fetch_sub(waiters, 1)
  *
@@ -97,12 +97,17 @@ static void futex_wake_all(uint32_t *addr) {
  * Either the sleeper sees the new position and does not sleep, or the waker
  * sees waiters > 0 and bumps seq; the bump lands either before futex_wait
  * compares seq with s (it returns EAGAIN at once) or after it has queued the
- * sleeper (the wake reaches it).  The waker pays one fence and one load per
- * message; the syscall happens only while somebody has announced a sleep.
+ * sleeper (the wake reaches it).  The waker pays one locked exchange and one
+ * load per message; the syscall happens only while somebody has announced a
+ * sleep.
  */
-static inline void wake_if_waiting(char *wake_line) {
-    __atomic_thread_fence(__ATOMIC_SEQ_CST); /* pairs with the sleeper's fetch_add(waiters) */
-    if (load_relaxed32(wake_line + SHMR_WAKE_WAITERS)) {
+/* Publish a position (the waker's side of the protocol above).  The seq_cst
+ * exchange is the store and the full barrier in one instruction (xchg on
+ * x86, cheaper than a plain store followed by mfence); the seq_cst load of
+ * waiters cannot move above it. */
+static inline void publish_and_wake(void *pos, uint64_t value, char *wake_line) {
+    (void)__atomic_exchange_n((uint64_t *)pos, value, __ATOMIC_SEQ_CST); /* pairs with the other side's acquire load of pos */
+    if (__atomic_load_n((uint32_t *)(wake_line + SHMR_WAKE_WAITERS), __ATOMIC_SEQ_CST)) { /* pairs with the sleeper's fetch_add(waiters) */
         fetch_add32(wake_line + SHMR_WAKE_SEQ, 1); /* seen by the sleeper's futex_wait compare */
         futex_wake_all((uint32_t *)(wake_line + SHMR_WAKE_SEQ));
     }
@@ -127,24 +132,25 @@ static int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns,
     uint64_t start = now_ns();
     uint64_t deadline = start + slice_ns;
     uint64_t spin_end = start + (spin_ns < slice_ns ? spin_ns : slice_ns);
-    uint64_t yield_end = spin_end + (spin_ns ? 50000u : 0u);
-    for (;;) {
-        for (int i = 0; i < 64; i++) {
-            if (cond(ctx)) return 1;
-            cpu_relax();
+    if (cond(ctx)) return 1;
+    /* Spin, giving the CPU away every ~2 us: on a machine with fewer cores
+     * than busy processes, the peer we wait for may need this very CPU
+     * (sched_yield returns at once when nobody else is runnable here). */
+    if (spin_ns) {
+        for (;;) {
+            for (int i = 0; i < 64; i++) {
+                if (cond(ctx)) return 1;
+                cpu_relax();
+            }
+            if (now_ns() >= spin_end) break;
+            sched_yield();
         }
-        uint64_t t = now_ns();
-        if (t >= spin_end) break;
-    }
-    while (now_ns() < yield_end && now_ns() < deadline) {
-        if (cond(ctx)) return 1;
-        sched_yield();
     }
     uint32_t *seq = (uint32_t *)(wake_line + SHMR_WAKE_SEQ);
     uint32_t *waiters = (uint32_t *)(wake_line + SHMR_WAKE_WAITERS);
     for (;;) {
         uint32_t s = load_acquire32(seq);
-        fetch_add32(waiters, 1);          /* pairs with the waker's fence + load(waiters) */
+        fetch_add32(waiters, 1);          /* pairs with the waker's seq_cst load(waiters) */
         if (cond(ctx)) { fetch_add32(waiters, (uint32_t)-1); return 1; }
         uint64_t t = now_ns();
         if (t >= deadline) { fetch_add32(waiters, (uint32_t)-1); return cond(ctx) ? 1 : 0; }
@@ -335,6 +341,18 @@ typedef struct {
     uint64_t res_prev;      /* write_pos before it (padding included), for abort */
 } Producer;
 
+/* A timeout is None or a number >= 0; checked even when the call would not block. */
+static int check_timeout(PyObject *timeout) {
+    if (timeout == Py_None) return 0;
+    double t = PyFloat_AsDouble(timeout);
+    if (t == -1.0 && PyErr_Occurred()) return -1;
+    if (!(t >= 0)) {
+        PyErr_Format(PyExc_ValueError, "timeout must be None or >= 0 seconds, got %R", timeout);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *str_send_obj, *str_try_send_obj, *str_send_wait, *str_recv_wait;
 
 static int Producer_init(Producer *self, PyObject *args, PyObject *kw) {
@@ -391,8 +409,8 @@ static inline void producer_write_header(Producer *p, uint64_t start, uint64_t l
 
 static inline void producer_publish(Producer *p, uint64_t new_wp) {
     p->write_pos = new_wp;
-    store_release64(p->r.base + SHMR_OFF_WRITE_POS, new_wp); /* pairs with consumer's load_acquire(write_pos) */
-    wake_if_waiting(p->r.base + SHMR_OFF_DATA_WAKE);
+    /* after the record's plain stores; pairs with consumer's load_acquire(write_pos) in peek */
+    publish_and_wake(p->r.base + SHMR_OFF_WRITE_POS, new_wp, p->r.base + SHMR_OFF_DATA_WAKE);
 }
 
 /* Copy one payload in and publish it. 1 sent, 0 full, -1 error. */
@@ -434,6 +452,7 @@ static PyObject *Producer_send(Producer *self, PyObject *const *args, Py_ssize_t
             return NULL;
         }
         timeout = args[1];
+        if (check_timeout(timeout) < 0) return NULL;
     }
     int r = producer_push_fast(self, args[0]);
     if (r == 1) Py_RETURN_NONE;
@@ -462,6 +481,45 @@ static PyObject *Producer_push(Producer *self, PyObject *const *args, Py_ssize_t
     PyBuffer_Release(&b);
     if (r < 0) return NULL;
     return PyBool_FromLong(r);
+}
+
+/* _push_array(meta, data, type) -> bool: one record holding
+ *   u32 meta_len | u32 1 | meta | pad to 64 | data
+ * (the T_ARRAY layout of shmring.codec) with one memcpy of a contiguous buffer. */
+static PyObject *Producer_push_array(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3 || !PyBytes_Check(args[0])) { PyErr_SetString(PyExc_TypeError, "_push_array(meta: bytes, data, type)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    long type = PyLong_AsLong(args[2]); if (PyErr_Occurred()) return NULL;
+    if (self->reserved) { PyErr_SetString(ShmringError, "a reservation is open; commit or abort it first"); return NULL; }
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_ANY_CONTIGUOUS) < 0) return NULL;
+    uint64_t meta_len = (uint64_t)PyBytes_GET_SIZE(args[0]);
+    uint64_t worst = 8 + meta_len + 63 + (uint64_t)b.len;
+    PyObject *result = NULL;
+    if (worst > self->r.max_message) {
+        PyErr_Format(MessageTooLarge, "array of %zd bytes can never fit: this ring's largest message is "
+                     "%llu bytes including %llu bytes of descriptor and alignment", b.len,
+                     (unsigned long long)self->r.max_message, (unsigned long long)(worst - (uint64_t)b.len));
+        goto done;
+    }
+    uint64_t start;
+    int r = producer_claim(self, worst, &start);
+    if (r < 0) goto done;
+    if (r == 0) { result = (Py_INCREF(Py_False), Py_False); goto done; }
+    uint64_t payload = SHMR_HEADER_SIZE + (start & self->r.mask) + SHMR_REC_HDR;  /* region offsets */
+    char *pl = self->r.base + payload;
+    *(uint32_t *)pl = (uint32_t)meta_len;
+    *(uint32_t *)(pl + 4) = 1;
+    memcpy(pl + 8, PyBytes_AS_STRING(args[0]), meta_len);
+    uint64_t area = (payload + 8 + meta_len + 63) & ~(uint64_t)63;
+    memcpy(self->r.base + area, b.buf, (size_t)b.len);
+    uint64_t len = area + (uint64_t)b.len - payload;
+    producer_write_header(self, start, len, (unsigned)type);
+    producer_publish(self, start + align8(SHMR_REC_HDR + len));
+    result = (Py_INCREF(Py_True), Py_True);
+done:
+    PyBuffer_Release(&b);
+    return result;
 }
 
 /* _reserve(payload_len, type) -> offset of the payload in the region, or None if full. */
@@ -555,6 +613,7 @@ static PyMethodDef Producer_methods[] = {
     {"try_send", (PyCFunction)Producer_try_send, METH_O, "try_send(data) -> bool: send if there is room now"},
     {"_push", (PyCFunction)(void (*)(void))Producer_push, METH_FASTCALL, NULL},
     {"_reserve", (PyCFunction)(void (*)(void))Producer_reserve, METH_FASTCALL, NULL},
+    {"_push_array", (PyCFunction)(void (*)(void))Producer_push_array, METH_FASTCALL, NULL},
     {"_commit", (PyCFunction)(void (*)(void))Producer_commit, METH_FASTCALL, NULL},
     {"_abort", (PyCFunction)Producer_abort, METH_NOARGS, NULL},
     {"_wait_space", (PyCFunction)(void (*)(void))Producer_wait_space, METH_FASTCALL, NULL},
@@ -632,8 +691,8 @@ static void Consumer_dealloc(Consumer *self) {
 static inline void consumer_store_read(Consumer *c, uint64_t rp) {
     c->read_pos = rp;
     if (c->detached) return;
-    store_release64(c->r.base + SHMR_OFF_READ_POS, rp); /* pairs with producer's load_acquire(read_pos) */
-    wake_if_waiting(c->r.base + SHMR_OFF_SPACE_WAKE);
+    /* after the last read of the released bytes; pairs with producer's load_acquire(read_pos) in claim */
+    publish_and_wake(c->r.base + SHMR_OFF_READ_POS, rp, c->r.base + SHMR_OFF_SPACE_WAKE);
 }
 
 /* Record [start, end) is finished with. */
@@ -796,7 +855,7 @@ static PyObject *Consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t
         else if (PyUnicode_CompareWithASCIIString(k, "copy") == 0) copy = args[i];
         else goto bad;
     }
-    if (check_usable(&self->r) < 0) return NULL;
+    if (check_usable(&self->r) < 0 || check_timeout(timeout) < 0) return NULL;
     int want_copy = PyObject_IsTrue(copy);
     if (want_copy < 0) return NULL;
     if (want_copy) return PyObject_CallMethodObjArgs((PyObject *)self, str_recv_copy, timeout, NULL);
@@ -834,7 +893,7 @@ static int consumer_take_bytes(Consumer *self, PyObject **out) {
 static PyObject *Consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *timeout;
     if (parse_timeout_kw(args, nargs, kwnames, &timeout, "recv_bytes(*, timeout=None)") < 0) return NULL;
-    if (check_usable(&self->r) < 0) return NULL;
+    if (check_usable(&self->r) < 0 || check_timeout(timeout) < 0) return NULL;
     PyObject *b = NULL;
     int s = consumer_take_bytes(self, &b);
     if (s == 1) return b;

@@ -20,7 +20,7 @@ and every array block inside it starts 64-aligned too.  The meta of a
 with each array replaced by msgpack ext type 1 holding its descriptor.
 
 An array descriptor is ``[dtype, shape, order, offset, nbytes]``: ``dtype`` is
-``dtype.str`` or, for structured dtypes, ``dtype.descr``; ``order`` is ``"C"`` or
+``dtype.str`` or, for structured dtypes, a names/formats/offsets/itemsize map; ``order`` is ``"C"`` or
 ``"F"``; ``offset`` is relative to the array area.  Everything decoded is
 untrusted: a descriptor that does not describe bytes inside the payload is
 :class:`~shmring.errors.CorruptSegmentError`.
@@ -32,7 +32,6 @@ from math import prod
 
 import msgpack
 import numpy as np
-from numpy.lib import format as npformat
 
 from . import layout as L
 from .errors import CorruptSegmentError, UnsupportedType
@@ -43,37 +42,39 @@ MAX_NDIM = 64
 
 
 def _dtype_spec(dtype: np.dtype):
+    """A msgpack-able description of a dtype: ``dtype.str`` for plain dtypes;
+    for structured ones the names/formats/offsets/itemsize form, which (unlike
+    ``dtype.descr``) also covers out-of-order and overlapping fields."""
     if dtype.hasobject:
         raise UnsupportedType(f"arrays of dtype {dtype} hold Python object pointers, which cannot be "
                               "shared between processes; convert to a fixed-size dtype first")
-    if dtype.names is None and dtype.subdtype is None:
-        return dtype.str
-    return npformat.dtype_to_descr(dtype)
-
-
-def _tuplify(descr):
-    """msgpack turns the tuples of a structured ``dtype.descr`` into lists; undo that."""
-    if isinstance(descr, str):
-        return descr
-    if not isinstance(descr, list):
-        raise ValueError(f"bad dtype description {descr!r}")
-    out = []
-    for field in descr:
-        if not isinstance(field, list) or len(field) not in (2, 3):
-            raise ValueError(f"bad structured dtype field {field!r}")
-        name = field[0]
-        if isinstance(name, list):
-            name = tuple(name)                          # (title, name)
-        item = (name, _tuplify(field[1]))
-        if len(field) == 3:
-            item += (tuple(field[2]),)
-        out.append(item)
-    return out
+    if dtype.names is not None:
+        fields = [dtype.fields[n] for n in dtype.names]
+        spec = {"names": list(dtype.names), "formats": [_dtype_spec(f[0]) for f in fields],
+                "offsets": [f[1] for f in fields], "itemsize": dtype.itemsize}
+        if any(len(f) > 2 for f in fields):
+            spec["titles"] = [f[2] if len(f) > 2 else None for f in fields]
+        return spec
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        return {"base": _dtype_spec(base), "shape": list(shape)}
+    return dtype.str
 
 
 def _dtype_from_spec(spec) -> np.dtype:
-    spec = _tuplify(spec)
-    dt = np.dtype(spec) if isinstance(spec, str) else npformat.descr_to_dtype(spec)
+    """Inverse of _dtype_spec, for untrusted input (any failure raises)."""
+    if isinstance(spec, str):
+        dt = np.dtype(spec)
+    elif isinstance(spec, dict) and "base" in spec:
+        dt = np.dtype((_dtype_from_spec(spec["base"]), tuple(spec["shape"])))
+    elif isinstance(spec, dict):
+        d = {"names": spec["names"], "formats": [_dtype_from_spec(f) for f in spec["formats"]],
+             "offsets": spec["offsets"], "itemsize": spec["itemsize"]}
+        if "titles" in spec:
+            d["titles"] = spec["titles"]
+        dt = np.dtype(d)
+    else:
+        raise ValueError(f"bad dtype description {spec!r}")
     if dt.hasobject:
         raise ValueError("object dtype")
     return dt
@@ -141,6 +142,29 @@ def encode(value) -> Encoded:
     return Encoded(L.T_OBJECT, meta, p.blocks, p.area)
 
 
+_meta_cache: dict = {}
+_CACHE_MAX = 512
+
+
+def array_meta(arr: np.ndarray) -> bytes | None:
+    """The T_ARRAY meta of a contiguous array (cached by dtype, shape and order),
+    or None if the array is not contiguous and must go through :func:`encode`."""
+    if arr.flags.c_contiguous:
+        order = "C"
+    elif arr.flags.f_contiguous:
+        order = "F"
+    else:
+        return None
+    key = (arr.dtype, arr.shape, order)
+    meta = _meta_cache.get(key)
+    if meta is None:
+        meta = msgpack.packb([_dtype_spec(arr.dtype), list(arr.shape), order, 0, arr.nbytes])
+        if len(_meta_cache) >= _CACHE_MAX:
+            _meta_cache.clear()
+        _meta_cache[key] = meta
+    return meta
+
+
 def array_encoding(shape, dtype, order: str = "C") -> Encoded:
     """The layout of an array to be built in place (``reserve_array``)."""
     dtype = np.dtype(dtype)
@@ -184,6 +208,25 @@ def _corrupt(msg, why) -> CorruptSegmentError:
     return CorruptSegmentError(f"message at ring position {msg.position}: {why}")
 
 
+def _parse_descriptor(desc) -> tuple:
+    """Validate an array descriptor from the ring: (dtype, shape, order, offset, nbytes, count)."""
+    spec, shape, order, off, nbytes = desc
+    dt = _dtype_from_spec(spec)
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(isinstance(s, int) and 0 <= s < 1 << 62 for s in shape)):
+        raise ValueError(f"bad shape {shape!r}")
+    if order not in ("C", "F") or not isinstance(off, int) or not isinstance(nbytes, int):
+        raise ValueError(f"bad order/offset/size {order!r} {off!r} {nbytes!r}")
+    count = prod(shape)
+    if count * dt.itemsize != nbytes or off < 0 or off % L.ARRAY_ALIGN:
+        raise ValueError(f"{count} items of {dt.itemsize} bytes do not make {nbytes} bytes, "
+                         f"or offset {off} is not {L.ARRAY_ALIGN}-aligned")
+    return dt, tuple(shape), order, off, nbytes, count
+
+
+_desc_cache: dict = {}
+
+
 def _decode(msg, copy: bool = False):
     """Decode a T_ARRAY / T_OBJECT message; arrays are read-only views of the ring (or copies)."""
     n = msg.nbytes
@@ -200,47 +243,47 @@ def _decode(msg, copy: bool = False):
         raise _corrupt(msg, f"array area at {area} lies outside a payload of {n} bytes")
     seen = [0]
 
-    def make(desc):
+    def make(parsed):
         seen[0] += 1
         if seen[0] > narrays:
             raise _corrupt(msg, f"more arrays than the {narrays} announced")
-        try:
-            spec, shape, order, off, nbytes = desc
-            dt = _dtype_from_spec(spec)
-            if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                    or not all(isinstance(s, int) and 0 <= s < 1 << 62 for s in shape)):
-                raise ValueError(f"bad shape {shape!r}")
-            shape = tuple(shape)
-            if order not in ("C", "F") or not isinstance(off, int) or not isinstance(nbytes, int):
-                raise ValueError(f"bad order/offset/size {order!r} {off!r} {nbytes!r}")
-            count = prod(shape)
-            if count * dt.itemsize != nbytes or off < 0 or off % L.ARRAY_ALIGN or area + off + nbytes > n:
-                raise ValueError(f"{count} items of {dt.itemsize} bytes at area offset {off} do not match "
-                                 f"{nbytes} bytes inside the {n - area}-byte array area")
-        except CorruptSegmentError:
-            raise
-        except Exception as e:
-            raise _corrupt(msg, f"bad array descriptor: {e}") from None
+        dt, shape, order, off, nbytes, count = parsed
+        if area + off + nbytes > n:
+            raise _corrupt(msg, f"array of {nbytes} bytes at area offset {off} overruns the "
+                                f"{n - area}-byte array area")
         if nbytes == 0:
             a = np.empty(shape, dt, order=order)
+            if copy:
+                return a
         else:
             a = np.frombuffer(msg, dtype=dt, count=count, offset=area + off).reshape(shape, order=order)
             if copy:
-                a = a.copy(order="K")
-        if not copy:
-            a.flags.writeable = False
+                return a.copy(order="K")
+        a.flags.writeable = False
         return a
+
+    def parse(desc):
+        try:
+            return _parse_descriptor(desc)
+        except Exception as e:
+            raise _corrupt(msg, f"bad array descriptor: {e}") from None
 
     def ext_hook(code, data):
         if code != EXT_ARRAY:
             return msgpack.ExtType(code, data)
-        return make(msgpack.unpackb(data))
+        return make(parse(msgpack.unpackb(data)))
 
     try:
         if msg.type == L.T_ARRAY:
             if narrays != 1:
                 raise _corrupt(msg, f"an array message announces {narrays} arrays")
-            return make(msgpack.unpackb(meta))
+            parsed = _desc_cache.get(meta)
+            if parsed is None:
+                parsed = parse(msgpack.unpackb(meta))
+                if len(_desc_cache) >= _CACHE_MAX:
+                    _desc_cache.clear()
+                _desc_cache[meta] = parsed
+            return make(parsed)
         return msgpack.unpackb(meta, ext_hook=ext_hook, raw=False, strict_map_key=False)
     except CorruptSegmentError:
         raise

@@ -247,12 +247,11 @@ class _Role:
                 break                   # the holder died: take over
         region.fetch_add_u64(line + L.ROLE_SESSIONS, 1)
         _live_roles[key] = self
-        self._ring, self._line, self._owner, self._key = ring, line, me, key
+        # The handle keeps its own Region: it must work after ring.close().
+        self._region, self._line, self._owner, self._key = region, line, me, key
 
     def _give_back(self) -> None:
-        region = self._ring._region
-        if region is not None:
-            region.cas_u64(self._line + L.ROLE_OWNER, self._owner, 0)
+        self._region.cas_u64(self._line + L.ROLE_OWNER, self._owner, 0)
         if _live_roles.get(self._key) is self:
             del _live_roles[self._key]
 
@@ -263,7 +262,7 @@ class _Role:
 
     def _peer_gone(self, line: int) -> int:
         """pid of the peer if it is registered and dead, else 0."""
-        pid, start = L.split_owner(self._ring._region.load_u64(line + L.ROLE_OWNER))
+        pid, start = L.split_owner(self._region.load_u64(line + L.ROLE_OWNER))
         return pid if pid and not alive(pid, start) else 0
 
 
@@ -291,9 +290,15 @@ class Producer(_core.ProducerCore, _Role):
 
     # -- slow paths called from C ------------------------------------------------
     def _send_obj(self, data, timeout):
+        if isinstance(data, np.ndarray):
+            meta = codec.array_meta(data)
+            if meta is not None:              # contiguous: one memcpy in C
+                if not self._push_array(meta, data, L.T_ARRAY):
+                    self._block(lambda: self._push_array(meta, data, L.T_ARRAY) or None,
+                                len(meta) + data.nbytes + 72, timeout)
+                return None
         if isinstance(data, np.ndarray) or not _is_bytes_like(data):
-            enc = codec.encode(data)
-            self._write(enc, timeout)
+            self._write(codec.encode(data), timeout)
             return None
         with memoryview(data) as mv:
             if not mv.c_contiguous:
@@ -303,6 +308,10 @@ class Producer(_core.ProducerCore, _Role):
         return None
 
     def _try_send_obj(self, data) -> bool:
+        if isinstance(data, np.ndarray):
+            meta = codec.array_meta(data)
+            if meta is not None:
+                return self._push_array(meta, data, L.T_ARRAY)
         if isinstance(data, np.ndarray) or not _is_bytes_like(data):
             return self._write(codec.encode(data), 0, blocking=False)
         with memoryview(data) as mv:
@@ -387,10 +396,8 @@ class Producer(_core.ProducerCore, _Role):
         if self.closed:
             return
         self._abort()
-        region = self._ring._region
-        if region is not None:
-            region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, _status)  # pairs with the consumer's acquire load in peek
-            region.wake(L.OFF_DATA_WAKE)
+        self._region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, _status)  # pairs with the consumer's acquire load in peek
+        self._region.wake(L.OFF_DATA_WAKE)
         self.detach()
 
     def detach(self) -> None:

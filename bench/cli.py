@@ -1,0 +1,198 @@
+"""``python -m bench``: run the selected cases, print the table, write results."""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from . import report
+from .cases import SIZES, LargeStream, PingPong, ShmLargeSend, SmallStream, all_cases, uniq
+from .harness import CaseFailed, measure
+
+
+class Config:
+    def __init__(self, quick: bool, repeats=None, duration=None):
+        self.quick = quick
+        self.repeats = repeats or (3 if quick else 5)
+        self.warm_s = 0.08 if quick else 0.2
+        self.small_s = duration or (0.25 if quick else 0.8)
+        self.large_s = duration or (0.25 if quick else 0.6)
+        self.ping_s = duration or (0.25 if quick else 0.6)
+        self.warm_timeout = 30.0
+        self.min_round_timeout = 20.0
+        self.pin = True
+
+    def target_s(self, case):
+        if isinstance(case, SmallStream):
+            return self.small_s
+        if isinstance(case, LargeStream):
+            return self.large_s
+        return self.ping_s
+
+
+def _row(case, order):
+    return {"workload": case.workload, "transport": case.transport, "unit": case.unit,
+            "higher_better": case.higher_better, "queue_ref": case.queue_ref, "shm_ref": case.shm_ref,
+            "note": case.note, "order": order, "median": None, "values": [], "error": None}
+
+
+def copyto_rows(nbytes, cfg, order, log):
+    """np.copyto of the same size in this (single) process: the one-copy ceiling."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.ones_like(src)
+    t_end = time.perf_counter() + cfg.warm_s
+    k = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() < t_end or k < 3:
+        np.copyto(dst, src)
+        k += 1
+    per = (time.perf_counter() - t0) / k
+    n = max(3, int(cfg.large_s / per))
+    values = []
+    for _ in range(cfg.repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            np.copyto(dst, src)
+        values.append(n * nbytes / (time.perf_counter() - t0) / 1e9)
+    row = {"workload": f"{nbytes >> 20}MiB-stream", "transport": report.COPYTO, "unit": "GB/s",
+           "higher_better": True, "queue_ref": "mp.Queue put/get (pickle)", "shm_ref": "shmring send(arr)",
+           "note": "same size, same two private buffers every time: the one-copy reference",
+           "order": order, "median": statistics.median(values), "values": values, "error": None,
+           "n": n}
+    log(f"  {row['workload']:<22} {row['transport']:<44} {row['median']:.3g} GB/s")
+    rows = [row]
+
+    # The same copy into POSIX shared memory, rotating over as many slots as the
+    # shmring ring of this size holds (4K shmem pages, a footprint that may not fit the
+    # caches): separates what the memory system costs from what shmring costs.
+    from multiprocessing import shared_memory
+    slots = ShmLargeSend(nbytes).capacity // nbytes
+    shm = shared_memory.SharedMemory(name=uniq("bench_cp"), create=True, size=slots * nbytes)
+    try:
+        views = [np.ndarray(nbytes // 4, np.float32, buffer=shm.buf, offset=k * nbytes) for k in range(slots)]
+        for v in views:
+            np.copyto(v, src)
+        values = []
+        for _ in range(cfg.repeats):
+            t0 = time.perf_counter()
+            for i in range(n):
+                np.copyto(views[i % slots], src)
+            values.append(n * nbytes / (time.perf_counter() - t0) / 1e9)
+        del views, v
+    finally:
+        shm.close()
+        shm.unlink()
+    row2 = {**row, "transport": report.COPYTO_RING, "order": order + 0.1, "median": statistics.median(values),
+            "values": values,
+            "note": f"{slots} slots of the size in one /dev/shm segment ({slots * nbytes >> 20} MiB, like the ring)"}
+    log(f"  {row2['workload']:<22} {row2['transport']:<44} {row2['median']:.3g} GB/s")
+    rows.append(row2)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="3 repeats, ~0.25 s rounds (whole run < 2 min)")
+    ap.add_argument("--only", metavar="PATTERN",
+                    help="regex (case-insensitive) matched against 'WORKLOAD TRANSPORT', e.g. "
+                         "'64B', 'pingpong', 'MiB.*shmring'")
+    ap.add_argument("--out", default="bench/out", help="output folder for results.json, results.md, "
+                                                         "results.png (default bench/out)")
+    ap.add_argument("--repeats", type=int, help="measured rounds per case (default 5, --quick 3)")
+    ap.add_argument("--duration", type=float, help="seconds per measured round (default 0.6-0.8)")
+    ap.add_argument("--no-pin", action="store_true",
+                    help="do not pin the two processes of a case to two different CPUs")
+    ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    args = ap.parse_args(argv)
+
+    cfg = Config(args.quick, args.repeats, args.duration)
+    cfg.pin = not args.no_pin
+    pat = re.compile(args.only, re.I) if args.only else None
+    cases = all_cases()
+    if pat:
+        cases = [c for c in cases if pat.search(f"{c.workload} {c.transport}")]
+    copyto_sizes = [nb for nb in SIZES if not pat or pat.search(f"{nb >> 20}MiB-stream np.copyto (1 process)")]
+    if args.list:
+        for c in cases:
+            print(f"{c.workload:<16} {c.transport}")
+        for nb in copyto_sizes:
+            print(f"{nb >> 20}MiB-stream{'':<5} {report.COPYTO}")
+            print(f"{nb >> 20}MiB-stream{'':<5} {report.COPYTO_RING}")
+        return 0
+    if not cases and not copyto_sizes:
+        print(f"no case matches {args.only!r} (see --list)", file=sys.stderr)
+        return 2
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    minfo = report.machine()
+    run = {"mode": "quick" if args.quick else "full", "repeats": cfg.repeats, "only": args.only, "pin": cfg.pin,
+           "round_s": {"64B": cfg.small_s, "arrays": cfg.large_s, "pingpong": cfg.ping_s}}
+    log("\n".join(report.machine_lines(minfo, run)))
+    t_start = time.monotonic()
+    rows = []
+    done_copyto = set()
+    failures = 0
+    for i, case in enumerate(cases):
+        if isinstance(case, LargeStream) and case.nbytes in copyto_sizes and case.nbytes not in done_copyto:
+            done_copyto.add(case.nbytes)
+            rows += copyto_rows(case.nbytes, cfg, i - 0.5, log)
+        t0 = time.monotonic()
+        log(f"  {case.workload:<22} {case.transport:<44} ...")
+        reason = case.unavailable()
+        if reason:
+            log(f"    {reason}")
+            if isinstance(case, PingPong):
+                for m in ("median", "p99"):
+                    r = _row(case, i)
+                    r.update(workload=f"{case.workload}-{m}", error=reason)
+                    rows.append(r)
+            else:
+                rows.append({**_row(case, i), "error": reason})
+            continue
+        try:
+            res = measure(case, cfg, log)
+            err = None
+        except CaseFailed as e:
+            res, err = None, f"FAILED: {str(e).splitlines()[0][:300]}"
+            log(f"    {e}")
+            failures += 1
+        except Exception as e:       # noqa: BLE001 -- a crash of one case must not lose the others
+            res, err = None, f"FAILED: {type(e).__name__}: {e}"
+            log(f"    {err}")
+            failures += 1
+        metric_names = ([f"{case.workload}-median", f"{case.workload}-p99"] if isinstance(case, PingPong)
+                        else [case.workload])
+        for m in metric_names:
+            r = _row(case, i)
+            r["workload"] = m
+            if res is None:
+                r["error"] = err
+            else:
+                vals = res["values"][m]
+                r.update(median=statistics.median(vals), values=vals, n=res["n"], rounds=res["rounds"])
+                log(f"    {m}: {r['median']:.4g} {case.unit}  (repeats {', '.join(f'{v:.4g}' for v in vals)};"
+                    f" {time.monotonic() - t0:.1f} s)")
+            rows.append(r)
+    for nb in copyto_sizes:
+        if nb not in done_copyto:
+            rows += copyto_rows(nb, cfg, 1000 + nb, log)
+    run["total_s"] = time.monotonic() - t_start
+
+    rows = report.finish_rows(report.order_rows(rows))
+    head = report.machine_lines(minfo, run)
+    md = "\n".join(["\n".join(f"{h}  " for h in head), "", report.table(rows), "", report.LEGEND])
+    print(md)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    report.write_json(os.path.join(args.out, "results.json"), minfo, run, rows)
+    log(report.plot(os.path.join(args.out, "results.png"), rows))
+    log(f"results written to {args.out}/ (results.md, results.json); total {run['total_s']:.1f} s")
+    return 1 if failures else 0
