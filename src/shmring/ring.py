@@ -260,6 +260,29 @@ class _Role:
                         "cannot be pickled; pass the Ring and call ring.producer() / ring.consumer() "
                         "in the other process")
 
+    def _retry(self, attempt, wait, peer_line, timeout, timeout_msg, gone_msg):
+        """The blocking loop of both sides: call ``attempt`` until it returns
+        non-None; between tries ``wait(seconds)`` sleeps in C for at most one
+        slice, after which the deadline and the peer's liveness are checked."""
+        deadline = _check_timeout(timeout)
+        while True:
+            r = attempt()
+            if r is not None:
+                return r
+            if deadline is None:
+                slice_ = WAIT_SLICE
+            else:
+                slice_ = min(WAIT_SLICE, deadline - time.monotonic())
+                if slice_ <= 0:
+                    raise Timeout(timeout_msg())
+            if not wait(slice_):
+                pid = self._peer_gone(peer_line)
+                if pid:
+                    r = attempt()       # whatever it committed before dying still counts
+                    if r is not None:
+                        return r
+                    raise PeerGone(gone_msg(pid))
+
     def _peer_gone(self, line: int) -> int:
         """pid of the peer if it is registered and dead, else 0."""
         pid, start = L.split_owner(self._region.load_u64(line + L.ROLE_OWNER))
@@ -341,26 +364,11 @@ class Producer(_core.ProducerCore, _Role):
 
     def _block(self, attempt, nbytes, timeout):
         """Retry ``attempt`` (None = full) until it succeeds, waiting for room between tries."""
-        deadline = _check_timeout(timeout)
-        while True:
-            r = attempt()
-            if r is not None:
-                return r
-            if deadline is None:
-                wait = WAIT_SLICE
-            else:
-                wait = min(WAIT_SLICE, deadline - time.monotonic())
-                if wait <= 0:
-                    raise Timeout(f"ring {self._label} stayed full for {timeout} s "
-                                  f"(a {nbytes}-byte message waited for room)")
-            if not self._wait_space(nbytes, wait, self.spin):
-                pid = self._peer_gone(L.OFF_CONS_ROLE)
-                if pid:
-                    r = attempt()
-                    if r is not None:
-                        return r
-                    raise PeerGone(f"the consumer (pid {pid}) of {self._label} died while the ring was "
-                                   "full; unreleased messages stay in the ring for the next consumer")
+        return self._retry(
+            attempt, lambda t: self._wait_space(nbytes, t, self.spin), L.OFF_CONS_ROLE, timeout,
+            lambda: f"ring {self._label} stayed full for {timeout} s (a {nbytes}-byte message waited for room)",
+            lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full; "
+                        "unreleased messages stay in the ring for the next consumer")
 
     def reserve(self, nbytes: int, *, timeout=None) -> "Reservation":
         """Reserve ``nbytes`` for a bytes message and return a writable memoryview
@@ -501,26 +509,12 @@ class Consumer(_core.ConsumerCore, _Role):
 
     # -- slow path called from C ---------------------------------------------------------
     def _recv_wait(self, timeout, want_bytes):
-        attempt = self._try_recv_bytes if want_bytes else self.try_recv
-        deadline = _check_timeout(timeout)
-        while True:
-            r = attempt()
-            if r is not None:
-                return r
-            if deadline is None:
-                wait = WAIT_SLICE
-            else:
-                wait = min(WAIT_SLICE, deadline - time.monotonic())
-                if wait <= 0:
-                    raise Timeout(f"no message arrived on {self._label} within {timeout} s")
-            if not self._wait_data(wait, self.spin):
-                pid = self._peer_gone(L.OFF_PROD_ROLE)
-                if pid:
-                    r = attempt()
-                    if r is not None:
-                        return r
-                    raise PeerGone(f"the producer (pid {pid}) of {self._label} died without closing "
-                                   "the stream; every message it committed was received")
+        return self._retry(
+            self._try_recv_bytes if want_bytes else self.try_recv,
+            lambda t: self._wait_data(t, self.spin), L.OFF_PROD_ROLE, timeout,
+            lambda: f"no message arrived on {self._label} within {timeout} s",
+            lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
+                        "every message it committed was received")
 
     def __iter__(self):
         return self
