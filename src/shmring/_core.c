@@ -787,6 +787,10 @@ static int consumer_peek(Consumer *c, Rec *out) {
  * end of stream, anything else means the producer stopped on an error. */
 static PyObject *raise_eos(Consumer *c) {
     uint32_t how = load_acquire32(c->r.base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED);
+    if (how != 1 && how != 2) {
+        PyErr_Format(CorruptSegmentError, "producer status word is %u (expected 0, 1 or 2)", how);
+        return NULL;
+    }
     PyObject *m = PyImport_ImportModule("shmring.errors");
     if (!m) return NULL;
     PyObject *cls = PyObject_GetAttrString(m, how == 1 ? "EndOfStream" : "PeerGone");
@@ -997,7 +1001,9 @@ static void message_finish(Message *m) {
     m->state = 2;
     m->cons = NULL;
     if (!c) return;
-    if (consumer_finish(c, m->start, m->end) < 0) PyErr_WriteUnraisable((PyObject *)m);
+    /* A message inherited by a forked child is the parent's: only the parent releases it. */
+    if (c->r.fork_gen == fork_generation && consumer_finish(c, m->start, m->end) < 0)
+        PyErr_WriteUnraisable((PyObject *)m);
     Py_DECREF(c);
 }
 

@@ -218,6 +218,10 @@ def _parse_descriptor(desc) -> tuple:
     if order not in ("C", "F") or not isinstance(off, int) or not isinstance(nbytes, int):
         raise ValueError(f"bad order/offset/size {order!r} {off!r} {nbytes!r}")
     count = prod(shape)
+    if dt.itemsize == 0 and count and (dt.kind in "SU" or count > 1 << 24):
+        # numpy allocates 'S0'/'U0' items as one character each: such a
+        # descriptor would make the reader allocate memory the ring never held
+        raise ValueError(f"{count} items of a zero-size {dt} dtype")
     if count * dt.itemsize != nbytes or off < 0 or off % L.ARRAY_ALIGN:
         raise ValueError(f"{count} items of {dt.itemsize} bytes do not make {nbytes} bytes, "
                          f"or offset {off} is not {L.ARRAY_ALIGN}-aligned")

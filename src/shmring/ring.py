@@ -273,15 +273,15 @@ class _Role:
                 slice_ = WAIT_SLICE
             else:
                 slice_ = min(WAIT_SLICE, deadline - time.monotonic())
-                if slice_ <= 0:
-                    raise Timeout(timeout_msg())
-            if not wait(slice_):
+            if slice_ <= 0 or not wait(slice_):
                 pid = self._peer_gone(peer_line)
                 if pid:
                     r = attempt()       # whatever it committed before dying still counts
                     if r is not None:
                         return r
                     raise PeerGone(gone_msg(pid))
+                if slice_ <= 0:
+                    raise Timeout(timeout_msg())
 
     def _peer_gone(self, line: int) -> int:
         """pid of the peer if it is registered and dead, else 0."""
@@ -320,7 +320,7 @@ class Producer(_core.ProducerCore, _Role):
                     self._block(lambda: self._push_array(meta, data, L.T_ARRAY) or None,
                                 len(meta) + data.nbytes + 72, timeout)
                 return None
-        if isinstance(data, np.ndarray) or not _is_bytes_like(data):
+        if isinstance(data, (np.ndarray, np.generic)) or not _is_bytes_like(data):
             self._write(codec.encode(data), timeout)
             return None
         with memoryview(data) as mv:
@@ -335,7 +335,7 @@ class Producer(_core.ProducerCore, _Role):
             meta = codec.array_meta(data)
             if meta is not None:
                 return self._push_array(meta, data, L.T_ARRAY)
-        if isinstance(data, np.ndarray) or not _is_bytes_like(data):
+        if isinstance(data, (np.ndarray, np.generic)) or not _is_bytes_like(data):
             return self._write(codec.encode(data), 0, blocking=False)
         with memoryview(data) as mv:
             return self._push(mv if mv.c_contiguous else mv.tobytes(), L.T_BYTES)
