@@ -49,6 +49,22 @@ class NoSpace(ShmringError, OSError):
     """There is not enough space (e.g. in /dev/shm) to create the segment."""
 
 
+class ResourceLimit(ShmringError, OSError):
+    """A process resource limit stopped the call: the open-files limit
+    (``RLIMIT_NOFILE``) or the address space (``RLIMIT_AS``, or no room to map).
+
+    ``limit`` names the limit, ``requested`` is what was asked for (bytes to
+    map, or 1 descriptor), ``current`` the limit's value (-1 = unlimited/unknown).
+    """
+
+    def __init__(self, message: str, limit: str = "", requested: int = 0, current: int = -1):
+        super().__init__(message, limit, requested, current)
+        self.limit, self.requested, self.current = limit, requested, current
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class CorruptSegmentError(ShmringError):
     """A value read from shared memory is impossible: foreign, truncated or corrupt segment."""
 

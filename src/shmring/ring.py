@@ -56,6 +56,20 @@ DEFAULT_SPIN = 50e-6      # seconds to busy-poll before yielding, then sleeping
 CLOSED_EOS = 1            # producer role "closed" word: closed normally
 CLOSED_ABORTED = 2        # closed because of an exception in the producer
 
+# Test-only pause points.  None in normal use; a fault-injection test sets it
+# to a callable taking the point's name ("create", "attach", "reserved") to
+# stop a process there and kill it.  Called only on Python slow paths (ring
+# creation, attach, the reserve()/reserve_array() commit), never from the C
+# per-message path.
+_pause_hook = None
+
+
+def _pause(point: str) -> None:
+    hook = _pause_hook
+    if hook is not None:
+        hook(point)
+
+
 # Role handles alive in this process, by (segment identity, role line): lets a
 # process take back a role whose handle it dropped without closing.
 _live_roles: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
@@ -110,6 +124,7 @@ class Ring:
                              f"got {capacity}" + (f" (next power of two: {hint})" if hint <= L.MAX_CAPACITY else ""))
         seg = Segment.create(name, L.segment_size(capacity), path=path, mode=mode)
         try:
+            _pause("create")                       # the name exists, the header is not written
             write_header(seg.buf, kind=L.KINDS[kind], capacity=capacity)
             region = _core.Region(seg.buf)
             region.store_u32(L.OFF_READY, 1)       # pairs with attach's read of `ready` after the header
@@ -121,12 +136,18 @@ class Ring:
             raise
 
     @classmethod
-    def attach(cls, name: str | None = None, *, path=None) -> "Ring":
-        """Attach to an existing ring by name (or by path for a file-backed ring)."""
+    def attach(cls, name: str | None = None, *, path=None, allow_foreign_owner: bool = False) -> "Ring":
+        """Attach to an existing ring by name (or by path for a file-backed ring).
+
+        A ring file must be a regular file owned by this process's uid, reached
+        without following a symbolic link; ``allow_foreign_owner=True`` accepts
+        a file owned by another user (e.g. a shared group directory).
+        """
         if path is None and name is None:
             raise TypeError("Ring.attach() needs a name or path=")
-        seg = Segment.open(name, path=path)
+        seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner)
         try:
+            _pause("attach")                       # mapped, nothing validated or taken yet
             return cls(seg, validate_header(seg), created=False)
         except BaseException:
             seg.close()
@@ -190,6 +211,26 @@ class Ring:
                 "fill": (wp - rp) / self.capacity, "closed": {0: None, 1: "eos", 2: "aborted"}.get(closed, closed),
                 "producer": role(L.OFF_PROD_ROLE), "consumer": role(L.OFF_CONS_ROLE),
                 "creator_pid": self._header["creator_pid"], "created_ns": self._header["created_ns"]}
+
+    def flush(self) -> None:
+        """Write the ring's pages to its backing store (``msync``) and wait for it.
+
+        What it guarantees, precisely:
+
+        * Process crash (``kill -9``, segfault) of any or every process: nothing
+          is needed.  Every committed store is in the shared page cache the
+          moment it is made, and a file-backed ring reopened afterwards sees it.
+        * Machine crash or power loss, file-backed ring: only what was committed
+          before the last ``flush()`` returned is on disk (the kernel may have
+          written more on its own; nothing says how much).  A flush covers the
+          whole segment, so positions and records reach the disk together
+          as of the call, though pages written *during* the call may land in
+          either state.
+        * POSIX (``/dev/shm``) ring: there is no disk; ``flush()`` is a no-op
+          in effect, and the ring does not survive a reboot.
+        """
+        self._live_region()
+        self._seg.buf.flush()
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
@@ -467,6 +508,7 @@ class Reservation:
 
     def commit(self) -> None:
         """Publish the message."""
+        _pause("reserved")                         # reserved and filled, not yet published
         self._finish()
         self._producer._commit(self._nbytes)
 

@@ -22,12 +22,14 @@ import re
 import stat
 import time
 
+import resource
+
 import posix_ipc
 
 from . import layout as L
 from ._proc import my_start_time
 from .errors import (CorruptSegmentError, IncompatibleSegment, NoSpace, PermissionDenied,
-                     SegmentExists, SegmentNotFound, ShmringError)
+                     ResourceLimit, SegmentExists, SegmentNotFound, ShmringError)
 
 PREFIX = "shmring."
 SHM_DIR = "/dev/shm"
@@ -56,7 +58,45 @@ def _label(name, path) -> str:
     return f"file {path!r}" if path is not None else f"segment {name!r}"
 
 
+def _rlimit(which) -> int:
+    try:
+        return resource.getrlimit(which)[0]
+    except (OSError, ValueError):
+        return -1
+
+
+def _fd_limit_error(what: str, exc) -> ResourceLimit:
+    soft = _rlimit(resource.RLIMIT_NOFILE)
+    try:
+        used = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        used = -1
+    if getattr(exc, "errno", None) == errno.ENFILE:
+        return ResourceLimit(f"cannot open {what}: the system-wide open-files limit is reached (ENFILE); "
+                             "asked for 1 more file descriptor", "ENFILE", 1, -1)
+    return ResourceLimit(f"cannot open {what}: the open-files limit is reached (RLIMIT_NOFILE soft limit "
+                         f"{soft}, about {used} descriptors open); asked for 1 more file descriptor; "
+                         "raise it with `ulimit -n` or resource.setrlimit", "RLIMIT_NOFILE", 1, soft)
+
+
+def _map(fd: int, size: int, what: str) -> mmap.mmap:
+    """mmap the whole segment; an exhausted address space becomes ResourceLimit."""
+    try:
+        return mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        if e.errno != errno.ENOMEM:
+            raise _os_error(e, what) from None
+        lim = _rlimit(resource.RLIMIT_AS)
+        shown = "unlimited" if lim == resource.RLIM_INFINITY else f"{lim:,} bytes"
+        raise ResourceLimit(f"cannot map {what}: asked to map {size:,} bytes but the address space is "
+                            f"exhausted (RLIMIT_AS soft limit {shown}; ENOMEM from mmap)",
+                            "RLIMIT_AS", size, lim) from None
+
+
 def _os_error(exc: OSError, what: str) -> ShmringError:
+    if exc.errno in (errno.EMFILE, errno.ENFILE) or (
+            exc.errno is None and "maximum number of files" in str(exc)):   # posix_ipc's EMFILE has no errno
+        return _fd_limit_error(what, exc)
     if exc.errno == errno.ENOENT:
         return SegmentNotFound(f"{what} does not exist")
     if exc.errno == errno.EEXIST:
@@ -118,7 +158,7 @@ class Segment:
                     raise NoSpace(f"cannot create {what}: it needs {size:,} bytes but {where} has "
                                   f"{free:,} bytes free") from None
                 raise _os_error(e, what) from None
-            buf = mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            buf = _map(fd, size, what)
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
@@ -129,8 +169,14 @@ class Segment:
 
     # -- attach -------------------------------------------------------------
     @classmethod
-    def open(cls, name: str | None, *, path=None, wait_ready: float = 1.0) -> "Segment":
-        """Map an existing segment (no validation beyond its size; see validate_header)."""
+    def open(cls, name: str | None, *, path=None, wait_ready: float = 1.0,
+             allow_foreign_owner: bool = False) -> "Segment":
+        """Map an existing segment (no validation beyond its size; see validate_header).
+
+        A file (``path``) must be a regular file, not a symbolic link, and owned
+        by this process's effective uid unless ``allow_foreign_owner`` is true:
+        a file another user planted could otherwise feed us data they control.
+        """
         if path is None:
             validate_name(name)
         else:
@@ -151,6 +197,9 @@ class Segment:
             st = os.fstat(fd)
             if path is not None and not stat.S_ISREG(st.st_mode):
                 raise CorruptSegmentError(f"{what} is not a regular file")
+            if path is not None and st.st_uid != os.geteuid() and not allow_foreign_owner:
+                raise PermissionDenied(f"{what} is owned by uid {st.st_uid}, not by this process's uid "
+                                       f"{os.geteuid()}; pass allow_foreign_owner=True to attach anyway")
             # A creator sizes the segment right after creating it: give it a moment.
             deadline = time.monotonic() + wait_ready
             while st.st_size < L.HEADER_SIZE and time.monotonic() < deadline:
@@ -160,7 +209,7 @@ class Segment:
             if size < L.HEADER_SIZE:
                 raise CorruptSegmentError(f"{what} is {size} bytes, smaller than the {L.HEADER_SIZE}-byte "
                                           "shmring header: truncated, still being created, or not a shmring segment")
-            buf = mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            buf = _map(fd, size, what)
         finally:
             os.close(fd)
         return cls(name, path, buf, size, (st.st_dev, st.st_ino))
