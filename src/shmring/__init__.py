@@ -5,18 +5,20 @@ lock-free ring buffer in a shared segment; a consumer's array is a read-only
 view of the shared pages.  See README.md for a tour and docs/design.md for the
 protocol.
 """
-from ._core import Message
+from ._core import Message, Snapshot
 from .errors import (CorruptSegmentError, EndOfStream, EscapedViewWarning, HandleClosed,
                      IncompatibleSegment, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
                      RoleTaken, SegmentExists, SegmentNotFound, ShmringError, Timeout,
                      UnsupportedType)
 from .ring import Consumer, Producer, Reservation, Ring
 from .segment import list_segments, unlink
+from .snapshot import SharedState
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink",
+    "SharedState", "Snapshot",
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
     "SegmentExists", "PermissionDenied", "NoSpace", "CorruptSegmentError", "IncompatibleSegment",
     "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning",

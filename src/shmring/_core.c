@@ -1165,6 +1165,589 @@ static PyObject *Message_copy(Message *m, PyObject *unused) {
     return PyObject_CallOneArg(copy_func, (PyObject *)m);
 }
 
+/* ===================================================== SharedState (snapshots)
+ *
+ * Copy-on-write shared state, RCU across processes (layout: the state diagram
+ * in layout.py; protocol and memory-ordering argument: docs/design.md,
+ * "Shared state").  One writer, many readers:
+ *
+ *   reader pin:   c = load_acquire(current)        pairs with the writer's publish exchange
+ *                 exchange(pin, c)       seq_cst   \  store-buffering pair with the writer's
+ *                 c2 = load(current)     seq_cst   /  publish exchange + seq_cst pin scan
+ *                 c2 != c: retry;  else read slot(c) in place
+ *   reader unpin: exchange(pin, 0)       seq_cst   pairs with the writer's scan (it must not
+ *                                                  see 0 before our last read of the slot)
+ *   writer:       scan pins (seq_cst), pick a slot != current pinned by nobody,
+ *                 write it, exchange(current, version+1 << 8 | slot) (seq_cst)
+ *
+ * Either the reader's re-load sees the writer's newer current (and retries
+ * without touching the slot), or the writer's scan sees the reader's pin (and
+ * does not reuse the slot).  Every value read from the segment is untrusted.
+ */
+
+#define ST_MAX_OWN 16        /* pins one handle can hold at once (nested reads, escaped views) */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;
+    int has_view;
+    char *base;
+    uint64_t len;
+    uint32_t nslots, max_readers;
+    uint64_t slot_size, first_slot, nbytes;
+    uint64_t last_version;           /* highest version this handle saw: versions never go back */
+    unsigned long fork_gen;
+    int closed;
+    int n_own;
+    int32_t own[ST_MAX_OWN];         /* reader table entries this handle holds */
+    uint8_t busy[ST_MAX_OWN];        /* 1 while that entry holds a pin */
+    uint32_t next_slot;              /* writer: where the next slot search starts */
+} StateCore;
+
+typedef struct {
+    PyObject_HEAD
+    StateCore *core;                 /* strong reference while not released */
+    int own;                         /* index into core->own, -1 for a writer's draft */
+    uint64_t version;
+    uint32_t slot;
+    Py_ssize_t off, len;             /* payload, relative to the region base */
+    int type;
+    int exports;
+    int state;                       /* 0 live, 1 release deferred until exports == 0, 2 released */
+    int writable;                    /* a writer's draft: exported writable */
+} Snapshot;
+
+static PyTypeObject SnapshotType;
+static PyObject *str_claim_reader;
+
+static inline char *st_entry(StateCore *s, uint32_t i) { return s->base + SHMR_HEADER_SIZE + (uint64_t)i * SHMR_ST_ENTRY; }
+static inline char *st_slot(StateCore *s, uint32_t k) { return s->base + s->first_slot + (uint64_t)k * s->slot_size; }
+
+static int StateCore_init(StateCore *self, PyObject *args, PyObject *kw) {
+    PyObject *buf;
+    if (!PyArg_ParseTuple(args, "O", &buf)) return -1;
+    if (self->has_view) { PyErr_SetString(PyExc_RuntimeError, "already initialized"); return -1; }
+    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
+    self->has_view = 1;
+    self->base = (char *)self->view.buf;
+    self->len = (uint64_t)self->view.len;
+    if ((uintptr_t)self->base % 4096 != 0 || self->len < SHMR_HEADER_SIZE) {
+        PyErr_SetString(CorruptSegmentError, "region is unaligned or smaller than the header page");
+        return -1;
+    }
+    /* Read once and cached: later corruption of the header cannot move our bounds. */
+    uint32_t kind = load_acquire32(self->base + SHMR_OFF_KIND);
+    uint32_t ns = load_acquire32(self->base + SHMR_ST_OFF_SLOTS);
+    uint32_t mr = load_acquire32(self->base + SHMR_ST_OFF_MAX_READERS);
+    uint64_t ss = load_acquire64(self->base + SHMR_ST_OFF_SLOT_SIZE);
+    uint64_t tab = load_acquire64(self->base + SHMR_ST_OFF_TABLE);
+    uint64_t first = load_acquire64(self->base + SHMR_ST_OFF_FIRST_SLOT);
+    uint64_t nb = load_acquire64(self->base + SHMR_OFF_MAX_MESSAGE);
+    uint64_t tab_end = SHMR_HEADER_SIZE + (uint64_t)mr * SHMR_ST_ENTRY;
+    if (kind != SHMR_KIND_STATE || ns < SHMR_ST_MIN_SLOTS || ns > SHMR_ST_MAX_SLOTS || mr < 1 ||
+        mr > SHMR_ST_MAX_READERS || tab != SHMR_HEADER_SIZE || ss % 4096 || ss < SHMR_ST_SLOT_HDR ||
+        ss > (1ULL << 44) || nb > ss - SHMR_ST_SLOT_HDR || first % 4096 || first < tab_end ||
+        first > self->len || (self->len - first) / ss < ns) {
+        PyErr_Format(CorruptSegmentError, "impossible shared-state geometry: kind %u, %u slots of %llu bytes "
+                     "at %llu, %u readers, value size %llu, segment %llu bytes", kind, ns,
+                     (unsigned long long)ss, (unsigned long long)first, mr, (unsigned long long)nb,
+                     (unsigned long long)self->len);
+        return -1;
+    }
+    self->nslots = ns; self->max_readers = mr; self->slot_size = ss; self->first_slot = first; self->nbytes = nb;
+    self->fork_gen = fork_generation;
+    return 0;
+}
+
+static void StateCore_dealloc(StateCore *self) {
+    if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int st_usable(StateCore *s) {
+    if (s->closed || !s->has_view) { PyErr_SetString(HandleClosed, "shared state handle is closed"); return -1; }
+    if (s->fork_gen != fork_generation) {
+        /* a forked child starts with none of the parent's pins or entries */
+        s->n_own = 0;
+        s->fork_gen = fork_generation;
+        s->last_version = 0;
+    }
+    return 0;
+}
+
+/* Decode and check a current word and its slot header.  0 ok, -1 corrupt (exception set). */
+static int st_check(StateCore *s, uint64_t cur, uint32_t *slot, uint64_t *version, int *type, uint64_t *len) {
+    uint32_t k = (uint32_t)(cur & 0xff);
+    uint64_t v = cur >> 8;
+    if (k >= s->nslots) {
+        PyErr_Format(CorruptSegmentError, "current word %#llx names slot %u of %u",
+                     (unsigned long long)cur, k, s->nslots);
+        return -1;
+    }
+    if (v < s->last_version) {
+        PyErr_Format(CorruptSegmentError, "version went backwards: current word says %llu after %llu was seen",
+                     (unsigned long long)v, (unsigned long long)s->last_version);
+        return -1;
+    }
+    char *h = st_slot(s, k);
+    uint64_t hv = *(volatile uint64_t *)(h + SHMR_ST_SLOT_VERSION);
+    uint32_t t = *(volatile uint32_t *)(h + SHMR_ST_SLOT_TYPE);
+    uint64_t n = *(volatile uint64_t *)(h + SHMR_ST_SLOT_LENGTH);
+    if (hv != v || (t != SHMR_T_ARRAY && t != SHMR_T_OBJECT) || n > s->slot_size - SHMR_ST_SLOT_HDR) {
+        PyErr_Format(CorruptSegmentError, "slot %u header does not match version %llu: version %llu, type %u, "
+                     "length %llu (slot holds %llu)", k, (unsigned long long)v, (unsigned long long)hv, t,
+                     (unsigned long long)n, (unsigned long long)(s->slot_size - SHMR_ST_SLOT_HDR));
+        return -1;
+    }
+    *slot = k; *version = v; *type = (int)t; *len = n;
+    return 0;
+}
+
+static Snapshot *snapshot_new(StateCore *s, int own, uint64_t v, uint32_t k, int type, uint64_t len, int writable) {
+    Snapshot *m = PyObject_New(Snapshot, &SnapshotType);
+    if (!m) return NULL;
+    Py_INCREF(s);
+    m->core = s; m->own = own; m->version = v; m->slot = k;
+    m->off = (Py_ssize_t)(s->first_slot + (uint64_t)k * s->slot_size + SHMR_ST_SLOT_HDR);
+    m->len = (Py_ssize_t)len; m->type = type; m->exports = 0; m->state = 0; m->writable = writable;
+    return m;
+}
+
+/* read() -> Snapshot: pin the current version (see the protocol above). */
+static PyObject *StateCore_read(StateCore *self, PyObject *unused) {
+    if (st_usable(self) < 0) return NULL;
+    int j;
+    for (;;) {
+        for (j = 0; j < self->n_own && self->busy[j]; j++) ;
+        if (j < self->n_own) break;
+        if (self->n_own >= ST_MAX_OWN) {
+            PyErr_Format(ShmringError, "this handle already holds %d pinned snapshots (nested read() blocks "
+                         "or escaped views); release some, or attach another handle", ST_MAX_OWN);
+            return NULL;
+        }
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, str_claim_reader);  /* adds an entry */
+        if (!r) return NULL;
+        Py_DECREF(r);
+    }
+    char *pin = st_entry(self, (uint32_t)self->own[j]) + SHMR_ST_ENTRY_PIN;
+    char *curp = self->base + SHMR_ST_OFF_CURRENT;
+    uint64_t c;
+    for (unsigned tries = 0;; tries++) {
+        c = load_acquire64(curp);                     /* pairs with the writer's publish exchange */
+        if (c == 0) {
+            PyErr_SetString(ShmringError, "nothing was published to this shared state yet; "
+                            "state.wait_newer(than=0) waits for the first version");
+            return NULL;
+        }
+        (void)__atomic_exchange_n((uint64_t *)pin, c, __ATOMIC_SEQ_CST);  /* pairs with the writer's seq_cst pin scan */
+        if (load_seqcst64(curp) == c) break;          /* pairs with the writer's seq_cst publish exchange */
+        if (tries > 1000) sched_yield();              /* a writer publishing back to back: let it run */
+        else cpu_relax();
+    }
+    self->busy[j] = 1;
+    uint32_t k; uint64_t v, n; int t;
+    if (st_check(self, c, &k, &v, &t, &n) < 0) {
+        store_release64(pin, 0);
+        self->busy[j] = 0;
+        return NULL;
+    }
+    self->last_version = v;
+    Snapshot *m = snapshot_new(self, j, v, k, t, n, 0);
+    if (!m) { store_release64(pin, 0); self->busy[j] = 0; return NULL; }
+    return (PyObject *)m;
+}
+
+static void snapshot_finish(Snapshot *m) {
+    StateCore *s = m->core;
+    m->state = 2;
+    m->core = NULL;
+    if (!s) return;
+    /* A snapshot inherited by a forked child is the parent's pin: only the parent unpins it. */
+    if (m->own >= 0 && s->fork_gen == fork_generation && s->has_view && m->own < s->n_own) {
+        char *e = st_entry(s, (uint32_t)s->own[m->own]);
+        /* after our last read of the slot; pairs with the writer's seq_cst pin scan */
+        publish_and_wake(e + SHMR_ST_ENTRY_PIN, 0, s->base + SHMR_ST_OFF_SLOT_WAKE);
+        s->busy[m->own] = 0;
+    }
+    Py_DECREF(s);
+}
+
+/* Which slots are pinned by any reader: a bitmap over 256 slots.  seq_cst loads. */
+static void st_pinned(StateCore *s, uint8_t *pinned) {
+    memset(pinned, 0, 256);
+    for (uint32_t i = 0; i < s->max_readers; i++) {
+        uint64_t p = load_seqcst64(st_entry(s, i) + SHMR_ST_ENTRY_PIN); /* pairs with the reader's pin exchange */
+        if (p) pinned[p & 0xff] = 1;
+    }
+}
+
+/* A slot that is neither current nor pinned, or -1. */
+static int st_free_slot(StateCore *s) {
+    uint8_t pinned[256];
+    uint64_t cur = load_seqcst64(s->base + SHMR_ST_OFF_CURRENT);
+    st_pinned(s, pinned);
+    uint32_t cs = cur ? (uint32_t)(cur & 0xff) : 0xffffffffu;
+    for (uint32_t d = 0; d < s->nslots; d++) {
+        uint32_t k = (s->next_slot + d) % s->nslots;
+        if (k != cs && !pinned[k]) return (int)k;
+    }
+    return -1;
+}
+
+static PyObject *StateCore_free_slot(StateCore *self, PyObject *unused) {
+    if (st_usable(self) < 0) return NULL;
+    int k = st_free_slot(self);
+    if (k >= 0) self->next_slot = ((uint32_t)k + 1) % self->nslots;
+    return PyLong_FromLong(k);
+}
+
+static int slot_cond(void *ctx) { return st_free_slot((StateCore *)ctx) >= 0; }
+
+struct newer_ctx { char *base; uint64_t than; };
+static int newer_cond(void *vctx) {
+    struct newer_ctx *c = vctx;
+    return (load_seqcst64(c->base + SHMR_ST_OFF_CURRENT) >> 8) > c->than; /* pairs with the writer's publish exchange */
+}
+
+/* _wait_slot(slice, spin) -> bool / _wait_newer(than, slice, spin) -> bool (GIL released while waiting). */
+static PyObject *StateCore_wait_slot(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_wait_slot(slice, spin)"); return NULL; }
+    if (st_usable(self) < 0) return NULL;
+    double slice = PyFloat_AsDouble(args[0]); if (PyErr_Occurred()) return NULL;
+    double spin = PyFloat_AsDouble(args[1]); if (PyErr_Occurred()) return NULL;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = wait_for(self->base + SHMR_ST_OFF_SLOT_WAKE, slot_cond, self,
+                 slice > 0 ? (uint64_t)(slice * 1e9) : 0, spin > 0 ? (uint64_t)(spin * 1e9) : 0);
+    Py_END_ALLOW_THREADS
+    if (PyErr_CheckSignals() < 0) return NULL;
+    return PyBool_FromLong(r == 1);
+}
+
+static PyObject *StateCore_wait_newer(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "_wait_newer(than, slice, spin)"); return NULL; }
+    if (st_usable(self) < 0) return NULL;
+    unsigned long long than = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    double slice = PyFloat_AsDouble(args[1]); if (PyErr_Occurred()) return NULL;
+    double spin = PyFloat_AsDouble(args[2]); if (PyErr_Occurred()) return NULL;
+    struct newer_ctx c = { self->base, than };
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = wait_for(self->base + SHMR_ST_OFF_VERSION_WAKE, newer_cond, &c,
+                 slice > 0 ? (uint64_t)(slice * 1e9) : 0, spin > 0 ? (uint64_t)(spin * 1e9) : 0);
+    Py_END_ALLOW_THREADS
+    if (PyErr_CheckSignals() < 0) return NULL;
+    return PyBool_FromLong(r == 1);
+}
+
+static int st_slot_arg(StateCore *s, PyObject *o, uint32_t *k) {
+    long v = PyLong_AsLong(o);
+    if (v == -1 && PyErr_Occurred()) return -1;
+    if (v < 0 || (unsigned long)v >= s->nslots) { PyErr_Format(PyExc_ValueError, "bad slot %ld", v); return -1; }
+    *k = (uint32_t)v;
+    return 0;
+}
+
+/* _current() -> (version, slot, type, length) or None; checked. */
+static PyObject *StateCore_current(StateCore *self, PyObject *unused) {
+    if (st_usable(self) < 0) return NULL;
+    uint64_t c = load_acquire64(self->base + SHMR_ST_OFF_CURRENT);   /* pairs with the writer's publish exchange */
+    if (c == 0) Py_RETURN_NONE;
+    uint32_t k; uint64_t v, n; int t;
+    if (st_check(self, c, &k, &v, &t, &n) < 0) return NULL;
+    self->last_version = v;
+    return Py_BuildValue("KIiK", (unsigned long long)v, k, t, (unsigned long long)n);
+}
+
+/* _publish(slot, type, length) -> version.  The writer has filled the slot's payload. */
+static PyObject *StateCore_publish(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "_publish(slot, type, length)"); return NULL; }
+    if (st_usable(self) < 0) return NULL;
+    uint32_t k;
+    if (st_slot_arg(self, args[0], &k) < 0) return NULL;
+    long t = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
+    unsigned long long len = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
+    if (len > self->slot_size - SHMR_ST_SLOT_HDR) { PyErr_SetString(MessageTooLarge, "value larger than a slot"); return NULL; }
+    uint64_t c = load_acquire64(self->base + SHMR_ST_OFF_CURRENT);
+    uint64_t v = (c >> 8) + 1;
+    if (c && (c & 0xff) >= self->nslots) {
+        PyErr_Format(CorruptSegmentError, "current word %#llx names slot %llu of %u", (unsigned long long)c,
+                     (unsigned long long)(c & 0xff), self->nslots);
+        return NULL;
+    }
+    if (c && (c & 0xff) == k) { PyErr_SetString(PyExc_SystemError, "shmring: publishing into the current slot"); return NULL; }
+    if (v >= (1ULL << 56)) { PyErr_SetString(CorruptSegmentError, "version counter exhausted"); return NULL; }
+    char *h = st_slot(self, k);
+    /* plain stores: no reader pins this slot (it is not current), and the
+     * exchange below publishes them */
+    *(uint64_t *)(h + SHMR_ST_SLOT_VERSION) = v;
+    *(uint32_t *)(h + SHMR_ST_SLOT_TYPE) = (uint32_t)t;
+    *(uint32_t *)(h + SHMR_ST_SLOT_TYPE + 4) = 0;
+    *(uint64_t *)(h + SHMR_ST_SLOT_LENGTH) = len;
+    /* the one publication store; pairs with readers' load_acquire(current) and their seq_cst re-load */
+    publish_and_wake(self->base + SHMR_ST_OFF_CURRENT, (v << 8) | k, self->base + SHMR_ST_OFF_VERSION_WAKE);
+    self->last_version = v;
+    return PyLong_FromUnsignedLongLong(v);
+}
+
+/* _copy_slot(src, dst, length): the copy of copy-on-write (GIL released). */
+static PyObject *StateCore_copy_slot(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "_copy_slot(src, dst, length)"); return NULL; }
+    if (st_usable(self) < 0) return NULL;
+    uint32_t a, b;
+    if (st_slot_arg(self, args[0], &a) < 0 || st_slot_arg(self, args[1], &b) < 0) return NULL;
+    unsigned long long len = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
+    if (len > self->slot_size - SHMR_ST_SLOT_HDR || a == b) { PyErr_SetString(PyExc_ValueError, "bad copy"); return NULL; }
+    char *src = st_slot(self, a) + SHMR_ST_SLOT_HDR, *dst = st_slot(self, b) + SHMR_ST_SLOT_HDR;
+    Py_BEGIN_ALLOW_THREADS
+    memcpy(dst, src, len);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* _draft(slot, type, length) -> writable Snapshot of a slot the writer owns (no pin). */
+static PyObject *StateCore_draft(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "_draft(slot, type, length)"); return NULL; }
+    if (st_usable(self) < 0) return NULL;
+    uint32_t k;
+    if (st_slot_arg(self, args[0], &k) < 0) return NULL;
+    long t = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
+    unsigned long long len = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
+    if (len > self->slot_size - SHMR_ST_SLOT_HDR) { PyErr_SetString(PyExc_ValueError, "bad length"); return NULL; }
+    uint64_t c = load_acquire64(self->base + SHMR_ST_OFF_CURRENT);
+    return (PyObject *)snapshot_new(self, -1, (c >> 8) + 1, k, (int)t, len, 1);
+}
+
+/* _add_entry(i): the handle now owns reader table entry i (claimed by Python with a CAS). */
+static PyObject *StateCore_add_entry(StateCore *self, PyObject *arg) {
+    if (st_usable(self) < 0) return NULL;
+    long i = PyLong_AsLong(arg); if (PyErr_Occurred()) return NULL;
+    if (i < 0 || (unsigned long)i >= self->max_readers || self->n_own >= ST_MAX_OWN) {
+        PyErr_Format(PyExc_ValueError, "bad reader entry %ld", i); return NULL;
+    }
+    self->own[self->n_own] = (int32_t)i;
+    self->busy[self->n_own] = 0;
+    self->n_own++;
+    Py_RETURN_NONE;
+}
+
+/* _own_entries() -> [(entry, busy)] */
+static PyObject *StateCore_own_entries(StateCore *self, PyObject *unused) {
+    PyObject *l = PyList_New(0);
+    if (!l) return NULL;
+    if (self->fork_gen != fork_generation) return l;
+    for (int j = 0; j < self->n_own; j++) {
+        PyObject *t = Py_BuildValue("(ii)", self->own[j], self->busy[j]);
+        if (!t || PyList_Append(l, t) < 0) { Py_XDECREF(t); Py_DECREF(l); return NULL; }
+        Py_DECREF(t);
+    }
+    return l;
+}
+
+/* u64 words of the header page and the reader table, for the Python slow paths. */
+static char *st_word(StateCore *s, PyObject *arg) {
+    if (!s->has_view) { PyErr_SetString(HandleClosed, "shared state handle is closed"); return NULL; }
+    long long off = PyLong_AsLongLong(arg);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    if (off < 0 || (uint64_t)off + 8 > s->first_slot || off % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "bad offset %lld", off);
+        return NULL;
+    }
+    return s->base + off;
+}
+static PyObject *StateCore_load_u64(StateCore *self, PyObject *off) {
+    char *p = st_word(self, off); if (!p) return NULL;
+    return PyLong_FromUnsignedLongLong(load_seqcst64(p));
+}
+static PyObject *StateCore_store_u64(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "store_u64(offset, value)"); return NULL; }
+    char *p = st_word(self, args[0]); if (!p) return NULL;
+    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    (void)__atomic_exchange_n((uint64_t *)p, (uint64_t)v, __ATOMIC_SEQ_CST);
+    Py_RETURN_NONE;
+}
+static PyObject *StateCore_cas_u64(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "cas_u64(offset, expected, desired)"); return NULL; }
+    char *p = st_word(self, args[0]); if (!p) return NULL;
+    unsigned long long e = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    unsigned long long d = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(cas64(p, e, d));
+}
+static PyObject *StateCore_fetch_add_u64(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "fetch_add_u64(offset, delta)"); return NULL; }
+    char *p = st_word(self, args[0]); if (!p) return NULL;
+    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    return PyLong_FromUnsignedLongLong(fetch_add64(p, v));
+}
+static PyObject *StateCore_mark_closed(StateCore *self, PyObject *unused) {
+    self->closed = 1;
+    Py_RETURN_NONE;
+}
+static PyObject *StateCore_get_nslots(StateCore *s, void *c) { return PyLong_FromUnsignedLong(s->nslots); }
+static PyObject *StateCore_get_max_readers(StateCore *s, void *c) { return PyLong_FromUnsignedLong(s->max_readers); }
+static PyObject *StateCore_get_slot_size(StateCore *s, void *c) { return PyLong_FromUnsignedLongLong(s->slot_size); }
+static PyObject *StateCore_get_first_slot(StateCore *s, void *c) { return PyLong_FromUnsignedLongLong(s->first_slot); }
+static PyObject *StateCore_get_nbytes(StateCore *s, void *c) { return PyLong_FromUnsignedLongLong(s->nbytes); }
+static PyObject *StateCore_get_closed(StateCore *s, void *c) { return PyBool_FromLong(s->closed); }
+
+static PyMethodDef StateCore_methods[] = {
+    {"read", (PyCFunction)StateCore_read, METH_NOARGS,
+     "read() -> Snapshot: pin the current version; use it as a context manager (unpins on exit)"},
+    {"_free_slot", (PyCFunction)StateCore_free_slot, METH_NOARGS, NULL},
+    {"_wait_slot", (PyCFunction)(void (*)(void))StateCore_wait_slot, METH_FASTCALL, NULL},
+    {"_wait_newer", (PyCFunction)(void (*)(void))StateCore_wait_newer, METH_FASTCALL, NULL},
+    {"_current", (PyCFunction)StateCore_current, METH_NOARGS, NULL},
+    {"_publish", (PyCFunction)(void (*)(void))StateCore_publish, METH_FASTCALL, NULL},
+    {"_copy_slot", (PyCFunction)(void (*)(void))StateCore_copy_slot, METH_FASTCALL, NULL},
+    {"_draft", (PyCFunction)(void (*)(void))StateCore_draft, METH_FASTCALL, NULL},
+    {"_add_entry", (PyCFunction)StateCore_add_entry, METH_O, NULL},
+    {"_own_entries", (PyCFunction)StateCore_own_entries, METH_NOARGS, NULL},
+    {"_mark_closed", (PyCFunction)StateCore_mark_closed, METH_NOARGS, NULL},
+    {"load_u64", (PyCFunction)StateCore_load_u64, METH_O, "load_u64(offset): seq_cst load (header or reader table)"},
+    {"store_u64", (PyCFunction)(void (*)(void))StateCore_store_u64, METH_FASTCALL, "store_u64(offset, value): seq_cst store"},
+    {"cas_u64", (PyCFunction)(void (*)(void))StateCore_cas_u64, METH_FASTCALL, "cas_u64(offset, expected, desired) -> bool"},
+    {"fetch_add_u64", (PyCFunction)(void (*)(void))StateCore_fetch_add_u64, METH_FASTCALL, "fetch_add_u64(offset, delta) -> old"},
+    {NULL}
+};
+static PyGetSetDef StateCore_getset[] = {
+    {"slots", (getter)StateCore_get_nslots, NULL, "number of version slots", NULL},
+    {"max_readers", (getter)StateCore_get_max_readers, NULL, "reader table entries", NULL},
+    {"_slot_size", (getter)StateCore_get_slot_size, NULL, NULL, NULL},
+    {"_first_slot", (getter)StateCore_get_first_slot, NULL, NULL, NULL},
+    {"nbytes", (getter)StateCore_get_nbytes, NULL, "largest value payload, in bytes", NULL},
+    {"_core_closed", (getter)StateCore_get_closed, NULL, NULL, NULL},
+    {NULL}
+};
+
+static PyTypeObject StateCoreType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.StateCore",
+    .tp_basicsize = sizeof(StateCore),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "C half of shmring.SharedState",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)StateCore_init,
+    .tp_dealloc = (destructor)StateCore_dealloc,
+    .tp_methods = StateCore_methods,
+    .tp_getset = StateCore_getset,
+};
+
+/* ---------------------------------------------------------------- Snapshot */
+
+static int Snapshot_getbuffer(Snapshot *m, Py_buffer *view, int flags) {
+    if (m->state != 0 || !m->core) {
+        PyErr_SetString(PyExc_BufferError, "snapshot was released; its slot may already be overwritten");
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)m, m->core->base + m->off, m->len, !m->writable, flags) < 0) return -1;
+    m->exports++;
+    return 0;
+}
+
+static void Snapshot_releasebuffer(Snapshot *m, Py_buffer *view) {
+    m->exports--;
+    if (m->exports == 0 && m->state == 1) snapshot_finish(m);
+}
+
+static PyBufferProcs Snapshot_as_buffer = {
+    (getbufferproc)Snapshot_getbuffer,
+    (releasebufferproc)Snapshot_releasebuffer,
+};
+
+/* The same escaped-view mechanism as Message_release: a live export after the
+ * block means a view escaped; the pin is kept until it dies. */
+static PyObject *Snapshot_release(Snapshot *m, PyObject *unused) {
+    if (m->state != 0) Py_RETURN_NONE;
+    if (m->exports > 0) {
+        m->state = 1;
+        if (!m->writable && PyErr_WarnFormat(EscapedViewWarning, 1,
+                "a view of shared-state version %llu (slot %u) is still alive after its read() block; the "
+                "version stays pinned until that view is garbage-collected. Keep a copy instead: "
+                "snap.copy().", (unsigned long long)m->version, m->slot) < 0)
+            return NULL;
+        Py_RETURN_NONE;
+    }
+    snapshot_finish(m);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Snapshot_enter(PyObject *m, PyObject *unused) { Py_INCREF(m); return m; }
+static PyObject *Snapshot_exit(Snapshot *m, PyObject *const *args, Py_ssize_t n) {
+    PyObject *r = Snapshot_release(m, NULL);
+    if (!r) return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+static PyObject *Snapshot_get_value(Snapshot *m, void *c) {
+    if (m->state != 0) { PyErr_SetString(HandleClosed, "snapshot was released; keep snap.copy() to use data after release"); return NULL; }
+    return PyObject_CallOneArg(decode_func, (PyObject *)m);
+}
+static PyObject *Snapshot_copy(Snapshot *m, PyObject *unused) {
+    if (m->state != 0) { PyErr_SetString(HandleClosed, "snapshot was released"); return NULL; }
+    return PyObject_CallOneArg(copy_func, (PyObject *)m);
+}
+static void Snapshot_dealloc(Snapshot *m) {
+    if (m->state == 0) snapshot_finish(m);
+    else Py_CLEAR(m->core);
+    PyObject_Free(m);
+}
+static PyObject *Snapshot_get_version(Snapshot *m, void *c) { return PyLong_FromUnsignedLongLong(m->version); }
+static PyObject *Snapshot_get_slot(Snapshot *m, void *c) { return PyLong_FromUnsignedLong(m->slot); }
+static PyObject *Snapshot_get_type(Snapshot *m, void *c) { return PyLong_FromLong(m->type); }
+static PyObject *Snapshot_get_nbytes(Snapshot *m, void *c) { return PyLong_FromSsize_t(m->len); }
+static PyObject *Snapshot_get_offset(Snapshot *m, void *c) { return PyLong_FromSsize_t(m->off); }
+static PyObject *Snapshot_get_released(Snapshot *m, void *c) { return PyBool_FromLong(m->state != 0); }
+static PyObject *Snapshot_get_exports(Snapshot *m, void *c) { return PyLong_FromLong(m->exports); }
+static PyObject *Snapshot_repr(Snapshot *m) {
+    return PyUnicode_FromFormat("<shmring.Snapshot version %llu, %zd bytes in slot %u%s>",
+                                (unsigned long long)m->version, m->len, m->slot,
+                                m->state == 0 ? "" : m->state == 1 ? ", unpin deferred" : ", released");
+}
+
+static PyMethodDef Snapshot_methods[] = {
+    {"release", (PyCFunction)Snapshot_release, METH_NOARGS,
+     "release(): unpin the version. Idempotent. If a view of it is still alive the pin is held until "
+     "that view is garbage-collected, and EscapedViewWarning is issued."},
+    {"copy", (PyCFunction)Snapshot_copy, METH_NOARGS, "copy(): the value, detached from shared memory"},
+    {"__enter__", (PyCFunction)Snapshot_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Snapshot_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+static PyGetSetDef Snapshot_getset[] = {
+    {"value", (getter)Snapshot_get_value, NULL,
+     "the value: a read-only ndarray, or the decoded object whose arrays are read-only views. "
+     "Built anew on each access; valid until release().", NULL},
+    {"version", (getter)Snapshot_get_version, NULL, "the version pinned (1 for the first publish)", NULL},
+    {"slot", (getter)Snapshot_get_slot, NULL, "the version slot it lives in", NULL},
+    {"type", (getter)Snapshot_get_type, NULL, "payload type code (shmring.layout.T_*)", NULL},
+    {"nbytes", (getter)Snapshot_get_nbytes, NULL, "payload size in bytes", NULL},
+    {"_offset", (getter)Snapshot_get_offset, NULL, "payload offset in the region", NULL},
+    {"position", (getter)Snapshot_get_version, NULL, "the version (named as a Message's, for the codec)", NULL},
+    {"released", (getter)Snapshot_get_released, NULL, "True once release() was called", NULL},
+    {"_exports", (getter)Snapshot_get_exports, NULL, NULL, NULL},
+    {NULL}
+};
+
+static PyTypeObject SnapshotType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring.Snapshot",
+    .tp_basicsize = sizeof(Snapshot),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A pinned version of a SharedState: a zero-copy window on shared memory.\n\n"
+              "Lifetime: snap.value and every view derived from it point into the version's slot "
+              "and are valid until snap.release() (called when the `with state.read()` block "
+              "exits). The writer never reuses a pinned slot; after release it may, so release() "
+              "checks whether a view escaped: if one did, the pin is held until the view is "
+              "garbage-collected and EscapedViewWarning is issued. To keep data, use snap.copy().",
+    .tp_new = NULL,
+    .tp_dealloc = (destructor)Snapshot_dealloc,
+    .tp_as_buffer = &Snapshot_as_buffer,
+    .tp_methods = Snapshot_methods,
+    .tp_getset = Snapshot_getset,
+    .tp_repr = (reprfunc)Snapshot_repr,
+};
+
 /* ----------------------------------------------------------------- module */
 
 static PyObject *set_codec(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
@@ -1190,6 +1773,12 @@ static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
     PUT(SHMR_WAKE_SEQ); PUT(SHMR_WAKE_WAITERS);
     PUT(SHMR_REC_HDR); PUT(SHMR_REC_ALIGN); PUT(SHMR_T_PAD); PUT(SHMR_T_BYTES); PUT(SHMR_T_ARRAY);
     PUT(SHMR_T_OBJECT); PUT(SHMR_KIND_SPSC); PUT(SHMR_MIN_CAPACITY); PUT(SHMR_MAX_CAPACITY);
+    PUT(SHMR_KIND_STATE); PUT(SHMR_ST_OFF_SLOTS); PUT(SHMR_ST_OFF_MAX_READERS); PUT(SHMR_ST_OFF_SLOT_SIZE);
+    PUT(SHMR_ST_OFF_TABLE); PUT(SHMR_ST_OFF_FIRST_SLOT); PUT(SHMR_ST_OFF_CURRENT); PUT(SHMR_ST_OFF_WRITER);
+    PUT(SHMR_ST_OFF_VERSION_WAKE); PUT(SHMR_ST_OFF_SLOT_WAKE); PUT(SHMR_ST_OFF_COUNTERS);
+    PUT(SHMR_ST_RECLAIMED); PUT(SHMR_ST_WRITER_WAITS); PUT(SHMR_ST_ENTRY); PUT(SHMR_ST_ENTRY_OWNER);
+    PUT(SHMR_ST_ENTRY_PIN); PUT(SHMR_ST_SLOT_HDR); PUT(SHMR_ST_SLOT_VERSION); PUT(SHMR_ST_SLOT_TYPE);
+    PUT(SHMR_ST_SLOT_LENGTH); PUT(SHMR_ST_MIN_SLOTS); PUT(SHMR_ST_MAX_SLOTS); PUT(SHMR_ST_MAX_READERS);
 #undef PUT
     return d;
 }
@@ -1216,8 +1805,11 @@ static struct PyModuleDef coremodule = {
 PyMODINIT_FUNC PyInit__core(void) {
     if (load_errors() < 0) return NULL;
     if (PyType_Ready(&RegionType) < 0 || PyType_Ready(&ProducerType) < 0 ||
-        PyType_Ready(&ConsumerType) < 0 || PyType_Ready(&MessageType) < 0)
+        PyType_Ready(&ConsumerType) < 0 || PyType_Ready(&MessageType) < 0 ||
+        PyType_Ready(&StateCoreType) < 0 || PyType_Ready(&SnapshotType) < 0)
         return NULL;
+    str_claim_reader = PyUnicode_InternFromString("_claim_reader");
+    if (!str_claim_reader) return NULL;
     str_send_obj = PyUnicode_InternFromString("_send_obj");
     str_try_send_obj = PyUnicode_InternFromString("_try_send_obj");
     str_send_wait = PyUnicode_InternFromString("_send_wait");
@@ -1231,5 +1823,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     Py_INCREF(&ProducerType); PyModule_AddObject(m, "ProducerCore", (PyObject *)&ProducerType);
     Py_INCREF(&ConsumerType); PyModule_AddObject(m, "ConsumerCore", (PyObject *)&ConsumerType);
     Py_INCREF(&MessageType); PyModule_AddObject(m, "Message", (PyObject *)&MessageType);
+    Py_INCREF(&StateCoreType); PyModule_AddObject(m, "StateCore", (PyObject *)&StateCoreType);
+    Py_INCREF(&SnapshotType); PyModule_AddObject(m, "Snapshot", (PyObject *)&SnapshotType);
     return m;
 }

@@ -61,6 +61,31 @@
 
 #define SHMR_KIND_SPSC          1u
 
+/* SharedState segments: see the state diagram in layout.py. */
+#define SHMR_KIND_STATE         0x53u
+#define SHMR_ST_OFF_SLOTS        80   /* u32, number of version slots (3..255) */
+#define SHMR_ST_OFF_MAX_READERS  84   /* u32, reader table entries */
+#define SHMR_ST_OFF_SLOT_SIZE    88   /* u64, bytes per slot, multiple of 4096 */
+#define SHMR_ST_OFF_TABLE        96   /* u64, reader table offset (== header size) */
+#define SHMR_ST_OFF_FIRST_SLOT  104   /* u64, first slot offset, page aligned */
+#define SHMR_ST_OFF_CURRENT     128   /* u64, version << 8 | slot: seq_cst exchange by the writer */
+#define SHMR_ST_OFF_WRITER      256   /* role slot of the writer */
+#define SHMR_ST_OFF_VERSION_WAKE 384  /* wake word wait_newer() sleeps on */
+#define SHMR_ST_OFF_SLOT_WAKE   512   /* wake word a writer waiting for a free slot sleeps on */
+#define SHMR_ST_OFF_COUNTERS    640
+#define SHMR_ST_RECLAIMED         0   /* u64, pins of dead readers reclaimed */
+#define SHMR_ST_WRITER_WAITS      8   /* u64, times the writer found every spare slot pinned */
+#define SHMR_ST_ENTRY           128   /* reader table entry: one line each */
+#define SHMR_ST_ENTRY_OWNER       0   /* u64 owner word, 0 = free */
+#define SHMR_ST_ENTRY_PIN         8   /* u64 pinned current word, 0 = none */
+#define SHMR_ST_SLOT_HDR         64   /* slot header, payload follows */
+#define SHMR_ST_SLOT_VERSION      0   /* u64 */
+#define SHMR_ST_SLOT_TYPE         8   /* u32 */
+#define SHMR_ST_SLOT_LENGTH      16   /* u64 payload bytes */
+#define SHMR_ST_MIN_SLOTS         3
+#define SHMR_ST_MAX_SLOTS       255
+#define SHMR_ST_MAX_READERS    4096
+
 #define SHMR_MIN_CAPACITY       4096ULL
 #define SHMR_MAX_CAPACITY       (1ULL << 40)
 

@@ -115,6 +115,7 @@ ARRAY_ALIGN = 64                     # array payload bytes start 64-aligned
 KIND_SPSC = 1
 KINDS = {"spsc": KIND_SPSC}
 KIND_NAMES = {v: k for k, v in KINDS.items()}
+KIND_STATE = 0x53               # a SharedState segment (see the state diagram below), never a ring kind
 
 MIN_CAPACITY = 4096
 MAX_CAPACITY = 1 << 40
@@ -148,6 +149,86 @@ C_CONSTANTS = {
     "SHMR_T_OBJECT": T_OBJECT, "SHMR_KIND_SPSC": KIND_SPSC,
     "SHMR_MIN_CAPACITY": MIN_CAPACITY, "SHMR_MAX_CAPACITY": MAX_CAPACITY,
 }
+
+# --------------------------------------------------------------------------
+# SharedState segments (copy-on-write shared state, shmring.snapshot)
+#
+# Same fixed header fields 0..79 as a ring (magic, version, layout hash, ...),
+# with kind = KIND_STATE; ``capacity`` is the bytes of all version slots,
+# ``data_offset`` the first slot, ``max_message`` the largest value payload
+# (the ``nbytes`` asked for at creation).  Then::
+#
+#     0     fixed header (as a ring) | 80 slots u32 | 84 max readers u32
+#           88 slot size u64 | 96 reader table offset u64 | 104 first slot offset u64
+#     128   current u64       version << 8 | slot; 0 = nothing published yet.
+#                             Stored only by the writer, with one seq_cst exchange
+#                             (release + the fence the wake-up protocol needs).
+#     256   writer role       owner u64 | (unused) u64 | sessions u64
+#     384   version wake      seq u32 | waiters u32   wait_newer() sleeps here
+#     512   slot wake         seq u32 | waiters u32   a writer with every spare slot pinned sleeps here
+#     640   counters          reclaimed pins u64 | writer waits u64
+#     4096  reader table      max_readers entries, each alone on a 128-byte line:
+#                               owner u64 (pid | start << 32, as a role; 0 = free)
+#                               pin   u64 (the current word it pinned; 0 = none)
+#     T     version slots     ``slots`` x slot size (a multiple of 4096), T page aligned
+#
+#   a version slot:
+#     0     version u64 | type u32 (T_ARRAY / T_OBJECT) | 0 u32 | length u64
+#     64    payload: the T_ARRAY / T_OBJECT layout of shmring.codec (length bytes)
+#
+# Versions start at 1 and only grow, so a current word (and a pin) is never 0
+# once something was published; the slot is the low 8 bits (3..255 slots).
+# One entry per 128-byte line (not packed 16-byte entries): every pin and
+# unpin is a store by a different reader, and packed entries would bounce one
+# line between all of them on every read; the writer's scan of max_readers
+# lines per publish is small next to copying the value.
+ST_OFF_SLOTS = 80
+ST_OFF_MAX_READERS = 84
+ST_OFF_SLOT_SIZE = 88
+ST_OFF_TABLE = 96
+ST_OFF_FIRST_SLOT = 104
+ST_OFF_CURRENT = 128
+ST_OFF_WRITER = 256
+ST_OFF_VERSION_WAKE = 384
+ST_OFF_SLOT_WAKE = 512
+ST_OFF_COUNTERS = 640
+ST_RECLAIMED = 0
+ST_WRITER_WAITS = 8
+ST_ENTRY = 128
+ST_ENTRY_OWNER = 0
+ST_ENTRY_PIN = 8
+ST_SLOT_HDR = 64
+ST_SLOT_VERSION = 0
+ST_SLOT_TYPE = 8
+ST_SLOT_LENGTH = 16
+ST_MIN_SLOTS = 3
+ST_MAX_SLOTS = 255
+ST_MAX_READERS = 4096
+ST_STRUCT = struct.Struct("<IIQQQ")          # fields at offsets 80..111
+ST_FIELDS = ("slots", "max_readers", "slot_size", "table_offset", "first_slot")
+
+C_CONSTANTS.update({
+    "SHMR_KIND_STATE": KIND_STATE,
+    "SHMR_ST_OFF_SLOTS": ST_OFF_SLOTS, "SHMR_ST_OFF_MAX_READERS": ST_OFF_MAX_READERS,
+    "SHMR_ST_OFF_SLOT_SIZE": ST_OFF_SLOT_SIZE, "SHMR_ST_OFF_TABLE": ST_OFF_TABLE,
+    "SHMR_ST_OFF_FIRST_SLOT": ST_OFF_FIRST_SLOT, "SHMR_ST_OFF_CURRENT": ST_OFF_CURRENT,
+    "SHMR_ST_OFF_WRITER": ST_OFF_WRITER, "SHMR_ST_OFF_VERSION_WAKE": ST_OFF_VERSION_WAKE,
+    "SHMR_ST_OFF_SLOT_WAKE": ST_OFF_SLOT_WAKE, "SHMR_ST_OFF_COUNTERS": ST_OFF_COUNTERS,
+    "SHMR_ST_RECLAIMED": ST_RECLAIMED, "SHMR_ST_WRITER_WAITS": ST_WRITER_WAITS,
+    "SHMR_ST_ENTRY": ST_ENTRY, "SHMR_ST_ENTRY_OWNER": ST_ENTRY_OWNER, "SHMR_ST_ENTRY_PIN": ST_ENTRY_PIN,
+    "SHMR_ST_SLOT_HDR": ST_SLOT_HDR, "SHMR_ST_SLOT_VERSION": ST_SLOT_VERSION,
+    "SHMR_ST_SLOT_TYPE": ST_SLOT_TYPE, "SHMR_ST_SLOT_LENGTH": ST_SLOT_LENGTH,
+    "SHMR_ST_MIN_SLOTS": ST_MIN_SLOTS, "SHMR_ST_MAX_SLOTS": ST_MAX_SLOTS,
+    "SHMR_ST_MAX_READERS": ST_MAX_READERS,
+})
+
+
+def state_geometry(nbytes: int, slots: int, max_readers: int) -> dict:
+    """Offsets and sizes of a SharedState segment (see the diagram above)."""
+    slot_size = align(ST_SLOT_HDR + nbytes, 4096)
+    first = HEADER_SIZE + align(max_readers * ST_ENTRY, 4096)
+    return {"slot_size": slot_size, "table_offset": HEADER_SIZE, "first_slot": first,
+            "capacity": slots * slot_size, "segment_size": first + slots * slot_size}
 
 LAYOUT_HASH = zlib.crc32(repr(sorted(C_CONSTANTS.items())).encode()) | (LAYOUT_VERSION << 32)
 

@@ -285,6 +285,9 @@ def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
     if h["layout_hash"] != L.LAYOUT_HASH:
         raise IncompatibleSegment(f"{what} has layout hash {h['layout_hash']:#x}, expected "
                                   f"{L.LAYOUT_HASH:#x}: written by an incompatible shmring build")
+    if h["kind"] == L.KIND_STATE:
+        raise IncompatibleSegment(f"{what} is a shmring SharedState segment, not a ring; "
+                                  "open it with shmring.SharedState.attach()")
     if h["kind"] not in L.KIND_NAMES:
         raise CorruptSegmentError(f"{what} has unknown ring kind {h['kind']}")
     cap = h["capacity"]

@@ -1,0 +1,524 @@
+"""Copy-on-write shared state: readers hold consistent snapshots while a writer publishes.
+
+RCU across processes.  A :class:`SharedState` segment holds ``slots`` (>= 3)
+version slots of ``nbytes`` each, a *current* word naming the newest version
+and its slot, and a reader table where each reading process pins the version
+it is reading.  The contract:
+
+* ``publish(value)`` copies the value once into a slot that is neither
+  current nor pinned, then makes it current with one atomic store.  Readers
+  never block the writer while such a slot exists; the writer waits (up to its
+  timeout) only when every spare slot is pinned.
+* ``with state.read() as snap`` pins the current version: ``snap.value`` is a
+  read-only zero-copy view of it, consistent (never torn) for the whole block,
+  however many versions the writer publishes meanwhile.
+* ``with state.update() as draft`` gives a writable copy of the current value
+  in a free slot; it is published on normal exit and discarded on an exception.
+* One writer at a time: a second live writer gets :class:`~shmring.errors.RoleTaken`
+  naming the holder's pid; a dead writer's role is taken over.  A writer killed
+  mid-update never published its slot: readers keep the last version.
+* Pins of dead readers (pid gone or reused, see :mod:`shmring._proc`) are
+  reclaimed by the writer when it needs their slot, and counted in ``stats()``.
+
+Example::
+
+    with shmring.SharedState.create("weights", 32 << 20) as state:
+        state.publish({"step": 0, "w": np.zeros((1000, 1000), np.float32)})
+        with state.update() as draft:
+            draft["w"][3] += 1.0             # published on exit
+
+    state = shmring.SharedState.attach("weights")     # in another process
+    with state.read() as snap:
+        act(snap.version, snap.value["w"])  # read-only view, valid in the block
+
+Lifetime of a snapshot's views: they point into the pinned slot and are valid
+until the ``read()`` block exits.  A view kept past the block is detected when
+the snapshot is released: the version stays pinned until the view is
+garbage-collected, and :class:`~shmring.errors.EscapedViewWarning` is issued
+(``snap.copy()`` detaches a value).  The layout is drawn in
+:mod:`shmring.layout`; the protocol and its memory ordering are in
+``docs/design.md``.
+"""
+from __future__ import annotations
+
+import os
+import time
+import weakref
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import _core, codec
+from . import layout as L
+from ._proc import alive, my_start_time
+from .errors import (CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge,
+                     PeerGone, RoleTaken, ShmringError, Timeout)
+from .ring import WAIT_SLICE, _check_timeout
+from .segment import Segment
+
+DEFAULT_SPIN = 50e-6
+MAX_SLOT_BYTES = 1 << 44
+
+_core._set_codec(codec._decode, codec._copy)
+
+# Writer roles held by live handles in this process, by segment identity.
+_live_writers: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
+
+
+def _write_state_header(buf, *, nbytes: int, slots: int, max_readers: int) -> None:
+    g = L.state_geometry(nbytes, slots, max_readers)
+    buf[:L.HEADER_STRUCT.size] = L.HEADER_STRUCT.pack(
+        L.MAGIC, L.LAYOUT_VERSION, L.KIND_STATE, L.LAYOUT_HASH, g["capacity"], g["first_slot"], nbytes,
+        os.getpid(), 0, my_start_time(), time.time_ns(), g["segment_size"])
+    L.ST_STRUCT.pack_into(buf, L.ST_OFF_SLOTS, slots, max_readers, g["slot_size"], g["table_offset"],
+                          g["first_slot"])
+
+
+def _validate_state_header(seg: Segment, wait_ready: float = 1.0) -> dict:
+    """Check a mapped segment is a SharedState and its fields are consistent.  Every field is untrusted."""
+    what = seg.label
+    deadline = time.monotonic() + wait_ready
+    while True:
+        h = L.read_header(seg.buf)
+        if h["magic"] == L.MAGIC and h["ready"] == 1:
+            break
+        if h["magic"] not in (0, L.MAGIC):
+            raise CorruptSegmentError(f"{what} is not a shmring segment: magic {h['magic']:#018x}, "
+                                      f"expected {L.MAGIC:#018x} ('SHMRING1')")
+        if time.monotonic() >= deadline:
+            raise CorruptSegmentError(f"{what} was never fully initialized (ready flag {h['ready']}); "
+                                      "its creator may have died while creating it")
+        time.sleep(0.005)
+    if h["version"] != L.LAYOUT_VERSION or h["layout_hash"] != L.LAYOUT_HASH:
+        raise IncompatibleSegment(f"{what} uses shmring layout version {h['version']} (hash "
+                                  f"{h['layout_hash']:#x}); this shmring reads version {L.LAYOUT_VERSION} "
+                                  f"(hash {L.LAYOUT_HASH:#x})")
+    if h["kind"] != L.KIND_STATE:
+        if h["kind"] in L.KIND_NAMES:
+            raise IncompatibleSegment(f"{what} is a shmring {L.KIND_NAMES[h['kind']]} ring, not a "
+                                      "SharedState; open it with shmring.Ring.attach()")
+        raise CorruptSegmentError(f"{what} has unknown segment kind {h['kind']}")
+    h.update(zip(L.ST_FIELDS, L.ST_STRUCT.unpack_from(seg.buf, L.ST_OFF_SLOTS)))
+    slots, readers, nbytes = h["slots"], h["max_readers"], h["max_message"]
+    if not (L.ST_MIN_SLOTS <= slots <= L.ST_MAX_SLOTS and 1 <= readers <= L.ST_MAX_READERS
+            and nbytes <= MAX_SLOT_BYTES):
+        raise CorruptSegmentError(f"{what} has impossible geometry: {slots} slots, {readers} readers, "
+                                  f"values of {nbytes} bytes")
+    g = L.state_geometry(nbytes, slots, readers)
+    for k in ("slot_size", "table_offset", "first_slot", "segment_size"):
+        if h[k] != g[k]:
+            raise CorruptSegmentError(f"{what} has inconsistent header field {k}: {h[k]}, expected {g[k]} "
+                                      f"for {slots} slots of {nbytes} bytes and {readers} readers")
+    if h["capacity"] != g["capacity"] or h["data_offset"] != g["first_slot"] or seg.size < g["segment_size"]:
+        raise CorruptSegmentError(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,}: "
+                                  "truncated or corrupt")
+    return h
+
+
+def _writable(obj):
+    """Make the arrays of a decoded draft writable (their buffer is the writer's slot)."""
+    if isinstance(obj, np.ndarray):
+        obj.flags.writeable = True
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _writable(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _writable(v)
+    return obj
+
+
+def _detached(obj):
+    """A copy of a decoded value whose arrays own their memory."""
+    if isinstance(obj, np.ndarray):
+        return obj.copy(order="K")
+    if isinstance(obj, dict):
+        return {k: _detached(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_detached(v) for v in obj]
+    return obj
+
+
+def _readonly(obj):
+    if isinstance(obj, np.ndarray):
+        obj.flags.writeable = False
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            _readonly(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _readonly(v)
+
+
+class SharedState(_core.StateCore):
+    """The latest version of a value, shared by one writer and many readers.
+
+    ``create`` makes the segment (``nbytes`` is the largest encoded value, a
+    slot's payload); ``attach`` maps an existing one.  ``close()`` detaches
+    (and gives back the writer role and reader entries); ``unlink()`` removes
+    the name.  Used as a context manager, a state made by :meth:`create` is
+    closed and, for a POSIX segment, unlinked on exit.  A SharedState pickles
+    by name, so a child process attaches on unpickling.
+
+    ``read()`` is implemented in C (pin and unpin are one C call each).
+    """
+
+    def __init__(self, seg: Segment, header: dict, *, created: bool):
+        super().__init__(seg.buf)
+        self._seg = seg
+        self._header = header
+        self._created = created
+        self._wmv = memoryview(seg.buf)
+        self._writer_owner = 0
+        self._writer_pid = 0
+        self.spin = DEFAULT_SPIN
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def create(cls, name: str | None = None, nbytes: int = 1 << 20, *, slots: int = 4, mode: int = 0o600,
+               path=None, max_readers: int = 64) -> "SharedState":
+        """Create a shared state whose values may be up to ``nbytes`` bytes encoded
+        (an array's ``nbytes`` plus ~100 bytes of descriptor), with ``slots`` versions.
+
+        ``name`` names a POSIX segment (``/dev/shm/shmring.NAME``); with ``path``
+        the state lives in that file and persists until ``unlink()``.
+        ``max_readers`` bounds the reader table (each reading handle takes one
+        entry per concurrently pinned snapshot).
+        """
+        if path is None and name is None:
+            raise TypeError("SharedState.create() needs a name (POSIX segment) or path= (file-backed)")
+        for arg, v in (("nbytes", nbytes), ("slots", slots), ("max_readers", max_readers)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{arg} must be an int, got {type(v).__name__}")
+        nbytes, slots, max_readers = int(nbytes), int(slots), int(max_readers)
+        if not 0 < nbytes <= MAX_SLOT_BYTES:
+            raise ValueError(f"nbytes must be from 1 to {MAX_SLOT_BYTES}, got {nbytes}")
+        if not L.ST_MIN_SLOTS <= slots <= L.ST_MAX_SLOTS:
+            raise ValueError(f"slots must be from {L.ST_MIN_SLOTS} to {L.ST_MAX_SLOTS}, got {slots} "
+                             "(the writer needs a slot that is neither current nor pinned)")
+        if not 1 <= max_readers <= L.ST_MAX_READERS:
+            raise ValueError(f"max_readers must be from 1 to {L.ST_MAX_READERS}, got {max_readers}")
+        g = L.state_geometry(nbytes, slots, max_readers)
+        seg = Segment.create(name, g["segment_size"], path=path, mode=mode)
+        try:
+            _write_state_header(seg.buf, nbytes=nbytes, slots=slots, max_readers=max_readers)
+            core = _core.StateCore(seg.buf)
+            # `ready` (the high half of the word at 48) last, by a seq_cst CAS:
+            # pairs with attach's read of `ready` before the other fields
+            pid_word = L.read_u64(seg.buf, L.OFF_CREATOR_PID)
+            core.cas_u64(L.OFF_CREATOR_PID, pid_word, pid_word | (1 << 32))
+            del core
+            return cls(seg, _validate_state_header(seg), created=True)
+        except BaseException:
+            seg.close()
+            seg.unlink()
+            raise
+
+    @classmethod
+    def attach(cls, name: str | None = None, *, path=None) -> "SharedState":
+        """Attach to an existing shared state by name (or by path)."""
+        if path is None and name is None:
+            raise TypeError("SharedState.attach() needs a name or path=")
+        seg = Segment.open(name, path=path)
+        try:
+            return cls(seg, _validate_state_header(seg), created=False)
+        except BaseException:
+            seg.close()
+            raise
+
+    def __reduce__(self):
+        return (_attach, (self._seg.name, self._seg.path))
+
+    # -- properties -------------------------------------------------------------
+    @property
+    def name(self) -> str | None:
+        return self._seg.name
+
+    @property
+    def path(self) -> str | None:
+        return self._seg.path
+
+    @property
+    def version(self) -> int:
+        """The newest published version (0 before the first publish)."""
+        return self.load_u64(L.ST_OFF_CURRENT) >> 8
+
+    @property
+    def closed(self) -> bool:
+        return self._seg.buf is None
+
+    def _live(self):
+        if self._seg.buf is None:
+            raise HandleClosed(f"shared state {self._seg.label} is closed")
+
+    # -- readers ----------------------------------------------------------------
+    def _claim_reader(self) -> None:
+        """Called from C when this handle needs one more reader table entry."""
+        self._live()
+        me = L.owner_word(os.getpid(), my_start_time())
+        mine = {i for i, _ in self._own_entries()}
+        for i in range(self.max_readers):
+            if i in mine:
+                continue
+            off = L.HEADER_SIZE + i * L.ST_ENTRY
+            cur = self.load_u64(off + L.ST_ENTRY_OWNER)
+            if cur == 0 or not alive(*L.split_owner(cur)):
+                if self.cas_u64(off + L.ST_ENTRY_OWNER, cur, me):
+                    if self.load_u64(off + L.ST_ENTRY_PIN):
+                        self.store_u64(off + L.ST_ENTRY_PIN, 0)   # a dead reader's pin: ours now
+                        if cur:
+                            self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED, 1)
+                    self._add_entry(i)
+                    return
+        raise ShmringError(f"all {self.max_readers} reader entries of {self._seg.label} are held by live "
+                           "processes; create the state with a larger max_readers")
+
+    def wait_newer(self, than: int = 0, *, timeout=None) -> int:
+        """Wait until a version newer than ``than`` is published; return the newest version.
+
+        Sleeps on a futex (no spinning when idle, after a short spin), wakes at
+        least every 0.1 s to run signal handlers (Ctrl-C) and to check the
+        writer: a writer that died holding the role raises
+        :class:`~shmring.errors.PeerGone` (a new writer may take over later).
+        """
+        self._live()
+        than = int(than)
+        deadline = _check_timeout(timeout)
+        while True:
+            v = self.version
+            if v > than:
+                self._current()           # validates the current word and the slot header
+                return v
+            slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+            if slice_ <= 0 or not self._wait_newer(than, slice_, self.spin):
+                pid, start = L.split_owner(self.load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER))
+                if self.version > than:
+                    continue
+                if pid and not alive(pid, start):
+                    raise PeerGone(f"the writer (pid {pid}) of {self._seg.label} died; the last version "
+                                   f"is {self.version}. A new writer may take over.")
+                if slice_ <= 0:
+                    raise Timeout(f"no version newer than {than} was published to {self._seg.label} "
+                                  f"within {timeout} s")
+
+    # -- the writer ---------------------------------------------------------------
+    def _claim_writer(self) -> None:
+        self._live()
+        if self._writer_owner and self._writer_pid == os.getpid():
+            return
+        key = self._seg.identity
+        me = L.owner_word(os.getpid(), my_start_time())
+        line = L.ST_OFF_WRITER
+        while True:
+            cur = self.load_u64(line + L.ROLE_OWNER)
+            if cur == 0:
+                if self.cas_u64(line + L.ROLE_OWNER, 0, me):
+                    break
+                continue
+            pid, start = L.split_owner(cur)
+            if cur == me and key not in _live_writers:
+                break                       # our own handle was dropped without closing
+            if cur == me:
+                raise RoleTaken(f"the writer role of {self._seg.label} is held by another handle in this "
+                                f"process (pid {pid}); close it first", pid)
+            if alive(pid, start):
+                raise RoleTaken(f"the writer role of {self._seg.label} is held by live process {pid}; "
+                                "a shared state has one writer", pid)
+            if self.cas_u64(line + L.ROLE_OWNER, cur, me):
+                break                       # the writer died: take over
+        self.fetch_add_u64(line + L.ROLE_SESSIONS, 1)
+        _live_writers[key] = self
+        self._writer_owner, self._writer_pid = me, os.getpid()
+
+    def _give_back_writer(self) -> None:
+        if self._writer_owner and self._writer_pid == os.getpid():
+            self.cas_u64(L.ST_OFF_WRITER + L.ROLE_OWNER, self._writer_owner, 0)
+            if _live_writers.get(self._seg.identity) is self:
+                del _live_writers[self._seg.identity]
+        self._writer_owner = 0
+
+    def _reclaim_dead_pins(self) -> int:
+        """Clear the pins of readers whose process is gone; return how many."""
+        n = 0
+        me = self._writer_owner
+        for i in range(self.max_readers):
+            off = L.HEADER_SIZE + i * L.ST_ENTRY
+            if not self.load_u64(off + L.ST_ENTRY_PIN):
+                continue
+            owner = self.load_u64(off + L.ST_ENTRY_OWNER)
+            if owner and alive(*L.split_owner(owner)):
+                continue
+            # Take the entry over first (our owner word is live, so no reader
+            # claims it meanwhile), then clear its pin, then free it.
+            if owner and not self.cas_u64(off + L.ST_ENTRY_OWNER, owner, me):
+                continue
+            self.store_u64(off + L.ST_ENTRY_PIN, 0)
+            self.cas_u64(off + L.ST_ENTRY_OWNER, me if owner else 0, 0)
+            self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED, 1)
+            n += 1
+        return n
+
+    def _acquire_slot(self, timeout) -> int:
+        """A slot that is neither current nor pinned by a live reader, waiting if every spare one is."""
+        k = self._free_slot()
+        if k >= 0:
+            return k
+        self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_WRITER_WAITS, 1)
+        deadline = _check_timeout(timeout)
+        while True:
+            if self._reclaim_dead_pins():
+                k = self._free_slot()
+                if k >= 0:
+                    return k
+            slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+            if slice_ > 0 and self._wait_slot(slice_, self.spin):
+                k = self._free_slot()
+                if k >= 0:
+                    return k
+                continue
+            k = self._free_slot()
+            if k >= 0:
+                return k
+            if slice_ <= 0:
+                raise Timeout(f"every spare version slot of {self._seg.label} stayed pinned by live readers "
+                              f"for {timeout} s ({self.slots} slots); readers hold read() blocks or escaped views")
+
+    def _check_size(self, need: int) -> None:
+        if need > self.nbytes:
+            raise MessageTooLarge(f"the value needs up to {need:,} bytes but a version slot of "
+                                  f"{self._seg.label} holds {self.nbytes:,}; create the state with a larger nbytes")
+
+    def publish(self, value, *, timeout=None) -> int:
+        """Publish ``value`` (an ndarray, or a msgpack-able object containing
+        ndarrays) as the new version; return its version number.
+
+        Copies the value once into a free slot.  Waits (up to ``timeout``) only
+        when every slot but the current one is pinned by a live reader.
+        """
+        self._live()
+        if isinstance(value, np.ndarray) and (meta := codec.array_meta(value)) is not None:
+            order = "C" if value.flags.c_contiguous else "F"
+            enc = codec.Encoded(L.T_ARRAY, meta, [(value, value.shape, value.dtype, order, 0)], value.nbytes)
+        else:
+            enc = codec.encode(value)
+        self._check_size(enc.max_payload)
+        self._claim_writer()
+        k = self._acquire_slot(timeout)
+        n, _ = codec.write(self._wmv, self._first_slot + k * self._slot_size + L.ST_SLOT_HDR, enc)
+        return self._publish(k, enc.type, n)
+
+    @contextmanager
+    def update(self, *, timeout=None):
+        """Copy-on-write: yield a writable copy of the current value, built in a
+        free slot; publish it on normal exit, discard it on an exception.
+
+        The copy is one memcpy of the current version.  Arrays are changed in
+        place; if anything else in an object value changed (a scalar, a key, a
+        replaced array) the draft is published afresh with :meth:`publish`.
+        Lifetime: the draft's arrays point into the new slot; they are made
+        read-only at publish, so a draft kept past the block cannot change a
+        published version.
+        """
+        self._live()
+        self._claim_writer()
+        cur = self._current()
+        if cur is None:
+            raise ShmringError(f"{self._seg.label} has no published version to update; publish() one first")
+        _version, src, type_, length = cur
+        k = self._acquire_slot(timeout)
+        self._copy_slot(src, k, length)
+        draft = self._draft(k, type_, length)
+        value = _writable(draft.value)
+        try:
+            yield value
+        except BaseException:
+            _readonly(value)
+            draft.release()
+            raise
+        # Arrays were changed in place, in the slot.  Anything else in the draft
+        # (a scalar, a replaced array, a new key) lives in the meta: if it
+        # changed, the slot's layout no longer describes the value, so the
+        # value is published afresh (one more copy) instead of silently
+        # dropping the change.
+        meta = bytes(self._wmv[draft._offset + codec.PREFIX.size:][:codec.PREFIX.unpack_from(
+            self._wmv, draft._offset)[0]])
+        enc = codec.encode(value) if type_ == L.T_OBJECT else None
+        if enc is not None and enc.meta != meta:
+            try:
+                # detach first: publish() may pick the draft's own slot
+                return_value = self.publish(_detached(value), timeout=timeout)
+            finally:
+                _readonly(value)
+                draft.release()
+            return return_value
+        _readonly(value)
+        draft.release()
+        del value, draft
+        self._publish(k, type_, length)
+
+    # -- introspection and lifetime --------------------------------------------
+    def stats(self) -> dict:
+        """Versions published, pins per slot, reclaimed pins, readers, writer."""
+        self._live()
+        cur = self.load_u64(L.ST_OFF_CURRENT)
+        pinned = [0] * self.slots
+        readers = 0
+        for i in range(self.max_readers):
+            off = L.HEADER_SIZE + i * L.ST_ENTRY
+            owner = self.load_u64(off + L.ST_ENTRY_OWNER)
+            if owner and alive(*L.split_owner(owner)):
+                readers += 1
+            pin = self.load_u64(off + L.ST_ENTRY_PIN)
+            if pin and (pin & 0xFF) < self.slots:
+                pinned[pin & 0xFF] += 1
+        pid, st = L.split_owner(self.load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER))
+        return {"name": self.name, "path": self.path, "slots": self.slots, "nbytes": self.nbytes,
+                "version": cur >> 8, "versions_published": cur >> 8,
+                "current_slot": (cur & 0xFF) if cur else None,
+                "pins": pinned, "slots_pinned": sum(1 for p in pinned if p),
+                "reclaimed_pins": self.load_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED),
+                "writer_waits": self.load_u64(L.ST_OFF_COUNTERS + L.ST_WRITER_WAITS),
+                "readers": readers, "max_readers": self.max_readers,
+                "writer": {"pid": pid or None, "alive": bool(pid) and alive(pid, st),
+                           "sessions": self.load_u64(L.ST_OFF_WRITER + L.ROLE_SESSIONS)},
+                "creator_pid": self._header["creator_pid"], "created_ns": self._header["created_ns"]}
+
+    def close(self) -> None:
+        """Give back the writer role and the reader entries, and detach.  Never
+        unmaps under a live snapshot or view.  Idempotent."""
+        if self._seg.buf is None:
+            return
+        self._give_back_writer()
+        me = L.owner_word(os.getpid(), my_start_time())
+        for i, busy in self._own_entries():    # empty in a forked child: the entries are the parent's
+            if not busy:                       # a busy entry stays ours until its snapshot is released
+                self.cas_u64(L.HEADER_SIZE + i * L.ST_ENTRY + L.ST_ENTRY_OWNER, me, 0)
+        self._mark_closed()
+        try:
+            self._wmv.release()
+        except BufferError:
+            pass
+        self._seg.close()
+
+    def unlink(self) -> None:
+        """Remove the name (or file).  Attached processes keep working."""
+        self._seg.unlink()
+
+    def __enter__(self) -> "SharedState":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self._created and self._seg.path is None:
+            try:
+                self.unlink()
+            except ShmringError:
+                pass
+
+    def __repr__(self) -> str:
+        return (f"<shmring.SharedState {self._seg.label} {self.slots} slots of {self.nbytes} bytes"
+                f"{' closed' if self.closed else f' version {self.version}'}>")
+
+
+def _attach(name, path):
+    return SharedState.attach(name, path=path)
