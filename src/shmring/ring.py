@@ -262,6 +262,10 @@ def _attach(name, path):
     return Ring.attach(name, path=path)
 
 
+_ROLE_WAKE = {L.OFF_PROD_ROLE: L.OFF_SPACE_WAKE,     # the producer sleeps for room
+              L.OFF_CONS_ROLE: L.OFF_DATA_WAKE}      # the consumer sleeps for data
+
+
 class _Role:
     """Taking and giving back a role slot (one 64-bit owner word, see layout)."""
 
@@ -285,7 +289,12 @@ class _Role:
                 raise RoleTaken(f"the {role} role of {ring._seg.label} is held by live process {pid}; "
                                 f"an {ring.kind} ring has one {role}", pid)
             if region.cas_u64(line + L.ROLE_OWNER, cur, me):
-                break                   # the holder died: take over
+                # The holder died: take over.  If it died asleep in a wait, its
+                # "waiters" count was never taken back, and the peer would pay a
+                # futex_wake syscall per message forever.  Only this role's holder
+                # sleeps on this wake word, and it is dead, so zero is exact.
+                region.store_u32(_ROLE_WAKE[line] + L.WAKE_WAITERS, 0)
+                break
         region.fetch_add_u64(line + L.ROLE_SESSIONS, 1)
         _live_roles[key] = self
         # The handle keeps its own Region: it must work after ring.close().
