@@ -2,17 +2,21 @@
 
 Workloads (``Case.workload``) and their metrics:
 
-* ``64B-stream``   -- 64-byte messages, a -> b, as fast as possible: M msg/s.
-* ``1MiB-stream``, ``16MiB-stream`` -- float32 arrays of that size: GB/s (1e9 B/s).
+* ``64B-stream``, ``4KiB-stream`` -- messages of that size, a -> b, as fast as possible: M msg/s.
+* ``1MiB-stream``, ``16MiB-stream`` -- float32 arrays of that size: GB/s (1e9 B/s); the
+  consumer touches two elements of each array.
+* ``1MiB-stream-sum``, ``16MiB-stream-sum`` -- the same, but the consumer sums the whole
+  array (``a.sum()``): every byte is read on the receiving side too.
 * ``pingpong-64B`` -- a sends 64 B, b echoes it back: round-trip time, median and p99 in us.
 
 Verification, so that a broken transport cannot look fast:
 
-* small messages come from a pool of 1024 prebuilt 64-byte messages whose first
-  8 bytes hold their pool index; the consumer unpacks that u64 from every message
+* small messages come from a pool of 1024 prebuilt messages of the workload's size
+  whose first 8 bytes hold their pool index; the consumer unpacks that u64 from every message
   it receives and sums it; the parent checks the count and the sum;
 * arrays carry the message's sequence number in their first and last element;
-  the consumer checks both on every message;
+  the consumer checks both on every message; in the ``-sum`` workloads it also checks
+  the sum of the whole array (all other elements are 1.0, so it is exact in float32);
 * the ping-pong client checks that every echo carries the index it sent.
 """
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import pickle
 import struct
 import time
 from itertools import count
@@ -33,10 +38,20 @@ from .harness import CTX, CaseFailed
 POOL_SIZE = 1024
 MASK = POOL_SIZE - 1
 MSG_SIZE = 64
-POOL = [struct.pack("<Q", j) + bytes(MSG_SIZE - 8) for j in range(POOL_SIZE)]
 U64 = struct.Struct("<Q").unpack_from
 FF_BATCH = 64
-FF_BATCHES = [POOL[k:k + FF_BATCH] for k in range(0, POOL_SIZE, FF_BATCH)]
+_POOLS: dict[int, list[bytes]] = {}
+
+
+def msg_pool(size: int) -> list[bytes]:
+    """The 1024 prebuilt messages of ``size`` bytes; message j starts with u64 j."""
+    p = _POOLS.get(size)
+    if p is None:
+        p = _POOLS[size] = [struct.pack("<Q", j) + bytes(size - 8) for j in range(POOL_SIZE)]
+    return p
+
+
+POOL = msg_pool(MSG_SIZE)        # the 64 B pool (ping-pong uses it)
 
 _uniq = count()
 
@@ -126,11 +141,19 @@ class Case:
 
 
 class SmallStream(Case):
-    workload = "64B-stream"
+    """Messages of ``size`` bytes (64 B or 4 KiB) from a prebuilt pool."""
     unit = "M msg/s"
     queue_ref = "mp.Queue put/get"
     shm_ref = "shmring send(bytes) + recv_bytes()"
     n_warm, n_min, n_max = 20000, 10000, 50_000_000
+
+    def __init__(self, size=MSG_SIZE):
+        self.size = size
+        self.workload = f"{size}B-stream" if size < 1024 else f"{size >> 10}KiB-stream"
+
+    @property
+    def pool(self):
+        return msg_pool(self.size)
 
     def run(self, role, ep, n):
         if role == "a":
@@ -160,12 +183,21 @@ class LargeStream(Case):
     queue_ref = "mp.Queue put/get (pickle)"
     shm_ref = "shmring send(arr)"
 
-    def __init__(self, nbytes):
+    def __init__(self, nbytes, summing=False):
         self.nbytes = nbytes
         self.count = nbytes // 4
-        self.workload = f"{nbytes >> 20}MiB-stream"
+        self.summing = summing
+        self.workload = f"{nbytes >> 20}MiB-stream" + ("-sum" if summing else "")
         self.n_warm = max(4, (64 << 20) // nbytes)
         self.n_min, self.n_max = 4, 10**7
+
+    def bad_array(self, a, i) -> bool:
+        """The consumer's per-message check: first and last element carry the sequence
+        number ``i``; with ``summing``, the whole array is also summed and checked (every
+        other element is 1.0; all partial sums are integers < 2**24, so float32 is exact)."""
+        if a[0] != i or a[-1] != i:
+            return True
+        return self.summing and a.sum() != self.count - 2 + 2 * i
 
     def run(self, role, ep, n):
         if role == "a":
@@ -327,7 +359,7 @@ class ShmSmallBytes(_ShmRing, SmallStream):
     capacity = 1 << 20
 
     def produce(self, ep, n):
-        send, pool = ep["h"].send, POOL
+        send, pool = ep["h"].send, self.pool
         for i in range(n):
             send(pool[i & MASK])
 
@@ -355,10 +387,11 @@ class ShmSmallZeroCopy(ShmSmallBytes):
 class ShmLargeSend(_ShmRing, LargeStream):
     transport = "shmring send(arr)"
 
-    def __init__(self, nbytes):
-        super().__init__(nbytes)
+    def __init__(self, nbytes, summing=False):
+        super().__init__(nbytes, summing)
         self.capacity = next_pow2(max(8 << 20, 4 * nbytes))
-        self.note = "one copy (producer), consumer reads a[0], a[-1] of a zero-copy view"
+        self.note = ("one copy (producer), consumer " + ("sums" if summing else "reads a[0], a[-1] of")
+                     + " a zero-copy view")
 
     def produce(self, ep, n):
         send = ep["h"].send
@@ -371,10 +404,11 @@ class ShmLargeSend(_ShmRing, LargeStream):
     def consume(self, ep, n):
         recv = ep["h"].recv
         bad = 0
+        bad_array = self.bad_array
         for i in range(n):
             with recv() as m:
                 a = m.value
-                if a[0] != i or a[-1] != i:
+                if bad_array(a, i):
                     bad += 1
                 del a
         return bad
@@ -383,9 +417,19 @@ class ShmLargeSend(_ShmRing, LargeStream):
 class ShmLargeReserve(ShmLargeSend):
     transport = "shmring reserve_array (fill in place)"
 
-    def __init__(self, nbytes):
-        super().__init__(nbytes)
+    def __init__(self, nbytes, summing=False):
+        super().__init__(nbytes, summing)
         self.note = "NO copy: producer writes only out[0], out[-1] (not comparable to one-copy rows)"
+        if summing:
+            self.note += ("; the sum is computed but not checked (the body holds whatever the ring held "
+                          "before: nobody wrote it)")
+
+    def bad_array(self, a, i):
+        if a[0] != i or a[-1] != i:
+            return True
+        if self.summing:
+            a.sum()
+        return False
 
     def produce(self, ep, n):
         rsv = ep["h"].reserve_array
@@ -457,7 +501,7 @@ class QueueSmall(SmallStream):
         return {"q": res["q"]}
 
     def produce(self, ep, n):
-        put, pool = ep["q"].put, POOL
+        put, pool = ep["q"].put, self.pool
         for i in range(n):
             put(pool[i & MASK])
 
@@ -500,9 +544,10 @@ class QueueLarge(LargeStream):
     def consume(self, ep, n):
         get = ep["q"].get
         bad = 0
+        bad_array = self.bad_array
         for i in range(n):
             a = get()
-            if a[0] != i or a[-1] != i:
+            if bad_array(a, i):
                 bad += 1
         return bad
 
@@ -548,7 +593,7 @@ class PipeSmall(SmallStream):
         return {"c": res["w"] if role == "a" else res["r"]}
 
     def produce(self, ep, n):
-        send, pool = ep["c"].send_bytes, POOL
+        send, pool = ep["c"].send_bytes, self.pool
         for i in range(n):
             send(pool[i & MASK])
 
@@ -579,9 +624,48 @@ class PipeLarge(LargeStream):
     def consume(self, ep, n):
         recv = ep["c"].recv_bytes
         bad = 0
+        bad_array = self.bad_array
         for i in range(n):
             a = np.frombuffer(recv(), np.float32)
-            if a[0] != i or a[-1] != i:
+            if bad_array(a, i):
+                bad += 1
+        return bad
+
+
+class PipePickle5Large(LargeStream):
+    transport = "mp.Pipe pickle protocol 5 (out-of-band)"
+    note = ("pickle.dumps(arr, protocol=5, buffer_callback=...): the header and the raw buffer as two "
+            "send_bytes, pickle.loads(header, buffers=[recv_bytes()]) on the consumer (no pickle copy; "
+            "copies through the kernel)")
+
+    setup = PipeSmall.setup
+    cleanup = PipeSmall.cleanup
+    open = PipeSmall.open
+
+    def produce(self, ep, n):
+        send = ep["c"].send_bytes
+        dumps = pickle.dumps
+        src = self.src(ep)
+        for i in range(n):
+            src[0] = i
+            src[-1] = i
+            bufs = []
+            head = dumps(src, protocol=5, buffer_callback=bufs.append)
+            send(bytes((len(bufs),)) + head)      # first byte: how many buffers follow
+            for b in bufs:
+                send(b.raw())
+            del bufs
+
+    def consume(self, ep, n):
+        recv = ep["c"].recv_bytes
+        loads = pickle.loads
+        bad = 0
+        bad_array = self.bad_array
+        for i in range(n):
+            head = recv()
+            bufs = [recv() for _ in range(head[0])]
+            a = loads(memoryview(head)[1:], buffers=bufs)
+            if bad_array(a, i):
                 bad += 1
         return bad
 
@@ -644,10 +728,11 @@ class ShmPipeLarge(LargeStream):
     def consume(self, ep, n):
         conn, views = ep["c"], ep["views"]
         bad = 0
+        bad_array = self.bad_array
         for i in range(n):
             k = conn.recv()
             a = views[k]
-            if a[0] != i or a[-1] != i:
+            if bad_array(a, i):
                 bad += 1
             conn.send(k)
         return bad
@@ -696,7 +781,7 @@ class ZmqSmall(_Zmq, SmallStream):
     transport = "pyzmq ipc PUSH/PULL copy=False"
 
     def produce(self, ep, n):
-        send, pool = ep["send"], POOL
+        send, pool = ep["send"], self.pool
         for i in range(n):
             send(pool[i & MASK], copy=False)
 
@@ -736,10 +821,11 @@ class ZmqLarge(_Zmq, LargeStream):
     def consume(self, ep, n):
         recv = ep["recv"]
         bad = 0
+        bad_array = self.bad_array
         for i in range(n):
             f = recv(copy=False)
             a = np.frombuffer(f.buffer, np.float32)
-            if a[0] != i or a[-1] != i:
+            if bad_array(a, i):
                 bad += 1
             del a, f
         return bad
@@ -771,7 +857,7 @@ class FFSmall(_FF, SmallStream):
     transport = "faster-fifo put/get"
 
     def produce(self, ep, n):
-        put, pool = ep["q"].put, POOL
+        put, pool = ep["q"].put, self.pool
         for i in range(n):
             put(pool[i & MASK])
 
@@ -788,7 +874,8 @@ class FFSmallBatched(FFSmall):
     note = f"batched: {FF_BATCH} messages per put_many; get_many takes up to 1000"
 
     def produce(self, ep, n):
-        put_many, batches = ep["q"].put_many, FF_BATCHES
+        pool = self.pool
+        put_many, batches = ep["q"].put_many, [pool[k:k + FF_BATCH] for k in range(0, POOL_SIZE, FF_BATCH)]
         nb = len(batches)
         full, rest = divmod(n, FF_BATCH)
         for i in range(full):
@@ -812,8 +899,8 @@ class FFLarge(_FF, LargeStream):
     transport = "faster-fifo put/get"
     note = "pickled; shared circular buffer of 4x the message"
 
-    def __init__(self, nbytes):
-        super().__init__(nbytes)
+    def __init__(self, nbytes, summing=False):
+        super().__init__(nbytes, summing)
         self.buf_bytes = 4 * nbytes + (1 << 20)
 
     def produce(self, ep, n):
@@ -827,9 +914,10 @@ class FFLarge(_FF, LargeStream):
     def consume(self, ep, n):
         get = ep["q"].get
         bad = 0
+        bad_array = self.bad_array
         for i in range(n):
             a = get()
-            if a[0] != i or a[-1] != i:
+            if bad_array(a, i):
                 bad += 1
         return bad
 
@@ -868,7 +956,7 @@ class _Iox:
         return {"name": uniq("bench_iox")}
 
     def payload_type(self):
-        return ctypes.c_uint8 * MSG_SIZE
+        return ctypes.c_uint8 * getattr(self, "size", MSG_SIZE)
 
     def _service(self, node, name):
         import iceoryx2 as iox2
@@ -904,7 +992,7 @@ class IoxSmall(_Iox, SmallStream):
 
     def produce(self, ep, n):
         t = self.payload_type()
-        pool = ep.get("pool") or ep.setdefault("pool", [t.from_buffer_copy(m) for m in POOL])
+        pool = ep.get("pool") or ep.setdefault("pool", [t.from_buffer_copy(m) for m in self.pool])
         send = ep["pub"].send_copy
         for i in range(n):
             send(pool[i & MASK])
@@ -927,8 +1015,8 @@ class IoxLarge(_Iox, LargeStream):
     transport = "iceoryx2 loan_slice_uninit + np.copyto"
     buffer = 2
 
-    def __init__(self, nbytes):
-        super().__init__(nbytes)
+    def __init__(self, nbytes, summing=False):
+        super().__init__(nbytes, summing)
         self.note = "one copy into a loaned sample; subscriber busy-polls receive()"
 
     def payload_type(self):
@@ -954,13 +1042,14 @@ class IoxLarge(_Iox, LargeStream):
         recv = ep["sub"].receive
         arr_t = ctypes.c_float * self.count
         bad = 0
+        bad_array = self.bad_array
         i = 0
         while i < n:
             smp = recv()
             if smp is None:
                 continue
             a = np.frombuffer(arr_t.from_address(smp.payload_ptr), np.float32)
-            if a[0] != i or a[-1] != i:
+            if bad_array(a, i):
                 bad += 1
             del a, smp
             i += 1
@@ -1099,6 +1188,7 @@ class SpinPingPong(PingPong):
 
 # ----------------------------------------------------------------------------- registry
 
+MSG_SIZES = (64, 4096)
 SIZES = (1 << 20, 16 << 20)
 IDLE_GAP = 300e-6     # client's sleep between round trips in the "-idle" ping-pong
 
@@ -1111,11 +1201,15 @@ def _unpinned(case):
 
 
 def all_cases():
-    cases = [ShmSmallBytes(), ShmSmallZeroCopy(), QueueSmall(), PipeSmall(), ZmqSmall(), FFSmall(),
-             FFSmallBatched(), IoxSmall()]
-    for nb in SIZES:
-        cases += [ShmLargeSend(nb), ShmLargeReserve(nb), QueueLarge(nb), ShmPipeLarge(nb),
-                  IoxLarge(nb), ZmqLarge(nb), FFLarge(nb), PipeLarge(nb)]
+    cases = []
+    for size in MSG_SIZES:
+        cases += [ShmSmallBytes(size), ShmSmallZeroCopy(size), QueueSmall(size), PipeSmall(size),
+                  ZmqSmall(size), FFSmall(size), FFSmallBatched(size), IoxSmall(size)]
+    for summing in (False, True):
+        for nb in SIZES:
+            cases += [ShmLargeSend(nb, summing), ShmLargeReserve(nb, summing), QueueLarge(nb, summing),
+                      ShmPipeLarge(nb, summing), IoxLarge(nb, summing), ZmqLarge(nb, summing),
+                      FFLarge(nb, summing), PipeLarge(nb, summing), PipePickle5Large(nb, summing)]
     cases += [
         ShmPingPong(1.0, "shmring busy-poll (spin=1 s)", busy=True),
         ShmPingPong(50e-6, "shmring hybrid (spin=50 us, default)", busy=True),

@@ -41,6 +41,75 @@ def _row(case, order):
             "note": case.note, "order": order, "median": None, "values": [], "error": None}
 
 
+def _rate(fn, nbytes, cfg):
+    """GB/s of ``fn()`` (which processes ``nbytes``): warm-up of cfg.warm_s that calibrates
+    the count, then cfg.repeats rounds of about cfg.large_s each.  Returns (values, n)."""
+    t_end = time.perf_counter() + cfg.warm_s
+    k = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() < t_end or k < 3:
+        fn()
+        k += 1
+    per = (time.perf_counter() - t0) / k
+    n = max(3, int(cfg.large_s / per))
+    values = []
+    for _ in range(cfg.repeats):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        values.append(n * nbytes / (time.perf_counter() - t0) / 1e9)
+    return values, n
+
+
+def _ref_row(workload, transport, note, order, values, n, log):
+    row = {"workload": workload, "transport": transport, "unit": "GB/s", "higher_better": True,
+           "queue_ref": "", "shm_ref": "", "note": note, "order": order,
+           "median": statistics.median(values), "values": values, "error": None, "n": n}
+    log(f"  {workload:<22} {transport:<44} {row['median']:.3g} GB/s")
+    return row
+
+
+BIG = 256 << 20          # > the 32 MiB L3 of the machine the targets refer to: DRAM bandwidth
+
+
+def limits_rows(cfg, log):
+    """Single-core physical limits, measured in this process: memcpy of a buffer far larger
+    than L3 and read bandwidth (XOR-reduce of uint64 words: the cheapest full read numpy
+    has, ~1 op per 8 bytes) in cache and from DRAM; np.sum of float32 from DRAM.  The
+    in-cache memcpy limits (1 MiB, 16 MiB) are the np.copyto rows of the stream workloads,
+    the per-size np.sum limits the np.sum rows of the -sum workloads."""
+    rows = []
+    big_src = np.ones(BIG // 4, np.float32)
+    big_dst = np.ones_like(big_src)
+    try:
+        v, n = _rate(lambda: np.copyto(big_dst, big_src), BIG, cfg)
+        rows.append(_ref_row("limits", report.LIMIT_COPY_BIG, "memcpy from DRAM to DRAM (bytes copied, not "
+                             "bytes moved: the bus carries ~2-3x)", 0, v, n, log))
+        del big_dst
+        xor = np.bitwise_xor.reduce
+        small = np.ones(1 << 17, np.uint64)            # 1 MiB: stays in L2
+        v, n = _rate(lambda: xor(small), small.nbytes, cfg)
+        rows.append(_ref_row("limits", report.LIMIT_READ_1M, "read bandwidth in cache", 1, v, n, log))
+        big_u64 = big_src.view(np.uint64)
+        v, n = _rate(lambda: xor(big_u64), BIG, cfg)
+        rows.append(_ref_row("limits", report.LIMIT_READ_BIG, "read bandwidth from DRAM", 2, v, n, log))
+        v, n = _rate(big_src.sum, BIG, cfg)
+        rows.append(_ref_row("limits", report.LIMIT_SUM_BIG, "what a consumer that sums pays from DRAM "
+                             "(numpy's pairwise float32 sum is slower than a plain read)", 3, v, n, log))
+    finally:
+        del big_src
+    return rows
+
+
+def sum_rows(nbytes, cfg, order, log):
+    """np.sum of a float32 array of the same size in one process: the consumer's own limit
+    in the -sum workloads (what it costs to read and add every element once)."""
+    a = np.ones(nbytes // 4, np.float32)
+    v, n = _rate(a.sum, nbytes, cfg)
+    return [_ref_row(f"{nbytes >> 20}MiB-stream-sum", report.SUM_REF, "same size, same private array every time: "
+                     "the consumer's read limit", order, v, n, log)]
+
+
 def copyto_rows(nbytes, cfg, order, log):
     """np.copyto of the same size in this (single) process: the one-copy ceiling."""
     src = np.ones(nbytes // 4, np.float32)
@@ -108,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the two processes of a case to two different CPUs")
     ap.add_argument("--list", action="store_true", help="list the cases and exit")
+    ap.add_argument("--primitives", action="store_true",
+                    help="also run the zero-copy primitives study (python -m bench.primitives: read vs mmap, "
+                         "read+send vs sendfile; ~1 min, needs ~1 GiB free in the temp dir)")
     args = ap.parse_args(argv)
 
     cfg = Config(args.quick, args.repeats, args.duration)
@@ -116,15 +188,22 @@ def main(argv=None) -> int:
     cases = all_cases()
     if pat:
         cases = [c for c in cases if pat.search(f"{c.workload} {c.transport}")]
-    copyto_sizes = [nb for nb in SIZES if not pat or pat.search(f"{nb >> 20}MiB-stream np.copyto (1 process)")]
+    # single-process reference rows: {workload: (labels, function(order) -> rows)}
+    refs = {f"{nb >> 20}MiB-stream": ((report.COPYTO, report.COPYTO_RING),
+                                      lambda o, nb=nb: copyto_rows(nb, cfg, o, log)) for nb in SIZES}
+    refs.update({f"{nb >> 20}MiB-stream-sum": ((report.SUM_REF,), lambda o, nb=nb: sum_rows(nb, cfg, o, log))
+                 for nb in SIZES})
+    refs["limits"] = (report.LIMIT_LABELS, lambda o: limits_rows(cfg, log))
+    refs = {w: r for w, r in refs.items() if not pat or any(pat.search(f"{w} {t}") for t in r[0])}
     if args.list:
         for c in cases:
             print(f"{c.workload:<16} {c.transport}")
-        for nb in copyto_sizes:
-            print(f"{nb >> 20}MiB-stream{'':<5} {report.COPYTO}")
-            print(f"{nb >> 20}MiB-stream{'':<5} {report.COPYTO_RING}")
+        for w, (labels, _) in refs.items():
+            for t in labels:
+                print(f"{w:<16} {t}")
+        print(f"(--primitives) {'':<2} python -m bench.primitives: read vs mmap, read+send vs sendfile")
         return 0
-    if not cases and not copyto_sizes:
+    if not cases and not refs and not args.primitives:
         print(f"no case matches {args.only!r} (see --list)", file=sys.stderr)
         return 2
 
@@ -137,12 +216,15 @@ def main(argv=None) -> int:
     log("\n".join(report.machine_lines(minfo, run)))
     t_start = time.monotonic()
     rows = []
-    done_copyto = set()
+    done_refs = set()
     failures = 0
+    if "limits" in refs:
+        done_refs.add("limits")
+        rows += refs["limits"][1](-1)
     for i, case in enumerate(cases):
-        if isinstance(case, LargeStream) and case.nbytes in copyto_sizes and case.nbytes not in done_copyto:
-            done_copyto.add(case.nbytes)
-            rows += copyto_rows(case.nbytes, cfg, i - 0.5, log)
+        if case.workload in refs and case.workload not in done_refs:
+            done_refs.add(case.workload)
+            rows += refs[case.workload][1](i - 0.5)
         t0 = time.monotonic()
         log(f"  {case.workload:<22} {case.transport:<44} ...")
         reason = case.unavailable()
@@ -180,19 +262,31 @@ def main(argv=None) -> int:
                 log(f"    {m}: {r['median']:.4g} {case.unit}  (repeats {', '.join(f'{v:.4g}' for v in vals)};"
                     f" {time.monotonic() - t0:.1f} s)")
             rows.append(r)
-    for nb in copyto_sizes:
-        if nb not in done_copyto:
-            rows += copyto_rows(nb, cfg, 1000 + nb, log)
+    for k, w in enumerate(refs):
+        if w not in done_refs:
+            rows += refs[w][1](1000 + k)
+    prim = None
+    if args.primitives:
+        from . import primitives
+        log("zero-copy primitives study (python -m bench.primitives)")
+        try:
+            prim = primitives.study(quick=args.quick, log=log)
+        except Exception as e:       # noqa: BLE001 -- the table above must still be written
+            prim = {"error": f"FAILED: {type(e).__name__}: {e}"}
+            log(f"    {prim['error']}")
+            failures += 1
     run["total_s"] = time.monotonic() - t_start
 
     rows = report.finish_rows(report.order_rows(rows))
     head = report.machine_lines(minfo, run)
     md = "\n".join(["\n".join(f"{h}  " for h in head), "", report.table(rows), "", report.LEGEND])
+    if prim is not None:
+        md += "\n\n" + (primitives.markdown(prim) if "error" not in prim else f"Primitives study: {prim['error']}")
     print(md)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
-    report.write_json(os.path.join(args.out, "results.json"), minfo, run, rows)
+    report.write_json(os.path.join(args.out, "results.json"), minfo, run, rows, primitives=prim)
     log(report.plot(os.path.join(args.out, "results.png"), rows))
     log(f"results written to {args.out}/ (results.md, results.json); total {run['total_s']:.1f} s")
     return 1 if failures else 0

@@ -9,10 +9,20 @@ from importlib import metadata
 
 import numpy as np
 
-WORKLOAD_ORDER = ["64B-stream", "1MiB-stream", "16MiB-stream", "pingpong-64B-median", "pingpong-64B-p99",
+WORKLOAD_ORDER = ["limits", "64B-stream", "4KiB-stream", "1MiB-stream", "16MiB-stream", "1MiB-stream-sum",
+                  "16MiB-stream-sum", "pingpong-64B-median", "pingpong-64B-p99",
                   "pingpong-64B-idle-median", "pingpong-64B-idle-p99"]
 COPYTO = "np.copyto (1 process)"
 COPYTO_RING = "np.copyto into shm, ring-sized rotation (1 process)"
+SUM_REF = "np.sum (1 process)"
+LIMIT_COPY_BIG = "memcpy: np.copyto 256 MiB (> L3)"
+LIMIT_READ_1M = "read: XOR-reduce uint64, 1 MiB (in cache)"
+LIMIT_READ_BIG = "read: XOR-reduce uint64, 256 MiB (> L3)"
+LIMIT_SUM_BIG = "read+add: np.sum float32, 256 MiB (> L3)"
+LIMIT_LABELS = (LIMIT_COPY_BIG, LIMIT_READ_1M, LIMIT_READ_BIG, LIMIT_SUM_BIG)
+REFERENCES = (COPYTO, COPYTO_RING, SUM_REF) + LIMIT_LABELS
+SPIN_FLOOR = "raw shm word spin (Python)"
+SEM_FLOOR = "raw posix_ipc.Semaphore pair"
 
 
 def _cpu_model() -> str:
@@ -90,15 +100,64 @@ def _find(rows, workload, transport):
     return None
 
 
+def _is_msg(workload):
+    """A message-stream workload ("64B-stream", "4KiB-stream"), not an array one."""
+    return workload.endswith("B-stream") and not workload.endswith("MiB-stream")
+
+
+def _msg_bytes(workload):
+    """Payload bytes per message of a message-stream workload ("64B-stream", "4KiB-stream")."""
+    n = workload.split("-", 1)[0]
+    return int(n[:-3]) << 10 if n.endswith("KiB") else int(n[:-1])
+
+
+def limit_of(rows, r):
+    """The physical limit a row is measured against: (percent, short label) or None.
+
+    Arrays: the single-core np.copyto of the same size (the send copy) for the stream
+    workloads, np.sum of the same size (the consumer's read) for the -sum workloads.
+    Messages: payload bytes/s against np.copyto of 1 MiB (a copy in cache: what the bytes
+    alone would cost).  Ping-pong: the raw floor of the same kind (higher % = closer)."""
+    w, t, v = r["workload"], r["transport"], r.get("median")
+    if v is None or t in REFERENCES:
+        return None
+    if w.endswith("MiB-stream"):
+        if "reserve" in t:
+            return None            # no copy at all: not comparable with the copy limit
+        ref, label = _find(rows, w, COPYTO), "copy"
+    elif w.endswith("MiB-stream-sum"):
+        ref, label = _find(rows, w, SUM_REF), "sum"
+    elif _is_msg(w):
+        ref, label = _find(rows, "1MiB-stream", COPYTO), "copy (1 MiB)"
+        if ref:
+            return 100 * v * 1e6 * _msg_bytes(w) / 1e9 / ref["median"], label
+        return None
+    elif w.startswith("pingpong"):
+        busy = r["shm_ref"] == "shmring busy-poll (spin=1 s)"
+        if t in (SPIN_FLOOR, SEM_FLOOR):
+            return None
+        ref, label = _find(rows, w, SPIN_FLOOR if busy else SEM_FLOOR), "spin floor" if busy else "sem floor"
+        if ref:
+            return 100 * ref["median"] / v, label
+        return None
+    else:
+        return None
+    return (100 * v / ref["median"], label) if ref else None
+
+
 def finish_rows(rows):
-    """Fill in the ratio columns and the computed notes (target checks)."""
+    """Fill in the ratio columns, the fraction of the physical limit and the computed notes
+    (target checks)."""
     for r in rows:
+        lim = limit_of(rows, r)
+        if lim:
+            r["pct_of_limit"], r["limit"] = lim
         r["x_queue"] = _better(r, _find(rows, r["workload"], r["queue_ref"])) if r["queue_ref"] else None
         r["x_shmring"] = _better(r, _find(rows, r["workload"], r["shm_ref"])) if r["shm_ref"] else None
         notes = [r["note"]] if r.get("note") else []
         if r.get("median") is not None:
             w, t, v = r["workload"], r["transport"], r["median"]
-            if w.endswith("MiB-stream") and t not in (COPYTO, COPYTO_RING) and "reserve" not in t:
+            if w.endswith("MiB-stream") and t not in REFERENCES and "reserve" not in t:
                 c = _find(rows, w, COPYTO)
                 c2 = _find(rows, w, COPYTO_RING)
                 pcts = []
@@ -115,6 +174,18 @@ def finish_rows(rows):
             if w == "64B-stream" and t.startswith("shmring"):
                 target = 5.0 if "recv_bytes" in t else 3.0
                 notes.insert(0, f"target >= {target:g} M/s: {'met' if v >= target else '**missed**'}")
+            if _is_msg(w):
+                r["payload_gbps"] = v * 1e6 * _msg_bytes(w) / 1e9
+                if w != "64B-stream" or t.startswith("shmring"):
+                    notes.append(f"{_num(r['payload_gbps'])} GB/s of payload")
+            if w.endswith("MiB-stream-sum") and t not in REFERENCES:
+                c = _find(rows, w[:-len("-sum")], COPYTO)
+                sref = _find(rows, w, SUM_REF)
+                if c and sref and "reserve" not in t and (t.startswith("shmring") or v >= 0.2 * sref["median"]):
+                    bound = min(c["median"], sref["median"])
+                    r["pct_of_pipeline_bound"] = 100 * v / bound
+                    notes.insert(0, f"{r['pct_of_pipeline_bound']:.0f}% of min(np.copyto, np.sum) = "
+                                    f"{_num(bound)} GB/s (copy and sum on two cores in parallel)")
             if w == "pingpong-64B-median" and t == "shmring busy-poll (spin=1 s)":
                 notes.insert(0, f"target <= 2 us: {'met' if v <= 2 else '**missed**'}")
             if w.startswith("pingpong-64B") and t.startswith("shmring") and "busy" not in t:
@@ -160,11 +231,15 @@ def _cell(s: str) -> str:
 
 
 def table(rows) -> str:
-    out = ["| transport | workload | median | unit | x mp.Queue | x shmring | notes |",
-           "|---|---|---:|---|---:|---:|---|"]
+    out = ["| transport | workload | median | unit | x mp.Queue | x shmring | of limit | notes |",
+           "|---|---|---:|---|---:|---:|---:|---|"]
     for r in rows:
+        lim = f"{r['pct_of_limit']:.0f}% {r['limit']}" if r.get("pct_of_limit") is not None else ""
+        if r.get("pct_of_limit") is not None and r["pct_of_limit"] < 1:
+            lim = f"{r['pct_of_limit']:.2f}% {r['limit']}"
         out.append(f"| {_cell(r['transport'])} | {r['workload']} | {_num(r.get('median'))} | {r['unit']} | "
-                   f"{_ratio(r.get('x_queue'))} | {_ratio(r.get('x_shmring'))} | {_cell(r.get('notes', ''))} |")
+                   f"{_ratio(r.get('x_queue'))} | {_ratio(r.get('x_shmring'))} | {lim} | "
+                   f"{_cell(r.get('notes', ''))} |")
     return "\n".join(out)
 
 
@@ -174,7 +249,13 @@ LEGEND = ("Ratios: how many times *better* this row is than the reference row of
           "shmring busy-poll (busy rows) or shmring blocking (blocking rows) in ping-pong. "
           "pingpong-64B: back-to-back round trips; pingpong-64B-idle: the client sleeps 300 us between "
           "round trips (untimed) so blocking waiters are really asleep when the ping arrives. "
-          "GB/s = 1e9 bytes/s. Every row: separate producer and consumer processes, except np.copyto.")
+          "'of limit': the row as a percentage of the single-core physical limit that bounds it, measured "
+          "in this run: 'copy' = np.copyto of the same size (arrays; for messages, payload bytes/s against "
+          "np.copyto of 1 MiB), 'sum' = np.sum of the same size (the -sum workloads, where the consumer "
+          "sums every array), 'spin floor' / 'sem floor' = the raw ping-pong floors (floor/row). "
+          "-sum workloads: the consumer sums the whole array instead of touching two elements. "
+          "GB/s = 1e9 bytes/s. Every row: separate producer and consumer processes, except the "
+          "'(1 process)' references and the limits.")
 
 
 def order_rows(rows):
@@ -184,9 +265,12 @@ def order_rows(rows):
     return sorted(rows, key=key)
 
 
-def write_json(path, machine_info, run, rows):
+def write_json(path, machine_info, run, rows, primitives=None):
+    doc = {"machine": machine_info, "run": run, "results": rows}
+    if primitives is not None:
+        doc["primitives"] = primitives
     with open(path, "w") as f:
-        json.dump({"machine": machine_info, "run": run, "results": rows}, f, indent=1, default=float)
+        json.dump(doc, f, indent=1, default=float)
 
 
 def plot(path, rows) -> str:
@@ -209,8 +293,8 @@ def plot(path, rows) -> str:
         med = np.array([r["median"] for r in g])
         lo = med - np.array([min(r["values"]) for r in g])
         hi = np.array([max(r["values"]) for r in g]) - med
-        colors = ["tab:orange" if t.startswith("shmring") else "tab:gray" if t.startswith(("raw", "np."))
-                  else "tab:blue" for t in labels]
+        colors = ["tab:orange" if t.startswith("shmring") else "tab:gray" if t.startswith(("raw", "np.")) or
+                  t in REFERENCES else "tab:blue" for t in labels]
         y = np.arange(len(g))
         ax.barh(y, med, xerr=[lo, hi], color=colors, capsize=2)
         ax.set_yticks(y, labels, fontsize=8)
