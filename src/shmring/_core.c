@@ -1280,7 +1280,7 @@ static int st_check(StateCore *s, uint64_t cur, uint32_t *slot, uint64_t *versio
     uint32_t k = (uint32_t)(cur & 0xff);
     uint64_t v = cur >> 8;
     if (k >= s->nslots) {
-        PyErr_Format(CorruptSegmentError, "current word %#llx names slot %u of %u",
+        PyErr_Format(CorruptSegmentError, "current word %llu names slot %u of %u",
                      (unsigned long long)cur, k, s->nslots);
         return -1;
     }
@@ -1471,7 +1471,7 @@ static PyObject *StateCore_publish(StateCore *self, PyObject *const *args, Py_ss
     uint64_t c = load_acquire64(self->base + SHMR_ST_OFF_CURRENT);
     uint64_t v = (c >> 8) + 1;
     if (c && (c & 0xff) >= self->nslots) {
-        PyErr_Format(CorruptSegmentError, "current word %#llx names slot %llu of %u", (unsigned long long)c,
+        PyErr_Format(CorruptSegmentError, "current word %llu names slot %llu of %u", (unsigned long long)c,
                      (unsigned long long)(c & 0xff), self->nslots);
         return NULL;
     }

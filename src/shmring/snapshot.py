@@ -115,6 +115,13 @@ def _validate_state_header(seg: Segment, wait_ready: float = 1.0) -> dict:
     return h
 
 
+def _slot_bytes(enc: codec.Encoded) -> int:
+    """Exact payload bytes of ``enc`` in a slot (a slot payload starts 64-aligned,
+    so the padding before the array area is known, unlike in a ring)."""
+    n = codec.PREFIX.size + len(enc.meta)
+    return L.align(n, L.ARRAY_ALIGN) + enc.area_len if enc.blocks else n
+
+
 def _writable(obj):
     """Make the arrays of a decoded draft writable (their buffer is the writer's slot)."""
     if isinstance(obj, np.ndarray):
@@ -401,7 +408,7 @@ class SharedState(_core.StateCore):
             enc = codec.Encoded(L.T_ARRAY, meta, [(value, value.shape, value.dtype, order, 0)], value.nbytes)
         else:
             enc = codec.encode(value)
-        self._check_size(enc.max_payload)
+        self._check_size(_slot_bytes(enc))
         self._claim_writer()
         k = self._acquire_slot(timeout)
         n, _ = codec.write(self._wmv, self._first_slot + k * self._slot_size + L.ST_SLOT_HDR, enc)
