@@ -10,7 +10,7 @@ import time
 from . import layout as L
 from ._proc import alive
 from .errors import ShmringError
-from .segment import SHM_DIR, list_segments
+from .segment import PREFIX, SHM_DIR, list_segments
 
 
 def _size(text: str) -> int:
@@ -26,18 +26,122 @@ def _size(text: str) -> int:
     raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 4096, 64k, 1MiB)")
 
 
-def _describe(name: str) -> dict:
-    from .ring import Ring
+GRACE = 10.0        # seconds a not-yet-ready segment is presumed to be under construction
+
+
+def _raw_header(name: str) -> tuple[dict | None, float | None, str | None]:
+    """(fixed header fields, age in seconds from the file's mtime, error) read
+    without validating anything and without waiting for a creator."""
+    from .segment import Segment
     try:
-        ring = Ring.attach(name)
+        seg = Segment.open(name, wait_ready=0)
     except ShmringError as e:
-        return {"name": name, "error": str(e)}
+        try:
+            mtime = os.stat(os.path.join(SHM_DIR, PREFIX + name)).st_mtime
+        except OSError:
+            mtime = None
+        return None, None if mtime is None else time.time() - mtime, str(e)
     try:
-        st = ring.stats()
+        return L.read_header(seg.buf), None, None
     finally:
-        ring.close()
+        seg.close()
+
+
+def _creator(h: dict | None) -> dict:
+    if not h or not h.get("creator_pid"):
+        return {"pid": None, "alive": False}
+    pid = h["creator_pid"]
+    return {"pid": pid, "alive": alive(pid, h["creator_start"] & 0xFFFFFFFF)}
+
+
+def _describe(name: str) -> dict:
+    """One segment as a dict: a ring's or a shared state's stats(), normalized
+    with kind, size, fill, the live pids that use it and its age; or an error."""
+    from .ring import Ring
+    h, age, err = _raw_header(name)
+    if h is None:
+        return {"name": name, "kind": "?", "error": err, "age_s": age, "creator": _creator(None)}
+    if h["magic"] != L.MAGIC or h["ready"] != 1:      # attach would wait a second, then refuse it
+        if h["magic"] == L.MAGIC or h["magic"] == 0:
+            err = (f"segment {name!r} is not initialized (ready flag {h['ready']}); its creator "
+                   f"{'(pid %d) ' % h['creator_pid'] if h['creator_pid'] else ''}may have died creating it")
+        else:
+            err = f"segment {name!r} is not a shmring segment: magic {h['magic']:#018x}"
+        return {"name": name, "kind": "?", "error": err, "age_s": _seg_age(name),
+                "creator": _creator(h if h["magic"] == L.MAGIC else None)}
+    if h["kind"] == getattr(L, "KIND_STATE", None):
+        from .snapshot import SharedState
+        opener = SharedState.attach
+    else:
+        opener = Ring.attach
+    try:
+        obj = opener(name)
+    except ShmringError as e:
+        return {"name": name, "kind": "?", "error": str(e), "age_s": _seg_age(name),
+                "creator": _creator(h if h["magic"] == L.MAGIC else None)}
+    try:
+        st = obj.stats()
+    finally:
+        obj.close()
+    st["creator"] = _creator(h)
     st["age_s"] = round(time.time() - st["created_ns"] / 1e9, 1)
+    st["size"] = h["segment_size"]
+    if "write_pos" in st:                       # a ring
+        users = [r["pid"] for r in (st["producer"], st["consumer"]) if r["pid"] and r["alive"]]
+    else:                                       # a shared state
+        st["kind"] = "state"
+        st["fill"] = st["slots_pinned"] / max(1, st["slots"])
+        users = [st["writer"]["pid"]] if st["writer"]["pid"] and st["writer"]["alive"] else []
+    st["live_users"] = users
     return st
+
+
+def _seg_age(name):
+    try:
+        return round(time.time() - os.stat(os.path.join(SHM_DIR, PREFIX + name)).st_mtime, 1)
+    except OSError:
+        return None
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if n < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" or n == int(n) else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _age(s) -> str:
+    if s is None:
+        return "-"
+    s = max(0, int(s))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 else f"{s // 86400}d"
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "~"
+
+
+def _pid(role: dict) -> str:
+    if not role or not role.get("pid"):
+        return "-"
+    return f"{role['pid']}" + ("" if role["alive"] else "(dead)")
+
+
+LS_HEAD = f"{'NAME':22} {'KIND':5} {'SIZE':>7} {'FILL':>6} {'PRODUCER':>12} {'CONSUMER':>12} {'AGE':>6}"
+
+
+def _ls_row(r: dict) -> str:
+    name = _fit(r["name"], 22)
+    if "error" in r:
+        err = r["error"].replace(f"segment {r['name']!r} ", "")
+        return f"{name:22} {'?':5} " + _fit(err, 80 - 29)
+    if r["kind"] == "state":
+        prod, cons = _pid(r["writer"]), f"{r['readers']} readers"
+    else:
+        prod, cons = _pid(r["producer"]), _pid(r["consumer"])
+    return (f"{name:22} {r['kind']:5} {_human(r['size']):>7} {r['fill'] * 100:5.1f}% "
+            f"{_fit(prod, 12):>12} {_fit(cons, 12):>12} {_age(r['age_s']):>6}")
 
 
 def cmd_ls(args) -> int:
@@ -48,26 +152,133 @@ def cmd_ls(args) -> int:
     if not rows:
         print(f"no shmring segments in {SHM_DIR}")
         return 0
-    print(f"{'NAME':24} {'KIND':6} {'CAPACITY':>10} {'FILL':>6} {'PRODUCER':>10} {'CONSUMER':>10} {'AGE':>8}")
+    print(LS_HEAD)
     for r in rows:
-        if "error" in r:
-            print(f"{r['name']:24} {r['error']}")
-            continue
-
-        def role(x):
-            return "-" if not x["pid"] else f"{x['pid']}{'' if x['alive'] else '(dead)'}"
-        print(f"{r['name']:24} {r['kind']:6} {r['capacity']:>10,} {r['fill'] * 100:5.1f}% "
-              f"{role(r['producer']):>10} {role(r['consumer']):>10} {r['age_s']:>7.0f}s")
+        print(_ls_row(r))
     return 0
+
+
+def _stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
+    if st["kind"] == "state":
+        lines = [f"{st['name']}  shared state, {st['slots']} slots of {_human(st['nbytes'])}, "
+                 f"age {_age(st['age_s'])}",
+                 f"  version      {st['version']:,}",
+                 f"  pinned slots {st['slots_pinned']}/{st['slots']}  pins {st['pins']}",
+                 f"  writer       {_pid(st['writer'])}  sessions {st['writer']['sessions']}",
+                 f"  readers      {st['readers']} live of {st['max_readers']}",
+                 f"  reclaimed    {st['reclaimed_pins']} dead pins; writer waited {st['writer_waits']} times"]
+        if prev is not None and dt > 0:
+            lines.append(f"  rate         {(st['version'] - prev['version']) / dt:,.1f} versions/s")
+        return lines
+    lines = [f"{st['name'] or st['path']}  {st['kind']} ring, capacity {_human(st['capacity'])}, "
+             f"age {_age(st['age_s'])}",
+             f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['capacity']:,} bytes)",
+             f"  positions    write {st['write_pos']:,}  read {st['read_pos']:,}",
+             f"  producer     {_pid(st['producer'])}  sessions {st['producer']['sessions']}",
+             f"  consumer     {_pid(st['consumer'])}  sessions {st['consumer']['sessions']}",
+             f"  stream       {st['closed'] or 'open'}"]
+    if prev is not None and dt > 0:
+        win = (st["write_pos"] - prev["write_pos"]) / dt
+        rout = (st["read_pos"] - prev["read_pos"]) / dt
+        lines.append(f"  rates        in {win / 1e6:,.2f} MB/s  out {rout / 1e6:,.2f} MB/s")
+    return lines
 
 
 def cmd_stat(args) -> int:
     st = _describe(args.name)
     if "error" in st:
-        print(st["error"], file=sys.stderr)
+        print(f"shmring stat: {st['error']}", file=sys.stderr)
         return 1
-    print(json.dumps(st, indent=2) if args.json else "\n".join(f"{k:12} {v}" for k, v in st.items()))
-    return 0
+    if not args.watch:
+        print(json.dumps(st, indent=2) if args.json else "\n".join(_stat_lines(st, None, 0)))
+        return 0
+    tty = sys.stdout.isatty() and not args.json
+    prev, t_prev, n = None, None, 0
+    try:
+        while True:
+            t = time.monotonic()
+            st = _describe(args.name)
+            if "error" in st:
+                print(f"shmring stat: {st['error']}", file=sys.stderr)
+                return 1
+            if args.json:
+                if prev is not None:
+                    dt = t - t_prev
+                    if "write_pos" in st:
+                        st["rate_in_Bps"] = (st["write_pos"] - prev["write_pos"]) / dt
+                        st["rate_out_Bps"] = (st["read_pos"] - prev["read_pos"]) / dt
+                    else:
+                        st["versions_per_s"] = (st["version"] - prev["version"]) / dt
+                print(json.dumps(st), flush=True)
+            else:
+                lines = _stat_lines(st, prev, (t - t_prev) if t_prev else 0)
+                if tty:
+                    sys.stdout.write("\x1b[H\x1b[J")     # home, clear: refresh in place
+                print("\n".join(lines + ["", f"every {args.interval:g} s; Ctrl-C to stop"]), flush=True)
+            prev, t_prev, n = st, t, n + 1
+            if args.count and n >= args.count:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def gc_plan(names=None, *, force=False, grace=GRACE) -> list[dict]:
+    """What ``shmring gc`` would do: one dict per segment with ``action``
+    (``remove`` / ``keep``) and ``why``."""
+    plan = []
+    for name in (list_segments() if names is None else names):
+        if not os.path.exists(os.path.join(SHM_DIR, PREFIX + name)):
+            plan.append({"name": name, "kind": "?", "action": "missing", "why": "no such segment"})
+            continue
+        r = _describe(name)
+        creator = r.get("creator") or {"pid": None, "alive": False}
+        if "error" in r:
+            if creator["alive"]:
+                act, why = "keep", f"unreadable, but its creator (pid {creator['pid']}) is alive: {r['error']}"
+            elif r.get("age_s") is not None and r["age_s"] < grace:
+                act, why = "keep", f"unreadable and younger than {grace:g} s (may be being created): {r['error']}"
+            elif force:
+                act, why = "remove", f"foreign or corrupt (--force): {r['error']}"
+            else:
+                act, why = "keep", f"foreign or corrupt; remove with --force: {r['error']}"
+        elif r["live_users"]:
+            act, why = "keep", "in use by live pid(s) " + ", ".join(map(str, r["live_users"]))
+        elif r["kind"] == "state" and r["readers"]:
+            act, why = "keep", f"{r['readers']} live reader(s)"
+        elif creator["alive"]:
+            act, why = "keep", f"its creator (pid {creator['pid']}) is alive"
+        else:
+            act, why = "remove", "every registered process and its creator are dead"
+        plan.append({"name": name, "kind": r.get("kind", "?"), "action": act, "why": why})
+    return plan
+
+
+def cmd_gc(args) -> int:
+    from .segment import unlink
+    plan = gc_plan(args.names or None, force=args.force, grace=args.grace)
+    rc = 0
+    for i, item in enumerate(plan):
+        if item["action"] == "remove" and not args.dry_run:
+            # Re-check just before removing: a process may have attached meanwhile.
+            plan[i] = item = gc_plan([item["name"]], force=args.force, grace=args.grace)[0]
+            if item["action"] == "remove":
+                try:
+                    unlink(item["name"])
+                    item["action"] = "removed"
+                except ShmringError as e:
+                    item["action"], item["why"] = "failed", str(e)
+                    rc = 1
+    if args.json:
+        print(json.dumps(plan, indent=2))
+        return rc
+    if not plan:
+        print(f"no shmring segments in {SHM_DIR}")
+    verb = {"remove": "would remove" if args.dry_run else "remove", "removed": "removed", "keep": "kept",
+            "failed": "FAILED", "missing": "missing"}
+    for item in plan:
+        print(_fit(f"{verb[item['action']]:12} {item['name']}: {item['why']}", 80))
+    return rc
 
 
 def cmd_rm(args) -> int:
@@ -78,7 +289,7 @@ def cmd_rm(args) -> int:
             unlink(name)
             print(f"removed {name}")
         except ShmringError as e:
-            print(e, file=sys.stderr)
+            print(f"shmring rm: {e}", file=sys.stderr)
             rc = 1
     return rc
 
@@ -99,10 +310,21 @@ def main(argv=None) -> int:
     s = sub.add_parser("ls", help="list shmring segments")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_ls)
-    s = sub.add_parser("stat", help="show one ring's state")
+    s = sub.add_parser("stat", help="show one segment's state (--watch: live, with rates)")
     s.add_argument("name")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="JSON (one object per line with --watch)")
+    s.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    s.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    s.add_argument("--count", type=int, default=0, help="with --watch: stop after N refreshes")
     s.set_defaults(func=cmd_stat)
+    s = sub.add_parser("gc", help="remove segments whose processes are all dead")
+    s.add_argument("names", nargs="*", help="only these segments (default: every shmring segment)")
+    s.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    s.add_argument("--force", action="store_true", help="also remove foreign or corrupt shmring.* segments")
+    s.add_argument("--grace", type=float, default=GRACE,
+                   help=f"leave unreadable segments younger than this alone (default {GRACE:g} s)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_gc)
     s = sub.add_parser("rm", help="remove segments by name")
     s.add_argument("names", nargs="+")
     s.set_defaults(func=cmd_rm)
