@@ -134,3 +134,49 @@ def consume_all_from(name, q, path=None):
         q.put({"seqs": seqs, "bad": bad, "error": None})
     except BaseException:
         q.put({"seqs": seqs, "bad": bad, "error": traceback.format_exc()})
+
+
+# ----------------------------------------------------------------------------- SharedState
+
+def state_value(v):
+    """Version v's value: every element is v, so a torn or stale read shows."""
+    import numpy as np
+    return np.full(512, v, np.int64)
+
+
+def state_writer_stepwise(name, steps, q):
+    """Publish versions 1, 2, ... one per token taken from ``steps`` (a queue);
+    report each published version; the last publish may block (every spare
+    slot pinned) until killed."""
+    state = shmring.SharedState.attach(name)
+    v = 0
+    while True:
+        steps.get(timeout=HANG)
+        v += 1
+        q.put(("publishing", v))
+        state.publish(state_value(v), timeout=HANG)
+        q.put(("published", v))
+
+
+def state_create_then_stop(name, ready):
+    """Create a SharedState but stop before its header is written."""
+    from shmring import snapshot
+
+    def stop(*a, **k):
+        ready.set()
+        hang()
+    snapshot._write_state_header = stop
+    shmring.SharedState.create(name, 4096)
+    raise AssertionError("not killed in time")
+
+
+def state_attach_then_stop(name, ready):
+    """Stop inside SharedState.attach, after mapping, before validating."""
+    from shmring import snapshot
+
+    def stop(*a, **k):
+        ready.set()
+        hang()
+    snapshot._validate_state_header = stop
+    shmring.SharedState.attach(name)
+    raise AssertionError("not killed in time")
