@@ -183,43 +183,48 @@ def _consume(ring, owners_touched):
         raise Disallowed("RoleTaken although no owner word was touched")
     except Exception as e:
         raise Disallowed(f"consumer() raised {type(e).__name__}: {e}") from e
+    try:
+        return _drain(ring, c, owners_touched)
+    finally:
+        c.close()
+
+
+def _drain(ring, c, owners_touched):
+    """Receive with consumer ``c`` until an allowed end; check every message's views."""
     base = np.frombuffer(ring._seg.buf, np.uint8)
     base_addr = base.__array_interface__["data"][0]
     mapping = (base_addr, base_addr + base.nbytes)
     del base
-    try:
-        for _ in range(MAX_READS):
-            try:
-                m = c.recv(timeout=0)
-            except ALLOWED_END as e:
-                return "recv:" + type(e).__name__
-            except shmring.PeerGone:
-                if owners_touched:                       # the producer's owner word now names a dead pid
-                    return "recv:PeerGone"
-                raise Disallowed("PeerGone although no owner word was touched")
-            except Exception as e:
-                raise Disallowed(f"recv raised {type(e).__name__}: {e}") from e
-            if m.kind not in ("bytes", "array", "object") or m.nbytes > ring.max_message:
-                raise Disallowed(f"impossible message {m!r}")
-            msg = (base_addr + m._offset, base_addr + m._offset + m.nbytes)
-            try:
-                for how in ("value", "copy"):
-                    try:
-                        v = m.value if how == "value" else m.copy()
-                    except shmring.CorruptSegmentError:
-                        continue
-                    _walk(v, mapping if how == "value" else (0, 0), msg)   # copies live elsewhere
-                    del v
-                if len(m.tobytes()) != m.nbytes:
-                    raise Disallowed("tobytes() length differs from nbytes")
-                m.release()
-            except Disallowed:
-                raise
-            except Exception as e:
-                raise Disallowed(f"reading {m!r} raised {type(e).__name__}: {e}") from e
-        raise Disallowed(f"more than {MAX_READS} messages from a {CAP}-byte ring")
-    finally:
-        c.close()
+    for _ in range(MAX_READS):
+        try:
+            m = c.recv(timeout=0)
+        except ALLOWED_END as e:
+            return "recv:" + type(e).__name__
+        except shmring.PeerGone:
+            if owners_touched:                       # the producer's owner word now names a dead pid
+                return "recv:PeerGone"
+            raise Disallowed("PeerGone although no owner word was touched")
+        except Exception as e:
+            raise Disallowed(f"recv raised {type(e).__name__}: {e}") from e
+        if m.kind not in ("bytes", "array", "object") or m.nbytes > ring.max_message:
+            raise Disallowed(f"impossible message {m!r}")
+        msg = (base_addr + m._offset, base_addr + m._offset + m.nbytes)
+        try:
+            for how in ("value", "copy"):
+                try:
+                    v = m.value if how == "value" else m.copy()
+                except shmring.CorruptSegmentError:
+                    continue
+                _walk(v, mapping if how == "value" else (0, 0), msg)   # copies live elsewhere
+                del v
+            if len(m.tobytes()) != m.nbytes:
+                raise Disallowed("tobytes() length differs from nbytes")
+            m.release()
+        except Disallowed:
+            raise
+        except Exception as e:
+            raise Disallowed(f"reading {m!r} raised {type(e).__name__}: {e}") from e
+    raise Disallowed(f"more than {MAX_READS} messages from a {CAP}-byte ring")
 
 
 def _produce(ring, owners_touched):
@@ -279,8 +284,82 @@ def random_round(rng: random.Random, snap: bytes, regs: dict, path: str) -> str:
     return read_back(path, touched)
 
 
+def live_round(snap: bytes, path: str, side: str, first: int, muts) -> str:
+    """Corrupt a ring *while* a role is attached and has cached positions.
+
+    ``side == "consumer"``: a consumer receives and releases ``first`` messages,
+    then ``muts`` are applied to the live mapping, then it reads on to the end.
+    ``side == "producer"``: a producer (whose cached read position is now
+    stale) is attached, the mapping is corrupted, it tries to send ``first``
+    more messages, then a fresh consumer reads everything back.  Returns the
+    outcome; raises Disallowed for anything the contract forbids."""
+    with open(path, "wb") as f:
+        f.write(snap)
+    regs = regions(snap)
+    ring = shmring.Ring.attach(path=path)
+    try:
+        live = ring._seg.buf
+        if side == "consumer":
+            c = ring.consumer()
+            try:
+                for _ in range(first):
+                    try:
+                        c.recv(timeout=0).release()
+                    except (shmring.EndOfStream, shmring.Timeout):
+                        break
+                for region, index, width, value, relative in muts:
+                    _apply_live(live, regs, region, index, width, value, relative)
+                return "live-consumer:" + _drain(ring, c, any(m[0] == "owners" for m in muts))
+            finally:
+                c.close()
+        try:
+            p = ring.producer()
+        except shmring.HandleClosed:
+            return "live-producer:HandleClosed"
+        try:
+            for region, index, width, value, relative in muts:
+                _apply_live(live, regs, region, index, width, value, relative)
+            sent = 0
+            for i in range(first):
+                try:
+                    sent += bool(p.try_send(b"%d" % i * (i % 50)))
+                except shmring.CorruptSegmentError:
+                    break
+                except Exception as e:
+                    raise Disallowed(f"try_send on a live corrupted ring raised {type(e).__name__}: {e}") from e
+        finally:
+            p.detach()
+        return f"live-producer:{sent}/" + _consume(ring, any(m[0] == "owners" for m in muts))
+    finally:
+        ring.close()
+
+
+def _apply_live(live, regs, region, index, width, value, relative):
+    """apply() on a live mapping (through a bytearray copy of the spot's 8 bytes)."""
+    spans = [s for s in regs[region] if s[1] > 0]
+    if not spans:
+        return
+    scratch = bytearray(len(live))
+    scratch[:] = live[:]
+    apply(scratch, regs, region, index, width, value, relative)
+    for off, length in spans:                  # copy back only what apply() may have changed
+        live[off:off + length] = scratch[off:off + length]
+
+
+def limit_address_space(extra: int = 1 << 30) -> None:
+    """Cap this process's address space a little above what it uses, so that a
+    giant allocation provoked by a corrupt length fails loudly (MemoryError, a
+    Disallowed outcome) instead of quietly succeeding on a large machine."""
+    import resource
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + extra, resource.RLIM_INFINITY))
+
+
 def child_rounds(seed: int, rounds: int) -> None:
-    """Process target: many random rounds; raises (exit code 1) on a disallowed outcome."""
+    """Process target: many random rounds under a capped address space; raises
+    (exit code 1) on a disallowed outcome."""
+    limit_address_space()
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "fuzz.ring")

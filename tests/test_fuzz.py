@@ -20,7 +20,9 @@ from shmring import layout as L
 
 import _fuzzing as F
 
-FUZZ = settings(deadline=None, max_examples=1000, suppress_health_check=list(HealthCheck))
+# CI runs a fixed budget; SHMRING_FUZZ_EXAMPLES=100000 (for example) runs a long one.
+EXAMPLES = int(os.environ.get("SHMRING_FUZZ_EXAMPLES", "1000"))
+FUZZ = settings(deadline=None, max_examples=EXAMPLES, suppress_health_check=list(HealthCheck))
 
 
 class Corpus:
@@ -124,11 +126,22 @@ def test_well_formed_descriptors_with_wrong_sizes_or_offsets_are_caught(corpus, 
 def test_many_random_corruptions_in_a_child_process_never_crash_it():
     """A segfault would kill pytest; here it shows as a clean non-zero exit code."""
     ctx = multiprocess.get_context("fork")
-    p = ctx.Process(target=F.child_rounds, args=(20240601, 3000))
+    p = ctx.Process(target=F.child_rounds, args=(20240601, 3 * EXAMPLES))
     p.start()
-    p.join(300)
+    p.join(300 * max(1, EXAMPLES // 1000))
     assert not p.is_alive(), "the fuzz child hung"
     assert p.exitcode == 0, f"the fuzz child died or found a disallowed outcome: exit code {p.exitcode}"
+
+
+@FUZZ
+@given(eos=st.booleans(), side=st.sampled_from(["consumer", "producer"]), first=st.integers(0, 30),
+       muts=mutations.filter(lambda ms: all(m[0] != "fixed_header" for m in ms)))
+def test_corrupting_a_live_ring_under_an_attached_role_with_cached_positions_is_caught(corpus, eos, side, first, muts):
+    """The role was validated at attach and caches the other side's position;
+    corruption arriving afterwards must still end in valid messages or
+    CorruptSegmentError (fixed header fields are read once at attach, see
+    test_corrupting_the_header_after_attach_cannot_widen_the_bounds)."""
+    F.live_round(corpus.snaps[eos], corpus.path, side, first, muts)
 
 
 # --------------------------------------------------------------------------- targeted corruptions
