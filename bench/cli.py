@@ -180,6 +180,9 @@ def main(argv=None) -> int:
     ap.add_argument("--primitives", action="store_true",
                     help="also run the zero-copy primitives study (python -m bench.primitives: read vs mmap, "
                          "read+send vs sendfile; ~1 min, needs ~1 GiB free in the temp dir)")
+    ap.add_argument("--snapshots", action="store_true",
+                    help="also run the SharedState study (python -m bench.snapshot_cases: pin+unpin, publish, "
+                         "readers while a writer publishes vs Manager dict and shared_memory+Lock; ~40 s)")
     args = ap.parse_args(argv)
 
     cfg = Config(args.quick, args.repeats, args.duration)
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
                 print(f"{w:<16} {t}")
         print(f"(--primitives) {'':<2} python -m bench.primitives: read vs mmap, read+send vs sendfile")
         return 0
-    if not cases and not refs and not args.primitives:
+    if not cases and not refs and not args.primitives and not args.snapshots:
         print(f"no case matches {args.only!r} (see --list)", file=sys.stderr)
         return 2
 
@@ -275,6 +278,16 @@ def main(argv=None) -> int:
             prim = {"error": f"FAILED: {type(e).__name__}: {e}"}
             log(f"    {prim['error']}")
             failures += 1
+    snaps = None
+    if args.snapshots:
+        from . import snapshot_cases
+        log("SharedState study (python -m bench.snapshot_cases)")
+        try:
+            snaps = snapshot_cases.study(quick=args.quick, log=log)
+        except Exception as e:       # noqa: BLE001 -- the table above must still be written
+            snaps = {"error": f"FAILED: {type(e).__name__}: {e}"}
+            log(f"    {snaps['error']}")
+            failures += 1
     run["total_s"] = time.monotonic() - t_start
 
     rows = report.finish_rows(report.order_rows(rows))
@@ -282,6 +295,8 @@ def main(argv=None) -> int:
     md = "\n".join(["\n".join(f"{h}  " for h in head), "", report.table(rows), "", report.LEGEND])
     if prim is not None:
         md += "\n\n" + (primitives.markdown(prim) if "error" not in prim else f"Primitives study: {prim['error']}")
+    if snaps is not None:
+        md += "\n\n" + (snapshot_cases.markdown(snaps) if "error" not in snaps else f"SharedState study: {snaps['error']}")
     print(md)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -1679,10 +1679,17 @@ static PyObject *Snapshot_exit(Snapshot *m, PyObject *const *args, Py_ssize_t n)
     Py_RETURN_FALSE;
 }
 
+static PyObject *state_decode_func;     /* shmring.snapshot._decode(snap): decode_func plus a per-handle cache */
 static PyObject *Snapshot_get_value(Snapshot *m, void *c) {
     if (m->state != 0) { PyErr_SetString(HandleClosed, "snapshot was released; keep snap.copy() to use data after release"); return NULL; }
-    return PyObject_CallOneArg(decode_func, (PyObject *)m);
+    return PyObject_CallOneArg(state_decode_func ? state_decode_func : decode_func, (PyObject *)m);
 }
+static PyObject *Snapshot_get_state(Snapshot *m, void *c) {
+    if (!m->core) Py_RETURN_NONE;
+    Py_INCREF(m->core);
+    return (PyObject *)m->core;
+}
+static PyObject *Snapshot_get_writable(Snapshot *m, void *c) { return PyBool_FromLong(m->writable); }
 static PyObject *Snapshot_copy(Snapshot *m, PyObject *unused) {
     if (m->state != 0) { PyErr_SetString(HandleClosed, "snapshot was released"); return NULL; }
     return PyObject_CallOneArg(copy_func, (PyObject *)m);
@@ -1726,6 +1733,8 @@ static PyGetSetDef Snapshot_getset[] = {
     {"position", (getter)Snapshot_get_version, NULL, "the version (named as a Message's, for the codec)", NULL},
     {"released", (getter)Snapshot_get_released, NULL, "True once release() was called", NULL},
     {"_exports", (getter)Snapshot_get_exports, NULL, NULL, NULL},
+    {"_state", (getter)Snapshot_get_state, NULL, NULL, NULL},
+    {"_writable", (getter)Snapshot_get_writable, NULL, NULL, NULL},
     {NULL}
 };
 
@@ -1754,6 +1763,11 @@ static PyObject *set_codec(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
     if (n != 2) { PyErr_SetString(PyExc_TypeError, "_set_codec(decode, copy)"); return NULL; }
     Py_INCREF(args[0]); Py_XSETREF(decode_func, args[0]);
     Py_INCREF(args[1]); Py_XSETREF(copy_func, args[1]);
+    Py_RETURN_NONE;
+}
+
+static PyObject *set_state_codec(PyObject *mod, PyObject *arg) {
+    Py_INCREF(arg); Py_XSETREF(state_decode_func, arg);
     Py_RETURN_NONE;
 }
 
@@ -1793,6 +1807,7 @@ static PyMethodDef module_methods[] = {
      "wait_counters() -> {'sleeps': futex sleeps, 'late_wakeups': sleeps that timed out although "
      "their condition held (a missed wake-up if slices are long)} for this process"},
     {"_set_codec", (PyCFunction)(void (*)(void))set_codec, METH_FASTCALL, NULL},
+    {"_set_state_codec", (PyCFunction)set_state_codec, METH_O, NULL},
     {"layout_constants", (PyCFunction)layout_constants, METH_NOARGS, "the constants of _layout.h, by name"},
     {NULL}
 };
