@@ -159,3 +159,15 @@ def read_inherited(state, q):
 
 def ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def release_inherited_inside_own_read(state, inherited, q):
+    """(fork) Pin through the inherited handle, then release the snapshot inherited
+    from the parent inside that block: it must not touch the child's pin (nor the parent's)."""
+    try:
+        with state.read() as mine:
+            inherited.release()
+            pins = sum(state.stats()["pins"])
+            _report(q, pins=pins, version=mine.version)
+    except BaseException:
+        _report(q, error=traceback.format_exc())

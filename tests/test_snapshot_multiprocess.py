@@ -162,3 +162,18 @@ def test_a_state_handle_passes_to_a_child_by_inheritance_or_by_name(ring_name, p
             assert finish(p) == 0
             assert held.version == 1
         assert state.stats()["pins"] == [0, 0, 0, 0]
+
+
+def test_a_snapshot_inherited_through_fork_is_the_parents_pin(ring_name, procs):
+    ctx = multiprocess.get_context("fork")
+    with shmring.SharedState.create(ring_name, 1 << 12) as state:
+        state.publish(np.arange(3))
+        held = state.read()
+        q = ctx.Queue()
+        p = start(procs, ctx, W.release_inherited_inside_own_read, state, held, q)
+        r = get(q, version=1)
+        assert r["pins"] == 2                 # the parent's pin and the child's own, both still there
+        assert finish(p) == 0
+        assert sum(state.stats()["pins"]) == 1
+        held.release()
+        assert sum(state.stats()["pins"]) == 0

@@ -1215,6 +1215,7 @@ typedef struct {
     int exports;
     int state;                       /* 0 live, 1 release deferred until exports == 0, 2 released */
     int writable;                    /* a writer's draft: exported writable */
+    unsigned long fork_gen;          /* the process that pinned it is the one that unpins */
 } Snapshot;
 
 static PyTypeObject SnapshotType;
@@ -1310,6 +1311,7 @@ static Snapshot *snapshot_new(StateCore *s, int own, uint64_t v, uint32_t k, int
     m->core = s; m->own = own; m->version = v; m->slot = k;
     m->off = (Py_ssize_t)(s->first_slot + (uint64_t)k * s->slot_size + SHMR_ST_SLOT_HDR);
     m->len = (Py_ssize_t)len; m->type = type; m->exports = 0; m->state = 0; m->writable = writable;
+    m->fork_gen = fork_generation;
     return m;
 }
 
@@ -1363,7 +1365,8 @@ static void snapshot_finish(Snapshot *m) {
     m->core = NULL;
     if (!s) return;
     /* A snapshot inherited by a forked child is the parent's pin: only the parent unpins it. */
-    if (m->own >= 0 && s->fork_gen == fork_generation && s->has_view && m->own < s->n_own) {
+    if (m->own >= 0 && m->fork_gen == fork_generation && s->fork_gen == fork_generation &&
+        s->has_view && m->own < s->n_own) {
         char *e = st_entry(s, (uint32_t)s->own[m->own]);
         /* after our last read of the slot; pairs with the writer's seq_cst pin scan */
         publish_and_wake(e + SHMR_ST_ENTRY_PIN, 0, s->base + SHMR_ST_OFF_SLOT_WAKE);
