@@ -110,6 +110,32 @@ def sum_rows(nbytes, cfg, order, log):
                      "the consumer's read limit", order, v, n, log)]
 
 
+def ring_footprint():
+    """Bytes a ring of each capacity occupies in /dev/shm (design.md §9: its capacity plus
+    one header page).  Returns {"rings": [...], "line": str} or None if shmring is missing."""
+    try:
+        import shmring
+        from shmring import segment
+    except Exception:        # noqa: BLE001 -- no shmring: nothing to measure
+        return None
+    out = []
+    for cap in (1 << 16, 1 << 20, 64 << 20):
+        name = uniq("bench_mem")
+        ring = shmring.Ring.create(name, cap)
+        try:
+            size = os.stat(os.path.join(segment.SHM_DIR, segment.PREFIX + name)).st_size
+        finally:
+            ring.close()
+            shmring.unlink(name, missing_ok=True)
+        out.append({"capacity": cap, "segment_bytes": size, "overhead_bytes": size - cap})
+    page = os.sysconf("SC_PAGE_SIZE")
+    met = all(r["overhead_bytes"] <= page for r in out)
+    line = ("Memory: a ring's /dev/shm segment is its capacity + "
+            + ", ".join(f"{r['overhead_bytes']} B (capacity {r['capacity'] >> 10} KiB)" for r in out)
+            + f"; target capacity + one {page} B header page: {'met' if met else '**missed**'}")
+    return {"rings": out, "page": page, "met": met, "line": line}
+
+
 def copyto_rows(nbytes, cfg, order, log):
     """np.copyto of the same size in this (single) process: the one-copy ceiling."""
     src = np.ones(nbytes // 4, np.float32)
@@ -288,6 +314,10 @@ def main(argv=None) -> int:
             snaps = {"error": f"FAILED: {type(e).__name__}: {e}"}
             log(f"    {snaps['error']}")
             failures += 1
+    try:
+        run["memory"] = ring_footprint()
+    except Exception as e:       # noqa: BLE001
+        run["memory"] = {"line": f"Memory: not measured ({type(e).__name__}: {e})"}
     run["total_s"] = time.monotonic() - t_start
 
     rows = report.finish_rows(report.order_rows(rows))

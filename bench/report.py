@@ -78,7 +78,7 @@ def machine_lines(m: dict, run: dict) -> list[str]:
         f"Run: {run['mode']}, {run['repeats']} repeats after warm-up (median shown), "
         f"{'producer and consumer pinned to CPUs 0 and 1' if run.get('pin') else 'not pinned'}, {m['date']}"
         + (f", total {run['total_s']:.0f} s" if "total_s" in run else ""),
-    ]
+    ] + ([run["memory"]["line"]] if run.get("memory") else [])
 
 
 # ----------------------------------------------------------------------------- ratios and notes
