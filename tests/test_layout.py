@@ -117,3 +117,16 @@ def test_record_size_and_max_message_helpers():
     assert L.max_message(4096) == 2040
     assert L.record_size(L.max_message(1 << 20)) == 1 << 19
     assert L.split_owner(L.owner_word(1234, 0x1_2345_6789)) == (1234, 0x2345_6789)
+
+
+def test_shared_state_lines_do_not_share_a_line_and_the_reader_table_follows_the_header():
+    offs = [L.ST_OFF_CURRENT, L.ST_OFF_WRITER, L.ST_OFF_VERSION_WAKE, L.ST_OFF_SLOT_WAKE, L.ST_OFF_COUNTERS]
+    assert all(o % L.LINE == 0 for o in offs)
+    assert len({o // L.LINE for o in offs}) == len(offs)
+    assert L.ST_OFF_SLOTS + L.ST_STRUCT.size <= min(offs)
+    assert max(offs) + L.LINE <= L.HEADER_SIZE
+    assert L.ST_ENTRY == L.LINE and L.ST_ENTRY_PIN + 8 <= L.ST_ENTRY
+    assert L.ST_SLOT_HDR % L.ARRAY_ALIGN == 0 and L.ST_SLOT_LENGTH + 8 <= L.ST_SLOT_HDR
+    assert L.KIND_STATE not in L.KIND_NAMES                 # never mistaken for a ring kind
+    g = L.state_geometry(1, L.ST_MIN_SLOTS, 64)
+    assert g["first_slot"] == L.HEADER_SIZE + 64 * L.ST_ENTRY and g["slot_size"] == 4096

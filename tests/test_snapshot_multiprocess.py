@@ -117,6 +117,8 @@ def test_a_writer_killed_mid_update_leaves_the_last_version_and_a_new_writer_tak
             assert snap.version == 5
             assert (snap.value == 5).all()
         assert state.stats()["writer"]["alive"] is False
+        with pytest.raises(shmring.PeerGone, match=f"writer \\(pid {r['pid']}\\) .* died"):
+            state.wait_newer(than=5, timeout=JOIN)          # a dead writer is reported, not waited for
         with state.update() as draft:                   # a new writer takes over, from version 5
             assert (draft == 5).all()
             draft += 1
