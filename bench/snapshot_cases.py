@@ -13,9 +13,10 @@ Three experiments, in one run on one machine (also run by ``python -m bench --sn
    GB/s (1e9 B/s) and us per call.
 3. **readers while a writer publishes**: 1, 2 and 4 reader processes read the
    latest 1 MiB float32 array as fast as they can, while one writer process
-   publishes new versions flat out, for ``--seconds``.  Each read checks the
-   version's first and last element in place (a consistent version has both
-   equal to its sequence number).  Reported: total reads/s of all readers, and
+   publishes new versions flat out, for ``--seconds``.  Each read checks in place
+   either the version's first and last element, or its whole value (min == max ==
+   the version: a reader that scans the data it reads, and, for the Lock peer,
+   holds the lock that long).  Reported: total reads/s of all readers, and
    the writer's versions/s meanwhile.  Peers, same workload, same run:
    - ``multiprocessing.Manager().dict()``: the writer assigns ``d["w"] = arr``, a
      reader gets ``d["w"]`` (pickled through the manager process: copies);
@@ -27,7 +28,7 @@ Every reader verifies what it reads; a wrong value fails the run.  On a 2-core
 machine, 4 readers + 1 writer oversubscribe the CPUs: numbers there show
 contention, not scaling.
 
-    python -m bench.snapshot_cases            # ~40 s
+    python -m bench.snapshot_cases            # ~1 min
     python -m bench.snapshot_cases --quick    # shorter rounds
 """
 from __future__ import annotations
@@ -134,21 +135,31 @@ def publish_cost(repeats):
 
 # --------------------------------------------------------------------------- 3. readers + writer
 
-def _shm_writer(name, go, stop, q):
+def _ok(a, v, full):
+    """A consistent version: its first and last element (or, with full, every element) equal v."""
+    if full:
+        return a.min() == a.max() == v
+    return a[0] == a[-1] == v
+
+
+def _shm_writer(name, full, go, stop, q):
     state = shmring.SharedState.attach(name)
     arr = np.zeros(READ_BYTES // 4, np.float32)
     go.wait()
     n = 0
     while not stop.is_set():
         v = state.version + 1
-        arr[0] = arr[-1] = v
+        if full:
+            arr.fill(v)
+        else:
+            arr[0] = arr[-1] = v
         state.publish(arr)
         n += 1
     q.put(("writer", n))
     state.close()
 
 
-def _shm_reader(name, go, stop, q):
+def _shm_reader(name, full, go, stop, q):
     state = shmring.SharedState.attach(name)
     read = state.read
     go.wait()
@@ -156,35 +167,38 @@ def _shm_reader(name, go, stop, q):
     while not stop.is_set():
         with read() as s:
             a = s.value
-            bad += not (a[0] == a[-1] == s.version)
+            bad += not _ok(a, s.version, full)
             del a
         n += 1
     q.put(("reader", n, bad))
     state.close()
 
 
-def _mgr_writer(d, go, stop, q):
+def _mgr_writer(d, full, go, stop, q):
     arr = np.zeros(READ_BYTES // 4, np.float32)
     go.wait()
     n = 0
     while not stop.is_set():
         n += 1
-        arr[0] = arr[-1] = n
+        if full:
+            arr.fill(n)
+        else:
+            arr[0] = arr[-1] = n
         d["w"] = arr
     q.put(("writer", n))
 
 
-def _mgr_reader(d, go, stop, q):
+def _mgr_reader(d, full, go, stop, q):
     go.wait()
     n = bad = 0
     while not stop.is_set():
         a = d["w"]
-        bad += not (a[0] == a[-1])
+        bad += not _ok(a, a[0], full)
         n += 1
     q.put(("reader", n, bad))
 
 
-def _lock_writer(shm_name, lock, go, stop, q):
+def _lock_writer(shm_name, lock, full, go, stop, q):
     shm = shared_memory.SharedMemory(shm_name)
     a = np.ndarray(READ_BYTES // 4, np.float32, buffer=shm.buf)
     src = np.zeros_like(a)
@@ -192,7 +206,10 @@ def _lock_writer(shm_name, lock, go, stop, q):
     n = 0
     while not stop.is_set():
         n += 1
-        src[0] = src[-1] = n
+        if full:
+            src.fill(n)
+        else:
+            src[0] = src[-1] = n
         with lock:
             np.copyto(a, src)
     q.put(("writer", n))
@@ -200,14 +217,14 @@ def _lock_writer(shm_name, lock, go, stop, q):
     shm.close()
 
 
-def _lock_reader(shm_name, lock, go, stop, q):
+def _lock_reader(shm_name, lock, full, go, stop, q):
     shm = shared_memory.SharedMemory(shm_name)
     a = np.ndarray(READ_BYTES // 4, np.float32, buffer=shm.buf)
     go.wait()
     n = bad = 0
     while not stop.is_set():
         with lock:
-            bad += not (a[0] == a[-1])
+            bad += not _ok(a, a[0], full)
         n += 1
     q.put(("reader", n, bad))
     del a
@@ -242,31 +259,33 @@ def _run(writer, reader, args, readers, seconds):
 
 def readers_while_writing(seconds):
     rows = []
-    for k in READER_COUNTS:
-        name = _name("rd")
-        with shmring.SharedState.create(name, READ_BYTES + 4096, slots=4) as state:
-            with shmring.SharedState.attach(name) as first:
-                first.publish(np.ones(READ_BYTES // 4, np.float32))      # version 1
-            r = _run(_shm_writer, _shm_reader, (name,), k, seconds)
-            st = state.stats()
-        rows.append({"experiment": "readers", "transport": "shmring SharedState (read in place, pinned)",
-                     "readers": k, **r, "writer_waits": st["writer_waits"]})
+    for full in (False, True):
+        what = "whole value (min == max == version)" if full else "first and last element"
+        for k in READER_COUNTS:
+            name = _name("rd")
+            with shmring.SharedState.create(name, READ_BYTES + 4096, slots=4) as state:
+                with shmring.SharedState.attach(name) as first:
+                    first.publish(np.ones(READ_BYTES // 4, np.float32))      # version 1
+                r = _run(_shm_writer, _shm_reader, (name, full), k, seconds)
+                st = state.stats()
+            rows.append({"experiment": "readers", "check": what, "transport": "shmring SharedState (read in place, pinned)",
+                         "readers": k, **r, "writer_waits": st["writer_waits"]})
 
-        with CTX.Manager() as mgr:
-            d = mgr.dict()
-            d["w"] = np.zeros(READ_BYTES // 4, np.float32)
-            r = _run(_mgr_writer, _mgr_reader, (d,), k, seconds)
-        rows.append({"experiment": "readers", "transport": "multiprocessing.Manager dict (pickled copies)",
-                     "readers": k, **r})
+            with CTX.Manager() as mgr:
+                d = mgr.dict()
+                d["w"] = np.zeros(READ_BYTES // 4, np.float32)
+                r = _run(_mgr_writer, _mgr_reader, (d, full), k, seconds)
+            rows.append({"experiment": "readers", "check": what, "transport": "multiprocessing.Manager dict (pickled copies)",
+                         "readers": k, **r})
 
-        shm = shared_memory.SharedMemory(create=True, size=READ_BYTES)
-        try:
-            r = _run(_lock_writer, _lock_reader, (shm.name, CTX.Lock()), k, seconds)
-        finally:
-            shm.close()
-            shm.unlink()
-        rows.append({"experiment": "readers", "transport": "shared_memory + multiprocessing.Lock (in place)",
-                     "readers": k, **r})
+            shm = shared_memory.SharedMemory(create=True, size=READ_BYTES)
+            try:
+                r = _run(_lock_writer, _lock_reader, (shm.name, CTX.Lock(), full), k, seconds)
+            finally:
+                shm.close()
+                shm.unlink()
+            rows.append({"experiment": "readers", "check": what, "transport": "shared_memory + multiprocessing.Lock (in place)",
+                         "readers": k, **r})
     return rows
 
 
@@ -300,11 +319,12 @@ def markdown(res) -> str:
             out.append(f"| {r['size']} | {r['publish_GBps']:.2f} GB/s ({r['publish_us']:.1f} us) | "
                        f"{r['copyto_GBps']:.2f} GB/s ({r['copyto_us']:.1f} us) | "
                        f"{r['copyto3_GBps']:.2f} GB/s ({r['copyto3_us']:.1f} us) | {r['ratio']:.2f} | {r['ratio3']:.2f} |")
-    out += ["", "| 1 MiB value, readers + 1 writer | readers | reads/s (all readers) | writer versions/s |",
-            "|---|---:|---:|---:|"]
+    out += ["", "| 1 MiB value, readers + 1 writer | each read checks | readers | reads/s (all readers) | "
+            "writer versions/s |", "|---|---|---:|---:|---:|"]
     for r in res["rows"]:
         if r["experiment"] == "readers":
-            out.append(f"| {r['transport']} | {r['readers']} | {r['reads_per_s']:,.0f} | {r['writes_per_s']:,.0f} |")
+            out.append(f"| {r['transport']} | {r['check']} | {r['readers']} | {r['reads_per_s']:,.0f} | "
+                       f"{r['writes_per_s']:,.0f} |")
     return "\n".join(out)
 
 

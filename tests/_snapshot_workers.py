@@ -7,7 +7,6 @@ a torn read shows up as a non-uniform array, a stale or reordered one as a
 version that went backwards or that does not match the array's contents.
 """
 import os
-import signal
 import time
 import traceback
 
@@ -155,10 +154,6 @@ def read_inherited(state, q):
             _report(q, version=snap.version, value=snap.copy())
     except BaseException:
         _report(q, error=traceback.format_exc())
-
-
-def ignore_sigint():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def release_inherited_inside_own_read(state, inherited, q):
