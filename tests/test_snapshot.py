@@ -336,3 +336,44 @@ def test_the_c_core_refuses_an_impossible_geometry_even_if_python_did_not_check(
         _poke(s, L.ST_OFF_FIRST_SLOT, "<Q", 1 << 50)
         with pytest.raises(shmring.CorruptSegmentError, match="geometry"):
             _core.StateCore(s._seg.buf)
+
+
+def test_a_writer_waiting_for_a_slot_is_woken_by_an_unpin(state):
+    import threading
+    state.publish(np.full(10, 1))
+    s1 = state.read()
+    state.publish(np.full(10, 2))
+    s2 = state.read()
+    state.publish(np.full(10, 3))                            # now both spare slots are pinned
+    t = threading.Timer(0.2, s1.release)                     # the wait releases the GIL: a thread can unpin
+    t.start()
+    try:
+        assert state.publish(np.full(10, 4), timeout=30) == 4
+    finally:
+        t.join()
+    assert state.stats()["writer_waits"] == 1
+    assert (s2.value == 2).all()
+    s2.release()
+
+
+def test_ctrl_c_interrupts_a_writer_waiting_for_a_slot(state):
+    import signal
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    state.publish(np.full(10, 1))
+    s1 = state.read()
+    state.publish(np.full(10, 2))
+    s2 = state.read()
+    state.publish(np.full(10, 3))
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        with pytest.raises(KeyboardInterrupt):
+            state.publish(np.full(10, 4))                    # no timeout: only the signal ends it
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    s1.release()
+    s2.release()
+    assert state.publish(np.full(10, 4), timeout=0) == 4
