@@ -187,6 +187,23 @@ def copyto_rows(nbytes, cfg, order, log):
             "note": f"{slots} slots of the size in one /dev/shm segment ({slots * nbytes >> 20} MiB, like the ring)"}
     log(f"  {row2['workload']:<22} {row2['transport']:<44} {row2['median']:.3g} GB/s")
     rows.append(row2)
+
+    # The same rotation in private memory: if it is as slow as the /dev/shm one, the cost
+    # is the footprint (slots x size against the caches), not shared memory as such.
+    priv = np.ones(slots * (nbytes // 4), np.float32)
+    views = [priv[k * (nbytes // 4):(k + 1) * (nbytes // 4)] for k in range(slots)]
+    values = []
+    for _ in range(cfg.repeats):
+        t0 = time.perf_counter()
+        for i in range(n):
+            np.copyto(views[i % slots], src)
+        values.append(n * nbytes / (time.perf_counter() - t0) / 1e9)
+    del views, priv
+    row3 = {**row, "transport": report.COPYTO_RING_PRIVATE, "order": order + 0.2,
+            "median": statistics.median(values), "values": values,
+            "note": f"the same {slots} slots in private memory: separates the footprint from /dev/shm"}
+    log(f"  {row3['workload']:<22} {row3['transport']:<44} {row3['median']:.3g} GB/s")
+    rows.append(row3)
     return rows
 
 
@@ -218,7 +235,7 @@ def main(argv=None) -> int:
     if pat:
         cases = [c for c in cases if pat.search(f"{c.workload} {c.transport}")]
     # single-process reference rows: {workload: (labels, function(order) -> rows)}
-    refs = {f"{nb >> 20}MiB-stream": ((report.COPYTO, report.COPYTO_RING),
+    refs = {f"{nb >> 20}MiB-stream": ((report.COPYTO, report.COPYTO_RING, report.COPYTO_RING_PRIVATE),
                                       lambda o, nb=nb: copyto_rows(nb, cfg, o, log)) for nb in SIZES}
     refs.update({f"{nb >> 20}MiB-stream-sum": ((report.SUM_REF,), lambda o, nb=nb: sum_rows(nb, cfg, o, log))
                  for nb in SIZES})

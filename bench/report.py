@@ -14,13 +14,14 @@ WORKLOAD_ORDER = ["limits", "64B-stream", "4KiB-stream", "1MiB-stream", "16MiB-s
                   "pingpong-64B-idle-median", "pingpong-64B-idle-p99"]
 COPYTO = "np.copyto (1 process)"
 COPYTO_RING = "np.copyto into shm, ring-sized rotation (1 process)"
+COPYTO_RING_PRIVATE = "np.copyto, ring-sized rotation in private memory (1 process)"
 SUM_REF = "np.sum (1 process)"
 LIMIT_COPY_BIG = "memcpy: np.copyto 256 MiB (> L3)"
 LIMIT_READ_1M = "read: XOR-reduce uint64, 1 MiB (in cache)"
 LIMIT_READ_BIG = "read: XOR-reduce uint64, 256 MiB (> L3)"
 LIMIT_SUM_BIG = "read+add: np.sum float32, 256 MiB (> L3)"
 LIMIT_LABELS = (LIMIT_COPY_BIG, LIMIT_READ_1M, LIMIT_READ_BIG, LIMIT_SUM_BIG)
-REFERENCES = (COPYTO, COPYTO_RING, SUM_REF) + LIMIT_LABELS
+REFERENCES = (COPYTO, COPYTO_RING, COPYTO_RING_PRIVATE, SUM_REF) + LIMIT_LABELS
 SPIN_FLOOR = "raw shm word spin (Python)"
 SEM_FLOOR = "raw posix_ipc.Semaphore pair"
 
