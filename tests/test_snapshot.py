@@ -377,3 +377,15 @@ def test_ctrl_c_interrupts_a_writer_waiting_for_a_slot(state):
     s1.release()
     s2.release()
     assert state.publish(np.full(10, 4), timeout=0) == 4
+
+
+def test_a_snapshot_outlives_the_close_of_its_handle(ring_name):
+    with shmring.SharedState.create(ring_name, 1 << 12) as s:
+        s.publish(np.arange(4))
+        r = shmring.SharedState.attach(ring_name)
+        snap = r.read()
+        r.close()
+        assert snap.value.tolist() == [0, 1, 2, 3]           # the mapping lives while the snapshot does
+        assert sum(s.stats()["pins"]) == 1
+        snap.release()
+        assert sum(s.stats()["pins"]) == 0

@@ -76,11 +76,12 @@ def _decode(snap):
     if c is None or c[0] != key:
         a = codec._decode(snap)                        # validates the payload
         n = snap.nbytes
-        meta_len = codec.PREFIX.unpack_from(st._wmv, snap._offset)[0]
+        with memoryview(snap) as mv:                   # (the handle may be closed; the snapshot is not)
+            meta_len = codec.PREFIX.unpack_from(mv, 0)[0]
+            meta = bytes(mv[codec.PREFIX.size:codec.PREFIX.size + meta_len])
         base = snap._offset
         area = L.align(base + codec.PREFIX.size + meta_len, L.ARRAY_ALIGN) - base
-        _dt, shape, order, off, nbytes, _count = codec._parse_descriptor(
-            codec.msgpack.unpackb(bytes(st._wmv[base + codec.PREFIX.size:base + codec.PREFIX.size + meta_len])))
+        _dt, shape, order, off, nbytes, _count = codec._parse_descriptor(codec.msgpack.unpackb(meta))
         if area + off + nbytes > n or a.shape != shape or a.dtype != _dt:
             return a
         st._array_cache = (key, a.dtype, shape, area + off, order) if nbytes else None
