@@ -1462,6 +1462,8 @@ static PyObject *StateCore_current(StateCore *self, PyObject *unused) {
     return Py_BuildValue("KIiK", (unsigned long long)v, k, t, (unsigned long long)n);
 }
 
+static uint64_t st_publish(StateCore *self, uint32_t k, uint32_t t, uint64_t len);
+
 /* _publish(slot, type, length) -> version.  The writer has filled the slot's payload. */
 static PyObject *StateCore_publish(StateCore *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 3) { PyErr_SetString(PyExc_TypeError, "_publish(slot, type, length)"); return NULL; }
@@ -1471,15 +1473,21 @@ static PyObject *StateCore_publish(StateCore *self, PyObject *const *args, Py_ss
     long t = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
     unsigned long long len = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
     if (len > self->slot_size - SHMR_ST_SLOT_HDR) { PyErr_SetString(MessageTooLarge, "value larger than a slot"); return NULL; }
+    unsigned long long v = st_publish(self, k, (uint32_t)t, len);
+    return v ? PyLong_FromUnsignedLongLong(v) : NULL;
+}
+
+/* Make slot k (filled) the current version: the one publication store.  Returns the version, 0 on error. */
+static uint64_t st_publish(StateCore *self, uint32_t k, uint32_t t, uint64_t len) {
     uint64_t c = load_acquire64(self->base + SHMR_ST_OFF_CURRENT);
     uint64_t v = (c >> 8) + 1;
     if (c && (c & 0xff) >= self->nslots) {
         PyErr_Format(CorruptSegmentError, "current word %llu names slot %llu of %u", (unsigned long long)c,
                      (unsigned long long)(c & 0xff), self->nslots);
-        return NULL;
+        return 0;
     }
-    if (c && (c & 0xff) == k) { PyErr_SetString(PyExc_SystemError, "shmring: publishing into the current slot"); return NULL; }
-    if (v >= (1ULL << 56)) { PyErr_SetString(CorruptSegmentError, "version counter exhausted"); return NULL; }
+    if (c && (c & 0xff) == k) { PyErr_SetString(PyExc_SystemError, "shmring: publishing into the current slot"); return 0; }
+    if (v >= (1ULL << 56)) { PyErr_SetString(CorruptSegmentError, "version counter exhausted"); return 0; }
     char *h = st_slot(self, k);
     /* plain stores: no reader pins this slot (it is not current), and the
      * exchange below publishes them */
@@ -1490,7 +1498,40 @@ static PyObject *StateCore_publish(StateCore *self, PyObject *const *args, Py_ss
     /* the one publication store; pairs with readers' load_acquire(current) and their seq_cst re-load */
     publish_and_wake(self->base + SHMR_ST_OFF_CURRENT, (v << 8) | k, self->base + SHMR_ST_OFF_VERSION_WAKE);
     self->last_version = v;
-    return PyLong_FromUnsignedLongLong(v);
+    return v;
+}
+
+/* _publish_array(meta, array) -> version, or None when no slot is free right
+ * now or the value does not fit (the Python path then waits or raises).  The
+ * fast path of publish() for a contiguous array: pick a free slot, write the
+ * T_ARRAY payload (prefix, meta, one memcpy of the array at the first 64-aligned
+ * offset, as codec.write lays it out), publish. */
+static PyObject *StateCore_publish_array(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2 || !PyBytes_Check(args[0])) { PyErr_SetString(PyExc_TypeError, "_publish_array(meta: bytes, array)"); return NULL; }
+    if (st_usable(self) < 0) return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_ANY_CONTIGUOUS) < 0) return NULL;
+    uint64_t ml = (uint64_t)PyBytes_GET_SIZE(args[0]);
+    uint64_t area = (8 + ml + 63) & ~(uint64_t)63;   /* slot payloads start 64-aligned */
+    uint64_t total = area + (uint64_t)b.len;
+    int k = total <= self->slot_size - SHMR_ST_SLOT_HDR ? st_free_slot(self) : -1;
+    if (k < 0) { PyBuffer_Release(&b); Py_RETURN_NONE; }
+    self->next_slot = ((uint32_t)k + 1) % self->nslots;
+    char *p = st_slot(self, (uint32_t)k) + SHMR_ST_SLOT_HDR;
+    /* plain stores: the slot is neither current nor pinned; st_publish's exchange publishes them */
+    *(uint32_t *)p = (uint32_t)ml;
+    *(uint32_t *)(p + 4) = 1;
+    memcpy(p + 8, PyBytes_AS_STRING(args[0]), ml);
+    if (b.len > (1 << 16)) {
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(p + area, b.buf, (size_t)b.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        memcpy(p + area, b.buf, (size_t)b.len);
+    }
+    PyBuffer_Release(&b);
+    uint64_t v = st_publish(self, (uint32_t)k, SHMR_T_ARRAY, total);
+    return v ? PyLong_FromUnsignedLongLong(v) : NULL;
 }
 
 /* _copy_slot(src, dst, length): the copy of copy-on-write (GIL released). */
@@ -1601,6 +1642,7 @@ static PyMethodDef StateCore_methods[] = {
     {"_wait_newer", (PyCFunction)(void (*)(void))StateCore_wait_newer, METH_FASTCALL, NULL},
     {"_current", (PyCFunction)StateCore_current, METH_NOARGS, NULL},
     {"_publish", (PyCFunction)(void (*)(void))StateCore_publish, METH_FASTCALL, NULL},
+    {"_publish_array", (PyCFunction)(void (*)(void))StateCore_publish_array, METH_FASTCALL, NULL},
     {"_copy_slot", (PyCFunction)(void (*)(void))StateCore_copy_slot, METH_FASTCALL, NULL},
     {"_draft", (PyCFunction)(void (*)(void))StateCore_draft, METH_FASTCALL, NULL},
     {"_add_entry", (PyCFunction)StateCore_add_entry, METH_O, NULL},

@@ -434,11 +434,18 @@ class SharedState(_core.StateCore):
         Copies the value once into a free slot.  Waits (up to ``timeout``) only
         when every slot but the current one is pinned by a live reader.
         """
-        self._live()
+        if timeout is not None:
+            _check_timeout(timeout)                      # checked even when the call does not wait
         if isinstance(value, np.ndarray) and (meta := codec.array_meta(value)) is not None:
+            if self._writer_owner and self._writer_pid == os.getpid():
+                v = self._publish_array(meta, value)      # C: free slot, one memcpy, publish
+                if v is not None:
+                    return v
+            self._live()
             order = "C" if value.flags.c_contiguous else "F"
             enc = codec.Encoded(L.T_ARRAY, meta, [(value, value.shape, value.dtype, order, 0)], value.nbytes)
         else:
+            self._live()
             enc = codec.encode(value)
         self._check_size(_slot_bytes(enc))
         self._claim_writer()
