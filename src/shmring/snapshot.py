@@ -198,7 +198,8 @@ class SharedState(_core.StateCore):
     closed and, for a POSIX segment, unlinked on exit.  A SharedState pickles
     by name, so a child process attaches on unpickling.
 
-    ``read()`` is implemented in C (pin and unpin are one C call each).
+    ``read()`` is implemented in C (pin and unpin are one C call each), and so
+    is ``publish()`` of a contiguous array once this handle holds the writer role.
     """
 
     def __init__(self, seg: Segment, header: dict, *, created: bool):
