@@ -1,14 +1,15 @@
 """shmring: zero-copy inter-process communication over shared memory.
 
 Processes on one machine exchange numpy arrays and msgpack messages through a
-lock-free ring buffer in a shared segment; a consumer's array is a read-only
-view of the shared pages.  See README.md for a tour and docs/design.md for the
+lock-free ring buffer in a shared segment (a consumer's array is a read-only
+view of the shared pages), and share state through copy-on-write snapshots
+(readers pin a version in place while a writer publishes the next).  See README.md for a tour and docs/design.md for the
 protocol.
 """
 from ._core import Message, Snapshot
 from .errors import (CorruptSegmentError, EndOfStream, EscapedViewWarning, HandleClosed,
                      IncompatibleSegment, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
-                     RoleTaken, SegmentExists, SegmentNotFound, ShmringError, Timeout,
+                     ResourceLimit, RoleTaken, SegmentExists, SegmentNotFound, ShmringError, Timeout,
                      UnsupportedType)
 from .ring import Consumer, Producer, Reservation, Ring
 from .segment import list_segments, unlink
@@ -20,6 +21,6 @@ __all__ = [
     "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink",
     "SharedState", "Snapshot",
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
-    "SegmentExists", "PermissionDenied", "NoSpace", "CorruptSegmentError", "IncompatibleSegment",
+    "SegmentExists", "PermissionDenied", "NoSpace", "ResourceLimit", "CorruptSegmentError", "IncompatibleSegment",
     "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning",
 ]

@@ -365,7 +365,15 @@ class SharedState(_core.StateCore):
                 raise RoleTaken(f"the writer role of {self._seg.label} is held by live process {pid}; "
                                 "a shared state has one writer", pid)
             if self.cas_u64(line + L.ROLE_OWNER, cur, me):
-                break                       # the writer died: take over
+                # The writer died: take over.  If it died asleep waiting for a
+                # slot, its "waiters" count on the slot wake word was never taken
+                # back and every unpin would pay a futex_wake; only the writer
+                # sleeps there, so zero is exact.  (The version wake word is
+                # shared by all readers and cannot be reset this way: a reader
+                # killed inside wait_newer() costs one spare futex_wake per
+                # publish, which is rare next to the copy a publish makes.)
+                self.store_u32(L.ST_OFF_SLOT_WAKE + L.WAKE_WAITERS, 0)
+                break
         self.fetch_add_u64(line + L.ROLE_SESSIONS, 1)
         _live_writers[key] = self
         self._writer_owner, self._writer_pid = me, os.getpid()
