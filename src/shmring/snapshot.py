@@ -372,7 +372,11 @@ class SharedState(_core.StateCore):
                 # shared by all readers and cannot be reset this way: a reader
                 # killed inside wait_newer() costs one spare futex_wake per
                 # publish, which is rare next to the copy a publish makes.)
-                self.store_u32(L.ST_OFF_SLOT_WAKE + L.WAKE_WAITERS, 0)
+                w = L.ST_OFF_SLOT_WAKE          # seq (low u32) and waiters (high u32): keep seq
+                while True:
+                    word = self.load_u64(w)
+                    if self.cas_u64(w, word, word & 0xFFFFFFFF):
+                        break
                 break
         self.fetch_add_u64(line + L.ROLE_SESSIONS, 1)
         _live_writers[key] = self

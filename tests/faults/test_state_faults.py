@@ -77,6 +77,8 @@ def test_a_writer_killed_while_every_spare_slot_is_pinned_leaves_the_last_versio
     assert q.get(timeout=SOON) == ("publishing", 4)
     wait_until(lambda: state.stats()["writer_waits"] == 1, "the writer waits for a slot")
     kill(w)
+    waiters = lambda: state.load_u64(L.ST_OFF_SLOT_WAKE) >> 32     # noqa: E731
+    assert waiters() == 1                  # the dead writer's announced sleep is still counted
 
     st = state.stats()
     assert st["writer"] == {"pid": w.pid, "alive": False, "sessions": 1}
@@ -96,6 +98,7 @@ def test_a_writer_killed_while_every_spare_slot_is_pinned_leaves_the_last_versio
     with state.read() as s4:
         intact(s4)
     assert state.stats()["writer"]["sessions"] == 2
+    assert waiters() == 0                  # taking over reset it: unpins pay no futex_wake
     state.close()
     shmring.unlink(ring_name)
 
