@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from . import EndOfStream, Ring, Timeout
+from . import EndOfStream, Ring
 
 PATTERN_MUL = 2654435761
 
@@ -91,7 +91,7 @@ def run(seconds: float = 3.0, frame_bytes: int = 1 << 20, capacity: int = 1 << 2
     name = f"demo-{os.getpid()}"
     print(f"shmring demo: streaming {frame_bytes / 2**20:.2f} MiB uint32 frames for {seconds:g} s "
           f"through a {capacity / 2**20:.0f} MiB ring (/dev/shm/shmring.{name})")
-    print(f"  producer builds each frame in place (reserve_array); the consumer sums every frame")
+    print("  producer builds each frame in place (reserve_array); the consumer sums every frame")
     with Ring.create(name, capacity) as ring:
         results = ctx.Queue()
         ready = ctx.Event()

@@ -44,9 +44,8 @@ import numpy as np
 from . import _core, codec
 from . import layout as L
 from ._proc import alive, my_start_time
-from .errors import (EndOfStream, HandleClosed, MessageTooLarge, PeerGone, RoleTaken,
-                     ShmringError, Timeout)
-from .segment import Segment, validate_header, write_header
+from .errors import EndOfStream, HandleClosed, PeerGone, RoleTaken, Timeout
+from .segment import Segment, SegmentHandle, validate_header, write_header
 
 _core._set_codec(codec._decode, codec._copy)
 
@@ -84,7 +83,7 @@ def _check_timeout(timeout):
     return time.monotonic() + timeout
 
 
-class Ring:
+class Ring(SegmentHandle):
     """A shared ring buffer.  Create it once, attach to it from other processes.
 
     ``close()`` detaches this process; ``unlink()`` removes the name.  Used as
@@ -238,21 +237,6 @@ class Ring:
         mapping then lives until the last of them is gone."""
         self._region = None
         self._seg.close()
-
-    def unlink(self) -> None:
-        """Remove the ring's name (or file).  Attached processes keep working."""
-        self._seg.unlink()
-
-    def __enter__(self) -> "Ring":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-        if self._created and self._seg.path is None:
-            try:
-                self.unlink()
-            except ShmringError:
-                pass
 
     def __repr__(self) -> str:
         return f"<shmring.Ring {self.kind} {self._seg.label} capacity={self.capacity}>"

@@ -264,8 +264,9 @@ def write_header(buf, *, kind: int, capacity: int) -> None:
                                                creator_start=my_start_time(), created_ns=time.time_ns())
 
 
-def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
-    """Check a mapped segment's fixed header; return its fields.  Every field is untrusted."""
+def read_common_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
+    """The fixed header of a mapped segment of any kind, once its creator has
+    finished it, with magic, layout version and layout hash checked."""
     what = seg.label
     deadline = time.monotonic() + wait_ready
     while True:
@@ -285,6 +286,13 @@ def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
     if h["layout_hash"] != L.LAYOUT_HASH:
         raise IncompatibleSegment(f"{what} has layout hash {h['layout_hash']:#x}, expected "
                                   f"{L.LAYOUT_HASH:#x}: written by an incompatible shmring build")
+    return h
+
+
+def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
+    """Check a mapped ring segment's fixed header; return its fields.  Every field is untrusted."""
+    what = seg.label
+    h = read_common_header(seg, wait_ready=wait_ready)
     if h["kind"] == L.KIND_STATE:
         raise IncompatibleSegment(f"{what} is a shmring SharedState segment, not a ring; "
                                   "open it with shmring.SharedState.attach()")
@@ -301,6 +309,30 @@ def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
         raise CorruptSegmentError(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,} "
                                   f"(capacity {cap:,} needs {expect:,}): truncated or corrupt")
     return h
+
+
+class SegmentHandle:
+    """What Ring and SharedState share: ``unlink()`` and the context manager
+    (a handle made by ``create`` unlinks its POSIX segment on exit; a
+    file-backed one persists; an attached one is only closed)."""
+
+    _seg: Segment
+    _created: bool
+
+    def unlink(self) -> None:
+        """Remove the name (or file).  Attached processes keep working."""
+        self._seg.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+        if self._created and self._seg.path is None:
+            try:
+                self.unlink()
+            except ShmringError:
+                pass
 
 
 def list_segments() -> list[str]:

@@ -54,7 +54,7 @@ from ._proc import alive, my_start_time
 from .errors import (CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge,
                      PeerGone, RoleTaken, ShmringError, Timeout)
 from .ring import WAIT_SLICE, _check_timeout
-from .segment import Segment
+from .segment import Segment, SegmentHandle, read_common_header
 
 DEFAULT_SPIN = 50e-6
 MAX_SLOT_BYTES = 1 << 44
@@ -108,22 +108,7 @@ def _write_state_header(buf, *, nbytes: int, slots: int, max_readers: int) -> No
 def _validate_state_header(seg: Segment, wait_ready: float = 1.0) -> dict:
     """Check a mapped segment is a SharedState and its fields are consistent.  Every field is untrusted."""
     what = seg.label
-    deadline = time.monotonic() + wait_ready
-    while True:
-        h = L.read_header(seg.buf)
-        if h["magic"] == L.MAGIC and h["ready"] == 1:
-            break
-        if h["magic"] not in (0, L.MAGIC):
-            raise CorruptSegmentError(f"{what} is not a shmring segment: magic {h['magic']:#018x}, "
-                                      f"expected {L.MAGIC:#018x} ('SHMRING1')")
-        if time.monotonic() >= deadline:
-            raise CorruptSegmentError(f"{what} was never fully initialized (ready flag {h['ready']}); "
-                                      "its creator may have died while creating it")
-        time.sleep(0.005)
-    if h["version"] != L.LAYOUT_VERSION or h["layout_hash"] != L.LAYOUT_HASH:
-        raise IncompatibleSegment(f"{what} uses shmring layout version {h['version']} (hash "
-                                  f"{h['layout_hash']:#x}); this shmring reads version {L.LAYOUT_VERSION} "
-                                  f"(hash {L.LAYOUT_HASH:#x})")
+    h = read_common_header(seg, wait_ready=wait_ready)
     if h["kind"] != L.KIND_STATE:
         if h["kind"] in L.KIND_NAMES:
             raise IncompatibleSegment(f"{what} is a shmring {L.KIND_NAMES[h['kind']]} ring, not a "
@@ -188,7 +173,7 @@ def _readonly(obj):
             _readonly(v)
 
 
-class SharedState(_core.StateCore):
+class SharedState(_core.StateCore, SegmentHandle):
     """The latest version of a value, shared by one writer and many readers.
 
     ``create`` makes the segment (``nbytes`` is the largest encoded value, a
@@ -558,21 +543,6 @@ class SharedState(_core.StateCore):
         except BufferError:
             pass
         self._seg.close()
-
-    def unlink(self) -> None:
-        """Remove the name (or file).  Attached processes keep working."""
-        self._seg.unlink()
-
-    def __enter__(self) -> "SharedState":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-        if self._created and self._seg.path is None:
-            try:
-                self.unlink()
-            except ShmringError:
-                pass
 
     def __repr__(self) -> str:
         return (f"<shmring.SharedState {self._seg.label} {self.slots} slots of {self.nbytes} bytes"
