@@ -202,19 +202,29 @@ typedef struct {
     unsigned long fork_gen;
     int closed;
     double spin;            /* seconds a blocked call busy-polls before it sleeps */
+    uint64_t words_end;     /* Python's word accessors reach [0, words_end) */
 } Region;
 
-static int Region_init(Region *self, PyObject *args, PyObject *kw) {
+/* Take a writable export of the mapping passed as the one argument. */
+static int region_map(Region *self, PyObject *args) {
     PyObject *buf;
     if (!PyArg_ParseTuple(args, "O", &buf)) return -1;
     if (self->has_view) { PyErr_SetString(PyExc_RuntimeError, "already initialized"); return -1; }
     if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
     self->has_view = 1;
     self->base = (char *)self->view.buf;
+    self->fork_gen = fork_generation;
+    self->words_end = SHMR_HEADER_SIZE;
     if ((uintptr_t)self->base % 4096 != 0 || self->view.len < (Py_ssize_t)SHMR_HEADER_SIZE) {
         PyErr_SetString(CorruptSegmentError, "region is unaligned or smaller than the header page");
         return -1;
     }
+    return 0;
+}
+
+/* A ring region: the mapping plus the ring's geometry. */
+static int Region_init(Region *self, PyObject *args, PyObject *kw) {
+    if (region_map(self, args) < 0) return -1;
     /* Read once and cached: later corruption of the header cannot move our bounds. */
     uint64_t cap = load_acquire64(self->base + SHMR_OFF_CAPACITY);
     if (cap < SHMR_MIN_CAPACITY || cap > SHMR_MAX_CAPACITY || (cap & (cap - 1)) != 0 ||
@@ -227,7 +237,6 @@ static int Region_init(Region *self, PyObject *args, PyObject *kw) {
     self->mask = cap - 1;
     self->max_message = cap / 2 - SHMR_REC_HDR;
     self->data = self->base + SHMR_HEADER_SIZE;
-    self->fork_gen = fork_generation;
     return 0;
 }
 
@@ -241,7 +250,7 @@ static char *header_word(Region *self, PyObject *arg, unsigned size) {
     if (!self->has_view) { PyErr_SetString(HandleClosed, "region is detached"); return NULL; }
     long long off = PyLong_AsLongLong(arg);
     if (off == -1 && PyErr_Occurred()) return NULL;
-    if (off < 0 || off + size > SHMR_HEADER_SIZE || off % size != 0) {
+    if (off < 0 || (uint64_t)off + size > self->words_end || off % size != 0) {
         PyErr_Format(PyExc_ValueError, "bad header offset %lld for a %u-byte word", off, size);
         return NULL;
     }
@@ -250,11 +259,11 @@ static char *header_word(Region *self, PyObject *arg, unsigned size) {
 
 static PyObject *Region_load_u32(Region *self, PyObject *off) {
     char *p = header_word(self, off, 4); if (!p) return NULL;
-    return PyLong_FromUnsignedLong(load_acquire32(p));
+    return PyLong_FromUnsignedLong(load_seqcst32(p));
 }
 static PyObject *Region_load_u64(Region *self, PyObject *off) {
     char *p = header_word(self, off, 8); if (!p) return NULL;
-    return PyLong_FromUnsignedLongLong(load_acquire64(p));
+    return PyLong_FromUnsignedLongLong(load_seqcst64(p));
 }
 static PyObject *Region_store_u32(Region *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 2) { PyErr_SetString(PyExc_TypeError, "store_u32(offset, value)"); return NULL; }
@@ -267,7 +276,7 @@ static PyObject *Region_store_u64(Region *self, PyObject *const *args, Py_ssize_
     if (n != 2) { PyErr_SetString(PyExc_TypeError, "store_u64(offset, value)"); return NULL; }
     char *p = header_word(self, args[0], 8); if (!p) return NULL;
     unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
-    store_release64(p, v);
+    (void)__atomic_exchange_n((uint64_t *)p, (uint64_t)v, __ATOMIC_SEQ_CST);
     Py_RETURN_NONE;
 }
 static PyObject *Region_cas_u64(Region *self, PyObject *const *args, Py_ssize_t n) {
@@ -289,24 +298,18 @@ static PyObject *Region_wake(Region *self, PyObject *off) {
     wake_always(p);
     Py_RETURN_NONE;
 }
-static PyObject *Region_get_capacity(Region *self, void *c) { return PyLong_FromUnsignedLongLong(self->capacity); }
-static PyObject *Region_get_max_message(Region *self, void *c) { return PyLong_FromUnsignedLongLong(self->max_message); }
 
 static PyMethodDef Region_methods[] = {
-    {"load_u32", (PyCFunction)Region_load_u32, METH_O, "load_u32(offset): acquire load of a header word"},
-    {"load_u64", (PyCFunction)Region_load_u64, METH_O, "load_u64(offset): acquire load of a header word"},
+    {"load_u32", (PyCFunction)Region_load_u32, METH_O, "load_u32(offset): seq_cst load of a header word"},
+    {"load_u64", (PyCFunction)Region_load_u64, METH_O, "load_u64(offset): seq_cst load of a header word"},
     {"store_u32", (PyCFunction)(void (*)(void))Region_store_u32, METH_FASTCALL, "store_u32(offset, value): release store"},
-    {"store_u64", (PyCFunction)(void (*)(void))Region_store_u64, METH_FASTCALL, "store_u64(offset, value): release store"},
+    {"store_u64", (PyCFunction)(void (*)(void))Region_store_u64, METH_FASTCALL, "store_u64(offset, value): seq_cst store"},
     {"cas_u64", (PyCFunction)(void (*)(void))Region_cas_u64, METH_FASTCALL, "cas_u64(offset, expected, desired) -> bool"},
     {"fetch_add_u64", (PyCFunction)(void (*)(void))Region_fetch_add_u64, METH_FASTCALL, "fetch_add_u64(offset, delta) -> old"},
     {"wake", (PyCFunction)Region_wake, METH_O, "wake(offset): wake every sleeper on that wake word"},
     {NULL}
 };
-static PyGetSetDef Region_getset[] = {
-    {"capacity", (getter)Region_get_capacity, NULL, "data area bytes", NULL},
-    {"max_message", (getter)Region_get_max_message, NULL, "largest payload", NULL},
-    {NULL}
-};
+
 
 static PyMemberDef Region_members[] = {
     {"spin", T_DOUBLE, offsetof(Region, spin), 0,
@@ -324,7 +327,6 @@ static PyTypeObject RegionType = {
     .tp_init = (initproc)Region_init,
     .tp_dealloc = (destructor)Region_dealloc,
     .tp_methods = Region_methods,
-    .tp_getset = Region_getset,
     .tp_members = Region_members,
 };
 
@@ -1188,16 +1190,12 @@ static PyObject *Message_copy(Message *m, PyObject *unused) {
 #define ST_MAX_OWN 16        /* pins one handle can hold at once (nested reads, escaped views) */
 
 typedef struct {
-    PyObject_HEAD
-    Py_buffer view;
-    int has_view;
-    char *base;
+    Region r;                        /* the mapping, fork generation and closed flag; its
+                                      * word accessors reach the header page and reader table */
     uint64_t len;
     uint32_t nslots, max_readers;
     uint64_t slot_size, first_slot, nbytes;
     uint64_t last_version;           /* highest version this handle saw: versions never go back */
-    unsigned long fork_gen;
-    int closed;
     int n_own;
     int32_t own[ST_MAX_OWN];         /* reader table entries this handle holds */
     uint8_t busy[ST_MAX_OWN];        /* 1 while that entry holds a pin */
@@ -1221,29 +1219,20 @@ typedef struct {
 static PyTypeObject SnapshotType;
 static PyObject *str_claim_reader;
 
-static inline char *st_entry(StateCore *s, uint32_t i) { return s->base + SHMR_HEADER_SIZE + (uint64_t)i * SHMR_ST_ENTRY; }
-static inline char *st_slot(StateCore *s, uint32_t k) { return s->base + s->first_slot + (uint64_t)k * s->slot_size; }
+static inline char *st_entry(StateCore *s, uint32_t i) { return s->r.base + SHMR_HEADER_SIZE + (uint64_t)i * SHMR_ST_ENTRY; }
+static inline char *st_slot(StateCore *s, uint32_t k) { return s->r.base + s->first_slot + (uint64_t)k * s->slot_size; }
 
 static int StateCore_init(StateCore *self, PyObject *args, PyObject *kw) {
-    PyObject *buf;
-    if (!PyArg_ParseTuple(args, "O", &buf)) return -1;
-    if (self->has_view) { PyErr_SetString(PyExc_RuntimeError, "already initialized"); return -1; }
-    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
-    self->has_view = 1;
-    self->base = (char *)self->view.buf;
-    self->len = (uint64_t)self->view.len;
-    if ((uintptr_t)self->base % 4096 != 0 || self->len < SHMR_HEADER_SIZE) {
-        PyErr_SetString(CorruptSegmentError, "region is unaligned or smaller than the header page");
-        return -1;
-    }
+    if (region_map(&self->r, args) < 0) return -1;
+    self->len = (uint64_t)self->r.view.len;
     /* Read once and cached: later corruption of the header cannot move our bounds. */
-    uint32_t kind = load_acquire32(self->base + SHMR_OFF_KIND);
-    uint32_t ns = load_acquire32(self->base + SHMR_ST_OFF_SLOTS);
-    uint32_t mr = load_acquire32(self->base + SHMR_ST_OFF_MAX_READERS);
-    uint64_t ss = load_acquire64(self->base + SHMR_ST_OFF_SLOT_SIZE);
-    uint64_t tab = load_acquire64(self->base + SHMR_ST_OFF_TABLE);
-    uint64_t first = load_acquire64(self->base + SHMR_ST_OFF_FIRST_SLOT);
-    uint64_t nb = load_acquire64(self->base + SHMR_OFF_MAX_MESSAGE);
+    uint32_t kind = load_acquire32(self->r.base + SHMR_OFF_KIND);
+    uint32_t ns = load_acquire32(self->r.base + SHMR_ST_OFF_SLOTS);
+    uint32_t mr = load_acquire32(self->r.base + SHMR_ST_OFF_MAX_READERS);
+    uint64_t ss = load_acquire64(self->r.base + SHMR_ST_OFF_SLOT_SIZE);
+    uint64_t tab = load_acquire64(self->r.base + SHMR_ST_OFF_TABLE);
+    uint64_t first = load_acquire64(self->r.base + SHMR_ST_OFF_FIRST_SLOT);
+    uint64_t nb = load_acquire64(self->r.base + SHMR_OFF_MAX_MESSAGE);
     uint64_t tab_end = SHMR_HEADER_SIZE + (uint64_t)mr * SHMR_ST_ENTRY;
     if (kind != SHMR_KIND_STATE || ns < SHMR_ST_MIN_SLOTS || ns > SHMR_ST_MAX_SLOTS || mr < 1 ||
         mr > SHMR_ST_MAX_READERS || tab != SHMR_HEADER_SIZE || ss % 4096 || ss < SHMR_ST_SLOT_HDR ||
@@ -1256,21 +1245,16 @@ static int StateCore_init(StateCore *self, PyObject *args, PyObject *kw) {
         return -1;
     }
     self->nslots = ns; self->max_readers = mr; self->slot_size = ss; self->first_slot = first; self->nbytes = nb;
-    self->fork_gen = fork_generation;
+    self->r.words_end = first;       /* Python's word accessors: header page and reader table */
     return 0;
 }
 
-static void StateCore_dealloc(StateCore *self) {
-    if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
-    Py_TYPE(self)->tp_free((PyObject *)self);
-}
-
 static int st_usable(StateCore *s) {
-    if (s->closed || !s->has_view) { PyErr_SetString(HandleClosed, "shared state handle is closed"); return -1; }
-    if (s->fork_gen != fork_generation) {
+    if (s->r.closed || !s->r.has_view) { PyErr_SetString(HandleClosed, "shared state handle is closed"); return -1; }
+    if (s->r.fork_gen != fork_generation) {
         /* a forked child starts with none of the parent's pins or entries */
         s->n_own = 0;
-        s->fork_gen = fork_generation;
+        s->r.fork_gen = fork_generation;
         s->last_version = 0;
     }
     return 0;
@@ -1332,7 +1316,7 @@ static PyObject *StateCore_read(StateCore *self, PyObject *unused) {
         Py_DECREF(r);
     }
     char *pin = st_entry(self, (uint32_t)self->own[j]) + SHMR_ST_ENTRY_PIN;
-    char *curp = self->base + SHMR_ST_OFF_CURRENT;
+    char *curp = self->r.base + SHMR_ST_OFF_CURRENT;
     uint64_t c;
     for (unsigned tries = 0;; tries++) {
         c = load_acquire64(curp);                     /* pairs with the writer's publish exchange */
@@ -1365,11 +1349,11 @@ static void snapshot_finish(Snapshot *m) {
     m->core = NULL;
     if (!s) return;
     /* A snapshot inherited by a forked child is the parent's pin: only the parent unpins it. */
-    if (m->own >= 0 && m->fork_gen == fork_generation && s->fork_gen == fork_generation &&
-        s->has_view && m->own < s->n_own) {
+    if (m->own >= 0 && m->fork_gen == fork_generation && s->r.fork_gen == fork_generation &&
+        s->r.has_view && m->own < s->n_own) {
         char *e = st_entry(s, (uint32_t)s->own[m->own]);
         /* after our last read of the slot; pairs with the writer's seq_cst pin scan */
-        publish_and_wake(e + SHMR_ST_ENTRY_PIN, 0, s->base + SHMR_ST_OFF_SLOT_WAKE);
+        publish_and_wake(e + SHMR_ST_ENTRY_PIN, 0, s->r.base + SHMR_ST_OFF_SLOT_WAKE);
         s->busy[m->own] = 0;
     }
     Py_DECREF(s);
@@ -1387,7 +1371,7 @@ static void st_pinned(StateCore *s, uint8_t *pinned) {
 /* A slot that is neither current nor pinned, or -1. */
 static int st_free_slot(StateCore *s) {
     uint8_t pinned[256];
-    uint64_t cur = load_seqcst64(s->base + SHMR_ST_OFF_CURRENT);
+    uint64_t cur = load_seqcst64(s->r.base + SHMR_ST_OFF_CURRENT);
     st_pinned(s, pinned);
     uint32_t cs = cur ? (uint32_t)(cur & 0xff) : 0xffffffffu;
     for (uint32_t d = 0; d < s->nslots; d++) {
@@ -1420,7 +1404,7 @@ static PyObject *StateCore_wait_slot(StateCore *self, PyObject *const *args, Py_
     double spin = PyFloat_AsDouble(args[1]); if (PyErr_Occurred()) return NULL;
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = wait_for(self->base + SHMR_ST_OFF_SLOT_WAKE, slot_cond, self,
+    r = wait_for(self->r.base + SHMR_ST_OFF_SLOT_WAKE, slot_cond, self,
                  slice > 0 ? (uint64_t)(slice * 1e9) : 0, spin > 0 ? (uint64_t)(spin * 1e9) : 0);
     Py_END_ALLOW_THREADS
     if (PyErr_CheckSignals() < 0) return NULL;
@@ -1433,10 +1417,10 @@ static PyObject *StateCore_wait_newer(StateCore *self, PyObject *const *args, Py
     unsigned long long than = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
     double slice = PyFloat_AsDouble(args[1]); if (PyErr_Occurred()) return NULL;
     double spin = PyFloat_AsDouble(args[2]); if (PyErr_Occurred()) return NULL;
-    struct newer_ctx c = { self->base, than };
+    struct newer_ctx c = { self->r.base, than };
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = wait_for(self->base + SHMR_ST_OFF_VERSION_WAKE, newer_cond, &c,
+    r = wait_for(self->r.base + SHMR_ST_OFF_VERSION_WAKE, newer_cond, &c,
                  slice > 0 ? (uint64_t)(slice * 1e9) : 0, spin > 0 ? (uint64_t)(spin * 1e9) : 0);
     Py_END_ALLOW_THREADS
     if (PyErr_CheckSignals() < 0) return NULL;
@@ -1454,7 +1438,7 @@ static int st_slot_arg(StateCore *s, PyObject *o, uint32_t *k) {
 /* _current() -> (version, slot, type, length) or None; checked. */
 static PyObject *StateCore_current(StateCore *self, PyObject *unused) {
     if (st_usable(self) < 0) return NULL;
-    uint64_t c = load_acquire64(self->base + SHMR_ST_OFF_CURRENT);   /* pairs with the writer's publish exchange */
+    uint64_t c = load_acquire64(self->r.base + SHMR_ST_OFF_CURRENT);   /* pairs with the writer's publish exchange */
     if (c == 0) Py_RETURN_NONE;
     uint32_t k; uint64_t v, n; int t;
     if (st_check(self, c, &k, &v, &t, &n) < 0) return NULL;
@@ -1479,7 +1463,7 @@ static PyObject *StateCore_publish(StateCore *self, PyObject *const *args, Py_ss
 
 /* Make slot k (filled) the current version: the one publication store.  Returns the version, 0 on error. */
 static uint64_t st_publish(StateCore *self, uint32_t k, uint32_t t, uint64_t len) {
-    uint64_t c = load_acquire64(self->base + SHMR_ST_OFF_CURRENT);
+    uint64_t c = load_acquire64(self->r.base + SHMR_ST_OFF_CURRENT);
     uint64_t v = (c >> 8) + 1;
     if (c && (c & 0xff) >= self->nslots) {
         PyErr_Format(CorruptSegmentError, "current word %llu names slot %llu of %u", (unsigned long long)c,
@@ -1496,7 +1480,7 @@ static uint64_t st_publish(StateCore *self, uint32_t k, uint32_t t, uint64_t len
     *(uint32_t *)(h + SHMR_ST_SLOT_TYPE + 4) = 0;
     *(uint64_t *)(h + SHMR_ST_SLOT_LENGTH) = len;
     /* the one publication store; pairs with readers' load_acquire(current) and their seq_cst re-load */
-    publish_and_wake(self->base + SHMR_ST_OFF_CURRENT, (v << 8) | k, self->base + SHMR_ST_OFF_VERSION_WAKE);
+    publish_and_wake(self->r.base + SHMR_ST_OFF_CURRENT, (v << 8) | k, self->r.base + SHMR_ST_OFF_VERSION_WAKE);
     self->last_version = v;
     return v;
 }
@@ -1558,7 +1542,7 @@ static PyObject *StateCore_draft(StateCore *self, PyObject *const *args, Py_ssiz
     long t = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
     unsigned long long len = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
     if (len > self->slot_size - SHMR_ST_SLOT_HDR) { PyErr_SetString(PyExc_ValueError, "bad length"); return NULL; }
-    uint64_t c = load_acquire64(self->base + SHMR_ST_OFF_CURRENT);
+    uint64_t c = load_acquire64(self->r.base + SHMR_ST_OFF_CURRENT);
     return (PyObject *)snapshot_new(self, -1, (c >> 8) + 1, k, (int)t, len, 1);
 }
 
@@ -1579,7 +1563,7 @@ static PyObject *StateCore_add_entry(StateCore *self, PyObject *arg) {
 static PyObject *StateCore_own_entries(StateCore *self, PyObject *unused) {
     PyObject *l = PyList_New(0);
     if (!l) return NULL;
-    if (self->fork_gen != fork_generation) return l;
+    if (self->r.fork_gen != fork_generation) return l;
     for (int j = 0; j < self->n_own; j++) {
         PyObject *t = Py_BuildValue("(ii)", self->own[j], self->busy[j]);
         if (!t || PyList_Append(l, t) < 0) { Py_XDECREF(t); Py_DECREF(l); return NULL; }
@@ -1588,43 +1572,8 @@ static PyObject *StateCore_own_entries(StateCore *self, PyObject *unused) {
     return l;
 }
 
-/* u64 words of the header page and the reader table, for the Python slow paths. */
-static char *st_word(StateCore *s, PyObject *arg) {
-    if (!s->has_view) { PyErr_SetString(HandleClosed, "shared state handle is closed"); return NULL; }
-    long long off = PyLong_AsLongLong(arg);
-    if (off == -1 && PyErr_Occurred()) return NULL;
-    if (off < 0 || (uint64_t)off + 8 > s->first_slot || off % 8 != 0) {
-        PyErr_Format(PyExc_ValueError, "bad offset %lld", off);
-        return NULL;
-    }
-    return s->base + off;
-}
-static PyObject *StateCore_load_u64(StateCore *self, PyObject *off) {
-    char *p = st_word(self, off); if (!p) return NULL;
-    return PyLong_FromUnsignedLongLong(load_seqcst64(p));
-}
-static PyObject *StateCore_store_u64(StateCore *self, PyObject *const *args, Py_ssize_t n) {
-    if (n != 2) { PyErr_SetString(PyExc_TypeError, "store_u64(offset, value)"); return NULL; }
-    char *p = st_word(self, args[0]); if (!p) return NULL;
-    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
-    (void)__atomic_exchange_n((uint64_t *)p, (uint64_t)v, __ATOMIC_SEQ_CST);
-    Py_RETURN_NONE;
-}
-static PyObject *StateCore_cas_u64(StateCore *self, PyObject *const *args, Py_ssize_t n) {
-    if (n != 3) { PyErr_SetString(PyExc_TypeError, "cas_u64(offset, expected, desired)"); return NULL; }
-    char *p = st_word(self, args[0]); if (!p) return NULL;
-    unsigned long long e = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
-    unsigned long long d = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
-    return PyBool_FromLong(cas64(p, e, d));
-}
-static PyObject *StateCore_fetch_add_u64(StateCore *self, PyObject *const *args, Py_ssize_t n) {
-    if (n != 2) { PyErr_SetString(PyExc_TypeError, "fetch_add_u64(offset, delta)"); return NULL; }
-    char *p = st_word(self, args[0]); if (!p) return NULL;
-    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
-    return PyLong_FromUnsignedLongLong(fetch_add64(p, v));
-}
 static PyObject *StateCore_mark_closed(StateCore *self, PyObject *unused) {
-    self->closed = 1;
+    self->r.closed = 1;
     Py_RETURN_NONE;
 }
 static PyObject *StateCore_get_nslots(StateCore *s, void *c) { return PyLong_FromUnsignedLong(s->nslots); }
@@ -1632,7 +1581,6 @@ static PyObject *StateCore_get_max_readers(StateCore *s, void *c) { return PyLon
 static PyObject *StateCore_get_slot_size(StateCore *s, void *c) { return PyLong_FromUnsignedLongLong(s->slot_size); }
 static PyObject *StateCore_get_first_slot(StateCore *s, void *c) { return PyLong_FromUnsignedLongLong(s->first_slot); }
 static PyObject *StateCore_get_nbytes(StateCore *s, void *c) { return PyLong_FromUnsignedLongLong(s->nbytes); }
-static PyObject *StateCore_get_closed(StateCore *s, void *c) { return PyBool_FromLong(s->closed); }
 
 static PyMethodDef StateCore_methods[] = {
     {"read", (PyCFunction)StateCore_read, METH_NOARGS,
@@ -1648,10 +1596,6 @@ static PyMethodDef StateCore_methods[] = {
     {"_add_entry", (PyCFunction)StateCore_add_entry, METH_O, NULL},
     {"_own_entries", (PyCFunction)StateCore_own_entries, METH_NOARGS, NULL},
     {"_mark_closed", (PyCFunction)StateCore_mark_closed, METH_NOARGS, NULL},
-    {"load_u64", (PyCFunction)StateCore_load_u64, METH_O, "load_u64(offset): seq_cst load (header or reader table)"},
-    {"store_u64", (PyCFunction)(void (*)(void))StateCore_store_u64, METH_FASTCALL, "store_u64(offset, value): seq_cst store"},
-    {"cas_u64", (PyCFunction)(void (*)(void))StateCore_cas_u64, METH_FASTCALL, "cas_u64(offset, expected, desired) -> bool"},
-    {"fetch_add_u64", (PyCFunction)(void (*)(void))StateCore_fetch_add_u64, METH_FASTCALL, "fetch_add_u64(offset, delta) -> old"},
     {NULL}
 };
 static PyGetSetDef StateCore_getset[] = {
@@ -1660,7 +1604,7 @@ static PyGetSetDef StateCore_getset[] = {
     {"_slot_size", (getter)StateCore_get_slot_size, NULL, NULL, NULL},
     {"_first_slot", (getter)StateCore_get_first_slot, NULL, NULL, NULL},
     {"nbytes", (getter)StateCore_get_nbytes, NULL, "largest value payload, in bytes", NULL},
-    {"_core_closed", (getter)StateCore_get_closed, NULL, NULL, NULL},
+    {"_core_closed", (getter)Region_get_closed, NULL, NULL, NULL},
     {NULL}
 };
 
@@ -1670,9 +1614,9 @@ static PyTypeObject StateCoreType = {
     .tp_basicsize = sizeof(StateCore),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
     .tp_doc = "C half of shmring.SharedState",
+    .tp_base = &RegionType,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)StateCore_init,
-    .tp_dealloc = (destructor)StateCore_dealloc,
     .tp_methods = StateCore_methods,
     .tp_getset = StateCore_getset,
 };
@@ -1684,7 +1628,7 @@ static int Snapshot_getbuffer(Snapshot *m, Py_buffer *view, int flags) {
         PyErr_SetString(PyExc_BufferError, "snapshot was released; its slot may already be overwritten");
         return -1;
     }
-    if (PyBuffer_FillInfo(view, (PyObject *)m, m->core->base + m->off, m->len, !m->writable, flags) < 0) return -1;
+    if (PyBuffer_FillInfo(view, (PyObject *)m, m->core->r.base + m->off, m->len, !m->writable, flags) < 0) return -1;
     m->exports++;
     return 0;
 }
