@@ -11,9 +11,7 @@ own code, and are killed only once they are known to be there.
 """
 import os
 import signal
-import time
 
-import multiprocess
 import pytest
 
 import shmring
@@ -21,39 +19,7 @@ from shmring import layout as L
 
 from _workers import tagged
 import _fault_workers as W
-
-CTX = multiprocess.get_context("fork")
-SOON = 30.0            # bound on any wait in the test itself (never reached when things work)
-
-
-@pytest.fixture
-def kids():
-    started = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGKILL)
-        p.join(10)
-
-
-def spawn(kids, target, *args):
-    p = CTX.Process(target=target, args=args, daemon=True)
-    p.start()
-    kids.append(p)
-    return p
-
-
-def kill(p):
-    os.kill(p.pid, signal.SIGKILL)
-    p.join(SOON)
-    assert p.exitcode == -signal.SIGKILL
-
-
-def wait_until(cond, what):
-    deadline = time.monotonic() + SOON
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.002)
+from _kit import CTX, SOON, kill, spawn, wait_until
 
 
 def used_by(seqs):

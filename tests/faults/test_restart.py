@@ -2,40 +2,14 @@
 attach by name (or path) and continue; a file-backed ring outlives every
 process and resumes with nothing lost.  Also what Ring.flush() does."""
 import os
-import signal
 
-import multiprocess
 import pytest
 
 import shmring
 
 from _workers import tagged
 import _fault_workers as W
-
-CTX = multiprocess.get_context("fork")
-SOON = 30.0
-
-
-@pytest.fixture
-def kids():
-    started = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGKILL)
-        p.join(10)
-
-
-def spawn(kids, target, *args):
-    p = CTX.Process(target=target, args=args, daemon=True)
-    p.start()
-    kids.append(p)
-    return p
-
-
-def kill(p):
-    os.kill(p.pid, signal.SIGKILL)
-    p.join(SOON)
+from _kit import CTX, SOON, kill, spawn
 
 
 def _crash_both_roles(kids, name, path, k, release, hold):

@@ -4,11 +4,7 @@ pinning: its pin is reclaimed; a writer killed mid-update: readers keep the
 last version and a new writer takes over).  Here: a writer killed while
 blocked because every spare slot is pinned, a reader blocked in wait_newer()
 when the writer dies, and any process killed during create or attach."""
-import os
-import signal
-import time
 
-import multiprocess
 import numpy as np
 import pytest
 
@@ -16,39 +12,7 @@ import shmring
 from shmring import layout as L
 
 import _fault_workers as W
-
-CTX = multiprocess.get_context("fork")
-SOON = 30.0
-
-
-@pytest.fixture
-def kids():
-    started = []
-    yield started
-    for p in started:
-        if p.is_alive():
-            os.kill(p.pid, signal.SIGKILL)
-        p.join(10)
-
-
-def spawn(kids, target, *args):
-    p = CTX.Process(target=target, args=args, daemon=True)
-    p.start()
-    kids.append(p)
-    return p
-
-
-def kill(p):
-    os.kill(p.pid, signal.SIGKILL)
-    p.join(SOON)
-    assert p.exitcode == -signal.SIGKILL
-
-
-def wait_until(cond, what):
-    deadline = time.monotonic() + SOON
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.002)
+from _kit import CTX, SOON, kill, spawn, wait_until
 
 
 def intact(snap):
