@@ -441,8 +441,8 @@ def interpret(res) -> list[str]:
     if fresh and touch and warm:
         fault_us = 1e6 * touch["s"] / max(1, touch["minor_faults"])
         per = res["file_bytes"] / PAGE / max(1, fresh["minor_faults"])
-        how = ("this file's page cache is mapped 2 MiB at a time, large folios, so faults are rare and cheap "
-               "here" if per >= 256 else f"fault-around maps ~{per:.0f} pages per fault" if per > 1.5 else
+        how = (f"~{per:.0f} pages per fault on average: most of this file's page cache is mapped in 2 MiB "
+               "pieces, large folios, so faults are rare and cheap here" if per >= 64 else f"fault-around maps ~{per:.0f} pages per fault" if per > 1.5 else
                "one page per fault")
         out.append(
             f"mmap() avoids the copy but a fresh mapping pays page faults: {fresh['minor_faults']:.0f} minor "
