@@ -166,14 +166,6 @@ class Ring(SegmentHandle):
 
     # -- properties -----------------------------------------------------------
     @property
-    def name(self) -> str | None:
-        return self._seg.name
-
-    @property
-    def path(self) -> str | None:
-        return self._seg.path
-
-    @property
     def kind(self) -> str:
         return L.KIND_NAMES[self._header["kind"]]
 

@@ -319,6 +319,16 @@ class SegmentHandle:
     _seg: Segment
     _created: bool
 
+    @property
+    def name(self) -> str | None:
+        """The segment name (None for a file-backed handle made without one)."""
+        return self._seg.name
+
+    @property
+    def path(self) -> str | None:
+        """The file of a file-backed handle, else None."""
+        return self._seg.path
+
     def unlink(self) -> None:
         """Remove the name (or file).  Attached processes keep working."""
         self._seg.unlink()

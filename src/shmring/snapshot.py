@@ -256,14 +256,6 @@ class SharedState(_core.StateCore, SegmentHandle):
 
     # -- properties -------------------------------------------------------------
     @property
-    def name(self) -> str | None:
-        return self._seg.name
-
-    @property
-    def path(self) -> str | None:
-        return self._seg.path
-
-    @property
     def version(self) -> int:
         """The newest published version (0 before the first publish)."""
         return self.load_u64(L.ST_OFF_CURRENT) >> 8
