@@ -311,26 +311,26 @@ def main(argv=None) -> int:
     for k, w in enumerate(refs):
         if w not in done_refs:
             rows += refs[w][1](1000 + k)
-    prim = None
-    if args.primitives:
-        from . import primitives
-        log("zero-copy primitives study (python -m bench.primitives)")
+    def optional_study(wanted, module, title):
+        """Run one of the opt-in studies: (results, markdown), or (None, None) if not asked for.
+        A failure is recorded and reported; the main table is still written."""
+        nonlocal failures
+        if not wanted:
+            return None, None
+        import importlib
+        mod = importlib.import_module(f".{module}", __package__)
+        log(f"{title} (python -m bench.{module})")
         try:
-            prim = primitives.study(quick=args.quick, log=log)
+            res = mod.study(quick=args.quick, log=log)
+            return res, mod.markdown(res)
         except Exception as e:       # noqa: BLE001 -- the table above must still be written
-            prim = {"error": f"FAILED: {type(e).__name__}: {e}"}
-            log(f"    {prim['error']}")
+            err = f"FAILED: {type(e).__name__}: {e}"
+            log(f"    {err}")
             failures += 1
-    snaps = None
-    if args.snapshots:
-        from . import snapshot_cases
-        log("SharedState study (python -m bench.snapshot_cases)")
-        try:
-            snaps = snapshot_cases.study(quick=args.quick, log=log)
-        except Exception as e:       # noqa: BLE001 -- the table above must still be written
-            snaps = {"error": f"FAILED: {type(e).__name__}: {e}"}
-            log(f"    {snaps['error']}")
-            failures += 1
+            return {"error": err}, f"{title}: {err}"
+
+    prim, prim_md = optional_study(args.primitives, "primitives", "Zero-copy primitives study")
+    _, snaps_md = optional_study(args.snapshots, "snapshot_cases", "SharedState study")
     try:
         run["memory"] = ring_footprint()
     except Exception as e:       # noqa: BLE001
@@ -340,10 +340,9 @@ def main(argv=None) -> int:
     rows = report.finish_rows(report.order_rows(rows))
     head = report.machine_lines(minfo, run)
     md = "\n".join(["\n".join(f"{h}  " for h in head), "", report.table(rows), "", report.LEGEND])
-    if prim is not None:
-        md += "\n\n" + (primitives.markdown(prim) if "error" not in prim else f"Primitives study: {prim['error']}")
-    if snaps is not None:
-        md += "\n\n" + (snapshot_cases.markdown(snaps) if "error" not in snaps else f"SharedState study: {snaps['error']}")
+    for extra in (prim_md, snaps_md):
+        if extra is not None:
+            md += "\n\n" + extra
     print(md)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:

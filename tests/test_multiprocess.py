@@ -13,21 +13,7 @@ import pytest
 import shmring
 
 import _workers as W
-
-JOIN = 180          # bound on any child's life in these tests; reaching it is a hang, not slowness
-
-
-def start(procs, ctx, target, *args):
-    p = ctx.Process(target=target, args=args, daemon=True)
-    p.start()
-    procs.append(p)
-    return p
-
-
-def finish(p, timeout=JOIN):
-    p.join(timeout)
-    assert not p.is_alive(), f"child {p.name} hung"
-    return p.exitcode
+from _procs import JOIN, finish, start
 
 
 def kill_later(pid, delay):

@@ -12,21 +12,7 @@ import pytest
 import shmring
 
 import _snapshot_workers as W
-
-JOIN = 60
-
-
-def start(procs, ctx, target, *args):
-    p = ctx.Process(target=target, args=args, daemon=True)
-    p.start()
-    procs.append(p)
-    return p
-
-
-def finish(p, timeout=JOIN):
-    p.join(timeout)
-    assert not p.is_alive(), f"child {p.name} hung"
-    return p.exitcode
+from _procs import JOIN, finish, start
 
 
 def get(q, **match):
