@@ -104,7 +104,7 @@ def test_numpy_integer_capacity_is_accepted(ring_name):
 
 def test_unknown_ring_kind_is_a_value_error(ring_name):
     with pytest.raises(ValueError, match="kind"):
-        shmring.Ring.create(ring_name, 4096, kind="mpmc")
+        shmring.Ring.create(ring_name, 4096, kind="multicast")
 
 
 # --------------------------------------------------------------------------- create, attach, unlink

@@ -8,17 +8,17 @@ protocol.
 """
 from ._core import Message, Snapshot
 from .errors import (CorruptSegmentError, EndOfStream, EscapedViewWarning, HandleClosed,
-                     IncompatibleSegment, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
+                     IncompatibleSegment, Lagged, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
                      ResourceLimit, RoleTaken, SegmentExists, SegmentNotFound, ShmringError, Timeout,
                      UnsupportedType)
-from .ring import Consumer, Producer, Reservation, Ring
+from .ring import Consumer, Producer, Reservation, Ring, wait
 from .segment import list_segments, unlink
 from .snapshot import SharedState
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink",
+    "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink", "wait", "Lagged",
     "SharedState", "Snapshot",
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
     "SegmentExists", "PermissionDenied", "NoSpace", "ResourceLimit", "CorruptSegmentError", "IncompatibleSegment",

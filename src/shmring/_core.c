@@ -40,6 +40,12 @@ static inline uint32_t load_acquire32(const void *p) { return __atomic_load_n((c
 static inline uint64_t load_seqcst64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_SEQ_CST); }
 static inline uint32_t load_seqcst32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_SEQ_CST); }
 static inline uint32_t load_relaxed32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_RELAXED); }
+static inline uint64_t load_relaxed64(const void *p) { return __atomic_load_n((const uint64_t *)p, __ATOMIC_RELAXED); }
+static inline uint16_t load_acquire16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE); }
+static inline uint16_t load_relaxed16(const void *p) { return __atomic_load_n((const uint16_t *)p, __ATOMIC_RELAXED); }
+static inline void store_release16(void *p, uint16_t v) { __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE); }
+static inline void store_relaxed64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELAXED); }
+static inline void store_seqcst64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_SEQ_CST); }
 static inline void store_release64(void *p, uint64_t v) { __atomic_store_n((uint64_t *)p, v, __ATOMIC_RELEASE); }
 static inline void store_release32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
 static inline uint32_t fetch_add32(void *p, uint32_t v) { return __atomic_fetch_add((uint32_t *)p, v, __ATOMIC_SEQ_CST); }
@@ -50,6 +56,9 @@ static inline int cas64(void *p, uint64_t expect, uint64_t desired) {
 static inline int cas32(void *p, uint32_t expect, uint32_t desired) {
     return __atomic_compare_exchange_n((uint32_t *)p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
+static inline int cas16(void *p, uint16_t expect, uint16_t desired) {
+    return __atomic_compare_exchange_n((uint16_t *)p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -59,6 +68,7 @@ static inline void cpu_relax(void) {
 }
 
 static inline uint64_t align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
+static inline uint64_t align16(uint64_t n) { return (n + 15u) & ~(uint64_t)15u; }
 
 static inline uint64_t now_ns(void) {
     struct timespec ts;
@@ -203,12 +213,22 @@ typedef struct {
     int closed;
     double spin;            /* seconds a blocked call busy-polls before it sleeps */
     uint64_t words_end;     /* Python's word accessors reach [0, words_end) */
+    /* ring geometry, read once at init (later corruption cannot move it) */
+    unsigned kind;          /* SHMR_KIND_* */
+    uint64_t hdr;           /* record header bytes: 8 (spsc) or 16 (multi-party) */
+    uint64_t data_off;      /* data area offset in the region */
+    uint64_t key;           /* multi-party: stamp key */
+    char *ptab, *ctab;      /* multi-party: producer and consumer tables */
+    uint32_t maxp, maxc, policy;
+    int slot;               /* this handle's table entry (-1: none) */
 } Region;
 
 /* Take a writable export of the mapping passed as the one argument. */
 static int region_map(Region *self, PyObject *args) {
     PyObject *buf;
-    if (!PyArg_ParseTuple(args, "O", &buf)) return -1;
+    int slot = -1;
+    if (!PyArg_ParseTuple(args, "O|i", &buf, &slot)) return -1;
+    self->slot = slot;
     if (self->has_view) { PyErr_SetString(PyExc_RuntimeError, "already initialized"); return -1; }
     if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
     self->has_view = 1;
@@ -235,10 +255,39 @@ static int Region_init(Region *self, PyObject *args, PyObject *kw) {
     }
     self->capacity = cap;
     self->mask = cap - 1;
-    self->max_message = cap / 2 - SHMR_REC_HDR;
-    self->data = self->base + SHMR_HEADER_SIZE;
+    self->kind = load_acquire32(self->base + SHMR_OFF_KIND);
+    self->hdr = SHMR_REC_HDR;
+    self->data_off = SHMR_HEADER_SIZE;
+    if (self->kind == SHMR_KIND_MPSC || self->kind == SHMR_KIND_BROADCAST || self->kind == SHMR_KIND_MPMC) {
+        char *b = self->base;
+        uint64_t doff = load_acquire64(b + SHMR_OFF_DATA_OFFSET);
+        uint64_t pt = load_acquire64(b + SHMR_MP_OFF_PROD_TABLE), ct = load_acquire64(b + SHMR_MP_OFF_CONS_TABLE);
+        uint32_t mp = load_acquire32(b + SHMR_MP_OFF_MAX_PRODUCERS), mc = load_acquire32(b + SHMR_MP_OFF_MAX_CONSUMERS);
+        if (mp < 1 || mp > SHMR_MP_MAX_PARTIES || mc < 1 || mc > SHMR_MP_MAX_PARTIES || pt != SHMR_HEADER_SIZE ||
+            ct != pt + (uint64_t)mp * SHMR_MP_ENTRY || doff != ((ct + (uint64_t)mc * SHMR_MP_ENTRY + 4095) & ~4095ull) ||
+            (uint64_t)self->view.len < doff + cap) {
+            PyErr_Format(CorruptSegmentError, "multi-party ring tables do not fit: %u producers, %u consumers, "
+                         "data at %llu, region of %zd bytes", mp, mc, (unsigned long long)doff, self->view.len);
+            return -1;
+        }
+        self->hdr = SHMR_MREC_HDR;
+        self->data_off = doff;
+        self->key = load_acquire64(b + SHMR_MP_OFF_KEY);
+        self->ptab = b + pt; self->ctab = b + ct;
+        self->maxp = mp; self->maxc = mc;
+        self->policy = load_acquire32(b + SHMR_MP_OFF_POLICY);
+        self->words_end = doff;          /* the tables are reachable from Python */
+    } else if (self->kind != SHMR_KIND_SPSC) {
+        PyErr_Format(CorruptSegmentError, "unknown ring kind %u", self->kind);
+        return -1;
+    }
+    self->max_message = cap / 2 - self->hdr;
+    if (self->max_message > SHMR_MAX_MESSAGE) self->max_message = SHMR_MAX_MESSAGE;  /* lengths are u32 */
+    self->data = self->base + self->data_off;
     return 0;
 }
+
+static inline int is_multi(Region *r) { return r->kind != SHMR_KIND_SPSC; }
 
 static void Region_dealloc(Region *self) {
     if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
@@ -299,7 +348,51 @@ static PyObject *Region_wake(Region *self, PyObject *off) {
     Py_RETURN_NONE;
 }
 
+static int check_usable(Region *r);
+
+/* publish_u64(offset, value, wake_offset): store a position and wake its
+ * sleepers (the waker's side of the wake-up protocol). */
+static PyObject *Region_publish_u64(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "publish_u64(offset, value, wake_offset)"); return NULL; }
+    char *p = header_word(self, args[0], 8); if (!p) return NULL;
+    char *w = header_word(self, args[2], 8); if (!w) return NULL;
+    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    publish_and_wake(p, v, w);
+    Py_RETURN_NONE;
+}
+
+struct change_ctx { char *word, *stop; uint64_t value; };
+static int change_cond(void *vctx) {
+    struct change_ctx *c = vctx;   /* pairs with publish_u64's exchange / the stop word's store */
+    return load_seqcst64(c->word) != c->value || (c->stop && load_seqcst32(c->stop) != 0);
+}
+
+/* wait_change(offset, value, wake_offset, stop_offset, slice, spin) -> bool:
+ * sleep (GIL released) until the u64 at offset differs from value or the u32
+ * at stop_offset (-1: none) is non-zero, for at most one slice. */
+static PyObject *Region_wait_change(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 6) { PyErr_SetString(PyExc_TypeError, "wait_change(offset, value, wake_offset, stop_offset, slice, spin)"); return NULL; }
+    if (check_usable(self) < 0) return NULL;
+    struct change_ctx c;
+    c.word = header_word(self, args[0], 8); if (!c.word) return NULL;
+    char *w = header_word(self, args[2], 8); if (!w) return NULL;
+    c.value = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    c.stop = NULL;
+    if (PyLong_AsLong(args[3]) >= 0) { c.stop = header_word(self, args[3], 4); if (!c.stop) return NULL; }
+    if (PyErr_Occurred()) return NULL;
+    double slice = PyFloat_AsDouble(args[4]); if (PyErr_Occurred()) return NULL;
+    double spin = PyFloat_AsDouble(args[5]); if (PyErr_Occurred()) return NULL;
+    int r;
+    Py_BEGIN_ALLOW_THREADS
+    r = wait_for(w, change_cond, &c, slice > 0 ? (uint64_t)(slice * 1e9) : 0, spin > 0 ? (uint64_t)(spin * 1e9) : 0);
+    Py_END_ALLOW_THREADS
+    if (PyErr_CheckSignals() < 0) return NULL;
+    return PyBool_FromLong(r == 1);
+}
+
 static PyMethodDef Region_methods[] = {
+    {"publish_u64", (PyCFunction)(void (*)(void))Region_publish_u64, METH_FASTCALL, "publish_u64(offset, value, wake_offset)"},
+    {"wait_change", (PyCFunction)(void (*)(void))Region_wait_change, METH_FASTCALL, "wait_change(offset, value, wake_offset, stop_offset, slice, spin) -> bool"},
     {"load_u32", (PyCFunction)Region_load_u32, METH_O, "load_u32(offset): seq_cst load of a header word"},
     {"load_u64", (PyCFunction)Region_load_u64, METH_O, "load_u64(offset): seq_cst load of a header word"},
     {"store_u32", (PyCFunction)(void (*)(void))Region_store_u32, METH_FASTCALL, "store_u32(offset, value): release store"},
@@ -344,12 +437,14 @@ static int check_usable(Region *r) {
 
 typedef struct {
     Region r;
-    uint64_t write_pos;     /* ours; mirrors the shared write_pos after each commit */
-    uint64_t cached_read;   /* last read_pos we loaded */
+    uint64_t write_pos;     /* spsc: ours, mirrors the shared write_pos after each commit */
+    uint64_t cached_read;   /* last release position (gate) we loaded */
     int reserved;           /* a reservation is open */
     uint64_t res_start;     /* position of its record header */
     uint64_t res_len;       /* payload bytes reserved */
-    uint64_t res_prev;      /* write_pos before it (padding included), for abort */
+    uint64_t res_prev;      /* spsc: write_pos before it (padding included), for abort */
+    unsigned res_type;
+    char *entry;            /* multi-party: our producer table line */
 } Producer;
 
 /* A timeout is None or a number >= 0; checked even when the call would not block. */
@@ -370,14 +465,137 @@ static int Producer_init(Producer *self, PyObject *args, PyObject *kw) {
     if (Region_init(&self->r, args, kw) < 0) return -1;
     uint64_t wp = load_acquire64(self->r.base + SHMR_OFF_WRITE_POS);
     uint64_t rp = load_acquire64(self->r.base + SHMR_OFF_READ_POS); /* pairs with consumer's store_release(read_pos) */
-    if (rp > wp || wp - rp > self->r.capacity || (wp & 7) || (rp & 7)) {
+    uint64_t al = self->r.hdr - 1;
+    if (rp > wp || wp - rp > self->r.capacity || (wp & al) || (rp & al)) {
         PyErr_Format(CorruptSegmentError, "positions out of order: read %llu, write %llu, capacity %llu",
                      (unsigned long long)rp, (unsigned long long)wp, (unsigned long long)self->r.capacity);
         return -1;
     }
+    if (is_multi(&self->r)) {
+        if (self->r.slot < 0 || (uint32_t)self->r.slot >= self->r.maxp) {
+            PyErr_Format(PyExc_ValueError, "producer slot %d outside the table of %u", self->r.slot, self->r.maxp);
+            return -1;
+        }
+        self->entry = self->r.ptab + (uint64_t)self->r.slot * SHMR_MP_ENTRY;
+    }
     self->write_pos = wp;
     self->cached_read = rp;
     return 0;
+}
+
+/* ---- multi-party producers (mpsc, broadcast, mpmc): claim by CAS, commit by stamp
+ *
+ *   producer                                       consumer
+ *   intent = c | INTENT_BIT           [seq_cst]
+ *   CAS(cursor, c, c + size)          [seq_cst]
+ *   write header fields and payload   [plain]
+ *   exchange(stamp, key ^ c)          [seq_cst]    s = load_acquire(stamp); s == key ^ pos: read
+ *   load(data waiters) > 0: wake      [seq_cst]    (the spsc wake-up protocol, stamp for write_pos)
+ *   intent = 0                        [release]
+ *
+ * Delivery follows claim order: a consumer stops at the first unstamped
+ * record.  The stamp key is random per ring, so bytes left over from earlier
+ * laps (old stamps, payloads) do not pass for a committed record.
+ */
+
+/* The position below which a producer may overwrite (gate + capacity). */
+static uint64_t mp_min_subscriber(Region *r, uint64_t upto) {
+    uint64_t m = upto;
+    for (uint32_t i = 0; i < r->maxc; i++) {
+        uint64_t w = load_seqcst64(r->ctab + (uint64_t)i * SHMR_MP_ENTRY + SHMR_CE_POS); /* pairs with the subscriber's pos stores */
+        if (w == SHMR_POS_FREE || (w & SHMR_POS_EVICTED)) continue;
+        w &= SHMR_POS_MASK;
+        if (w < m) m = w;
+    }
+    return m;
+}
+
+static uint64_t mp_gate(Region *r, uint64_t wp) {
+    if (r->kind != SHMR_KIND_BROADCAST)
+        return load_seqcst64(r->base + SHMR_OFF_READ_POS);  /* pairs with the consumers' release of read_pos */
+    /* Broadcast: scan, advertise the new oldest-intact position, scan again.
+     * A subscriber joining at "oldest" stores its pos, then re-loads that
+     * word: either our second scan sees its pos, or it sees the new value and
+     * moves up (store-buffering pair, seq_cst on both sides). */
+    uint64_t m1 = mp_min_subscriber(r, wp);
+    char *tail = r->base + SHMR_OFF_READ_POS;
+    if (m1 > load_seqcst64(tail)) store_seqcst64(tail, m1);
+    uint64_t m2 = mp_min_subscriber(r, wp);
+    return m2 < m1 ? m2 : m1;
+}
+
+static int corrupt_pos(const char *what, uint64_t a, uint64_t b) {
+    PyErr_Format(CorruptSegmentError, "%s (%llu, %llu)", what, (unsigned long long)a, (unsigned long long)b);
+    return -1;
+}
+
+/* Claim room for a record of payload_len bytes: 1 claimed (intent held), 0 full, -1 corrupt. */
+static int mp_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start) {
+    Region *r = &p->r;
+    uint64_t cap = r->capacity, need = align16(SHMR_MREC_HDR + payload_len), wp, tail;
+    char *cursor = r->base + SHMR_OFF_WRITE_POS, *intent = p->entry + SHMR_PE_INTENT;
+    for (int spins = 0;; spins++) {
+        wp = load_acquire64(cursor);
+        if (wp & 15) return corrupt_pos("claim cursor is not 16-aligned", wp, 0);
+        tail = cap - (wp & r->mask);
+        uint64_t total = need <= tail ? need : tail + need;
+        if (wp + total - p->cached_read > cap) {
+            uint64_t g = mp_gate(r, wp);
+            if (g > wp) {                       /* our cursor load is stale, or the gate is corrupt */
+                if (g > load_acquire64(cursor)) return corrupt_pos("release position beyond the claim cursor", g, wp);
+                continue;
+            }
+            if (wp - g > cap) return corrupt_pos("claim cursor more than a capacity ahead of the release position", wp, g);
+            p->cached_read = g;
+            if (wp + total - g > cap) return 0;
+        }
+        store_seqcst64(intent, wp | SHMR_INTENT_BIT);     /* before the CAS: read by a consumer that sees the cursor move */
+        if (cas64(cursor, wp, wp + total)) break;
+        if (spins > 64) sched_yield(); else cpu_relax();
+    }
+    if (need > tail) {                          /* padding to the end of the data area, committed at once */
+        char *h = r->data + (wp & r->mask);
+        *(uint32_t *)(h + 8) = (uint32_t)(tail - SHMR_MREC_HDR);
+        *(uint16_t *)(h + 12) = SHMR_T_PAD;
+        *(uint16_t *)(h + 14) = SHMR_ST_RELEASED;
+        store_seqcst64(intent, (wp + tail) | SHMR_INTENT_BIT);  /* the record we still owe starts after the pad */
+        store_release64(h, r->key ^ wp);        /* pairs with the consumer's load_acquire(stamp) */
+        wp += tail;
+    }
+    *rec_start = wp;
+    return 1;
+}
+
+static inline void mp_stamp(Region *r, uint64_t pos, uint32_t len, unsigned type, unsigned state) {
+    char *h = r->data + (pos & r->mask);
+    *(uint32_t *)(h + 8) = len;
+    *(uint16_t *)(h + 12) = (uint16_t)type;
+    *(uint16_t *)(h + 14) = (uint16_t)state;
+    /* seq_cst: the release of the record and the store half of the wake-up protocol */
+    (void)__atomic_exchange_n((uint64_t *)h, r->key ^ pos, __ATOMIC_SEQ_CST);
+}
+
+static inline void wake_if_waiters(char *wake_line) {
+    if (__atomic_load_n((uint32_t *)(wake_line + SHMR_WAKE_WAITERS), __ATOMIC_SEQ_CST)) /* pairs with the sleeper's fetch_add(waiters) */
+        wake_always(wake_line);
+}
+
+/* Commit the record claimed at start for claimed_len payload bytes, holding
+ * len of them (len <= claimed_len); what is left becomes a T_SKIP record. */
+static void mp_commit(Producer *p, uint64_t start, uint64_t claimed_len, uint64_t len, unsigned type) {
+    Region *r = &p->r;
+    uint64_t size = align16(SHMR_MREC_HDR + len), claimed = align16(SHMR_MREC_HDR + claimed_len);
+    if (size < claimed)
+        mp_stamp(r, start + size, (uint32_t)(claimed - size - SHMR_MREC_HDR), SHMR_T_SKIP, SHMR_ST_RELEASED);
+    mp_stamp(r, start, (uint32_t)len, type, type == SHMR_T_SKIP ? SHMR_ST_RELEASED : 0);
+    wake_if_waiters(r->base + SHMR_OFF_DATA_WAKE);
+    if (r->kind == SHMR_KIND_BROADCAST && type != SHMR_T_SKIP)
+        store_release64(r->base + SHMR_MP_OFF_NEWEST, start);   /* where a subscriber joining at "newest" starts */
+    store_release64(p->entry + SHMR_PE_INTENT, 0);             /* after the stamp: see the abandoned-claim check */
+    if (type != SHMR_T_SKIP) {
+        store_relaxed64(p->entry + SHMR_PE_SENT, load_relaxed64(p->entry + SHMR_PE_SENT) + 1);
+        store_relaxed64(p->entry + SHMR_PE_BYTES, load_relaxed64(p->entry + SHMR_PE_BYTES) + len);
+    }
 }
 
 /* Claim room for a record of payload_len bytes at write_pos (writing a padding
@@ -385,6 +603,7 @@ static int Producer_init(Producer *self, PyObject *args, PyObject *kw) {
  * visible to the consumer until publish().  Returns 1 and the record start,
  * 0 when the ring is full right now, -1 on corruption (exception set). */
 static int producer_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start) {
+    if (is_multi(&p->r)) return mp_claim(p, payload_len, rec_start);
     uint64_t cap = p->r.capacity;
     uint64_t need = align8(SHMR_REC_HDR + payload_len);
     uint64_t wp = p->write_pos;
@@ -411,34 +630,41 @@ static int producer_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start
     return 1;
 }
 
-static inline void producer_write_header(Producer *p, uint64_t start, uint64_t len, unsigned type) {
+/* Write the header of the record claimed at start and publish it (claimed_len:
+ * the payload bytes claimed, len: those used). */
+static void producer_finish(Producer *p, uint64_t start, uint64_t claimed_len, uint64_t len, unsigned type) {
+    if (is_multi(&p->r)) { mp_commit(p, start, claimed_len, len, type); return; }
     char *h = p->r.data + (start & p->r.mask);
     *(uint32_t *)h = (uint32_t)len;
     *(uint16_t *)(h + 4) = (uint16_t)type;
     *(uint16_t *)(h + 6) = 0;
-}
-
-static inline void producer_publish(Producer *p, uint64_t new_wp) {
+    uint64_t new_wp = start + align8(SHMR_REC_HDR + len);
     p->write_pos = new_wp;
     /* after the record's plain stores; pairs with consumer's load_acquire(write_pos) in peek */
     publish_and_wake(p->r.base + SHMR_OFF_WRITE_POS, new_wp, p->r.base + SHMR_OFF_DATA_WAKE);
 }
 
+static inline uint64_t payload_offset(Region *r, uint64_t start) {
+    return r->data_off + (start & r->mask) + r->hdr;   /* relative to the region base */
+}
+
+static int too_large(Producer *p, uint64_t len) {
+    PyErr_Format(MessageTooLarge, "message of %llu bytes can never fit: this ring's largest "
+                 "message is %llu bytes (capacity %llu / 2 - %llu)", (unsigned long long)len,
+                 (unsigned long long)p->r.max_message, (unsigned long long)p->r.capacity,
+                 (unsigned long long)p->r.hdr);
+    return -1;
+}
+
 /* Copy one payload in and publish it. 1 sent, 0 full, -1 error. */
 static int producer_push(Producer *p, const char *buf, uint64_t len, unsigned type) {
-    if (len > p->r.max_message) {
-        PyErr_Format(MessageTooLarge, "message of %llu bytes can never fit: this ring's largest "
-                     "message is %llu bytes (capacity %llu / 2 - %u)", (unsigned long long)len,
-                     (unsigned long long)p->r.max_message, (unsigned long long)p->r.capacity, SHMR_REC_HDR);
-        return -1;
-    }
+    if (len > p->r.max_message) return too_large(p, len);
     if (p->reserved) { PyErr_SetString(ShmringError, "a reservation is open; commit or abort it first"); return -1; }
     uint64_t start;
     int r = producer_claim(p, len, &start);
     if (r <= 0) return r;
-    producer_write_header(p, start, len, type);
-    memcpy(p->r.data + (start & p->r.mask) + SHMR_REC_HDR, buf, len);
-    producer_publish(p, start + align8(SHMR_REC_HDR + len));
+    memcpy(p->r.base + payload_offset(&p->r, start), buf, len);
+    producer_finish(p, start, len, len, type);
     return 1;
 }
 
@@ -517,7 +743,7 @@ static PyObject *Producer_push_array(Producer *self, PyObject *const *args, Py_s
     int r = producer_claim(self, worst, &start);
     if (r < 0) goto done;
     if (r == 0) { result = (Py_INCREF(Py_False), Py_False); goto done; }
-    uint64_t payload = SHMR_HEADER_SIZE + (start & self->r.mask) + SHMR_REC_HDR;  /* region offsets */
+    uint64_t payload = payload_offset(&self->r, start);  /* region offsets */
     char *pl = self->r.base + payload;
     *(uint32_t *)pl = (uint32_t)meta_len;
     *(uint32_t *)(pl + 4) = 1;
@@ -525,8 +751,7 @@ static PyObject *Producer_push_array(Producer *self, PyObject *const *args, Py_s
     uint64_t area = (payload + 8 + meta_len + 63) & ~(uint64_t)63;
     memcpy(self->r.base + area, b.buf, (size_t)b.len);
     uint64_t len = area + (uint64_t)b.len - payload;
-    producer_write_header(self, start, len, (unsigned)type);
-    producer_publish(self, start + align8(SHMR_REC_HDR + len));
+    producer_finish(self, start, worst, len, (unsigned)type);
     result = (Py_INCREF(Py_True), Py_True);
 done:
     PyBuffer_Release(&b);
@@ -553,10 +778,10 @@ static PyObject *Producer_reserve(Producer *self, PyObject *const *args, Py_ssiz
     self->res_start = start;
     self->res_len = len;
     self->res_prev = prev;
-    producer_write_header(self, start, len, (unsigned)type);
-    /* The claim may have written a padding record: keep write_pos before it
-     * until commit, so abort forgets both. */
-    return PyLong_FromUnsignedLongLong(SHMR_HEADER_SIZE + (start & self->r.mask) + SHMR_REC_HDR);
+    self->res_type = (unsigned)type;
+    /* spsc: the claim may have written a padding record: write_pos stays
+     * before it until commit, so abort forgets both. */
+    return PyLong_FromUnsignedLongLong(payload_offset(&self->r, start));
 }
 
 /* _commit(nbytes=-1): publish the open reservation, optionally shrunk to nbytes. */
@@ -567,21 +792,33 @@ static PyObject *Producer_commit(Producer *self, PyObject *const *args, Py_ssize
         unsigned long long l = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
         if (l > len) { PyErr_Format(PyExc_ValueError, "cannot commit %llu bytes of a %llu-byte reservation", l, (unsigned long long)len); return NULL; }
         len = l;
-        *(uint32_t *)(self->r.data + (self->res_start & self->r.mask)) = (uint32_t)len;
     }
     self->reserved = 0;
-    producer_publish(self, self->res_start + align8(SHMR_REC_HDR + len));
+    producer_finish(self, self->res_start, self->res_len, len, self->res_type);
     Py_RETURN_NONE;
 }
 
+/* Forget an open reservation.  spsc: nothing was published, rewind.  Multi-
+ * party: others may have claimed after it, so it is committed as a T_SKIP. */
 static PyObject *Producer_abort(Producer *self, PyObject *unused) {
-    if (self->reserved) { self->reserved = 0; self->write_pos = self->res_prev; }
+    if (!self->reserved) Py_RETURN_NONE;
+    self->reserved = 0;
+    if (is_multi(&self->r)) mp_commit(self, self->res_start, self->res_len, self->res_len, SHMR_T_SKIP);
+    else self->write_pos = self->res_prev;
     Py_RETURN_NONE;
 }
 
-struct space_ctx { char *base; uint64_t wp, total, cap; };
+struct space_ctx { char *base; uint64_t wp, total, cap; Producer *p; uint64_t len; };
 static int space_cond(void *vctx) {
     struct space_ctx *c = vctx;
+    if (c->p) {                        /* multi-party: room at the current cursor */
+        Region *r = &c->p->r;
+        uint64_t wp = load_seqcst64(r->base + SHMR_OFF_WRITE_POS);
+        uint64_t need = align16(SHMR_MREC_HDR + c->len), tail = r->capacity - (wp & r->mask);
+        uint64_t g = mp_gate(r, wp);
+        if (g > wp) return 1;          /* stale or corrupt: let the claim decide */
+        return wp + (need <= tail ? need : tail + need) - g <= r->capacity;
+    }
     uint64_t rp = load_seqcst64(c->base + SHMR_OFF_READ_POS); /* pairs with consumer's store_release(read_pos) */
     if (rp > c->wp) return 1;          /* corrupt: let the caller's claim report it */
     return c->wp + c->total - rp <= c->cap;
@@ -599,6 +836,8 @@ static PyObject *Producer_wait_space(Producer *self, PyObject *const *args, Py_s
     uint64_t tail = self->r.capacity - (self->write_pos & self->r.mask);
     c.base = self->r.base; c.wp = self->write_pos; c.cap = self->r.capacity;
     c.total = need <= tail ? need : tail + need;
+    c.p = is_multi(&self->r) ? self : NULL;
+    c.len = len;
     int r;
     Py_BEGIN_ALLOW_THREADS
     r = wait_for(self->r.base + SHMR_OFF_SPACE_WAKE, space_cond, &c,
@@ -659,12 +898,17 @@ typedef struct { uint64_t start, end; int done; } Entry;
 
 typedef struct {
     Region r;
-    uint64_t next_pos;      /* next record to hand out */
-    uint64_t read_pos;      /* last value stored to the shared read_pos */
-    uint64_t cached_write;  /* last write_pos we loaded */
+    uint64_t next_pos;      /* next record to hand out (mpmc: unused) */
+    uint64_t read_pos;      /* last value stored to our release position */
+    uint64_t cached_write;  /* spsc: last write_pos we loaded */
     Entry *q; size_t qhead, qlen, qcap;   /* circular queue of outstanding records */
     int detached;           /* role given up: never store read_pos again */
     uint64_t received;
+    char *entry;            /* broadcast / mpmc: our consumer table line */
+    char *posword;          /* spsc / mpsc: read_pos; broadcast: our table pos word */
+    char *recvword;         /* shared "received" counter of this role, or NULL */
+    int holding;            /* broadcast, evict policy: our pos word carries HOLD */
+    uint64_t nheld;         /* mpmc: messages taken and not released */
 } Consumer;
 
 typedef struct {
@@ -681,11 +925,34 @@ static PyTypeObject MessageType;
 
 static int Consumer_init(Consumer *self, PyObject *args, PyObject *kw) {
     if (Region_init(&self->r, args, kw) < 0) return -1;
-    uint64_t rp = load_acquire64(self->r.base + SHMR_OFF_READ_POS);
-    uint64_t wp = load_acquire64(self->r.base + SHMR_OFF_WRITE_POS); /* pairs with producer's store_release(write_pos) */
-    if (rp > wp || wp - rp > self->r.capacity || (wp & 7) || (rp & 7)) {
+    Region *r = &self->r;
+    uint64_t wp = load_acquire64(r->base + SHMR_OFF_WRITE_POS); /* pairs with producer's store_release(write_pos) */
+    uint64_t rp = load_acquire64(r->base + SHMR_OFF_READ_POS);
+    self->posword = r->base + SHMR_OFF_READ_POS;
+    self->recvword = NULL;
+    if (r->kind == SHMR_KIND_MPSC) self->recvword = r->base + SHMR_OFF_CONS_ROLE + 24;
+    if (r->kind == SHMR_KIND_BROADCAST || r->kind == SHMR_KIND_MPMC) {
+        if (r->slot < 0 || (uint32_t)r->slot >= r->maxc) {
+            PyErr_Format(PyExc_ValueError, "consumer slot %d outside the table of %u", r->slot, r->maxc);
+            return -1;
+        }
+        self->entry = r->ctab + (uint64_t)r->slot * SHMR_MP_ENTRY;
+        self->recvword = self->entry + SHMR_CE_RECEIVED;
+    }
+    if (r->kind == SHMR_KIND_BROADCAST) {
+        self->posword = self->entry + SHMR_CE_POS;
+        rp = load_acquire64(self->posword);
+        if (rp & (SHMR_POS_HOLD | SHMR_POS_EVICTED)) {
+            PyErr_Format(PyExc_RuntimeError, "subscriber entry %d has not joined (pos word %#llx)", r->slot, (unsigned long long)rp);
+            return -1;
+        }
+    }
+    uint64_t al = r->hdr - 1;
+    if (r->kind == SHMR_KIND_MPMC) {
+        rp = wp = 0;
+    } else if (rp > wp || wp - rp > r->capacity || (wp & al) || (rp & al)) {
         PyErr_Format(CorruptSegmentError, "positions out of order: read %llu, write %llu, capacity %llu",
-                     (unsigned long long)rp, (unsigned long long)wp, (unsigned long long)self->r.capacity);
+                     (unsigned long long)rp, (unsigned long long)wp, (unsigned long long)r->capacity);
         return -1;
     }
     self->read_pos = self->next_pos = rp;
@@ -699,15 +966,48 @@ static void Consumer_dealloc(Consumer *self) {
     Region_dealloc(&self->r);
 }
 
+static inline int evict_policy(Region *r) { return r->kind == SHMR_KIND_BROADCAST && r->policy == 1; }
+
 static inline void consumer_store_read(Consumer *c, uint64_t rp) {
     c->read_pos = rp;
     if (c->detached) return;
-    /* after the last read of the released bytes; pairs with producer's load_acquire(read_pos) in claim */
-    publish_and_wake(c->r.base + SHMR_OFF_READ_POS, rp, c->r.base + SHMR_OFF_SPACE_WAKE);
+    /* after the last read of the released bytes; pairs with the producer's
+     * load of our position in its claim (spsc: load_acquire, multi: seq_cst) */
+    publish_and_wake(c->posword, rp | (c->holding ? SHMR_POS_HOLD : 0), c->r.base + SHMR_OFF_SPACE_WAKE);
 }
+
+/* Broadcast, evict policy: while our pos word carries HOLD the producer does
+ * not evict us, so the records at and after it stay intact.  Taken (CAS from
+ * our plain position: fails only if the producer evicted us first) before we
+ * read a record; dropped once nothing is outstanding.  3 = we were evicted. */
+static int bc_hold(Consumer *c) {
+    if (c->holding || c->detached) return 0;
+    if (cas64(c->posword, c->read_pos, c->read_pos | SHMR_POS_HOLD)) { c->holding = 1; return 0; }
+    uint64_t w = load_seqcst64(c->posword);
+    if (w & SHMR_POS_EVICTED) return 3;
+    PyErr_Format(CorruptSegmentError, "subscriber position word %#llx, expected %#llx",
+                 (unsigned long long)w, (unsigned long long)c->read_pos);
+    return -1;
+}
+
+static void bc_unhold_if_idle(Consumer *c) {
+    if (!c->holding || c->qlen || c->next_pos != c->read_pos) return;
+    c->holding = 0;
+    consumer_store_read(c, c->read_pos);
+}
+
+static void mpmc_reclaim(Consumer *c);
 
 /* Record [start, end) is finished with. */
 static int consumer_finish(Consumer *c, uint64_t start, uint64_t end) {
+    if (c->r.kind == SHMR_KIND_MPMC) {
+        char *h = c->r.data + (start & c->r.mask);
+        /* only if it is still ours (a recovery that wrongly took us for dead may have requeued it) */
+        cas16(h + 14, (uint16_t)(c->r.slot + 1), SHMR_ST_RELEASED);
+        c->nheld--;
+        if (!c->detached) mpmc_reclaim(c);
+        return 0;
+    }
     size_t i;
     for (i = 0; i < c->qlen; i++) {
         Entry *e = &c->q[(c->qhead + i) % c->qcap];
@@ -721,6 +1021,7 @@ static int consumer_finish(Consumer *c, uint64_t start, uint64_t end) {
         c->qlen--;
     }
     if (rp != c->read_pos) consumer_store_read(c, rp);
+    bc_unhold_if_idle(c);
     return 0;
 }
 
@@ -739,6 +1040,13 @@ static int consumer_track(Consumer *c, uint64_t start, uint64_t end, int done) {
     return 0;
 }
 
+/* A record at [start, end) needs nothing more from us (padding, or copied out). */
+static int consumer_skip(Consumer *c, uint64_t start, uint64_t end) {
+    c->next_pos = end;
+    if (c->qlen == 0 && c->read_pos == start) { consumer_store_read(c, end); return 0; }
+    return consumer_track(c, start, end, 1);
+}
+
 typedef struct { uint64_t start, end; Py_ssize_t off, len; int type; } Rec;
 
 static int corrupt(Consumer *c, const char *what, uint64_t pos, uint64_t a, uint64_t b) {
@@ -747,8 +1055,8 @@ static int corrupt(Consumer *c, const char *what, uint64_t pos, uint64_t a, uint
     return -1;
 }
 
-/* Find the next record.  1 found, 0 empty, 2 empty and end of stream, -1 corrupt. */
-static int consumer_peek(Consumer *c, Rec *out) {
+/* Find the next record of an spsc ring.  1 found, 0 empty, 2 empty and end of stream, -1 corrupt. */
+static int spsc_peek(Consumer *c, Rec *out) {
     for (;;) {
         uint64_t pos = c->next_pos;
         if (pos == c->cached_write) {
@@ -776,9 +1084,7 @@ static int consumer_peek(Consumer *c, Rec *out) {
         uint64_t need = align8(SHMR_REC_HDR + len);
         if (type == SHMR_T_PAD) {
             if (need != tail || tail > avail) return corrupt(c, "bad padding record", pos, len, tail);
-            c->next_pos = pos + tail;
-            if (c->qlen == 0 && c->read_pos == pos) consumer_store_read(c, pos + tail);
-            else if (consumer_track(c, pos, pos + tail, 1) < 0) return -1;
+            if (consumer_skip(c, pos, pos + tail) < 0) return -1;
             continue;
         }
         if (type != SHMR_T_BYTES && type != SHMR_T_ARRAY && type != SHMR_T_OBJECT)
@@ -794,42 +1100,221 @@ static int consumer_peek(Consumer *c, Rec *out) {
     }
 }
 
-/* The ring is drained and the producer's closed word is set: 1 is a normal
- * end of stream, anything else means the producer stopped on an error. */
+/* ---- multi-party consumers */
+
+/* Every producer that joined has ended or died, and as many as expected did. */
+static int mp_ended(Region *r) {
+    char *pl = r->base + SHMR_OFF_PROD_ROLE;
+    uint64_t sess = load_acquire64(pl + SHMR_MP_SESSIONS);
+    uint64_t done = load_acquire64(pl + SHMR_MP_ENDED) + load_acquire64(pl + SHMR_MP_DEAD);
+    return sess >= 1 && done >= sess && done >= load_acquire32(r->base + SHMR_MP_OFF_EXPECTED);
+}
+
+static inline char *mp_rec(Region *r, uint64_t pos) { return r->data + (pos & r->mask); }
+static inline int mp_committed(Region *r, uint64_t pos) {
+    return load_acquire64(mp_rec(r, pos)) == (r->key ^ pos);   /* pairs with the producer's stamp exchange */
+}
+
+/* Nothing committed at pos: 0 empty, 2 end of stream, 3 evicted, -1 corrupt. */
+static int mp_empty(Consumer *c, uint64_t pos) {
+    Region *r = &c->r;
+    if (r->kind == SHMR_KIND_BROADCAST && (load_seqcst64(c->posword) & SHMR_POS_EVICTED)) return 3;
+    uint64_t cur = load_acquire64(r->base + SHMR_OFF_WRITE_POS);
+    if (cur < pos || cur - pos > r->capacity) return corrupt(c, "claim cursor out of range", pos, cur, r->capacity);
+    if (cur == pos && mp_ended(r) && !mp_committed(r, pos) && load_acquire64(r->base + SHMR_OFF_WRITE_POS) == pos)
+        return 2;
+    return 0;
+}
+
+/* Size of the committed record at pos (header fields loaded after its stamp),
+ * with type and length checked; 0 if they do not make sense. */
+static uint64_t mp_size(Region *r, uint64_t pos, uint64_t cursor, uint64_t *len, unsigned *type) {
+    char *h = mp_rec(r, pos);
+    *len = load_relaxed32(h + 8);
+    *type = load_relaxed16(h + 12);
+    uint64_t tail = r->capacity - (pos & r->mask), need = align16(SHMR_MREC_HDR + *len);
+    if (*type == SHMR_T_PAD) return need == tail && pos + tail <= cursor ? tail : 0;
+    if (*type == SHMR_T_SKIP) return pos + need <= cursor ? need : 0;
+    if (*type != SHMR_T_BYTES && *type != SHMR_T_ARRAY && *type != SHMR_T_OBJECT) return 0;
+    return *len <= r->max_message && need <= tail && pos + need <= cursor ? need : 0;
+}
+
+static void fill_rec(Region *r, Rec *out, uint64_t pos, uint64_t size, uint64_t len, unsigned type) {
+    out->start = pos;
+    out->end = pos + size;
+    out->off = (Py_ssize_t)payload_offset(r, pos);
+    out->len = (Py_ssize_t)len;
+    out->type = (int)type;
+}
+
+/* mpsc / broadcast: the reader's own position walks the records. */
+static int mp_peek_seq(Consumer *c, Rec *out) {
+    Region *r = &c->r;
+    if (evict_policy(r)) { int s = bc_hold(c); if (s) return s; }
+    for (;;) {
+        uint64_t pos = c->next_pos;
+        if (!mp_committed(r, pos)) return mp_empty(c, pos);
+        uint64_t len, cur = load_acquire64(r->base + SHMR_OFF_WRITE_POS);
+        unsigned type;
+        uint64_t size = mp_size(r, pos, cur, &len, &type);
+        if (!size) return corrupt(c, "bad record header", pos, len, type);
+        if (type == SHMR_T_PAD || type == SHMR_T_SKIP) {
+            if (consumer_skip(c, pos, pos + size) < 0) return -1;
+            continue;
+        }
+        fill_rec(r, out, pos, size, len, type);
+        return 1;
+    }
+}
+
+/* mpmc: advance the shared release position over released records (any
+ * consumer may; the CAS decides), waking producers waiting for room. */
+static void mpmc_reclaim(Consumer *c) {
+    Region *r = &c->r;
+    char *rel = r->base + SHMR_OFF_READ_POS;
+    for (;;) {
+        uint64_t rp = load_acquire64(rel), t = load_acquire64(r->base + SHMR_MP_OFF_TAKE), len;
+        unsigned type;
+        if (rp >= t || !mp_committed(r, rp)) return;
+        if (load_acquire16(mp_rec(r, rp) + 14) != SHMR_ST_RELEASED) return;  /* pairs with the releaser's store */
+        uint64_t size = mp_size(r, rp, t, &len, &type);
+        if (!size) return;
+        if (cas64(rel, rp, rp + size))     /* seq_cst: the store half of the wake-up protocol */
+            wake_if_waiters(r->base + SHMR_OFF_SPACE_WAKE);
+    }
+}
+
+/* mpmc: take a record that a recovery requeued (its consumer died holding it). */
+static int mpmc_take_requeued(Consumer *c, Rec *out) {
+    Region *r = &c->r;
+    uint64_t pos = load_acquire64(r->base + SHMR_OFF_READ_POS), t = load_acquire64(r->base + SHMR_MP_OFF_TAKE);
+    for (uint64_t n = 0; pos < t && n < r->capacity / 16; n++) {
+        uint64_t len;
+        unsigned type;
+        if (!mp_committed(r, pos)) return 0;      /* reclaimed under us: try again later */
+        uint64_t size = mp_size(r, pos, t, &len, &type);
+        if (!size) return 0;
+        char *st = mp_rec(r, pos) + 14;
+        if (type != SHMR_T_PAD && type != SHMR_T_SKIP && load_acquire16(st) == SHMR_ST_REQUEUED &&
+            cas16(st, SHMR_ST_REQUEUED, (uint16_t)(r->slot + 1))) {
+            fetch_add64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED, (uint64_t)-1);
+            fetch_add64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REDELIVERED, 1);
+            fill_rec(r, out, pos, size, len, type);
+            return 1;
+        }
+        pos += size;
+    }
+    return 0;
+}
+
+/* mpmc: take the record at the shared take cursor (CAS), then mark it ours. */
+static int mpmc_peek(Consumer *c, Rec *out) {
+    Region *r = &c->r;
+    char *take = r->base + SHMR_MP_OFF_TAKE;
+    for (;;) {
+        if (load_relaxed64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED) && mpmc_take_requeued(c, out)) return 1;
+        uint64_t pos = load_acquire64(take), len;
+        unsigned type;
+        if (pos & 15) return corrupt(c, "take cursor is not 16-aligned", pos, 0, 0);
+        if (!mp_committed(r, pos)) {
+            if (load_acquire64(take) != pos) continue;
+            return mp_empty(c, pos);
+        }
+        uint64_t size = mp_size(r, pos, load_acquire64(r->base + SHMR_OFF_WRITE_POS), &len, &type);
+        if (!size) {
+            if (load_acquire64(take) != pos) continue;   /* taken and reused while we looked */
+            return corrupt(c, "bad record header", pos, len, type);
+        }
+        if (!cas64(take, pos, pos + size)) continue;
+        if (type == SHMR_T_PAD || type == SHMR_T_SKIP) { mpmc_reclaim(c); continue; }
+        /* fails only if a recovery requeued it because we were too slow to get here */
+        if (!cas16(mp_rec(r, pos) + 14, 0, (uint16_t)(r->slot + 1))) continue;
+        fill_rec(r, out, pos, size, len, type);
+        return 1;
+    }
+}
+
+/* Find the next record.  1 found, 0 empty, 2 empty and end of stream,
+ * 3 evicted (broadcast), -1 corrupt. */
+static int consumer_peek(Consumer *c, Rec *out) {
+    switch (c->r.kind) {
+    case SHMR_KIND_SPSC: return spsc_peek(c, out);
+    case SHMR_KIND_MPMC: return mpmc_peek(c, out);
+    default: return mp_peek_seq(c, out);
+    }
+}
+
+static PyObject *str_lagged;
+
+/* The ring is drained and the producer side has ended: 1 is a normal end of
+ * stream, anything else means a producer stopped on an error or died. */
 static PyObject *raise_eos(Consumer *c) {
-    uint32_t how = load_acquire32(c->r.base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED);
-    if (how != 1 && how != 2) {
-        PyErr_Format(CorruptSegmentError, "producer status word is %u (expected 0, 1 or 2)", how);
-        return NULL;
+    const char *cls_name = NULL, *msg = NULL;
+    char buf[300];
+    if (is_multi(&c->r)) {
+        char *pl = c->r.base + SHMR_OFF_PROD_ROLE;
+        unsigned long long aborted = load_acquire64(pl + SHMR_MP_ABORTED), dead = load_acquire64(pl + SHMR_MP_DEAD);
+        if (!aborted && !dead) {
+            cls_name = "EndOfStream";
+            msg = "end of stream: every producer closed the ring and every message was received";
+        } else {
+            cls_name = "PeerGone";
+            snprintf(buf, sizeof buf, "end of stream with losses upstream: %llu producer(s) died and %llu stopped "
+                     "on an error; every message they committed was received", dead, aborted);
+            msg = buf;
+        }
+    } else {
+        uint32_t how = load_acquire32(c->r.base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED);
+        if (how != 1 && how != 2) {
+            PyErr_Format(CorruptSegmentError, "producer status word is %u (expected 0, 1 or 2)", how);
+            return NULL;
+        }
+        cls_name = how == 1 ? "EndOfStream" : "PeerGone";
+        msg = how == 1 ? "end of stream: the producer closed the ring and every message was received"
+                       : "the producer stopped on an error (its with-block raised); every message "
+                         "it committed was received";
     }
     PyObject *m = PyImport_ImportModule("shmring.errors");
     if (!m) return NULL;
-    PyObject *cls = PyObject_GetAttrString(m, how == 1 ? "EndOfStream" : "PeerGone");
+    PyObject *cls = PyObject_GetAttrString(m, cls_name);
     Py_DECREF(m);
     if (!cls) return NULL;
-    if (how == 1)
-        PyErr_SetString(cls, "end of stream: the producer closed the ring and every message was received");
-    else
-        PyErr_SetString(cls, "the producer stopped on an error (its with-block raised); every message "
-                             "it committed was received");
+    PyErr_SetString(cls, msg);
     Py_DECREF(cls);
     return NULL;
 }
 
+/* A peek status other than 1 as a Python result: None (empty), or the error. */
+static PyObject *peek_status(Consumer *c, int s) {
+    if (s == 0) Py_RETURN_NONE;
+    if (s == 2) return raise_eos(c);
+    if (s == 3) return PyObject_CallMethodNoArgs((PyObject *)c, str_lagged);
+    return NULL;
+}
+
+static inline void count_received(Consumer *c) {
+    c->received++;
+    if (c->recvword) store_relaxed64(c->recvword, load_relaxed64(c->recvword) + 1);
+}
+
 /* Every message handed out is tracked until released; records finished at
  * once (copied bytes, padding) are tracked only when something before them
- * is still outstanding.  With nothing outstanding, next_pos == read_pos. */
+ * is still outstanding.  With nothing outstanding, next_pos == read_pos.
+ * mpmc records are tracked in the ring itself (their state field). */
 static PyObject *make_message(Consumer *c, Rec *r) {
     Message *m = PyObject_New(Message, &MessageType);
     if (!m) return NULL;
-    if (consumer_track(c, r->start, r->end, 0) < 0) { PyObject_Free(m); return NULL; }
+    if (c->r.kind == SHMR_KIND_MPMC) c->nheld++;
+    else {
+        if (consumer_track(c, r->start, r->end, 0) < 0) { PyObject_Free(m); return NULL; }
+        c->next_pos = r->end;
+    }
     Py_INCREF(c);
     m->cons = c;
     m->start = r->start; m->end = r->end;
     m->off = r->off; m->len = r->len; m->type = r->type;
     m->exports = 0; m->state = 0;
-    c->next_pos = r->end;
-    c->received++;
+    count_received(c);
     return (PyObject *)m;
 }
 
@@ -838,10 +1323,9 @@ static PyObject *Consumer_try_recv(Consumer *self, PyObject *unused) {
     if (check_usable(&self->r) < 0) return NULL;
     Rec r;
     int s = consumer_peek(self, &r);
-    if (s == 1) return make_message(self, &r);
-    if (s == 0) Py_RETURN_NONE;
-    if (s == 2) return raise_eos(self);
-    return NULL;
+    PyObject *res = s == 1 ? make_message(self, &r) : peek_status(self, s);
+    bc_unhold_if_idle(self);
+    return res;
 }
 
 static int parse_timeout_kw(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, PyObject **timeout, const char *sig) {
@@ -859,17 +1343,29 @@ bad:
 
 static PyObject *str_recv_copy;
 
-/* The ring looked empty: poll write_pos (and the closed word) for up to ~4 us
- * before taking the Python slow path.  Polling every few pauses rather than
- * back to back lets the producer publish several records per cache-line
- * transfer when the consumer runs right behind it. */
+/* Whether a wait for data should end: something to read, end of stream,
+ * eviction, a requeued record (never consumes anything). */
+static int consumer_ready(Consumer *c) {
+    Region *r = &c->r;
+    if (r->kind == SHMR_KIND_SPSC)       /* pairs with producer's store_release(write_pos) / store_release(closed) */
+        return load_seqcst64(r->base + SHMR_OFF_WRITE_POS) != c->next_pos ||
+               load_seqcst32(r->base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED) != 0;
+    uint64_t pos = r->kind == SHMR_KIND_MPMC ? load_seqcst64(r->base + SHMR_MP_OFF_TAKE) : c->next_pos;
+    if (load_seqcst64(mp_rec(r, pos)) == (r->key ^ pos)) return 1;    /* pairs with the stamp exchange */
+    if (r->kind == SHMR_KIND_MPMC && load_seqcst64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED)) return 1;
+    if (r->kind == SHMR_KIND_BROADCAST && (load_seqcst64(c->posword) & SHMR_POS_EVICTED)) return 1;
+    return load_seqcst64(r->base + SHMR_OFF_WRITE_POS) == pos && mp_ended(r);
+}
+
+/* The ring looked empty: poll for up to ~4 us before taking the Python slow
+ * path.  Polling every few pauses rather than back to back lets the producer
+ * publish several records per cache-line transfer when the consumer runs
+ * right behind it. */
 static int consumer_spin_for_data(Consumer *c) {
     if (c->r.spin <= 0) return 0;
     for (int i = 0; i < 64; i++) {
         cpu_relax(); cpu_relax(); cpu_relax();
-        if (load_acquire64(c->r.base + SHMR_OFF_WRITE_POS) != c->next_pos ||  /* pairs with producer's publish */
-            load_acquire32(c->r.base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED))
-            return 1;
+        if (consumer_ready(c)) return 1;
     }
     return 0;
 }
@@ -893,30 +1389,42 @@ static PyObject *Consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t
     int s = consumer_peek(self, &r);
     if (s == 0 && consumer_spin_for_data(self)) s = consumer_peek(self, &r);
     if (s == 1) return make_message(self, &r);
-    if (s < 0) return NULL;
-    if (s == 2) return raise_eos(self);
+    bc_unhold_if_idle(self);
+    if (s != 0) return peek_status(self, s);
     return PyObject_CallMethodObjArgs((PyObject *)self, str_recv_wait, timeout, Py_False, NULL);
 bad:
     PyErr_SetString(PyExc_TypeError, "recv(*, timeout=None, copy=False)");
     return NULL;
 }
 
-/* Copy out a bytes record and release it at once.  1 done, 0 empty, 2 eos, -1 error. */
+/* Copy out a bytes record and release it at once.  1 done, else a peek status. */
 static int consumer_take_bytes(Consumer *self, PyObject **out) {
     Rec r;
     int s = consumer_peek(self, &r);
     if (s != 1) return s;
     if (r.type != SHMR_T_BYTES) {
-        PyErr_SetString(PyExc_TypeError, "the next message is not bytes (it is an array or an object); "
-                        "use recv() for it. It was not consumed.");
+        if (self->r.kind == SHMR_KIND_MPMC)     /* taken from the shared cursor: hand it back */
+            PyErr_SetString(PyExc_TypeError, "the next message is not bytes (it is an array or an object); "
+                            "use recv() for it. It was taken and is given back for redelivery.");
+        else
+            PyErr_SetString(PyExc_TypeError, "the next message is not bytes (it is an array or an object); "
+                            "use recv() for it. It was not consumed.");
+        if (self->r.kind == SHMR_KIND_MPMC) {
+            char *st = mp_rec(&self->r, r.start) + 14;
+            if (cas16(st, (uint16_t)(self->r.slot + 1), SHMR_ST_REQUEUED)) {
+                fetch_add64(self->r.base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED, 1);
+                wake_always(self->r.base + SHMR_OFF_DATA_WAKE);
+            }
+        }
         return -1;
     }
     PyObject *b = PyBytes_FromStringAndSize(self->r.base + r.off, r.len);
     if (!b) return -1;
-    self->next_pos = r.end;
-    self->received++;
-    if (self->qlen == 0 && self->read_pos == r.start) consumer_store_read(self, r.end);
-    else if (consumer_track(self, r.start, r.end, 1) < 0) { Py_DECREF(b); return -1; }
+    count_received(self);
+    if (self->r.kind == SHMR_KIND_MPMC) {
+        self->nheld++;
+        consumer_finish(self, r.start, r.end);
+    } else if (consumer_skip(self, r.start, r.end) < 0) { Py_DECREF(b); return -1; }
     *out = b;
     return 1;
 }
@@ -928,9 +1436,9 @@ static PyObject *Consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_s
     PyObject *b = NULL;
     int s = consumer_take_bytes(self, &b);
     if (s == 0 && consumer_spin_for_data(self)) s = consumer_take_bytes(self, &b);
+    bc_unhold_if_idle(self);
     if (s == 1) return b;
-    if (s < 0) return NULL;
-    if (s == 2) return raise_eos(self);
+    if (s != 0) return peek_status(self, s);
     return PyObject_CallMethodObjArgs((PyObject *)self, str_recv_wait, timeout, Py_True, NULL);
 }
 
@@ -939,19 +1447,12 @@ static PyObject *Consumer_try_recv_bytes(Consumer *self, PyObject *unused) {
     if (check_usable(&self->r) < 0) return NULL;
     PyObject *b = NULL;
     int s = consumer_take_bytes(self, &b);
+    bc_unhold_if_idle(self);
     if (s == 1) return b;
-    if (s == 0) Py_RETURN_NONE;
-    if (s == 2) return raise_eos(self);
-    return NULL;
+    return peek_status(self, s);
 }
 
-struct data_ctx { char *base; uint64_t pos; };
-static int data_cond(void *vctx) {
-    struct data_ctx *c = vctx;
-    /* pairs with producer's store_release(write_pos) / store_release(closed) */
-    return load_seqcst64(c->base + SHMR_OFF_WRITE_POS) != c->pos ||
-           load_seqcst32(c->base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED) != 0;
-}
+static int data_cond(void *vctx) { return consumer_ready((Consumer *)vctx); }
 
 /* _wait_data(slice_s, spin_s) -> bool (GIL released while waiting). */
 static PyObject *Consumer_wait_data(Consumer *self, PyObject *const *args, Py_ssize_t n) {
@@ -959,14 +1460,116 @@ static PyObject *Consumer_wait_data(Consumer *self, PyObject *const *args, Py_ss
     if (check_usable(&self->r) < 0) return NULL;
     double slice = PyFloat_AsDouble(args[0]); if (PyErr_Occurred()) return NULL;
     double spin = PyFloat_AsDouble(args[1]); if (PyErr_Occurred()) return NULL;
-    struct data_ctx c = { self->r.base, self->next_pos };
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = wait_for(self->r.base + SHMR_OFF_DATA_WAKE, data_cond, &c,
+    r = wait_for(self->r.base + SHMR_OFF_DATA_WAKE, data_cond, self,
                  slice > 0 ? (uint64_t)(slice * 1e9) : 0, spin > 0 ? (uint64_t)(spin * 1e9) : 0);
     Py_END_ALLOW_THREADS
     if (PyErr_CheckSignals() < 0) return NULL;
     return PyBool_FromLong(r == 1);
+}
+
+static PyObject *Consumer_has_data(Consumer *self, PyObject *unused) {
+    if (check_usable(&self->r) < 0) return NULL;
+    return PyBool_FromLong(consumer_ready(self));
+}
+
+/* ---- multi-party recovery (called from the Python slow path) */
+
+/* _stuck() -> position | None: the reader waits at an unstamped record while
+ * the claim cursor is past it (its producer is writing it, or died doing so). */
+static PyObject *Consumer_stuck(Consumer *self, PyObject *unused) {
+    Region *r = &self->r;
+    if (check_usable(r) < 0) return NULL;
+    if (!is_multi(r)) Py_RETURN_NONE;
+    uint64_t pos = r->kind == SHMR_KIND_MPMC ? load_acquire64(r->base + SHMR_MP_OFF_TAKE) : self->next_pos;
+    if (mp_committed(r, pos) || load_acquire64(r->base + SHMR_OFF_WRITE_POS) <= pos) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLongLong(pos);
+}
+
+/* _skip_abandoned(pos, next_intent) -> bytes skipped (0: nothing to do).
+ * The caller checked that no live producer's intent is pos.  The claim ends
+ * at the first later stamped record, the lowest other intent, or the cursor
+ * (claims are contiguous, so each is a claim boundary; a dead producer whose
+ * intent is lost merges with this skip, which is as correct).  One writer
+ * wins the skip by CAS on the stamp word (to a value no stamp can have). */
+static PyObject *Consumer_skip_abandoned(Consumer *self, PyObject *const *args, Py_ssize_t n) {
+    Region *r = &self->r;
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_skip_abandoned(pos, next_intent)"); return NULL; }
+    if (check_usable(r) < 0) return NULL;
+    unsigned long long pos = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    unsigned long long nxt = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    if (!is_multi(r) || (pos & 15)) { PyErr_SetString(PyExc_ValueError, "bad position"); return NULL; }
+    char *h = mp_rec(r, pos);
+    uint64_t old = load_acquire64(h), cur = load_acquire64(r->base + SHMR_OFF_WRITE_POS);
+    if (old == (r->key ^ pos) || cur <= pos) return PyLong_FromLong(0);
+    if (cur - pos > r->capacity) { corrupt(self, "claim cursor out of range", pos, cur, 0); return NULL; }
+    uint64_t limit = cur;
+    if (nxt > pos && nxt < limit) limit = nxt;
+    if (limit - pos > (1ull << 31)) limit = pos + (1ull << 31);    /* a u32 length; the rest is skipped next */
+    uint64_t end = limit;
+    for (uint64_t q = pos + 16; q < limit; q += 16)
+        if (mp_committed(r, q)) { end = q; break; }
+    if (old == ((r->key ^ pos) ^ 1) || !cas64(h, old, (r->key ^ pos) ^ 1)) return PyLong_FromLong(0);
+    *(uint32_t *)(h + 8) = (uint32_t)(end - pos - SHMR_MREC_HDR);
+    *(uint16_t *)(h + 12) = SHMR_T_SKIP;
+    *(uint16_t *)(h + 14) = SHMR_ST_RELEASED;
+    store_seqcst64(h, r->key ^ pos);
+    fetch_add64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_ABANDONED, 1);
+    wake_always(r->base + SHMR_OFF_DATA_WAKE);
+    return PyLong_FromUnsignedLongLong(end - pos);
+}
+
+/* _inflight() -> [(pos, state), ...]: mpmc records taken and not reclaimed. */
+static PyObject *Consumer_inflight(Consumer *self, PyObject *unused) {
+    Region *r = &self->r;
+    if (check_usable(r) < 0) return NULL;
+    PyObject *out = PyList_New(0);
+    if (!out || r->kind != SHMR_KIND_MPMC) return out;
+    uint64_t pos = load_acquire64(r->base + SHMR_OFF_READ_POS), t = load_acquire64(r->base + SHMR_MP_OFF_TAKE);
+    for (uint64_t k = 0; pos < t && k < r->capacity / 16; k++) {
+        uint64_t len;
+        unsigned type;
+        if (!mp_committed(r, pos)) break;
+        uint64_t size = mp_size(r, pos, t, &len, &type);
+        if (!size) break;
+        if (type != SHMR_T_PAD && type != SHMR_T_SKIP) {
+            PyObject *item = Py_BuildValue("(KI)", (unsigned long long)pos, (unsigned)load_acquire16(mp_rec(r, pos) + 14));
+            if (!item || PyList_Append(out, item) < 0) { Py_XDECREF(item); Py_DECREF(out); return NULL; }
+            Py_DECREF(item);
+        }
+        pos += size;
+    }
+    return out;
+}
+
+/* _requeue(pos, state) -> bool: hand an mpmc record held as `state` back for redelivery. */
+static PyObject *Consumer_requeue(Consumer *self, PyObject *const *args, Py_ssize_t n) {
+    Region *r = &self->r;
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_requeue(pos, state)"); return NULL; }
+    if (check_usable(r) < 0) return NULL;
+    unsigned long long pos = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    long st = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
+    if (r->kind != SHMR_KIND_MPMC || (pos & 15) || st < 0 || st >= SHMR_ST_REQUEUED) {
+        PyErr_SetString(PyExc_ValueError, "bad requeue");
+        return NULL;
+    }
+    if (!mp_committed(r, pos) || !cas16(mp_rec(r, pos) + 14, (uint16_t)st, SHMR_ST_REQUEUED)) Py_RETURN_FALSE;
+    fetch_add64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED, 1);
+    wake_always(r->base + SHMR_OFF_DATA_WAKE);
+    Py_RETURN_TRUE;
+}
+
+/* _reset(pos): start over at pos (a broadcast subscriber re-joining). */
+static PyObject *Consumer_reset(Consumer *self, PyObject *arg) {
+    unsigned long long pos = PyLong_AsUnsignedLongLong(arg); if (PyErr_Occurred()) return NULL;
+    if (self->qlen || self->next_pos != self->read_pos) {
+        PyErr_SetString(ShmringError, "release every message first");
+        return NULL;
+    }
+    self->read_pos = self->next_pos = pos;
+    self->holding = 0;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Consumer_mark_closed(Consumer *self, PyObject *unused) {
@@ -977,6 +1580,7 @@ static PyObject *Consumer_mark_closed(Consumer *self, PyObject *unused) {
 
 static PyObject *Consumer_get_pending(Consumer *self, void *c) {
     /* messages handed out and not released yet (tracked or the single untracked one) */
+    if (self->r.kind == SHMR_KIND_MPMC) return PyLong_FromUnsignedLongLong(self->nheld);
     if (self->qlen) {
         size_t n = 0;
         for (size_t i = 0; i < self->qlen; i++) if (!self->q[(self->qhead + i) % self->qcap].done) n++;
@@ -995,6 +1599,12 @@ static PyMethodDef Consumer_methods[] = {
      "recv_bytes(*, timeout=None) -> bytes: copy out the next bytes message and release it at once"},
     {"_try_recv_bytes", (PyCFunction)Consumer_try_recv_bytes, METH_NOARGS, NULL},
     {"_wait_data", (PyCFunction)(void (*)(void))Consumer_wait_data, METH_FASTCALL, NULL},
+    {"_has_data", (PyCFunction)Consumer_has_data, METH_NOARGS, NULL},
+    {"_stuck", (PyCFunction)Consumer_stuck, METH_NOARGS, NULL},
+    {"_skip_abandoned", (PyCFunction)(void (*)(void))Consumer_skip_abandoned, METH_FASTCALL, NULL},
+    {"_inflight", (PyCFunction)Consumer_inflight, METH_NOARGS, NULL},
+    {"_requeue", (PyCFunction)(void (*)(void))Consumer_requeue, METH_FASTCALL, NULL},
+    {"_reset", (PyCFunction)Consumer_reset, METH_O, NULL},
     {"_mark_closed", (PyCFunction)Consumer_mark_closed, METH_NOARGS, NULL},
     {NULL}
 };
@@ -1776,6 +2386,14 @@ static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
     PUT(SHMR_WAKE_SEQ); PUT(SHMR_WAKE_WAITERS);
     PUT(SHMR_REC_HDR); PUT(SHMR_REC_ALIGN); PUT(SHMR_T_PAD); PUT(SHMR_T_BYTES); PUT(SHMR_T_ARRAY);
     PUT(SHMR_T_OBJECT); PUT(SHMR_KIND_SPSC); PUT(SHMR_MIN_CAPACITY); PUT(SHMR_MAX_CAPACITY);
+    PUT(SHMR_MAX_MESSAGE);
+    PUT(SHMR_KIND_MPSC); PUT(SHMR_KIND_BROADCAST); PUT(SHMR_KIND_MPMC); PUT(SHMR_MREC_HDR); PUT(SHMR_T_SKIP);
+    PUT(SHMR_MP_OFF_KEY); PUT(SHMR_MP_OFF_MAX_PRODUCERS); PUT(SHMR_MP_OFF_MAX_CONSUMERS); PUT(SHMR_MP_OFF_POLICY);
+    PUT(SHMR_MP_OFF_EXPECTED); PUT(SHMR_MP_OFF_PROD_TABLE); PUT(SHMR_MP_OFF_CONS_TABLE); PUT(SHMR_MP_OFF_NEWEST);
+    PUT(SHMR_MP_OFF_TAKE); PUT(SHMR_MP_OFF_COUNTERS); PUT(SHMR_MP_ENDED); PUT(SHMR_MP_ABORTED);
+    PUT(SHMR_MP_SESSIONS); PUT(SHMR_MP_DEAD); PUT(SHMR_MP_ABANDONED); PUT(SHMR_MP_REQUEUED);
+    PUT(SHMR_MP_REDELIVERED); PUT(SHMR_PE_INTENT); PUT(SHMR_PE_SENT); PUT(SHMR_PE_BYTES); PUT(SHMR_CE_POS);
+    PUT(SHMR_CE_RECEIVED); PUT(SHMR_MP_ENTRY); PUT(SHMR_MP_MAX_PARTIES);
     PUT(SHMR_KIND_STATE); PUT(SHMR_ST_OFF_SLOTS); PUT(SHMR_ST_OFF_MAX_READERS); PUT(SHMR_ST_OFF_SLOT_SIZE);
     PUT(SHMR_ST_OFF_TABLE); PUT(SHMR_ST_OFF_FIRST_SLOT); PUT(SHMR_ST_OFF_CURRENT); PUT(SHMR_ST_OFF_WRITER);
     PUT(SHMR_ST_OFF_VERSION_WAKE); PUT(SHMR_ST_OFF_SLOT_WAKE); PUT(SHMR_ST_OFF_COUNTERS);
@@ -1784,6 +2402,76 @@ static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
     PUT(SHMR_ST_SLOT_LENGTH); PUT(SHMR_ST_MIN_SLOTS); PUT(SHMR_ST_MAX_SLOTS); PUT(SHMR_ST_MAX_READERS);
 #undef PUT
     return d;
+}
+
+/* ---------------------------------------------------------- waiting on many */
+
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+struct shmr_futex_waitv { uint64_t val; uint64_t uaddr; uint32_t flags; uint32_t reserved; };
+#define SHMR_FUTEX_32 2u
+#define SHMR_WAIT_MAX 128
+
+/* wait_any(consumers, slice_s) -> bool: sleep (GIL released) until one of the
+ * consumers has something to read (data, end of stream, eviction), for at
+ * most one slice.  The wake-up protocol of wait_for, on every wake word at
+ * once, through futex_waitv (Linux >= 5.16); without it, 1 ms naps. */
+static PyObject *wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2 || !PyList_Check(args[0])) { PyErr_SetString(PyExc_TypeError, "wait_any(consumers: list, slice)"); return NULL; }
+    Py_ssize_t k = PyList_GET_SIZE(args[0]);
+    if (k < 1 || k > SHMR_WAIT_MAX) { PyErr_Format(PyExc_ValueError, "wait on 1 to %d consumers, got %zd", SHMR_WAIT_MAX, k); return NULL; }
+    double slice = PyFloat_AsDouble(args[1]); if (PyErr_Occurred()) return NULL;
+    Consumer *cs[SHMR_WAIT_MAX];
+    for (Py_ssize_t i = 0; i < k; i++) {
+        PyObject *o = PyList_GET_ITEM(args[0], i);
+        if (!PyObject_TypeCheck(o, &ConsumerType)) { PyErr_SetString(PyExc_TypeError, "wait() takes consumer / subscriber handles"); return NULL; }
+        cs[i] = (Consumer *)o;
+        if (check_usable(&cs[i]->r) < 0) return NULL;
+    }
+    static int have_waitv = 1;
+    int ready = 0;
+    Py_BEGIN_ALLOW_THREADS
+    uint64_t deadline = now_ns() + (slice > 0 ? (uint64_t)(slice * 1e9) : 0);
+    struct shmr_futex_waitv wv[SHMR_WAIT_MAX];
+    for (;;) {
+        for (Py_ssize_t i = 0; i < k && !ready; i++) ready = consumer_ready(cs[i]);
+        if (ready) break;
+        uint64_t t = now_ns();
+        if (t >= deadline) break;
+        for (Py_ssize_t i = 0; i < k; i++) {
+            char *line = cs[i]->r.base + SHMR_OFF_DATA_WAKE;
+            wv[i].val = load_acquire32(line + SHMR_WAKE_SEQ);
+            wv[i].uaddr = (uint64_t)(uintptr_t)(line + SHMR_WAKE_SEQ);
+            wv[i].flags = SHMR_FUTEX_32;          /* shared: no FUTEX_PRIVATE_FLAG */
+            wv[i].reserved = 0;
+            fetch_add32(line + SHMR_WAKE_WAITERS, 1);   /* pairs with the waker's seq_cst load(waiters) */
+        }
+        for (Py_ssize_t i = 0; i < k && !ready; i++) ready = consumer_ready(cs[i]);
+        if (!ready) {
+            int err = 0;
+            if (have_waitv) {
+                struct timespec ts;
+                clock_gettime(CLOCK_MONOTONIC, &ts);
+                uint64_t abs_ns = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec + (deadline - t);
+                ts.tv_sec = (time_t)(abs_ns / 1000000000ull);
+                ts.tv_nsec = (long)(abs_ns % 1000000000ull);
+                long r = syscall(SYS_futex_waitv, wv, (unsigned)k, 0, &ts, CLOCK_MONOTONIC);
+                err = r < 0 ? errno : 0;
+                if (err == ENOSYS) have_waitv = 0;
+            }
+            if (!have_waitv) {
+                struct timespec nap = {0, 1000000};
+                nanosleep(&nap, NULL);
+            }
+            __atomic_fetch_add(&n_sleeps, 1, __ATOMIC_RELAXED);
+            if (err == EINTR) { for (Py_ssize_t i = 0; i < k; i++) fetch_add32(cs[i]->r.base + SHMR_OFF_DATA_WAKE + SHMR_WAKE_WAITERS, (uint32_t)-1); break; }
+        }
+        for (Py_ssize_t i = 0; i < k; i++) fetch_add32(cs[i]->r.base + SHMR_OFF_DATA_WAKE + SHMR_WAKE_WAITERS, (uint32_t)-1);
+    }
+    Py_END_ALLOW_THREADS
+    if (PyErr_CheckSignals() < 0) return NULL;
+    return PyBool_FromLong(ready);
 }
 
 static PyObject *wait_counters(PyObject *mod, PyObject *unused) {
@@ -1798,6 +2486,7 @@ static PyMethodDef module_methods[] = {
     {"_set_codec", (PyCFunction)(void (*)(void))set_codec, METH_FASTCALL, NULL},
     {"_set_state_codec", (PyCFunction)set_state_codec, METH_O, NULL},
     {"layout_constants", (PyCFunction)layout_constants, METH_NOARGS, "the constants of _layout.h, by name"},
+    {"wait_any", (PyCFunction)(void (*)(void))wait_any, METH_FASTCALL, "wait_any(consumers, slice) -> bool"},
     {NULL}
 };
 
@@ -1819,6 +2508,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     str_send_wait = PyUnicode_InternFromString("_send_wait");
     str_recv_wait = PyUnicode_InternFromString("_recv_wait");
     str_recv_copy = PyUnicode_InternFromString("_recv_copy");
+    str_lagged = PyUnicode_InternFromString("_lagged");
+    if (!str_lagged) return NULL;
     if (!str_recv_copy || !str_send_obj || !str_try_send_obj || !str_send_wait || !str_recv_wait) return NULL;
     pthread_atfork(NULL, NULL, at_fork_child);
     PyObject *m = PyModule_Create(&coremodule);

@@ -86,6 +86,45 @@
 #define SHMR_ST_MAX_SLOTS       255
 #define SHMR_ST_MAX_READERS    4096
 
+/* Multi-party rings (mpsc, broadcast, mpmc): see the multi diagram in layout.py. */
+#define SHMR_KIND_MPSC          2u
+#define SHMR_KIND_BROADCAST     3u
+#define SHMR_KIND_MPMC          4u
+#define SHMR_MREC_HDR          16   /* u64 stamp | u32 length | u16 type | u16 state */
+#define SHMR_T_SKIP             0x4B53u
+#define SHMR_MP_OFF_KEY          80   /* u64 */
+#define SHMR_MP_OFF_MAX_PRODUCERS 88  /* u32 */
+#define SHMR_MP_OFF_MAX_CONSUMERS 92  /* u32 */
+#define SHMR_MP_OFF_POLICY       96   /* u32: 0 block, 1 evict */
+#define SHMR_MP_OFF_EXPECTED    100   /* u32 */
+#define SHMR_MP_OFF_PROD_TABLE  112   /* u64 */
+#define SHMR_MP_OFF_CONS_TABLE  120   /* u64 */
+#define SHMR_MP_OFF_NEWEST      136   /* u64, broadcast: start of the last committed record */
+#define SHMR_MP_OFF_TAKE        896   /* u64, mpmc take cursor */
+#define SHMR_MP_OFF_COUNTERS   1024
+#define SHMR_MP_ENDED             0   /* producers line (at SHMR_OFF_PROD_ROLE) */
+#define SHMR_MP_ABORTED           8
+#define SHMR_MP_SESSIONS         16
+#define SHMR_MP_DEAD             24
+#define SHMR_MP_ABANDONED         0   /* counters line */
+#define SHMR_MP_REQUEUED         24
+#define SHMR_MP_REDELIVERED      32
+#define SHMR_PE_INTENT            8   /* producer table entry */
+#define SHMR_PE_SENT             16
+#define SHMR_PE_BYTES            24
+#define SHMR_CE_POS               8   /* consumer table entry */
+#define SHMR_CE_RECEIVED         16
+#define SHMR_MP_ENTRY           128
+#define SHMR_MP_MAX_PARTIES    1024
+#define SHMR_INTENT_BIT         (1ULL << 63)
+#define SHMR_POS_FREE           (~0ULL)
+#define SHMR_POS_EVICTED        (1ULL << 63)
+#define SHMR_POS_HOLD           (1ULL << 62)
+#define SHMR_POS_MASK           (SHMR_POS_HOLD - 1)
+#define SHMR_ST_REQUEUED        0xFFFEu
+#define SHMR_ST_RELEASED        0xFFFFu
+
+#define SHMR_MAX_MESSAGE        0xFFFFFF00ULL  /* record lengths are u32 */
 #define SHMR_MIN_CAPACITY       4096ULL
 #define SHMR_MAX_CAPACITY       (1ULL << 40)
 

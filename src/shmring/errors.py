@@ -84,6 +84,20 @@ class RoleTaken(ShmringError):
         return self.args[0]
 
 
+class Lagged(ShmringError):
+    """A broadcast subscriber fell behind for longer than the ring's bound and
+    was evicted (policy ``"evict"``).  ``missed`` messages (``missed_bytes``
+    bytes) were sent that it never received; ``rejoin()`` starts it again."""
+
+    def __init__(self, message: str, missed: int = 0, missed_bytes: int = 0):
+        super().__init__(message, missed, missed_bytes)
+        self.missed = missed
+        self.missed_bytes = missed_bytes
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 class HandleClosed(ShmringError, ValueError):
     """The handle (ring, producer, consumer or message) was closed or released."""
 

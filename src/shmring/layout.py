@@ -113,12 +113,17 @@ T_OBJECT = 3
 ARRAY_ALIGN = 64                     # array payload bytes start 64-aligned
 
 KIND_SPSC = 1
-KINDS = {"spsc": KIND_SPSC}
+KIND_MPSC = 2
+KIND_BROADCAST = 3
+KIND_MPMC = 4
+KINDS = {"spsc": KIND_SPSC, "mpsc": KIND_MPSC, "broadcast": KIND_BROADCAST, "mpmc": KIND_MPMC}
+MULTI_KINDS = (KIND_MPSC, KIND_BROADCAST, KIND_MPMC)
 KIND_NAMES = {v: k for k, v in KINDS.items()}
 KIND_STATE = 0x53               # a SharedState segment (see the state diagram below), never a ring kind
 
 MIN_CAPACITY = 4096
 MAX_CAPACITY = 1 << 40
+MAX_MESSAGE = 0xFFFFFF00             # record lengths are u32
 
 HEADER_STRUCT = struct.Struct("<QIIQQQQIIQQQ")   # fields at offsets 0..79, in order
 HEADER_FIELDS = ("magic", "version", "kind", "layout_hash", "capacity",
@@ -148,6 +153,7 @@ C_CONSTANTS = {
     "SHMR_T_PAD": T_PAD, "SHMR_T_BYTES": T_BYTES, "SHMR_T_ARRAY": T_ARRAY,
     "SHMR_T_OBJECT": T_OBJECT, "SHMR_KIND_SPSC": KIND_SPSC,
     "SHMR_MIN_CAPACITY": MIN_CAPACITY, "SHMR_MAX_CAPACITY": MAX_CAPACITY,
+    "SHMR_MAX_MESSAGE": MAX_MESSAGE,
 }
 
 # --------------------------------------------------------------------------
@@ -230,6 +236,126 @@ def state_geometry(nbytes: int, slots: int, max_readers: int) -> dict:
     return {"slot_size": slot_size, "table_offset": HEADER_SIZE, "first_slot": first,
             "capacity": slots * slot_size, "segment_size": first + slots * slot_size}
 
+# --------------------------------------------------------------------------
+# Multi-party rings: kinds mpsc, broadcast, mpmc (shmring.ring, one layout)
+#
+# Same fixed header 0..79 as an spsc ring; ``data_offset`` is past the party
+# tables, ``max_message`` is ``capacity // 2 - MREC_HDR``.  Then::
+#
+#     80    key u64              random per ring: a record at position p is
+#                                committed iff its stamp == key ^ p
+#     88    max producers u32 | 92 max consumers u32 | 96 policy u32 (0 block,
+#           1 evict) | 100 expected producers u32 (0 = any)
+#     104   evict after ns u64 | 112 producer table offset u64
+#     120   consumer table offset u64
+#     128   claim cursor u64     producers claim [c, c + size) by CAS from c
+#           newest u64 (at +8)   broadcast: start of the last committed record
+#     256   release u64          mpsc / mpmc: every byte below it is released;
+#                                broadcast: the oldest position the producer
+#                                guarantees intact (where "oldest" joins start)
+#     384   producers            ended u64 | aborted u64 | sessions u64 | dead u64
+#     512   consumer role        mpsc only: owner | - | sessions (as spsc)
+#     640   data wake word       consumers sleep here
+#     768   space wake word      producers sleep here
+#     896   take cursor u64      mpmc: the next record nobody has taken
+#     1024  counters             abandoned | evicted | dropped | requeued (now)
+#                                | redelivered | u32 producer / consumer high water
+#     4096  producer table       max producers lines: owner | intent | sent | bytes
+#     P     consumer table       max consumers lines: owner | pos | received |
+#                                sent at join | missed messages | missed bytes
+#     D     data area (page aligned)
+#
+#   a record (16-byte aligned; positions are multiples of 16):
+#     0     stamp u64            key ^ position, stored last (seq_cst)
+#     8     length u32 | type u16 | state u16   (mpmc: 0 free, k + 1 taken by
+#                                consumer slot k, 0xfffe requeued, 0xffff released)
+#     16    payload, zero padding to 16 bytes
+#
+# Producer intent: before its CAS on the cursor a producer stores the cursor
+# value it tries | INTENT_BIT in its table line, and clears it after the
+# stamp of its record is stored.  A record that stays unstamped while no live
+# producer has it as intent was abandoned (its producer died mid-claim): a
+# consumer writes a committed T_SKIP record over it and counts it.
+# Broadcast subscriber pos word: position | HOLD (it holds messages: cannot be
+# evicted) | EVICTED; FREE (all ones) = not a subscriber.
+MREC_HDR = 16
+MREC_ALIGN = 16
+T_SKIP = 0x4B53                 # "SK": a range to skip (abandoned claim, shrunk or aborted reservation)
+MP_OFF_KEY = 80
+MP_OFF_MAX_PRODUCERS = 88
+MP_OFF_MAX_CONSUMERS = 92
+MP_OFF_POLICY = 96
+MP_OFF_EXPECTED = 100
+MP_OFF_EVICT_AFTER = 104
+MP_OFF_PROD_TABLE = 112
+MP_OFF_CONS_TABLE = 120
+MP_OFF_CURSOR = OFF_WRITE_POS
+MP_OFF_NEWEST = OFF_WRITE_POS + 8
+MP_OFF_RELEASE = OFF_READ_POS
+MP_OFF_PRODUCERS = OFF_PROD_ROLE
+MP_ENDED = 0
+MP_ABORTED = 8
+MP_SESSIONS = 16
+MP_DEAD = 24
+MP_OFF_TAKE = 896
+MP_OFF_COUNTERS = 1024
+MP_ABANDONED = 0
+MP_EVICTED = 8
+MP_DROPPED = 16
+MP_REQUEUED = 24
+MP_REDELIVERED = 32
+MP_HW_PRODUCERS = 40
+MP_HW_CONSUMERS = 44
+PE_OWNER = 0
+PE_INTENT = 8
+PE_SENT = 16
+PE_BYTES = 24
+CE_OWNER = 0
+CE_POS = 8
+CE_RECEIVED = 16
+CE_BASE = 24
+CE_MISSED = 32
+CE_MISSED_BYTES = 40
+MP_ENTRY = 128
+MP_MAX_PARTIES = 1024
+INTENT_BIT = 1 << 63
+POS_FREE = (1 << 64) - 1
+POS_EVICTED = 1 << 63
+POS_HOLD = 1 << 62
+POS_MASK = POS_HOLD - 1
+ST_TAKEN_FREE = 0
+ST_REQUEUED = 0xFFFE
+ST_RELEASED = 0xFFFF
+POLICIES = {"block": 0, "evict": 1}
+MP_STRUCT = struct.Struct("<QIIIIQQQ")        # fields at offsets 80..127
+MP_FIELDS = ("key", "max_producers", "max_consumers", "policy", "expected_producers",
+             "evict_after_ns", "prod_table", "cons_table")
+
+C_CONSTANTS.update({
+    "SHMR_KIND_MPSC": KIND_MPSC, "SHMR_KIND_BROADCAST": KIND_BROADCAST, "SHMR_KIND_MPMC": KIND_MPMC,
+    "SHMR_MREC_HDR": MREC_HDR, "SHMR_T_SKIP": T_SKIP,
+    "SHMR_MP_OFF_KEY": MP_OFF_KEY, "SHMR_MP_OFF_MAX_PRODUCERS": MP_OFF_MAX_PRODUCERS,
+    "SHMR_MP_OFF_MAX_CONSUMERS": MP_OFF_MAX_CONSUMERS, "SHMR_MP_OFF_POLICY": MP_OFF_POLICY,
+    "SHMR_MP_OFF_EXPECTED": MP_OFF_EXPECTED, "SHMR_MP_OFF_PROD_TABLE": MP_OFF_PROD_TABLE,
+    "SHMR_MP_OFF_CONS_TABLE": MP_OFF_CONS_TABLE, "SHMR_MP_OFF_NEWEST": MP_OFF_NEWEST,
+    "SHMR_MP_OFF_TAKE": MP_OFF_TAKE, "SHMR_MP_OFF_COUNTERS": MP_OFF_COUNTERS,
+    "SHMR_MP_ENDED": MP_ENDED, "SHMR_MP_ABORTED": MP_ABORTED, "SHMR_MP_SESSIONS": MP_SESSIONS,
+    "SHMR_MP_DEAD": MP_DEAD, "SHMR_MP_ABANDONED": MP_ABANDONED, "SHMR_MP_REQUEUED": MP_REQUEUED,
+    "SHMR_MP_REDELIVERED": MP_REDELIVERED, "SHMR_PE_INTENT": PE_INTENT, "SHMR_PE_SENT": PE_SENT,
+    "SHMR_PE_BYTES": PE_BYTES, "SHMR_CE_POS": CE_POS, "SHMR_CE_RECEIVED": CE_RECEIVED,
+    "SHMR_MP_ENTRY": MP_ENTRY, "SHMR_MP_MAX_PARTIES": MP_MAX_PARTIES,
+})
+
+
+def multi_geometry(capacity: int, max_producers: int, max_consumers: int) -> dict:
+    """Offsets of a multi-party ring's tables and data area (see the diagram above)."""
+    prod = HEADER_SIZE
+    cons = prod + max_producers * MP_ENTRY
+    data = align(cons + max_consumers * MP_ENTRY, 4096)
+    return {"prod_table": prod, "cons_table": cons, "data_offset": data,
+            "segment_size": data + capacity, "max_message": min(capacity // 2 - MREC_HDR, MAX_MESSAGE)}
+
+
 LAYOUT_HASH = zlib.crc32(repr(sorted(C_CONSTANTS.items())).encode()) | (LAYOUT_VERSION << 32)
 
 
@@ -245,7 +371,7 @@ def record_size(payload_len: int) -> int:
 
 def max_message(capacity: int) -> int:
     """Largest payload a ring of ``capacity`` accepts (see the module docstring)."""
-    return capacity // 2 - REC_HDR
+    return min(capacity // 2 - REC_HDR, MAX_MESSAGE)
 
 
 def owner_word(pid: int, start_time: int) -> int:
@@ -263,11 +389,14 @@ def segment_size(capacity: int) -> int:
 
 
 def pack_header(*, kind: int, capacity: int, creator_pid: int, creator_start: int,
-                created_ns: int, ready: int = 0) -> bytes:
-    """The fixed header fields, as the creator writes them."""
+                created_ns: int, ready: int = 0, geometry: dict | None = None) -> bytes:
+    """The fixed header fields, as the creator writes them (``geometry``: a
+    multi-party ring's :func:`multi_geometry`)."""
+    g = geometry or {"data_offset": HEADER_SIZE, "max_message": max_message(capacity),
+                     "segment_size": segment_size(capacity)}
     return HEADER_STRUCT.pack(MAGIC, LAYOUT_VERSION, kind, LAYOUT_HASH, capacity,
-                              HEADER_SIZE, max_message(capacity), creator_pid, ready,
-                              creator_start, created_ns, segment_size(capacity))
+                              g["data_offset"], g["max_message"], creator_pid, ready,
+                              creator_start, created_ns, g["segment_size"])
 
 
 def read_header(buf) -> dict:

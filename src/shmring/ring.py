@@ -41,10 +41,10 @@ import weakref
 
 import numpy as np
 
-from . import _core, codec
+from . import _core, codec, parties
 from . import layout as L
 from ._proc import alive, my_start_time
-from .errors import EndOfStream, HandleClosed, PeerGone, RoleTaken, Timeout
+from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, RoleTaken, Timeout
 from .segment import Segment, SegmentHandle, validate_header, write_header
 
 _core._set_codec(codec._decode, codec._copy)
@@ -99,19 +99,56 @@ class Ring(SegmentHandle):
         self._created = created
         self._region = _core.Region(seg.buf)
         self._identity = seg.identity
+        self._tables = parties.Tables(self._region, header, seg.label) if header["kind"] in L.MULTI_KINDS else None
 
     # -- construction -------------------------------------------------------
     @classmethod
     def create(cls, name: str | None = None, capacity: int = 1 << 20, *, kind: str = "spsc",
-               path=None, mode: int = 0o600) -> "Ring":
+               path=None, mode: int = 0o600, max_producers: int | None = None,
+               max_consumers: int | None = None, producers: int | None = None,
+               policy: str = "block", evict_after: float = 1.0) -> "Ring":
         """Create a ring with ``capacity`` bytes of data area (a power of two, >= 4096).
 
         ``name`` names a POSIX segment (``/dev/shm/shmring.NAME``); with ``path``
         the ring lives in that file instead and persists until ``unlink()``.
-        The largest message is ``capacity // 2 - 8`` bytes.
+        The largest message is ``capacity // 2 - 8`` bytes (16 for the
+        multi-party kinds).
+
+        ``kind``:
+
+        * ``"spsc"``: one producer, one consumer (the fastest).
+        * ``"mpsc"``: up to ``max_producers`` (64) producers, one consumer;
+          delivery in claim order, per-producer order kept.
+        * ``"broadcast"``: one producer, up to ``max_consumers`` (64)
+          subscribers (``ring.subscribe()``), each of which sees every message.
+          ``policy="block"`` gates the producer on the slowest live subscriber;
+          ``policy="evict"`` evicts one that held the producer back for
+          ``evict_after`` seconds (it gets :class:`~shmring.Lagged`).
+        * ``"mpmc"``: up to ``max_producers`` producers and ``max_consumers``
+          consumers sharing the work: each message goes to one consumer.
+
+        For mpsc and mpmc, the stream ends (consumers get EndOfStream once
+        drained) when every producer that joined has closed, and at least
+        ``producers`` of them if given (set it when producers start at
+        different times, so an early finisher does not end the stream).
         """
         if kind not in L.KINDS:
             raise ValueError(f"unknown ring kind {kind!r}; this version supports {sorted(L.KINDS)}")
+        k = L.KINDS[kind]
+        if k == L.KIND_SPSC and (max_producers, max_consumers, producers) != (None, None, None):
+            raise ValueError("an spsc ring has one producer and one consumer; max_producers, max_consumers "
+                             "and producers are for kind='mpsc', 'broadcast' or 'mpmc'")
+        if policy not in L.POLICIES or (policy != "block" and k != L.KIND_BROADCAST):
+            raise ValueError(f"policy must be 'block' or 'evict' (evict: broadcast rings only), got {policy!r}")
+        if not (isinstance(evict_after, (int, float)) and evict_after >= 0):
+            raise ValueError(f"evict_after must be a number of seconds >= 0, got {evict_after!r}")
+        if producers is not None and (k not in (L.KIND_MPSC, L.KIND_MPMC) or isinstance(producers, bool)
+                                      or not isinstance(producers, int) or not 1 <= producers < 1 << 31):
+            raise ValueError(f"producers (the number of producers that end the stream) is a positive int, "
+                             f"for mpsc and mpmc rings; got {producers!r} for {kind}")
+        maxp = maxc = 0
+        if k in L.MULTI_KINDS:
+            maxp, maxc = parties.geometry_args(k, max_producers, max_consumers)
         if path is None and name is None:
             raise TypeError("Ring.create() needs a name (POSIX segment) or path= (file-backed ring)")
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
@@ -121,10 +158,15 @@ class Ring(SegmentHandle):
             hint = 1 << max(12, (max(capacity, 1) - 1).bit_length())
             raise ValueError(f"capacity must be a power of two from {L.MIN_CAPACITY} to {L.MAX_CAPACITY}, "
                              f"got {capacity}" + (f" (next power of two: {hint})" if hint <= L.MAX_CAPACITY else ""))
-        seg = Segment.create(name, L.segment_size(capacity), path=path, mode=mode)
+        geometry = L.multi_geometry(capacity, maxp, maxc) if k in L.MULTI_KINDS else None
+        size = geometry["segment_size"] if geometry else L.segment_size(capacity)
+        seg = Segment.create(name, size, path=path, mode=mode)
         try:
             _pause("create")                       # the name exists, the header is not written
-            write_header(seg.buf, kind=L.KINDS[kind], capacity=capacity)
+            write_header(seg.buf, kind=k, capacity=capacity, geometry=geometry)
+            if geometry:
+                parties.write_multi_header(seg.buf, maxp=maxp, maxc=maxc, policy=L.POLICIES[policy],
+                                           expected=producers or 0, evict_after=float(evict_after))
             region = _core.Region(seg.buf)
             region.store_u32(L.OFF_READY, 1)       # pairs with attach's read of `ready` after the header
             del region
@@ -157,12 +199,30 @@ class Ring(SegmentHandle):
 
     # -- roles --------------------------------------------------------------
     def producer(self, *, spin: float = DEFAULT_SPIN) -> "Producer":
-        """Take the producer role (an spsc ring has one live producer)."""
+        """Take a producer role (spsc and broadcast: the one producer; mpsc
+        and mpmc: one of ``max_producers``)."""
         return Producer(self, spin)
 
     def consumer(self, *, spin: float = DEFAULT_SPIN) -> "Consumer":
-        """Take the consumer role (an spsc ring has one live consumer)."""
+        """Take a consumer role (spsc and mpsc: the one consumer; mpmc: one of
+        ``max_consumers`` sharing the messages; broadcast: ``subscribe()``)."""
+        if self.kind == "broadcast":
+            return self.subscribe(spin=spin)
         return Consumer(self, spin)
+
+    def subscribe(self, start: str = "oldest", *, spin: float = DEFAULT_SPIN) -> "Consumer":
+        """Join a broadcast ring as a new subscriber.
+
+        ``start="oldest"``: begin with the oldest message the ring still
+        guarantees (every message still in the ring); ``"newest"``: begin with
+        the most recent message already sent (or the next one if none is in
+        the ring).  Leave with ``close()``; a dead subscriber is dropped.
+        """
+        if self.kind != "broadcast":
+            raise ValueError(f"subscribe() is for broadcast rings; this ring is {self.kind}: use consumer()")
+        if start not in ("oldest", "newest"):
+            raise ValueError(f"start must be 'oldest' or 'newest', got {start!r}")
+        return Consumer(self, spin, start=start)
 
     # -- properties -----------------------------------------------------------
     @property
@@ -188,7 +248,13 @@ class Ring(SegmentHandle):
         return self._region
 
     def stats(self) -> dict:
-        """A snapshot of the ring's shared state (positions in bytes)."""
+        """A snapshot of the ring's shared state (positions in bytes).
+
+        Multi-party rings add the producer and consumer tables (pid, alive,
+        sent / received, a subscriber's lag in bytes) and the counters:
+        ``abandoned`` claims skipped, ``evicted`` and ``dropped`` (dead)
+        subscribers, ``redelivered`` messages a dead consumer held.
+        """
         r = self._live_region()
         wp, rp = r.load_u64(L.OFF_WRITE_POS), r.load_u64(L.OFF_READ_POS)
 
@@ -196,12 +262,33 @@ class Ring(SegmentHandle):
             pid, st = L.split_owner(r.load_u64(line + L.ROLE_OWNER))
             return {"pid": pid or None, "alive": bool(pid) and alive(pid, st),
                     "sessions": r.load_u64(line + L.ROLE_SESSIONS)}
-        closed = r.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED)
-        return {"name": self.name, "path": self.path, "kind": self.kind, "capacity": self.capacity,
-                "write_pos": wp, "read_pos": rp, "used": wp - rp,
-                "fill": (wp - rp) / self.capacity, "closed": {0: None, 1: "eos", 2: "aborted"}.get(closed, closed),
-                "producer": role(L.OFF_PROD_ROLE), "consumer": role(L.OFF_CONS_ROLE),
-                "creator_pid": self._header["creator_pid"], "created_ns": self._header["created_ns"]}
+        base = {"name": self.name, "path": self.path, "kind": self.kind, "capacity": self.capacity,
+                "write_pos": wp, "creator_pid": self._header["creator_pid"],
+                "created_ns": self._header["created_ns"]}
+        if self._tables is None:
+            closed = r.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED)
+            base.update({"read_pos": rp, "used": wp - rp, "fill": (wp - rp) / self.capacity,
+                         "closed": {0: None, 1: "eos", 2: "aborted"}.get(closed, closed),
+                         "producer": role(L.OFF_PROD_ROLE), "consumer": role(L.OFF_CONS_ROLE)})
+            return base
+        st = self._tables.stats()
+        if self.kind == "broadcast":
+            lags = [c["lag"] for c in st["consumers"] if c.get("lag") is not None and not c["evicted"]]
+            used = max(lags) if lags else 0
+            base["read_pos"] = wp - used
+        else:
+            used = wp - rp
+            base["read_pos"] = rp
+        if self.kind == "mpmc":
+            base["take_pos"] = r.load_u64(L.MP_OFF_TAKE)
+        if self.kind == "mpsc":
+            base["consumer"] = role(L.OFF_CONS_ROLE)
+            base["consumer"]["received"] = r.load_u64(L.OFF_CONS_ROLE + 24)
+        base.update({"used": used, "fill": used / self.capacity,
+                     "closed": "eos" if self._tables.producers_done() else None,
+                     "policy": "evict" if self._header["policy"] else "block"})
+        base.update(st)
+        return base
 
     def flush(self) -> None:
         """Write the ring's pages to its backing store (``msync``) and wait for it.
@@ -286,10 +373,11 @@ class _Role:
                         "cannot be pickled; pass the Ring and call ring.producer() / ring.consumer() "
                         "in the other process")
 
-    def _retry(self, attempt, wait, peer_line, timeout, timeout_msg, gone_msg):
+    def _retry(self, attempt, wait, peer_gone, timeout, timeout_msg, gone_msg):
         """The blocking loop of both sides: call ``attempt`` until it returns
         non-None; between tries ``wait(seconds)`` sleeps in C for at most one
-        slice, after which the deadline and the peer's liveness are checked."""
+        slice, after which the deadline and ``peer_gone()`` (the pid of a dead
+        peer we wait for, else 0; it may also do recovery work) are checked."""
         deadline = _check_timeout(timeout)
         while True:
             r = attempt()
@@ -300,7 +388,7 @@ class _Role:
             else:
                 slice_ = min(WAIT_SLICE, deadline - time.monotonic())
             if slice_ <= 0 or not wait(slice_):
-                pid = self._peer_gone(peer_line)
+                pid = peer_gone()
                 if pid:
                     r = attempt()       # whatever it committed before dying still counts
                     if r is not None:
@@ -324,18 +412,30 @@ class Producer(_core.ProducerCore, _Role):
 
     def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN):
         region = ring._live_region()
-        if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
-            raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer; "
-                               "create a new ring for a new stream")
-        self._claim(ring, L.OFF_PROD_ROLE, "producer")
-        try:
-            super().__init__(ring._seg.buf)
-        except BaseException:
-            self._give_back()
-            raise
+        self._tables = tables = ring._tables
+        if tables is not None:                 # multi-party: an entry of the producer table
+            self._slot = tables.join_producer()
+            self._region, self._key = region, None
+            try:
+                super().__init__(ring._seg.buf, self._slot)
+            except BaseException:
+                tables.leave_producer(self._slot)
+                raise
+            self._lagging = {}
+        else:
+            if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
+                raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer; "
+                                   "create a new ring for a new stream")
+            self._claim(ring, L.OFF_PROD_ROLE, "producer")
+            try:
+                super().__init__(ring._seg.buf)
+            except BaseException:
+                self._give_back()
+                raise
         self.spin = float(spin)
         self._wmv = memoryview(ring._seg.buf)
         self._label = ring._seg.label
+        self._kind = ring.kind
 
     # -- slow paths called from C ------------------------------------------------
     def _send_obj(self, data, timeout):
@@ -391,10 +491,22 @@ class Producer(_core.ProducerCore, _Role):
     def _block(self, attempt, nbytes, timeout):
         """Retry ``attempt`` (None = full) until it succeeds, waiting for room between tries."""
         return self._retry(
-            attempt, lambda t: self._wait_space(nbytes, t, self.spin), L.OFF_CONS_ROLE, timeout,
+            attempt, lambda t: self._wait_space(nbytes, t, self.spin), self._consumers_gone, timeout,
             lambda: f"ring {self._label} stayed full for {timeout} s (a {nbytes}-byte message waited for room)",
             lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full; "
                         "unreleased messages stay in the ring for the next consumer")
+
+    def _consumers_gone(self) -> int:
+        """While blocked for room: the pid of a dead consumer that leaves
+        nobody to make room, else 0.  Broadcast: drops dead subscribers and
+        evicts laggards (policy evict) instead, which makes room."""
+        if self._tables is None or self._kind == "mpsc":
+            return self._peer_gone(L.OFF_CONS_ROLE)
+        if self._kind == "broadcast":
+            self._tables.police_subscribers(self._lagging)
+            return 0
+        live, dead = self._tables.live_consumers()
+        return dead if not live else 0
 
     def reserve(self, nbytes: int, *, timeout=None) -> "Reservation":
         """Reserve ``nbytes`` for a bytes message and return a writable memoryview
@@ -425,11 +537,17 @@ class Producer(_core.ProducerCore, _Role):
 
     # -- lifetime ------------------------------------------------------------------
     def close(self, *, _status: int = CLOSED_EOS) -> None:
-        """End the stream: consumers drain what was sent, then get EndOfStream.
-        Idempotent.  An open reservation is aborted."""
+        """End the stream (spsc, broadcast), or this producer's part of it
+        (mpsc, mpmc: the stream ends when every producer has closed):
+        consumers drain what was sent, then get EndOfStream.  Idempotent.  An
+        open reservation is aborted."""
         if self.closed:
             return
         self._abort()
+        if self._tables is not None:
+            self._mark_closed()
+            self._tables.end_producer(self._slot, aborted=_status != CLOSED_EOS)
+            return
         self._region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, _status)  # pairs with the consumer's acquire load in peek
         self._region.wake(L.OFF_DATA_WAKE)
         self.detach()
@@ -441,7 +559,25 @@ class Producer(_core.ProducerCore, _Role):
             return
         self._abort()
         self._mark_closed()
-        self._give_back()
+        if self._tables is not None:
+            self._tables.leave_producer(self._slot)
+        else:
+            self._give_back()
+
+    def send_many(self, items, *, timeout=None) -> int:
+        """Send every item of an iterable (each as by ``send``); returns the
+        count.  ``timeout`` applies to each item's wait for room."""
+        n = 0
+        send = self.send
+        if timeout is None:
+            for item in items:
+                send(item)
+                n += 1
+        else:
+            for item in items:
+                send(item, timeout=timeout)
+                n += 1
+        return n
 
     def __enter__(self) -> "Producer":
         return self
@@ -519,16 +655,39 @@ class Consumer(_core.ConsumerCore, _Role):
     it at once; iteration yields messages until the producer closes.
     """
 
-    def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN):
-        ring._live_region()
-        self._claim(ring, L.OFF_CONS_ROLE, "consumer")
-        try:
-            super().__init__(ring._seg.buf)
-        except BaseException:
-            self._give_back()
-            raise
+    def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN, *, start: str = "oldest"):
+        region = ring._live_region()
+        self._tables = tables = ring._tables
+        self._kind = ring.kind
+        self._stuck_since, self._zero_seen = {}, {}
+        if tables is None or self._kind == "mpsc":
+            self._claim(ring, L.OFF_CONS_ROLE, "consumer")
+            try:
+                super().__init__(ring._seg.buf)
+            except BaseException:
+                self._give_back()
+                raise
+        else:
+            reclaim = tables.drop_subscriber if self._kind == "broadcast" else (lambda i, w: False)
+            self._slot = tables.take([tables.cline(i) for i in range(tables.maxc)],
+                                     "subscriber" if self._kind == "broadcast" else "consumer", reclaim)
+            self._region, self._key = region, None
+            try:
+                if self._kind == "broadcast":
+                    tables.join_position(self._slot, start)
+                super().__init__(ring._seg.buf, self._slot)
+            except BaseException:
+                self._leave_table()
+                raise
         self.spin = float(spin)
         self._label = ring._seg.label
+
+    def _leave_table(self):
+        t, line = self._tables, self._tables.cline(self._slot)
+        if self._kind == "broadcast":
+            self._region.store_u64(line + L.CE_POS, L.POS_FREE)
+            self._region.wake(L.OFF_SPACE_WAKE)
+        t.give_back(line)
 
     def _recv_copy(self, timeout):
         with _core.ConsumerCore.recv(self, timeout=timeout) as msg:
@@ -538,10 +697,71 @@ class Consumer(_core.ConsumerCore, _Role):
     def _recv_wait(self, timeout, want_bytes):
         return self._retry(
             self._try_recv_bytes if want_bytes else self.try_recv,
-            lambda t: self._wait_data(t, self.spin), L.OFF_PROD_ROLE, timeout,
+            lambda t: self._wait_data(t, self.spin), self._producers_gone, timeout,
             lambda: f"no message arrived on {self._label} within {timeout} s",
             lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
                         "every message it committed was received")
+
+    def _producers_gone(self) -> int:
+        """Between wait slices: spsc: the pid of a dead producer, else 0.
+        Multi-party: recovery instead (dead producers are counted, which ends
+        the stream with PeerGone once drained; abandoned claims are skipped;
+        mpmc: what dead consumers held is requeued)."""
+        t = self._tables
+        if t is None:
+            return self._peer_gone(L.OFF_PROD_ROLE)
+        t.reap_producers()
+        t.skip_abandoned(self, self._stuck_since)
+        if self._kind == "mpmc":
+            t.requeue_dead(self, self._zero_seen)
+        return 0
+
+    def _lagged(self):
+        line = self._tables.cline(self._slot)
+        missed = self._region.load_u64(line + L.CE_MISSED)
+        nbytes = self._region.load_u64(line + L.CE_MISSED_BYTES)
+        raise Lagged(f"subscriber {self._slot} of {self._label} fell behind for longer than the ring's bound "
+                     f"and was evicted: it missed {missed} messages ({nbytes} bytes); call rejoin() to go on",
+                     missed, nbytes)
+
+    def rejoin(self, start: str = "newest") -> None:
+        """After :class:`~shmring.Lagged`: start receiving again (broadcast),
+        from the newest message or the oldest one still in the ring."""
+        if self._kind != "broadcast":
+            raise ValueError("rejoin() is for broadcast subscribers")
+        if start not in ("oldest", "newest"):
+            raise ValueError(f"start must be 'oldest' or 'newest', got {start!r}")
+        if self.closed:
+            raise HandleClosed("subscriber is closed")
+        self._reset(self._tables.join_position(self._slot, start))
+
+    def recv_many(self, max_n: int, *, timeout=None, copy: bool = False) -> list:
+        """Up to ``max_n`` messages: waits up to ``timeout`` for the first
+        (None: forever; returns [] when it expires), then takes what is
+        already there without waiting.  Zero-copy ``Message`` objects (release
+        each, or use them in ``with``), or their values with ``copy=True``.
+        EndOfStream is raised only when nothing was received."""
+        max_n = int(max_n)
+        if max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        try:
+            first = self.recv(timeout=timeout, copy=copy)
+        except Timeout:
+            return []
+        out = [first]
+        try_recv = self.try_recv
+        while len(out) < max_n:
+            try:
+                m = try_recv()
+            except (EndOfStream, PeerGone):
+                break
+            if m is None:
+                break
+            if copy:
+                with m:
+                    m = m.copy()
+            out.append(m)
+        return out
 
     def __iter__(self):
         return self
@@ -554,11 +774,20 @@ class Consumer(_core.ConsumerCore, _Role):
 
     def close(self) -> None:
         """Give up the consumer role.  Messages not released yet will be
-        delivered again to the next consumer (at-least-once).  Idempotent."""
+        delivered again to the next consumer (at-least-once; mpmc: to another
+        consumer).  Idempotent."""
         if self.closed:
             return
+        if self._tables is None or self._kind == "mpsc":
+            self._mark_closed()
+            self._give_back()
+            return
+        if self._kind == "mpmc":
+            for pos, state in self._inflight():
+                if state == self._slot + 1:
+                    self._requeue(pos, state)
         self._mark_closed()
-        self._give_back()
+        self._leave_table()
 
     def __enter__(self) -> "Consumer":
         return self
@@ -568,3 +797,35 @@ class Consumer(_core.ConsumerCore, _Role):
 
     def __repr__(self) -> str:
         return f"<shmring.Consumer of {self._label} at position {self.position}{' closed' if self.closed else ''}>"
+
+
+def wait(readables, timeout=None) -> list:
+    """Wait until at least one of the consumer / subscriber handles in
+    ``readables`` has something to receive (a message, or the end of its
+    stream), like ``select`` for rings; return those handles in the order
+    given, or ``[]`` when ``timeout`` seconds pass first (None: no limit).
+
+    Idle, it sleeps in the kernel on every ring's wake word at once
+    (``futex_waitv``, Linux 5.16+; older kernels fall back to 1 ms naps), and
+    wakes every ``WAIT_SLICE`` seconds to run signal handlers (Ctrl-C) and
+    the multi-party recovery (dead producers, abandoned claims).  Up to 128
+    handles.
+    """
+    handles = list(readables)
+    if not handles:
+        raise ValueError("wait() needs at least one consumer or subscriber handle")
+    for h in handles:
+        if not isinstance(h, Consumer):
+            raise TypeError(f"wait() takes Consumer handles (ring.consumer() / ring.subscribe()), "
+                            f"got {type(h).__name__}")
+    deadline = _check_timeout(timeout)
+    while True:
+        ready = [h for h in handles if h._has_data()]
+        if ready:
+            return ready
+        slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+        if slice_ <= 0:
+            return []
+        if not _core.wait_any(handles, slice_):
+            for h in handles:
+                h._producers_gone()

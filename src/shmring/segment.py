@@ -258,10 +258,11 @@ def _free_bytes(where: str) -> int:
         return 0
 
 
-def write_header(buf, *, kind: int, capacity: int) -> None:
+def write_header(buf, *, kind: int, capacity: int, geometry: dict | None = None) -> None:
     """Fill a fresh (zeroed) segment's fixed header; ``ready`` is stored last by the caller."""
     buf[:L.HEADER_STRUCT.size] = L.pack_header(kind=kind, capacity=capacity, creator_pid=os.getpid(),
-                                               creator_start=my_start_time(), created_ns=time.time_ns())
+                                               creator_start=my_start_time(), created_ns=time.time_ns(),
+                                               geometry=geometry)
 
 
 def read_common_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
@@ -301,6 +302,13 @@ def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
     cap = h["capacity"]
     if not (L.MIN_CAPACITY <= cap <= L.MAX_CAPACITY) or cap & (cap - 1):
         raise CorruptSegmentError(f"{what} has impossible capacity {cap}")
+    if h["kind"] in L.MULTI_KINDS:
+        from .parties import check_multi_header
+        check_multi_header(h, seg.buf, what)
+        if seg.size < h["segment_size"]:
+            raise CorruptSegmentError(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,}: "
+                                      "truncated or corrupt")
+        return h
     if h["data_offset"] != L.HEADER_SIZE or h["max_message"] != L.max_message(cap):
         raise CorruptSegmentError(f"{what} has inconsistent header fields: data offset "
                                   f"{h['data_offset']}, max message {h['max_message']} for capacity {cap}")

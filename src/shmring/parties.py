@@ -1,0 +1,346 @@
+"""Multi-party rings (kinds ``mpsc``, ``broadcast``, ``mpmc``): the Python half.
+
+The per-message protocol (claim by CAS, commit by stamp, take by CAS) is in
+``_core.c``; the layout is the multi-party diagram in :mod:`shmring.layout`.
+This module holds what runs rarely and needs ``/proc``: taking and giving
+back table entries, reclaiming the entries of dead processes, turning
+abandoned claims into skips, requeueing what a dead work-sharing consumer
+held, evicting a lagging subscriber, and the ``stats()`` of these rings.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+import time
+
+from . import layout as L
+from ._proc import alive, my_start_time
+from .errors import CorruptSegmentError, HandleClosed, ResourceLimit, RoleTaken
+
+GRACE = 0.5        # seconds a claim stays unstamped (its producer dead) before it is skipped
+DEFAULT_PARTIES = 64
+
+
+def geometry_args(kind: int, max_producers, max_consumers) -> tuple[int, int]:
+    """Validated table sizes for a new ring of ``kind``."""
+    def check(v, what, default):
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= L.MP_MAX_PARTIES:
+            raise ValueError(f"{what} must be an int from 1 to {L.MP_MAX_PARTIES}, got {v!r}")
+        return v
+    if kind == L.KIND_MPSC:
+        if max_consumers not in (None, 1):
+            raise ValueError("an mpsc ring has exactly one consumer (max_consumers=1)")
+        return check(max_producers, "max_producers", DEFAULT_PARTIES), 1
+    if kind == L.KIND_BROADCAST:
+        if max_producers not in (None, 1):
+            raise ValueError("a broadcast ring has exactly one producer (max_producers=1)")
+        return 1, check(max_consumers, "max_consumers", DEFAULT_PARTIES)
+    return (check(max_producers, "max_producers", DEFAULT_PARTIES),
+            check(max_consumers, "max_consumers", DEFAULT_PARTIES))
+
+
+def write_multi_header(buf, *, maxp: int, maxc: int, policy: int, expected: int, evict_after: float) -> None:
+    """The multi-party fields of a fresh ring, written before anyone can attach
+    (``ready`` is stored after them)."""
+    key = secrets.randbits(64) & ~0xF or 0x5EED0
+    g = L.multi_geometry(0, maxp, maxc)
+    L.MP_STRUCT.pack_into(buf, L.MP_OFF_KEY, key, maxp, maxc, policy, expected, int(evict_after * 1e9),
+                          g["prod_table"], g["cons_table"])
+    for i in range(maxc):
+        struct.pack_into("<Q", buf, g["cons_table"] + i * L.MP_ENTRY + L.CE_POS, L.POS_FREE)
+
+
+def read_multi_fields(buf) -> dict:
+    return dict(zip(L.MP_FIELDS, L.MP_STRUCT.unpack_from(buf, L.MP_OFF_KEY)))
+
+
+def check_multi_header(h: dict, buf, what: str) -> dict:
+    """The multi-party fields of a header, checked against its geometry."""
+    m = read_multi_fields(buf)
+    maxp, maxc = m["max_producers"], m["max_consumers"]
+    if not (1 <= maxp <= L.MP_MAX_PARTIES and 1 <= maxc <= L.MP_MAX_PARTIES) or m["policy"] > 1:
+        raise CorruptSegmentError(f"{what} has impossible table sizes {maxp} / {maxc} or policy {m['policy']}")
+    g = L.multi_geometry(h["capacity"], maxp, maxc)
+    if (h["data_offset"], h["max_message"], h["segment_size"], m["prod_table"], m["cons_table"]) != \
+            (g["data_offset"], g["max_message"], g["segment_size"], g["prod_table"], g["cons_table"]):
+        raise CorruptSegmentError(f"{what} has inconsistent multi-party header fields")
+    h.update(m)
+    h["geometry"] = g
+    return h
+
+
+def _owner_alive(word: int) -> bool:
+    pid, start = L.split_owner(word)
+    return bool(pid) and alive(pid, start)
+
+
+class Tables:
+    """The producer and consumer tables of one mapped multi-party ring."""
+
+    def __init__(self, region, header: dict, label: str):
+        self.region = region
+        self.kind = header["kind"]
+        self.maxp = header["max_producers"]
+        self.maxc = header["max_consumers"]
+        self.ptab = header["prod_table"]
+        self.ctab = header["cons_table"]
+        self.label = label
+        self.evict_after = header["evict_after_ns"] / 1e9
+
+    def pline(self, i: int) -> int:
+        return self.ptab + i * L.MP_ENTRY
+
+    def cline(self, i: int) -> int:
+        return self.ctab + i * L.MP_ENTRY
+
+    # -- entries ---------------------------------------------------------------
+    def take(self, lines, what: str, reclaim) -> int:
+        """CAS a free entry to this process; ``reclaim(i, word)`` frees a dead one."""
+        r = self.region
+        me = L.owner_word(os.getpid(), my_start_time())
+        for _ in range(3):                  # a lost CAS race on a free entry: look again
+            holders = []
+            for i, line in enumerate(lines):
+                cur = r.load_u64(line + L.CE_OWNER)
+                if cur and not _owner_alive(cur) and reclaim(i, cur):
+                    cur = 0
+                if cur == 0 and r.cas_u64(line + L.CE_OWNER, 0, me):
+                    return i
+                if cur:
+                    holders.append(L.split_owner(cur)[0])
+            if len(holders) == len(lines):
+                break
+        if len(lines) == 1:
+            raise RoleTaken(f"the {what} role of {self.label} is held by live process {holders[0]}; "
+                            f"a {L.KIND_NAMES[self.kind]} ring has one {what}", holders[0])
+        raise ResourceLimit(f"all {len(lines)} {what} entries of {self.label} are held by live processes "
+                            f"(pids {sorted(set(holders))[:8]}...); create the ring with a larger max_{what}s",
+                            f"max_{what}s", len(lines) + 1, len(lines))
+
+    def give_back(self, line: int) -> None:
+        me = L.owner_word(os.getpid(), my_start_time())
+        self.region.cas_u64(line + L.CE_OWNER, me, 0)
+
+    # -- producers --------------------------------------------------------------
+    def producers_done(self) -> bool:
+        r, pl = self.region, L.MP_OFF_PRODUCERS
+        sess = r.load_u64(pl + L.MP_SESSIONS)
+        done = r.load_u64(pl + L.MP_ENDED) + r.load_u64(pl + L.MP_DEAD)
+        return sess >= 1 and done >= sess and done >= r.load_u32(L.MP_OFF_EXPECTED)
+
+    def join_producer(self) -> int:
+        if self.producers_done():
+            raise HandleClosed(f"the stream of {self.label} has ended (every producer closed it); "
+                               "create a new ring for a new stream")
+        slot = self.take([self.pline(i) for i in range(self.maxp)], "producer", self.reclaim_producer)
+        self.region.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, 1)
+        return slot
+
+    def reclaim_producer(self, i: int, word: int) -> bool:
+        """A dead producer's entry: free it and count it dead (its claim, if
+        it held one, is skipped by the consumer that reaches it)."""
+        if self.region.cas_u64(self.pline(i) + L.PE_OWNER, word, 0):
+            self.region.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_DEAD, 1)
+            self.region.wake(L.OFF_DATA_WAKE)
+            return True
+        return False
+
+    def reap_producers(self) -> None:
+        for i in range(self.maxp):
+            w = self.region.load_u64(self.pline(i))
+            if w and not _owner_alive(w):
+                self.reclaim_producer(i, w)
+
+    def end_producer(self, slot: int, aborted: bool) -> None:
+        r, pl = self.region, L.MP_OFF_PRODUCERS
+        if aborted:
+            r.fetch_add_u64(pl + L.MP_ABORTED, 1)
+        r.fetch_add_u64(pl + L.MP_ENDED, 1)     # pairs with mp_ended() in the consumers
+        r.wake(L.OFF_DATA_WAKE)
+        self.give_back(self.pline(slot))
+
+    def leave_producer(self, slot: int) -> None:
+        self.region.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, (1 << 64) - 1)
+        self.region.wake(L.OFF_DATA_WAKE)
+        self.give_back(self.pline(slot))
+
+    def skip_abandoned(self, consumer, stuck_since: dict) -> None:
+        """If the reader has waited at one unstamped claim for GRACE seconds
+        and no live producer holds it, skip it (C writes a T_SKIP record)."""
+        pos = consumer._stuck()
+        now = time.monotonic()
+        if pos is None:
+            stuck_since.clear()
+            return
+        first = stuck_since.setdefault(pos, now)
+        if len(stuck_since) > 1:
+            stuck_since.clear()
+            stuck_since[pos] = now
+            return
+        if now - first < GRACE:
+            return
+        r, nxt = self.region, 0
+        for i in range(self.maxp):
+            intent = r.load_u64(self.pline(i) + L.PE_INTENT)
+            if not intent & L.INTENT_BIT:
+                continue
+            at = intent & ~L.INTENT_BIT
+            if at == pos and _owner_alive(r.load_u64(self.pline(i))):
+                return                              # a live producer is writing it
+            if at > pos and (nxt == 0 or at < nxt):
+                nxt = at
+        consumer._skip_abandoned(pos, nxt)
+        stuck_since.clear()
+
+    # -- broadcast subscribers --------------------------------------------------------
+    def drop_subscriber(self, i: int, word: int) -> bool:
+        r, line = self.region, self.cline(i)
+        pos = r.load_u64(line + L.CE_POS)
+        if r.load_u64(line + L.CE_OWNER) != word:
+            return False
+        r.store_u64(line + L.CE_POS, L.POS_FREE)
+        if r.cas_u64(line + L.CE_OWNER, word, 0):
+            r.fetch_add_u64(L.MP_OFF_COUNTERS + L.MP_DROPPED, 1)
+            r.wake(L.OFF_SPACE_WAKE)
+            return True
+        r.cas_u64(line + L.CE_POS, L.POS_FREE, pos)       # somebody else got there first
+        return False
+
+    def join_position(self, slot: int, start: str) -> int:
+        """Store a safe starting position in our entry (see mp_gate in _core.c)."""
+        r, line = self.region, self.cline(slot)
+        while True:
+            t = r.load_u64(L.MP_OFF_RELEASE)
+            r.store_u64(line + L.CE_POS, t)
+            if r.load_u64(L.MP_OFF_RELEASE) == t:
+                break
+        pos = t
+        if start == "newest":
+            newest = r.load_u64(L.MP_OFF_NEWEST)
+            cursor = r.load_u64(L.MP_OFF_CURSOR)
+            if t <= newest < cursor:
+                pos = newest
+            elif newest < t:
+                pos = t
+            r.store_u64(line + L.CE_POS, pos)
+        r.store_u64(line + L.CE_BASE, self.total_sent())
+        r.store_u64(line + L.CE_RECEIVED, 0)
+        return pos
+
+    def total_sent(self) -> int:
+        return sum(self.region.load_u64(self.pline(i) + L.PE_SENT) for i in range(self.maxp))
+
+    def police_subscribers(self, lagging: dict) -> None:
+        """Producer side, while blocked: drop dead subscribers; with the evict
+        policy, evict one that has held the ring back for ``evict_after`` s."""
+        r = self.region
+        cursor = r.load_u64(L.MP_OFF_CURSOR)
+        positions = {}
+        for i in range(self.maxc):
+            line = self.cline(i)
+            owner = r.load_u64(line + L.CE_OWNER)
+            w = r.load_u64(line + L.CE_POS)
+            if w == L.POS_FREE or w & L.POS_EVICTED:
+                continue
+            if owner and not _owner_alive(owner):
+                self.drop_subscriber(i, owner)
+                continue
+            positions[i] = w
+        if r.load_u32(L.MP_OFF_POLICY) != L.POLICIES["evict"] or not positions:
+            lagging.clear()
+            return
+        low = min(w & L.POS_MASK for w in positions.values())
+        now = time.monotonic()
+        for i, w in positions.items():
+            p = w & L.POS_MASK
+            if p != low:
+                lagging.pop(i, None)
+                continue
+            since = lagging.get(i)
+            if since is None or since[0] != p:
+                lagging[i] = (p, now)
+                continue
+            if now - since[1] < self.evict_after or w & L.POS_HOLD:
+                continue
+            line = self.cline(i)
+            missed = max(0, self.total_sent() - r.load_u64(line + L.CE_BASE) - r.load_u64(line + L.CE_RECEIVED))
+            r.store_u64(line + L.CE_MISSED, missed)
+            r.store_u64(line + L.CE_MISSED_BYTES, cursor - p)
+            if r.cas_u64(line + L.CE_POS, w, w | L.POS_EVICTED):
+                r.fetch_add_u64(L.MP_OFF_COUNTERS + L.MP_EVICTED, 1)
+                r.wake(L.OFF_DATA_WAKE)
+            lagging.pop(i, None)
+
+    # -- work-sharing consumers ----------------------------------------------------------
+    def requeue_dead(self, consumer, zero_seen: dict) -> None:
+        """Hand back what dead consumers held, then free their entries; also
+        records taken but never marked (the taker died between its two CASes)."""
+        r = self.region
+        owners = [r.load_u64(self.cline(i)) for i in range(self.maxc)]
+        dead = {i for i, w in enumerate(owners) if w and not _owner_alive(w)}
+        now = time.monotonic()
+        seen_zero = {}
+        for pos, state in consumer._inflight():
+            if state == 0:
+                first = zero_seen.get(pos, now)
+                seen_zero[pos] = first
+                if now - first >= GRACE:
+                    consumer._requeue(pos, 0)
+            elif 1 <= state <= self.maxc and (state - 1 in dead or owners[state - 1] == 0):
+                consumer._requeue(pos, state)
+        zero_seen.clear()
+        zero_seen.update(seen_zero)
+        for i in dead:
+            r.cas_u64(self.cline(i) + L.CE_OWNER, owners[i], 0)
+
+    def live_consumers(self) -> tuple[int, int]:
+        """(live, dead pid or 0) over the consumer table."""
+        live, dead = 0, 0
+        for i in range(self.maxc):
+            w = self.region.load_u64(self.cline(i))
+            if w:
+                if _owner_alive(w):
+                    live += 1
+                else:
+                    dead = L.split_owner(w)[0]
+        return live, dead
+
+    # -- stats ---------------------------------------------------------------------------
+    def stats(self) -> dict:
+        r = self.region
+        pl, cl = L.MP_OFF_PRODUCERS, L.MP_OFF_COUNTERS
+        producers = []
+        for i in range(self.maxp):
+            line = self.pline(i)
+            w, sent = r.load_u64(line), r.load_u64(line + L.PE_SENT)
+            if w or sent:
+                pid = L.split_owner(w)[0]
+                producers.append({"slot": i, "pid": pid or None, "alive": _owner_alive(w),
+                                  "sent": sent, "bytes": r.load_u64(line + L.PE_BYTES)})
+        cursor = r.load_u64(L.MP_OFF_CURSOR)
+        consumers = []
+        if self.kind != L.KIND_MPSC:
+            for i in range(self.maxc):
+                line = self.cline(i)
+                w = r.load_u64(line)
+                pos = r.load_u64(line + L.CE_POS)
+                if not w:
+                    continue
+                c = {"slot": i, "pid": L.split_owner(w)[0], "alive": _owner_alive(w),
+                     "received": r.load_u64(line + L.CE_RECEIVED)}
+                if self.kind == L.KIND_BROADCAST:
+                    c["evicted"] = bool(pos != L.POS_FREE and pos & L.POS_EVICTED)
+                    c["lag"] = cursor - (pos & L.POS_MASK) if pos != L.POS_FREE else None
+                consumers.append(c)
+        return {
+            "producers": producers, "consumers": consumers,
+            "sent": sum(p["sent"] for p in producers),
+            "producer_sessions": r.load_u64(pl + L.MP_SESSIONS), "producers_ended": r.load_u64(pl + L.MP_ENDED),
+            "producers_aborted": r.load_u64(pl + L.MP_ABORTED), "producers_dead": r.load_u64(pl + L.MP_DEAD),
+            "abandoned": r.load_u64(cl + L.MP_ABANDONED), "evicted": r.load_u64(cl + L.MP_EVICTED),
+            "dropped": r.load_u64(cl + L.MP_DROPPED), "requeued_now": r.load_u64(cl + L.MP_REQUEUED),
+            "redelivered": r.load_u64(cl + L.MP_REDELIVERED),
+        }
