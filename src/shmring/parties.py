@@ -327,10 +327,10 @@ class Tables:
                 line = self.cline(i)
                 w = r.load_u64(line)
                 pos = r.load_u64(line + L.CE_POS)
-                if not w:
+                received = r.load_u64(line + L.CE_RECEIVED)
+                if not w and not received:
                     continue
-                c = {"slot": i, "pid": L.split_owner(w)[0], "alive": _owner_alive(w),
-                     "received": r.load_u64(line + L.CE_RECEIVED)}
+                c = {"slot": i, "pid": L.split_owner(w)[0] or None, "alive": _owner_alive(w), "received": received}
                 if self.kind == L.KIND_BROADCAST:
                     c["evicted"] = bool(pos != L.POS_FREE and pos & L.POS_EVICTED)
                     c["lag"] = cursor - (pos & L.POS_MASK) if pos != L.POS_FREE else None
