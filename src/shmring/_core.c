@@ -277,7 +277,7 @@ static int Region_init(Region *self, PyObject *args, PyObject *kw) {
         self->maxp = mp; self->maxc = mc;
         self->policy = load_acquire32(b + SHMR_MP_OFF_POLICY);
         self->words_end = doff;          /* the tables are reachable from Python */
-    } else if (self->kind != SHMR_KIND_SPSC) {
+    } else if (self->kind != SHMR_KIND_SPSC && self->kind != SHMR_KIND_RECORDS) {
         PyErr_Format(CorruptSegmentError, "unknown ring kind %u", self->kind);
         return -1;
     }
@@ -461,8 +461,14 @@ static int check_timeout(PyObject *timeout) {
 
 static PyObject *str_send_obj, *str_try_send_obj, *str_send_wait, *str_recv_wait;
 
+static int not_for_records(Region *r) {
+    if (r->kind != SHMR_KIND_RECORDS) return 0;
+    PyErr_SetString(PyExc_TypeError, "a record ring has its own handles (shmring.records)");
+    return -1;
+}
+
 static int Producer_init(Producer *self, PyObject *args, PyObject *kw) {
-    if (Region_init(&self->r, args, kw) < 0) return -1;
+    if (Region_init(&self->r, args, kw) < 0 || not_for_records(&self->r) < 0) return -1;
     uint64_t wp = load_acquire64(self->r.base + SHMR_OFF_WRITE_POS);
     uint64_t rp = load_acquire64(self->r.base + SHMR_OFF_READ_POS); /* pairs with consumer's store_release(read_pos) */
     uint64_t al = self->r.hdr - 1;
@@ -924,7 +930,7 @@ typedef struct {
 static PyTypeObject MessageType;
 
 static int Consumer_init(Consumer *self, PyObject *args, PyObject *kw) {
-    if (Region_init(&self->r, args, kw) < 0) return -1;
+    if (Region_init(&self->r, args, kw) < 0 || not_for_records(&self->r) < 0) return -1;
     Region *r = &self->r;
     uint64_t wp = load_acquire64(r->base + SHMR_OFF_WRITE_POS); /* pairs with producer's store_release(write_pos) */
     uint64_t rp = load_acquire64(r->base + SHMR_OFF_READ_POS);
@@ -2386,7 +2392,7 @@ static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
     PUT(SHMR_WAKE_SEQ); PUT(SHMR_WAKE_WAITERS);
     PUT(SHMR_REC_HDR); PUT(SHMR_REC_ALIGN); PUT(SHMR_T_PAD); PUT(SHMR_T_BYTES); PUT(SHMR_T_ARRAY);
     PUT(SHMR_T_OBJECT); PUT(SHMR_KIND_SPSC); PUT(SHMR_MIN_CAPACITY); PUT(SHMR_MAX_CAPACITY);
-    PUT(SHMR_MAX_MESSAGE);
+    PUT(SHMR_MAX_MESSAGE); PUT(SHMR_KIND_RECORDS);
     PUT(SHMR_KIND_MPSC); PUT(SHMR_KIND_BROADCAST); PUT(SHMR_KIND_MPMC); PUT(SHMR_MREC_HDR); PUT(SHMR_T_SKIP);
     PUT(SHMR_MP_OFF_KEY); PUT(SHMR_MP_OFF_MAX_PRODUCERS); PUT(SHMR_MP_OFF_MAX_CONSUMERS); PUT(SHMR_MP_OFF_POLICY);
     PUT(SHMR_MP_OFF_EXPECTED); PUT(SHMR_MP_OFF_PROD_TABLE); PUT(SHMR_MP_OFF_CONS_TABLE); PUT(SHMR_MP_OFF_NEWEST);

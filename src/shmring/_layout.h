@@ -90,6 +90,7 @@
 #define SHMR_KIND_MPSC          2u
 #define SHMR_KIND_BROADCAST     3u
 #define SHMR_KIND_MPMC          4u
+#define SHMR_KIND_RECORDS       5u   /* spsc of fixed-dtype records: Python only (shmring.records) */
 #define SHMR_MREC_HDR          16   /* u64 stamp | u32 length | u16 type | u16 state */
 #define SHMR_T_SKIP             0x4B53u
 #define SHMR_MP_OFF_KEY          80   /* u64 */

@@ -118,7 +118,9 @@ KIND_BROADCAST = 3
 KIND_MPMC = 4
 KINDS = {"spsc": KIND_SPSC, "mpsc": KIND_MPSC, "broadcast": KIND_BROADCAST, "mpmc": KIND_MPMC}
 MULTI_KINDS = (KIND_MPSC, KIND_BROADCAST, KIND_MPMC)
+KIND_RECORDS = 5                # an spsc ring of fixed-dtype records (Ring.create(..., dtype=...))
 KIND_NAMES = {v: k for k, v in KINDS.items()}
+KIND_NAMES[KIND_RECORDS] = "spsc"
 KIND_STATE = 0x53               # a SharedState segment (see the state diagram below), never a ring kind
 
 MIN_CAPACITY = 4096
@@ -354,6 +356,25 @@ def multi_geometry(capacity: int, max_producers: int, max_consumers: int) -> dic
     data = align(cons + max_consumers * MP_ENTRY, 4096)
     return {"prod_table": prod, "cons_table": cons, "data_offset": data,
             "segment_size": data + capacity, "max_message": min(capacity // 2 - MREC_HDR, MAX_MESSAGE)}
+
+
+# --------------------------------------------------------------------------
+# Record rings (kind KIND_RECORDS: spsc, fixed dtype; shmring.records)
+#
+# The spsc header, lines and roles, but positions count records, not bytes,
+# and the data area is ``slots`` records of ``itemsize`` bytes with no record
+# headers: a batch is one contiguous copy (two when it wraps).  ``slots`` =
+# capacity // itemsize.  Record k lives at data + (k % slots) * itemsize.
+#
+#     80    itemsize u64 | 88 slots u64 | 96 dtype description length u32
+#     2048  dtype description: msgpack of shmring.codec's dtype spec
+RC_OFF_ITEMSIZE = 80
+RC_OFF_SLOTS = 88
+RC_OFF_DESCR_LEN = 96
+RC_OFF_DESCR = 2048
+RC_MAX_DESCR = HEADER_SIZE - RC_OFF_DESCR
+RC_STRUCT = struct.Struct("<QQI")
+C_CONSTANTS["SHMR_KIND_RECORDS"] = KIND_RECORDS
 
 
 LAYOUT_HASH = zlib.crc32(repr(sorted(C_CONSTANTS.items())).encode()) | (LAYOUT_VERSION << 32)

@@ -41,7 +41,7 @@ import weakref
 
 import numpy as np
 
-from . import _core, codec, parties
+from . import _core, codec, parties, records
 from . import layout as L
 from ._proc import alive, my_start_time
 from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, RoleTaken, Timeout
@@ -100,13 +100,15 @@ class Ring(SegmentHandle):
         self._region = _core.Region(seg.buf)
         self._identity = seg.identity
         self._tables = parties.Tables(self._region, header, seg.label) if header["kind"] in L.MULTI_KINDS else None
+        if header["kind"] == L.KIND_RECORDS:
+            header.update(records.read_fields(seg.buf, header, seg.label))
 
     # -- construction -------------------------------------------------------
     @classmethod
     def create(cls, name: str | None = None, capacity: int = 1 << 20, *, kind: str = "spsc",
                path=None, mode: int = 0o600, max_producers: int | None = None,
                max_consumers: int | None = None, producers: int | None = None,
-               policy: str = "block", evict_after: float = 1.0) -> "Ring":
+               policy: str = "block", evict_after: float = 1.0, dtype=None) -> "Ring":
         """Create a ring with ``capacity`` bytes of data area (a power of two, >= 4096).
 
         ``name`` names a POSIX segment (``/dev/shm/shmring.NAME``); with ``path``
@@ -131,6 +133,11 @@ class Ring(SegmentHandle):
         drained) when every producer that joined has closed, and at least
         ``producers`` of them if given (set it when producers start at
         different times, so an early finisher does not end the stream).
+
+        ``dtype`` (spsc only) makes a record ring: ``capacity // itemsize``
+        fixed-size records and no per-message framing; the producer's
+        ``send_many(array)`` is one copy and the consumer's ``recv_many()``
+        returns numpy views of many records at once (:mod:`shmring.records`).
         """
         if kind not in L.KINDS:
             raise ValueError(f"unknown ring kind {kind!r}; this version supports {sorted(L.KINDS)}")
@@ -147,6 +154,10 @@ class Ring(SegmentHandle):
             raise ValueError(f"producers (the number of producers that end the stream) is a positive int, "
                              f"for mpsc and mpmc rings; got {producers!r} for {kind}")
         maxp = maxc = 0
+        rec = None
+        if dtype is not None:
+            if k != L.KIND_SPSC:
+                raise ValueError(f"a record ring (dtype=...) is spsc; kind={kind!r} carries framed messages")
         if k in L.MULTI_KINDS:
             maxp, maxc = parties.geometry_args(k, max_producers, max_consumers)
         if path is None and name is None:
@@ -158,6 +169,9 @@ class Ring(SegmentHandle):
             hint = 1 << max(12, (max(capacity, 1) - 1).bit_length())
             raise ValueError(f"capacity must be a power of two from {L.MIN_CAPACITY} to {L.MAX_CAPACITY}, "
                              f"got {capacity}" + (f" (next power of two: {hint})" if hint <= L.MAX_CAPACITY else ""))
+        if dtype is not None:
+            rec = records.prepare(dtype, capacity)
+            k = L.KIND_RECORDS
         geometry = L.multi_geometry(capacity, maxp, maxc) if k in L.MULTI_KINDS else None
         size = geometry["segment_size"] if geometry else L.segment_size(capacity)
         seg = Segment.create(name, size, path=path, mode=mode)
@@ -167,6 +181,8 @@ class Ring(SegmentHandle):
             if geometry:
                 parties.write_multi_header(seg.buf, maxp=maxp, maxc=maxc, policy=L.POLICIES[policy],
                                            expected=producers or 0, evict_after=float(evict_after))
+            if rec:
+                records.write_fields(seg.buf, *rec)
             region = _core.Region(seg.buf)
             region.store_u32(L.OFF_READY, 1)       # pairs with attach's read of `ready` after the header
             del region
@@ -201,6 +217,8 @@ class Ring(SegmentHandle):
     def producer(self, *, spin: float = DEFAULT_SPIN) -> "Producer":
         """Take a producer role (spsc and broadcast: the one producer; mpsc
         and mpmc: one of ``max_producers``)."""
+        if self.dtype is not None:
+            return records.RecordProducer(self, spin)
         return Producer(self, spin)
 
     def consumer(self, *, spin: float = DEFAULT_SPIN) -> "Consumer":
@@ -208,6 +226,8 @@ class Ring(SegmentHandle):
         ``max_consumers`` sharing the messages; broadcast: ``subscribe()``)."""
         if self.kind == "broadcast":
             return self.subscribe(spin=spin)
+        if self.dtype is not None:
+            return records.RecordConsumer(self, spin)
         return Consumer(self, spin)
 
     def subscribe(self, start: str = "oldest", *, spin: float = DEFAULT_SPIN) -> "Consumer":
@@ -232,6 +252,11 @@ class Ring(SegmentHandle):
     @property
     def capacity(self) -> int:
         return self._header["capacity"]
+
+    @property
+    def dtype(self):
+        """The record dtype of a record ring, else None."""
+        return self._header.get("dtype")
 
     @property
     def max_message(self) -> int:
@@ -265,6 +290,13 @@ class Ring(SegmentHandle):
         base = {"name": self.name, "path": self.path, "kind": self.kind, "capacity": self.capacity,
                 "write_pos": wp, "creator_pid": self._header["creator_pid"],
                 "created_ns": self._header["created_ns"]}
+        if self.dtype is not None:
+            slots = self._header["slots"]
+            closed = r.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED)
+            base.update({"dtype": str(self.dtype), "slots": slots, "read_pos": rp, "used": wp - rp,
+                         "fill": (wp - rp) / slots, "closed": {0: None, 1: "eos", 2: "aborted"}.get(closed, closed),
+                         "producer": role(L.OFF_PROD_ROLE), "consumer": role(L.OFF_CONS_ROLE)})
+            return base
         if self._tables is None:
             closed = r.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED)
             base.update({"read_pos": rp, "used": wp - rp, "fill": (wp - rp) / self.capacity,

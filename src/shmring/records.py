@@ -1,0 +1,390 @@
+"""Record rings: an spsc ring of fixed-dtype records, moved in batches.
+
+``Ring.create(name, capacity, dtype=np.dtype([...]))`` makes a ring whose data
+area is an array of ``capacity // itemsize`` records with no per-record
+header (layout: the record-ring diagram in :mod:`shmring.layout`).
+
+* ``producer.send_many(records)``: one copy of the whole batch into the ring
+  (two slices when it wraps), then one release store of the position.
+* ``consumer.recv_many(max_n)``: a :class:`RecordBatch`, read-only numpy views
+  of up to ``max_n`` records in place (one view, or two when the batch wraps;
+  ``batch.contiguous()`` copies only in that case), valid until released.
+
+Python drives it: per batch it is a handful of calls, the copy is numpy's,
+and positions and waits go through the C core's atomics and futex (Region).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+import weakref
+
+import msgpack
+import numpy as np
+
+from . import _core, codec
+from . import layout as L
+from .errors import CorruptSegmentError, EndOfStream, EscapedViewWarning, HandleClosed, PeerGone, ShmringError
+
+CLOSED_EOS, CLOSED_ABORTED = 1, 2
+
+
+def prepare(dtype, capacity: int) -> tuple[np.dtype, bytes, int]:
+    """(dtype, its description, slots) for a new record ring."""
+    dt = np.dtype(dtype)
+    if dt.hasobject:
+        raise TypeError(f"dtype {dt} holds Python objects; a record ring needs a fixed-size dtype")
+    if dt.itemsize == 0:
+        raise ValueError(f"dtype {dt} has itemsize 0")
+    descr = msgpack.packb(codec._dtype_spec(dt))
+    if len(descr) > L.RC_MAX_DESCR:
+        raise ValueError(f"dtype {dt} takes {len(descr)} bytes to describe; a record ring holds up to "
+                         f"{L.RC_MAX_DESCR}")
+    slots = capacity // dt.itemsize
+    if slots < 2:
+        raise ValueError(f"capacity {capacity} holds fewer than 2 records of {dt.itemsize} bytes")
+    return dt, descr, slots
+
+
+def write_fields(buf, dt: np.dtype, descr: bytes, slots: int) -> None:
+    L.RC_STRUCT.pack_into(buf, L.RC_OFF_ITEMSIZE, dt.itemsize, slots, len(descr))
+    buf[L.RC_OFF_DESCR:L.RC_OFF_DESCR + len(descr)] = descr
+
+
+def read_fields(buf, h: dict, what: str) -> dict:
+    """The record fields of a header, checked (every field is untrusted)."""
+    itemsize, slots, n = L.RC_STRUCT.unpack_from(buf, L.RC_OFF_ITEMSIZE)
+    try:
+        if not (0 < n <= L.RC_MAX_DESCR):
+            raise ValueError(f"description length {n}")
+        dt = codec._dtype_from_spec(msgpack.unpackb(bytes(buf[L.RC_OFF_DESCR:L.RC_OFF_DESCR + n])))
+    except Exception as e:
+        raise CorruptSegmentError(f"{what} has a bad record dtype description: {e}") from None
+    if dt.itemsize != itemsize or itemsize == 0 or slots != h["capacity"] // itemsize:
+        raise CorruptSegmentError(f"{what}: record geometry {itemsize} x {slots} does not match "
+                                  f"dtype {dt} and capacity {h['capacity']}")
+    return {"dtype": dt, "slots": slots}
+
+
+class _Handle:
+    """What both record handles share: the array over the data area, positions, fork check."""
+
+    def _setup(self, ring, spin):
+        h = ring._header
+        self.dtype, self.slots = h["dtype"], h["slots"]
+        self._arr = np.frombuffer(ring._seg.buf, self.dtype, count=self.slots, offset=L.HEADER_SIZE)
+        self.spin = float(spin)
+        self._label = ring._seg.label
+        self._pid = os.getpid()
+        self._closed = False
+
+    def _usable(self):
+        if self._closed:
+            raise HandleClosed(f"this handle of {self._label} is closed")
+        if os.getpid() != self._pid:
+            raise ShmringError("this handle was created before fork(); a forked child must take its own "
+                               "handle (ring.producer() / ring.consumer())")
+
+    def _positions(self):
+        r = self._region
+        wp, rp = r.load_u64(L.OFF_WRITE_POS), r.load_u64(L.OFF_READ_POS)
+        if rp > wp or wp - rp > self.slots:
+            raise CorruptSegmentError(f"{self._label}: record positions out of order (read {rp}, write {wp}, "
+                                      f"{self.slots} slots)")
+        return wp, rp
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+class RecordProducer(_Handle):
+    """The producer of a record ring (a context manager; exiting closes the stream)."""
+
+    def __init__(self, ring, spin):
+        from .ring import _Role
+        self._role = _Role()
+        region = ring._live_region()
+        if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
+            raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer")
+        self._role._claim(ring, L.OFF_PROD_ROLE, "producer")
+        self._region = _core.Region(ring._seg.buf)     # our own: usable after a fork made the ring's stale
+        self._setup(ring, spin)
+        self._wp, self._rp = self._positions()
+
+    def _as_records(self, records) -> np.ndarray:
+        a = records if isinstance(records, np.ndarray) else np.array(records, dtype=self.dtype)
+        if a.dtype != self.dtype:
+            raise TypeError(f"records of dtype {a.dtype} sent to a ring of dtype {self.dtype}; "
+                            f"convert them first (e.g. arr.astype(ring.dtype))")
+        if a.ndim == 0:
+            a = a.reshape(1)
+        if a.ndim != 1:
+            raise ValueError(f"send_many takes a 1-D array of records, got shape {a.shape}")
+        return a
+
+    def _room(self) -> int:
+        free = self.slots - (self._wp - self._rp)
+        if free == 0:
+            wp, rp = self._positions()
+            if wp != self._wp:
+                raise CorruptSegmentError(f"{self._label}: the write position moved under its producer")
+            self._rp = rp
+            free = self.slots - (wp - rp)
+        return free
+
+    def _put(self, a: np.ndarray) -> None:
+        """Copy a (len <= room) in and publish it."""
+        n, o = len(a), self._wp % self.slots
+        first = min(n, self.slots - o)
+        self._arr[o:o + first] = a[:first]
+        if first < n:
+            self._arr[:n - first] = a[first:]
+        self._wp += n
+        self._region.publish_u64(L.OFF_WRITE_POS, self._wp, L.OFF_DATA_WAKE)  # after the copy
+
+    def try_send_many(self, records) -> int:
+        """Send as many records as fit now; returns how many."""
+        self._usable()
+        a = self._as_records(records)
+        k = min(len(a), self._room())
+        if k:
+            self._put(a[:k])
+        return k
+
+    def send_many(self, records, *, timeout=None) -> int:
+        """Send a 1-D array (or a sequence) of records, waiting for room as needed
+        (each wait up to ``timeout`` seconds); returns the count."""
+        self._usable()
+        a = self._as_records(records)
+        done = 0
+        while done < len(a):
+            k = min(len(a) - done, self._room())
+            if k == 0:
+                self._role._region = self._region
+                k = self._role._retry(
+                    lambda: self._room() or None,
+                    lambda t: self._region.wait_change(L.OFF_READ_POS, self._rp, L.OFF_SPACE_WAKE, -1, t, self.spin),
+                    lambda: self._role._peer_gone(L.OFF_CONS_ROLE), timeout,
+                    lambda: f"record ring {self._label} stayed full for {timeout} s",
+                    lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full")
+                k = min(len(a) - done, k)
+            self._put(a[done:done + k])
+            done += k
+        return done
+
+    def send(self, record, *, timeout=None) -> None:
+        """Send one record (a numpy void / 0-d array or a tuple of field values)."""
+        self.send_many(record if isinstance(record, np.ndarray) else np.array(record, dtype=self.dtype),
+                       timeout=timeout)
+
+    @property
+    def position(self) -> int:
+        return self._wp
+
+    def close(self, *, _status: int = CLOSED_EOS) -> None:
+        """End the stream: the consumer drains what was sent, then gets EndOfStream."""
+        if self._closed:
+            return
+        self._region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, _status)
+        self._region.wake(L.OFF_DATA_WAKE)
+        self._closed = True
+        if os.getpid() == self._pid:
+            self._role._give_back()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close(_status=CLOSED_EOS if exc_type is None else CLOSED_ABORTED)
+
+    def __reduce__(self):
+        raise TypeError("a producer handle cannot be pickled; pass the Ring")
+
+
+class RecordBatch:
+    """Records received in place: ``arrays`` holds one read-only view, or two
+    when the batch wraps around the end of the ring.  Valid until released
+    (``release()`` or the end of a ``with`` block); a view kept past release
+    holds the ring space until it is garbage-collected (EscapedViewWarning)."""
+
+    def __init__(self, consumer, start: int, n: int, arrays: list):
+        self._consumer = consumer
+        self.start = start
+        self.arrays = arrays
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def contiguous(self) -> np.ndarray:
+        """The records as one array: the view itself, or a copy if the batch wraps."""
+        if self.arrays is None:
+            raise HandleClosed("batch was released")
+        return self.arrays[0] if len(self.arrays) == 1 else np.concatenate(self.arrays)
+
+    def copy(self) -> np.ndarray:
+        """A detached copy of the records."""
+        if self.arrays is None:
+            raise HandleClosed("batch was released")
+        return np.concatenate(self.arrays) if len(self.arrays) > 1 else self.arrays[0].copy()
+
+    def release(self) -> None:
+        arrays, self.arrays = self.arrays, None
+        if arrays is None:
+            return
+        escaped = [a for a in arrays if sys.getrefcount(a) > 3]   # the list, the loop variable, the argument
+        if not escaped:
+            self._consumer._finish(self.start)
+            return
+        warnings.warn(f"a view of {len(self)} records outlived its batch; the ring space is held until the "
+                      "view is garbage-collected (use batch.copy() to keep records)", EscapedViewWarning, 2)
+        pending = [len(escaped)]
+
+        def gone(consumer=self._consumer, start=self.start):
+            pending[0] -= 1
+            if pending[0] == 0:
+                consumer._finish(start)
+        for a in escaped:
+            weakref.finalize(a, gone)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        if self.arrays is not None:
+            self.release()
+
+    def __repr__(self):
+        return f"<shmring.RecordBatch of {self._n} records{' released' if self.arrays is None else ''}>"
+
+
+class RecordConsumer(_Handle):
+    """The consumer of a record ring (a context manager; exiting detaches)."""
+
+    def __init__(self, ring, spin):
+        from .ring import _Role
+        self._role = _Role()
+        self._role._claim(ring, L.OFF_CONS_ROLE, "consumer")
+        self._region = _core.Region(ring._seg.buf)
+        self._setup(ring, spin)
+        wp, rp = self._positions()
+        self._next = self._rp = rp
+        self._wp = wp
+        self._out = []          # [start, end, done] of batches handed out, in order
+        isz = self.dtype.itemsize
+        self._mv = memoryview(ring._seg.buf)[L.HEADER_SIZE:L.HEADER_SIZE + self.slots * isz].toreadonly()
+        self.received = 0
+
+    def _view(self, o: int, n: int) -> np.ndarray:
+        # One read-only array per slice, made from its own memoryview: numpy
+        # views derived from it (slices, reshapes) keep *it* as their base,
+        # so release() can count them.
+        isz = self.dtype.itemsize
+        return np.frombuffer(self._mv[o * isz:(o + n) * isz], self.dtype)
+
+    def _finish(self, start: int) -> None:
+        for e in self._out:
+            if e[0] == start:
+                e[2] = True
+                break
+        rp = self._rp
+        while self._out and self._out[0][2]:
+            rp = self._out.pop(0)[1]
+        if rp != self._rp and not self._closed:
+            self._rp = rp
+            self._region.publish_u64(L.OFF_READ_POS, rp, L.OFF_SPACE_WAKE)   # after our last read
+
+    def _available(self) -> int:
+        wp = self._region.load_u64(L.OFF_WRITE_POS)    # pairs with the producer's publish_u64
+        if wp < self._next or wp - self._rp > self.slots:
+            raise CorruptSegmentError(f"{self._label}: producer position {wp} out of range")
+        self._wp = wp
+        return wp - self._next
+
+    def _take(self, max_n):
+        """A batch of what is there now, or None; EndOfStream once drained after close."""
+        n = self._available()
+        if n == 0:
+            how = self._region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED)
+            if how and self._available() == 0:
+                if how == CLOSED_EOS:
+                    raise EndOfStream(f"end of stream: the producer closed {self._label}")
+                raise PeerGone(f"the producer of {self._label} stopped on an error; every record it sent "
+                               "was received")
+            return None
+        if max_n is not None:
+            n = min(n, max_n)
+        start, o = self._next, self._next % self.slots
+        first = min(n, self.slots - o)
+        arrays = [self._view(o, first)]
+        if first < n:
+            arrays.append(self._view(0, n - first))
+        self._next += n
+        self._out.append([start, start + n, False])
+        self.received += n
+        return RecordBatch(self, start, n, arrays)
+
+    def try_recv_many(self, max_n: int | None = None):
+        """A :class:`RecordBatch` of up to ``max_n`` records (None: all there are), or None."""
+        self._usable()
+        return self._take(max_n)
+
+    def recv_many(self, max_n: int | None = None, *, timeout=None, copy: bool = False):
+        """Wait up to ``timeout`` seconds (None: forever) for records, then return
+        a :class:`RecordBatch` of up to ``max_n`` of them (or, with
+        ``copy=True``, one detached ndarray).  Raises Timeout or EndOfStream."""
+        self._usable()
+        if max_n is not None and int(max_n) < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        b = self._take(max_n)
+        if b is None:
+            self._role._region = self._region
+            b = self._role._retry(
+                lambda: self._take(max_n),
+                lambda t: self._region.wait_change(L.OFF_WRITE_POS, self._next, L.OFF_DATA_WAKE,
+                                                   L.OFF_PROD_ROLE + L.ROLE_CLOSED, t, self.spin),
+                lambda: self._role._peer_gone(L.OFF_PROD_ROLE), timeout,
+                lambda: f"no records arrived on {self._label} within {timeout} s",
+                lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
+                            "every record it sent was received")
+        if copy:
+            with b:
+                return b.copy()
+        return b
+
+    def __iter__(self):
+        while True:
+            try:
+                yield self.recv_many()
+            except EndOfStream:
+                return
+
+    @property
+    def pending(self) -> int:
+        return sum(1 for e in self._out if not e[2])
+
+    @property
+    def position(self) -> int:
+        return self._rp
+
+    def close(self) -> None:
+        """Give up the consumer role (records not released are delivered again)."""
+        if self._closed:
+            return
+        self._closed = True
+        if os.getpid() == self._pid:
+            self._role._give_back()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __reduce__(self):
+        raise TypeError("a consumer handle cannot be pickled; pass the Ring")
