@@ -43,15 +43,13 @@ def test_mpsc_fan_in_from_four_producers(ring_name, procs, mp, start_method):
 def test_mpsc_no_lost_wakeup_when_everybody_sleeps(ring_name, procs, mp):
     """spin=0: the consumer sleeps on the futex whenever the ring is empty."""
     n, tags = 20_000, [1, 2, 3, 4]
-    with shmring.Ring.create(ring_name, 1 << 13, kind="mpsc") as ring:
+    with shmring.Ring.create(ring_name, 1 << 13, kind="mpsc", producers=4) as ring:
         q = mp.Queue()
         cons = start(procs, mp, M.consume_all, ring, q, tags, n, 0.0)
-        # producers=None: the stream ends when every producer that joined has
-        # closed, so all four must have joined before the first one finishes
         prods = [start(procs, mp, M.produce, ring, t, n) for t in tags]
         (rep,) = reports(q, 1)
         assert rep["error"] is None, rep["error"]
-        assert rep["counts"] == {t: n for t in tags} or rep["end"] == "EndOfStream"
+        assert rep["counts"] == {t: n for t in tags} and rep["end"] == "EndOfStream"
         assert all(finish(p) == 0 for p in prods + [cons])
         assert rep["wait"]["sleeps"] > 10 and rep["wait"]["late_wakeups"] == 0
 
@@ -164,7 +162,11 @@ def test_mpmc_consumer_killed_holding_messages_loses_none(ring_name, procs, mp):
         prods = [start(procs, mp, M.produce, ring, t, n) for t in tags]
         assert ready.wait(JOIN)
         cons = [start(procs, mp, M.share_work, ring, q, tags, n, False) for _ in range(2)]
-        time.sleep(0.2)
+        # with no live consumer left a blocked producer gets PeerGone (as on an spsc
+        # ring), so kill the victim only once the survivors have joined
+        deadline = time.monotonic() + JOIN
+        while sum(c["alive"] for c in ring.stats()["consumers"]) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
         os.kill(victim.pid, signal.SIGKILL)
         reps = reports(q, 2)
         for rep in reps:

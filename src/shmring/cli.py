@@ -86,7 +86,10 @@ def _describe(name: str) -> dict:
     st["creator"] = _creator(h)
     st["age_s"] = round(time.time() - st["created_ns"] / 1e9, 1)
     st["size"] = h["segment_size"]
-    if "write_pos" in st:                       # a ring
+    if "producers" in st:                       # a multi-party ring
+        users = [r["pid"] for r in st["producers"] + st["consumers"] + [st.get("consumer") or {}]
+                 if r.get("pid") and r.get("alive")]
+    elif "write_pos" in st:                     # a ring
         users = [r["pid"] for r in (st["producer"], st["consumer"]) if r["pid"] and r["alive"]]
     else:                                       # a shared state
         st["kind"] = "state"
@@ -128,19 +131,23 @@ def _pid(role: dict) -> str:
     return f"{role['pid']}" + ("" if role["alive"] else "(dead)")
 
 
-LS_HEAD = f"{'NAME':22} {'KIND':5} {'SIZE':>7} {'FILL':>6} {'PRODUCER':>12} {'CONSUMER':>12} {'AGE':>6}"
+LS_HEAD = f"{'NAME':22} {'KIND':9} {'SIZE':>7} {'FILL':>6} {'PRODUCER':>12} {'CONSUMER':>12} {'AGE':>6}"
 
 
 def _ls_row(r: dict) -> str:
     name = _fit(r["name"], 22)
     if "error" in r:
         err = r["error"].replace(f"segment {r['name']!r} ", "")
-        return f"{name:22} {'?':5} " + _fit(err, 80 - 29)
+        return f"{name:22} {'?':9} " + _fit(err, 80 - 33)
     if r["kind"] == "state":
         prod, cons = _pid(r["writer"]), f"{r['readers']} readers"
+    elif "producers" in r:
+        live = lambda rows: sum(1 for x in rows if x.get("alive"))      # noqa: E731
+        prod = f"{live(r['producers'])} live"
+        cons = _pid(r["consumer"]) if r["kind"] == "mpsc" else f"{live(r['consumers'])} live"
     else:
         prod, cons = _pid(r["producer"]), _pid(r["consumer"])
-    return (f"{name:22} {r['kind']:5} {_human(r['size']):>7} {r['fill'] * 100:5.1f}% "
+    return (f"{name:22} {r['kind']:9} {_human(r['size']):>7} {r['fill'] * 100:5.1f}% "
             f"{_fit(prod, 12):>12} {_fit(cons, 12):>12} {_age(r['age_s']):>6}")
 
 
@@ -170,9 +177,13 @@ def _stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
         if prev is not None and dt > 0:
             lines.append(f"  rate         {(st['version'] - prev['version']) / dt:,.1f} versions/s")
         return lines
+    if "producers" in st:
+        return _multi_stat_lines(st, prev, dt)
     lines = [f"{st['name'] or st['path']}  {st['kind']} ring, capacity {_human(st['capacity'])}, "
-             f"age {_age(st['age_s'])}",
-             f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['capacity']:,} bytes)",
+             f"age {_age(st['age_s'])}" + (f", records of {st['dtype']}" if "dtype" in st else ""),
+             (f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['slots']:,} records)"
+              if "dtype" in st else
+              f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['capacity']:,} bytes)"),
              f"  positions    write {st['write_pos']:,}  read {st['read_pos']:,}",
              f"  producer     {_pid(st['producer'])}  sessions {st['producer']['sessions']}",
              f"  consumer     {_pid(st['consumer'])}  sessions {st['consumer']['sessions']}",
@@ -180,7 +191,40 @@ def _stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
     if prev is not None and dt > 0:
         win = (st["write_pos"] - prev["write_pos"]) / dt
         rout = (st["read_pos"] - prev["read_pos"]) / dt
-        lines.append(f"  rates        in {win / 1e6:,.2f} MB/s  out {rout / 1e6:,.2f} MB/s")
+        if "dtype" in st:
+            lines.append(f"  rates        in {win:,.0f} records/s  out {rout:,.0f} records/s")
+        else:
+            lines.append(f"  rates        in {win / 1e6:,.2f} MB/s  out {rout / 1e6:,.2f} MB/s")
+    return lines
+
+
+def _multi_stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
+    """stat of an mpsc / broadcast / mpmc ring: tables and counters."""
+    lines = [f"{st['name'] or st['path']}  {st['kind']} ring, capacity {_human(st['capacity'])}, "
+             f"age {_age(st['age_s'])}" + (f", policy {st['policy']}" if st["kind"] == "broadcast" else ""),
+             f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['capacity']:,} bytes)",
+             f"  positions    claimed {st['write_pos']:,}  released {st['read_pos']:,}"
+             + (f"  taken {st['take_pos']:,}" if "take_pos" in st else ""),
+             f"  producers    {st['producer_sessions']} joined, {st['producers_ended']} ended "
+             f"({st['producers_aborted']} on an error), {st['producers_dead']} died; sent {st['sent']:,}"]
+    for p in st["producers"]:
+        lines.append(f"    [{p['slot']}] {_pid(p):>14}  sent {p['sent']:,}  ({_human(p['bytes'])})")
+    if st["kind"] == "mpsc":
+        lines.append(f"  consumer     {_pid(st['consumer'])}  received {st['consumer']['received']:,}")
+    else:
+        what = "subscribers " if st["kind"] == "broadcast" else "consumers   "
+        lines.append(f"  {what} {sum(1 for c in st['consumers'] if c['alive'])} live")
+        for c in st["consumers"]:
+            extra = ""
+            if st["kind"] == "broadcast":
+                extra = "  evicted" if c["evicted"] else f"  lag {_human(c['lag'] or 0)}"
+            lines.append(f"    [{c['slot']}] {_pid(c):>14}  received {c['received']:,}{extra}")
+    lines.append(f"  counters     abandoned claims {st['abandoned']}  evicted {st['evicted']}  dropped "
+                 f"{st['dropped']}  redelivered {st['redelivered']}")
+    lines.append(f"  stream       {st['closed'] or 'open'}")
+    if prev is not None and dt > 0:
+        lines.append(f"  rates        in {(st['write_pos'] - prev['write_pos']) / dt / 1e6:,.2f} MB/s  "
+                     f"sent {(st['sent'] - prev['sent']) / dt:,.0f} msg/s")
     return lines
 
 

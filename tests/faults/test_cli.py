@@ -181,3 +181,34 @@ def test_rm_removes_a_segment_and_reports_a_missing_one(names):
     assert run("rm", n).stdout.strip() == f"removed {n}"
     r = run("rm", n, check=False)
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_ls_and_stat_show_multi_party_and_record_rings():
+    import numpy as np
+    ring_name = f"m{uuid.uuid4().hex[:8]}"             # short: ls shows 22 characters of a name
+    rings = [shmring.Ring.create(f"{ring_name}-{k}", 1 << 14, kind=k) for k in ("mpsc", "broadcast", "mpmc")]
+    rings.append(shmring.Ring.create(f"{ring_name}-rec", 1 << 14, dtype=np.dtype([("a", "<u8"), ("b", "<f8")])))
+    try:
+        handles = []
+        for r in rings:
+            p, c = r.producer(), r.consumer()
+            handles += [p, c]
+            p.send_many([(1, 2.0)] if r.dtype is not None else [b"abc", b"de"])
+        ls = subprocess.run([sys.executable, "-m", "shmring", "ls"], capture_output=True, text=True, timeout=60)
+        assert ls.returncode == 0, ls.stderr
+        for k in ("mpsc", "broadcast", "mpmc"):
+            row = next(line for line in ls.stdout.splitlines() if line.startswith(f"{ring_name}-{k} "))
+            assert k in row and "1 live" in row
+        for k, want in (("mpsc", "consumer"), ("broadcast", "subscribers"), ("mpmc", "consumers"), ("rec", "records")):
+            st = subprocess.run([sys.executable, "-m", "shmring", "stat", f"{ring_name}-{k}"],
+                                capture_output=True, text=True, timeout=60)
+            assert st.returncode == 0, st.stderr
+            assert want in st.stdout
+            if k != "rec":
+                assert "sent 2" in st.stdout and f"[0] {os.getpid():>14}" in st.stdout
+        for h in handles:
+            h.close()
+    finally:
+        for r in rings:
+            r.close()
+            r.unlink()
