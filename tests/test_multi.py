@@ -95,7 +95,7 @@ def test_mpmc_work_sharing_delivers_each_message_exactly_once(ring_name, procs, 
 
 def test_mpsc_producer_killed_between_claim_and_commit_is_skipped(ring_name, procs, mp):
     n, tags = 20_000, [1, 2, 3]
-    with shmring.Ring.create(ring_name, 1 << 16, kind="mpsc") as ring:
+    with shmring.Ring.create(ring_name, 1 << 16, kind="mpsc", producers=4) as ring:
         q = mp.Queue()
         ready = mp.Event()
         staller = start(procs, mp, M.stall_in_claim, ring, ready, 7)

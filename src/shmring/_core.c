@@ -1110,10 +1110,9 @@ static int spsc_peek(Consumer *c, Rec *out) {
 
 /* Every producer that joined has ended or died, and as many as expected did. */
 static int mp_ended(Region *r) {
-    char *pl = r->base + SHMR_OFF_PROD_ROLE;
-    uint64_t sess = load_acquire64(pl + SHMR_MP_SESSIONS);
-    uint64_t done = load_acquire64(pl + SHMR_MP_ENDED) + load_acquire64(pl + SHMR_MP_DEAD);
-    return sess >= 1 && done >= sess && done >= load_acquire32(r->base + SHMR_MP_OFF_EXPECTED);
+    uint64_t st = load_acquire64(r->base + SHMR_OFF_PROD_ROLE + SHMR_MP_STATE);  /* pairs with the producers' RMWs */
+    uint64_t joined = st & 0xFFFFFFFFu, done = st >> 32;
+    return joined >= 1 && done >= joined && done >= load_acquire32(r->base + SHMR_MP_OFF_EXPECTED);
 }
 
 static inline char *mp_rec(Region *r, uint64_t pos) { return r->data + (pos & r->mask); }
@@ -2397,7 +2396,7 @@ static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
     PUT(SHMR_MP_OFF_KEY); PUT(SHMR_MP_OFF_MAX_PRODUCERS); PUT(SHMR_MP_OFF_MAX_CONSUMERS); PUT(SHMR_MP_OFF_POLICY);
     PUT(SHMR_MP_OFF_EXPECTED); PUT(SHMR_MP_OFF_PROD_TABLE); PUT(SHMR_MP_OFF_CONS_TABLE); PUT(SHMR_MP_OFF_NEWEST);
     PUT(SHMR_MP_OFF_TAKE); PUT(SHMR_MP_OFF_COUNTERS); PUT(SHMR_MP_ENDED); PUT(SHMR_MP_ABORTED);
-    PUT(SHMR_MP_SESSIONS); PUT(SHMR_MP_DEAD); PUT(SHMR_MP_ABANDONED); PUT(SHMR_MP_REQUEUED);
+    PUT(SHMR_MP_SESSIONS); PUT(SHMR_MP_DEAD); PUT(SHMR_MP_STATE); PUT(SHMR_MP_ABANDONED); PUT(SHMR_MP_REQUEUED);
     PUT(SHMR_MP_REDELIVERED); PUT(SHMR_PE_INTENT); PUT(SHMR_PE_SENT); PUT(SHMR_PE_BYTES); PUT(SHMR_CE_POS);
     PUT(SHMR_CE_RECEIVED); PUT(SHMR_MP_ENTRY); PUT(SHMR_MP_MAX_PARTIES);
     PUT(SHMR_KIND_STATE); PUT(SHMR_ST_OFF_SLOTS); PUT(SHMR_ST_OFF_MAX_READERS); PUT(SHMR_ST_OFF_SLOT_SIZE);

@@ -107,6 +107,7 @@
 #define SHMR_MP_ABORTED           8
 #define SHMR_MP_SESSIONS         16
 #define SHMR_MP_DEAD             24
+#define SHMR_MP_STATE            32   /* u64: joined (low 32) | ended or dead (high 32) */
 #define SHMR_MP_ABANDONED         0   /* counters line */
 #define SHMR_MP_REQUEUED         24
 #define SHMR_MP_REDELIVERED      32

@@ -256,6 +256,9 @@ def state_geometry(nbytes: int, slots: int, max_readers: int) -> dict:
 #                                broadcast: the oldest position the producer
 #                                guarantees intact (where "oldest" joins start)
 #     384   producers            ended u64 | aborted u64 | sessions u64 | dead u64
+#                                | state u64 = joined (low 32) | ended or dead
+#                                (high 32): one word, so a join (CAS) and a
+#                                consumer's end-of-stream check are ordered
 #     512   consumer role        mpsc only: owner | - | sessions (as spsc)
 #     640   data wake word       consumers sleep here
 #     768   space wake word      producers sleep here
@@ -299,6 +302,7 @@ MP_ENDED = 0
 MP_ABORTED = 8
 MP_SESSIONS = 16
 MP_DEAD = 24
+MP_STATE = 32
 MP_OFF_TAKE = 896
 MP_OFF_COUNTERS = 1024
 MP_ABANDONED = 0
@@ -342,7 +346,7 @@ C_CONSTANTS.update({
     "SHMR_MP_OFF_CONS_TABLE": MP_OFF_CONS_TABLE, "SHMR_MP_OFF_NEWEST": MP_OFF_NEWEST,
     "SHMR_MP_OFF_TAKE": MP_OFF_TAKE, "SHMR_MP_OFF_COUNTERS": MP_OFF_COUNTERS,
     "SHMR_MP_ENDED": MP_ENDED, "SHMR_MP_ABORTED": MP_ABORTED, "SHMR_MP_SESSIONS": MP_SESSIONS,
-    "SHMR_MP_DEAD": MP_DEAD, "SHMR_MP_ABANDONED": MP_ABANDONED, "SHMR_MP_REQUEUED": MP_REQUEUED,
+    "SHMR_MP_DEAD": MP_DEAD, "SHMR_MP_STATE": MP_STATE, "SHMR_MP_ABANDONED": MP_ABANDONED, "SHMR_MP_REQUEUED": MP_REQUEUED,
     "SHMR_MP_REDELIVERED": MP_REDELIVERED, "SHMR_PE_INTENT": PE_INTENT, "SHMR_PE_SENT": PE_SENT,
     "SHMR_PE_BYTES": PE_BYTES, "SHMR_CE_POS": CE_POS, "SHMR_CE_RECEIVED": CE_RECEIVED,
     "SHMR_MP_ENTRY": MP_ENTRY, "SHMR_MP_MAX_PARTIES": MP_MAX_PARTIES,

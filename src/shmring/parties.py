@@ -126,25 +126,38 @@ class Tables:
 
     # -- producers --------------------------------------------------------------
     def producers_done(self) -> bool:
-        r, pl = self.region, L.MP_OFF_PRODUCERS
-        sess = r.load_u64(pl + L.MP_SESSIONS)
-        done = r.load_u64(pl + L.MP_ENDED) + r.load_u64(pl + L.MP_DEAD)
-        return sess >= 1 and done >= sess and done >= r.load_u32(L.MP_OFF_EXPECTED)
+        """Every producer that joined has ended or died (and as many as expected)."""
+        st = self.region.load_u64(L.MP_OFF_PRODUCERS + L.MP_STATE)
+        joined, done = st & 0xFFFFFFFF, st >> 32
+        return joined >= 1 and done >= joined and done >= self.region.load_u32(L.MP_OFF_EXPECTED)
 
     def join_producer(self) -> int:
-        if self.producers_done():
-            raise HandleClosed(f"the stream of {self.label} has ended (every producer closed it); "
-                               "create a new ring for a new stream")
         slot = self.take([self.pline(i) for i in range(self.maxp)], "producer", self.reclaim_producer)
-        self.region.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, 1)
+        r, word = self.region, L.MP_OFF_PRODUCERS + L.MP_STATE
+        while True:                 # one CAS: a consumer that saw the end of the stream sees no late join
+            if self.producers_done():
+                self.give_back(self.pline(slot))
+                raise HandleClosed(f"the stream of {self.label} has ended (every producer closed it); "
+                                   "create a new ring for a new stream")
+            st = r.load_u64(word)
+            if r.cas_u64(word, st, st + 1):
+                break
+        r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, 1)
         return slot
+
+    def _done(self, counter: int) -> None:
+        """One producer ended (or was found dead): its counter first, then the
+        state word that consumers decide the end of the stream on."""
+        r = self.region
+        r.fetch_add_u64(L.MP_OFF_PRODUCERS + counter, 1)
+        r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_STATE, 1 << 32)
+        r.wake(L.OFF_DATA_WAKE)
 
     def reclaim_producer(self, i: int, word: int) -> bool:
         """A dead producer's entry: free it and count it dead (its claim, if
         it held one, is skipped by the consumer that reaches it)."""
         if self.region.cas_u64(self.pline(i) + L.PE_OWNER, word, 0):
-            self.region.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_DEAD, 1)
-            self.region.wake(L.OFF_DATA_WAKE)
+            self._done(L.MP_DEAD)
             return True
         return False
 
@@ -155,16 +168,16 @@ class Tables:
                 self.reclaim_producer(i, w)
 
     def end_producer(self, slot: int, aborted: bool) -> None:
-        r, pl = self.region, L.MP_OFF_PRODUCERS
         if aborted:
-            r.fetch_add_u64(pl + L.MP_ABORTED, 1)
-        r.fetch_add_u64(pl + L.MP_ENDED, 1)     # pairs with mp_ended() in the consumers
-        r.wake(L.OFF_DATA_WAKE)
+            self.region.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_ABORTED, 1)
+        self._done(L.MP_ENDED)
         self.give_back(self.pline(slot))
 
     def leave_producer(self, slot: int) -> None:
-        self.region.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, (1 << 64) - 1)
-        self.region.wake(L.OFF_DATA_WAKE)
+        r = self.region
+        r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, (1 << 64) - 1)
+        r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_STATE, (1 << 64) - 1)     # joined - 1 (it is >= 1: ours)
+        r.wake(L.OFF_DATA_WAKE)
         self.give_back(self.pline(slot))
 
     def skip_abandoned(self, consumer, stuck_since: dict) -> None:
