@@ -354,3 +354,30 @@ def test_wait_sleeps_without_spinning_and_wakes_on_a_send_from_another_process(r
         assert time.monotonic() - t0 < JOIN
         ca.close()
         cb.close()
+
+
+@pytest.mark.parametrize("kind", ["mpsc", "broadcast", "mpmc"])
+def test_reservations_limits_and_skips_on_multi_party_kinds(ring_name, kind):
+    with shmring.Ring.create(ring_name, 1 << 13, kind=kind) as ring, ring.producer() as p, ring.consumer() as c:
+        assert ring.max_message == (1 << 12) - 16
+        with pytest.raises(shmring.MessageTooLarge):
+            p.send(b"x" * (ring.max_message + 1))
+        p.send(b"y" * ring.max_message)                       # the largest fits
+        assert c.recv_bytes(timeout=0) == b"y" * ring.max_message
+        with pytest.raises(RuntimeError):
+            with p.reserve(200) as mv:                      # aborted: a T_SKIP the consumer passes over
+                mv[:3] = b"bad"
+                raise RuntimeError
+        r = p.reserve(300)
+        r.view[:5] = b"short"
+        r._nbytes = 5                                       # commit fewer bytes than reserved
+        r.commit()
+        with p.reserve_array((3,), np.int16) as a:
+            a[:] = [1, 2, 3]
+        assert c.recv_bytes(timeout=0) == b"short"
+        assert np.array_equal(c.recv(timeout=0, copy=True), [1, 2, 3])
+        for i in range(200):                                # wrap a few times
+            p.send(b"%d" % i)
+            assert c.recv_bytes(timeout=0) == b"%d" % i
+        assert c.try_recv() is None
+        assert p.position == ring.stats()["write_pos"] > ring.capacity

@@ -858,7 +858,11 @@ static PyObject *Producer_mark_closed(Producer *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Producer_get_write_pos(Producer *self, void *c) { return PyLong_FromUnsignedLongLong(self->write_pos); }
+static PyObject *Producer_get_write_pos(Producer *self, void *c) {
+    if (is_multi(&self->r) && self->r.has_view)     /* shared by the producers: the claim cursor */
+        return PyLong_FromUnsignedLongLong(load_acquire64(self->r.base + SHMR_OFF_WRITE_POS));
+    return PyLong_FromUnsignedLongLong(self->write_pos);
+}
 static PyObject *Producer_get_reserved(Producer *self, void *c) { return PyBool_FromLong(self->reserved); }
 static PyObject *Region_get_closed(Region *self, void *c) { return PyBool_FromLong(self->closed); }
 
