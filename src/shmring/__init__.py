@@ -11,6 +11,8 @@ from .errors import (CorruptSegmentError, EndOfStream, EscapedViewWarning, Handl
                      IncompatibleSegment, Lagged, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
                      ResourceLimit, RoleTaken, SegmentExists, SegmentNotFound, ShmringError, Timeout,
                      UnsupportedType)
+from .codec import InPlace
+from .pipeline import Pipeline, PipelineError
 from .ring import Consumer, Producer, Reservation, Ring, wait
 from .segment import list_segments, unlink
 from .snapshot import SharedState
@@ -18,7 +20,8 @@ from .snapshot import SharedState
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink", "wait", "Lagged",
+    "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink", "wait", "Lagged", "InPlace",
+    "Pipeline", "PipelineError",
     "SharedState", "Snapshot",
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
     "SegmentExists", "PermissionDenied", "NoSpace", "ResourceLimit", "CorruptSegmentError", "IncompatibleSegment",

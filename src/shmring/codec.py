@@ -98,6 +98,23 @@ class Encoded:
         return n + (L.ARRAY_ALIGN - 1 + self.area_len if self.blocks else 0)
 
 
+class InPlace:
+    """A placeholder for an array that ``Producer.reserve_value`` builds in
+    place: ``reserve_value({"id": 7, "img": InPlace((480, 640), np.uint8)})``."""
+    __slots__ = ("shape", "dtype", "order")
+
+    def __init__(self, shape, dtype, order: str = "C"):
+        self.shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.order = order
+        if any(s < 0 for s in self.shape) or order not in ("C", "F") or self.dtype.hasobject:
+            raise ValueError(f"InPlace needs a non-negative shape, order 'C' or 'F' and a fixed-size dtype; "
+                             f"got {self.shape}, {order!r}, {self.dtype}")
+
+    def __repr__(self):
+        return f"InPlace({self.shape}, {self.dtype})"
+
+
 class _Packer:
     def __init__(self):
         self.blocks: list[tuple] = []
@@ -120,6 +137,8 @@ class _Packer:
     def default(self, obj):
         if isinstance(obj, np.ndarray):
             return msgpack.ExtType(EXT_ARRAY, msgpack.packb(self.array(obj)))
+        if isinstance(obj, InPlace):
+            return msgpack.ExtType(EXT_ARRAY, msgpack.packb(self.descriptor(None, obj.shape, obj.dtype, obj.order)))
         if isinstance(obj, np.generic):
             return obj.item()
         raise UnsupportedType(f"cannot send an object of type {type(obj).__module__}.{type(obj).__qualname__}: "

@@ -567,6 +567,24 @@ class Producer(_core.ProducerCore, _Role):
             raise
         return Reservation(self, views[0], n)
 
+    def reserve_value(self, template, *, timeout=None) -> "Reservation":
+        """Reserve a msgpack value whose :class:`~shmring.InPlace` placeholders
+        are arrays built in place; ``__enter__`` gives the list of those
+        writable arrays, in the order msgpack meets them (dict order)::
+
+            with prod.reserve_value({"seq": 7, "img": shmring.InPlace((480, 640), np.uint8)}) as (img,):
+                camera.read_into(img)
+
+        The same lifetime rules as :meth:`reserve_array`."""
+        enc = codec.encode(template)
+        off = self._reserve_blocking(enc.max_payload, enc.type, timeout)
+        try:
+            n, views = codec.write(self._wmv, off, enc)
+        except BaseException:
+            self._abort()
+            raise
+        return Reservation(self, [v for v, b in zip(views, enc.blocks) if b[0] is None], n)
+
     # -- lifetime ------------------------------------------------------------------
     def close(self, *, _status: int = CLOSED_EOS) -> None:
         """End the stream (spsc, broadcast), or this producer's part of it
@@ -595,6 +613,16 @@ class Producer(_core.ProducerCore, _Role):
             self._tables.leave_producer(self._slot)
         else:
             self._give_back()
+
+    async def send_async(self, data, *, timeout=None) -> None:
+        """``await prod.send_async(data)``: send without blocking the event loop;
+        while the ring is full a worker thread sleeps on the futex until there
+        is room.  Cancelling the await sends nothing."""
+        size = _size_hint(data)
+        await _await_ready(lambda: True if self.try_send(data) else None,
+                           lambda t: self._wait_space(size, t, 0.0), self._consumers_gone, timeout,
+                           lambda: f"ring {self._label} stayed full for {timeout} s",
+                           lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full")
 
     def send_many(self, items, *, timeout=None) -> int:
         """Send every item of an iterable (each as by ``send``); returns the
@@ -651,6 +679,8 @@ class Reservation:
             raise HandleClosed("reservation already committed or aborted")
         self._done = True
         v, self.view = self.view, None
+        for a in (v if isinstance(v, list) else ()):
+            a.flags.writeable = False
         if isinstance(v, np.ndarray):
             v.flags.writeable = False
         elif isinstance(v, memoryview):
@@ -804,6 +834,28 @@ class Consumer(_core.ConsumerCore, _Role):
         except EndOfStream:
             raise StopIteration from None
 
+    # -- asyncio -------------------------------------------------------------------------
+    async def recv_async(self, *, timeout=None, copy: bool = False):
+        """``await cons.recv_async()``: the next message, without blocking the
+        event loop or spinning a core.  Waiting happens in a worker thread that
+        only sleeps on the ring's futex (GIL released) and never takes a
+        message, so cancelling the await (or its timeout) consumes nothing."""
+        return await _await_ready(
+            lambda: self.try_recv() if not copy else _take_copy(self),
+            lambda t: self._wait_data(t, 0.0), self._producers_gone, timeout,
+            lambda: f"no message arrived on {self._label} within {timeout} s",
+            lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
+                        "every message it committed was received")
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await self.recv_async()
+        except EndOfStream:
+            raise StopAsyncIteration from None
+
     def close(self) -> None:
         """Give up the consumer role.  Messages not released yet will be
         delivered again to the next consumer (at-least-once; mpmc: to another
@@ -861,3 +913,47 @@ def wait(readables, timeout=None) -> list:
         if not _core.wait_any(handles, slice_):
             for h in handles:
                 h._producers_gone()
+
+
+def _take_copy(cons):
+    m = cons.try_recv()
+    if m is None:
+        return None
+    with m:
+        return m.copy()
+
+
+def _size_hint(data) -> int:
+    """Payload bytes a value needs (what a wait for room must wait for)."""
+    if isinstance(data, (bytes, bytearray)):
+        return len(data)
+    if isinstance(data, np.ndarray):
+        meta = codec.array_meta(data)
+        if meta is not None:
+            return 8 + len(meta) + 63 + data.nbytes
+    if not isinstance(data, (np.ndarray, np.generic)) and _is_bytes_like(data):
+        return memoryview(data).nbytes
+    return codec.encode(data).max_payload
+
+
+async def _await_ready(attempt, wait, peer_gone, timeout, timeout_msg, gone_msg):
+    """The asyncio twin of ``_Role._retry``: ``attempt()`` on the event loop,
+    ``wait(slice)`` in the default executor (it only sleeps, it never takes
+    anything, so a cancelled await leaves the ring as it was)."""
+    import asyncio
+    loop = asyncio.get_running_loop()
+    deadline = _check_timeout(timeout)
+    while True:
+        r = attempt()
+        if r is not None:
+            return r
+        slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+        if slice_ <= 0 or not await loop.run_in_executor(None, wait, slice_):
+            pid = peer_gone()
+            if pid:
+                r = attempt()
+                if r is not None:
+                    return r
+                raise PeerGone(gone_msg(pid))
+            if slice_ <= 0:
+                raise Timeout(timeout_msg())

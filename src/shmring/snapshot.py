@@ -318,6 +318,22 @@ class SharedState(_core.StateCore, SegmentHandle):
                     raise Timeout(f"no version newer than {than} was published to {self._seg.label} "
                                   f"within {timeout} s")
 
+    async def wait_newer_async(self, than: int = 0, *, timeout=None) -> int:
+        """``await state.wait_newer_async(v)``: :meth:`wait_newer` without
+        blocking the event loop (a worker thread sleeps on the futex, one
+        0.1 s slice at a time, so a cancelled await lets it go at once)."""
+        import asyncio
+        loop = asyncio.get_running_loop()
+        deadline = _check_timeout(timeout)
+        while True:
+            slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
+            try:
+                return await loop.run_in_executor(None, lambda: self.wait_newer(than, timeout=max(slice_, 0)))
+            except Timeout:
+                if slice_ <= 0 or (deadline is not None and time.monotonic() >= deadline):
+                    raise Timeout(f"no version newer than {than} was published to {self._seg.label} "
+                                  f"within {timeout} s") from None
+
     # -- the writer ---------------------------------------------------------------
     def _claim_writer(self) -> None:
         self._live()

@@ -1,0 +1,427 @@
+"""Multi-process pipelines: stages wired by shmring rings, started, watched
+and stopped together.
+
+::
+
+    with shmring.Pipeline("video", capacity=1 << 26) as p:
+        frames = p.source(read_frames)                    # a generator (function) -> ring
+        small = p.map(resize, frames, workers=4)          # work-sharing over 4 processes
+        p.sink(write, small)                              # one consumer
+        summary = p.run(progress=True)                    # live rates and ring fill
+
+Every hop is a ring: one consumer process -> an ``mpsc`` ring, several
+workers -> an ``mpmc`` ring (each item to one worker).  Items travel as
+msgpack ``[seq, value]`` pairs, so arrays (also inside dicts and lists) reach
+the next stage as zero-copy read-only views; a stage function must not keep
+them past its return (copy what it keeps).  ``ordered=True`` on a ``map``
+restores source order after the worker pool (an item that arrives early is
+copied aside until its turn).  A map function returning None drops the item.
+
+Lifecycle: the end of the source's iterator flows downstream as end of
+stream and every process exits; an exception in any stage, a stage process
+that dies (SIGKILL, a segfault) or Ctrl-C stops every process within about a
+second, unlinks every ring, and ``run()`` raises :class:`PipelineError` (with
+the stage name and the remote traceback) or ``KeyboardInterrupt``.  Stage
+processes die with the parent (``PR_SET_PDEATHSIG``).  Processes come from the
+``multiprocess`` package, so stages may be lambdas and closures.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import traceback
+import uuid
+
+import multiprocess
+
+from . import codec
+from .errors import EndOfStream, PeerGone, ShmringError, Timeout
+from .ring import Ring
+
+DEFAULT_CAPACITY = 1 << 24
+
+
+class PipelineError(ShmringError):
+    """A stage raised or died.  ``stage`` names it, ``remote_traceback`` is the
+    stage process's formatted traceback (None if the process was killed)."""
+
+    def __init__(self, message: str, stage: str = "", remote_traceback: str | None = None):
+        super().__init__(message, stage, remote_traceback)
+        self.stage = stage
+        self.remote_traceback = remote_traceback
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class Stream:
+    """The output of a stage: the ring between it and the stage that reads it."""
+
+    def __init__(self, pipeline: "Pipeline", producer: "_Stage", capacity: int):
+        self.pipeline, self.producer, self.capacity = pipeline, producer, capacity
+        self.consumer: _Stage | None = None
+        self.ring: Ring | None = None
+
+    def __repr__(self):
+        return f"<shmring.pipeline.Stream from {self.producer.name}>"
+
+
+class _Stage:
+    def __init__(self, role, name, fn, inp, workers, ordered, out):
+        self.role, self.name, self.fn, self.inp = role, name, fn, inp
+        self.workers, self.ordered, self.out = workers, ordered, out
+        self.output: Stream | None = None
+        self.procs: list = []
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:                                          # it died before prctl
+        os._exit(1)
+
+
+def _inputs(cons, ordered: bool):
+    """The values of a stage's input, in source order if ``ordered`` (items
+    that arrive early are copied aside; in-order ones stay zero-copy).  A None
+    value (a dropped item) is skipped."""
+    early, want = {}, 0
+    for msg in cons:
+        with msg:
+            seq, value = msg.value
+            if not ordered or seq == want:
+                if value is not None:
+                    yield value
+                del value
+                want = seq + 1
+            else:
+                del value
+                early[seq] = msg.copy()[1]
+                continue
+        while want in early:
+            value = early.pop(want)
+            if value is not None:
+                yield value
+            want += 1
+
+
+def _map_one(msg, fn, prod, keep_none: bool, out) -> None:
+    """One item through a map function (a function of its own, so that no
+    view of the message outlives it)."""
+    seq, value = msg.value
+    if value is None:
+        if keep_none:
+            prod.send([seq, None])
+        return
+    if out is not None:                              # built in place in the output ring
+        with prod.reserve_value([seq, codec.InPlace(*out)]) as (arr,):
+            fn(value, arr)
+        return
+    result = fn(value)
+    if result is not None or keep_none:
+        prod.send([seq, result])
+
+
+def _stage_main(stage: _Stage, worker: int, parent: int, errors) -> None:
+    """A stage process: read its input ring, call the function, write its output ring."""
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)        # the parent decides how Ctrl-C ends the run
+    prod = cons = None
+    try:
+        if stage.output is not None:
+            prod = stage.output.ring.producer()
+        if stage.inp is not None:
+            cons = stage.inp.ring.consumer()
+        fn = stage.fn
+        if stage.role == "source":
+            items = fn() if callable(fn) else fn
+            for seq, item in enumerate(items):
+                prod.send([seq, item])
+        elif stage.role == "map":
+            for msg in cons:
+                with msg:
+                    _map_one(msg, fn, prod, stage.ordered, stage.out)
+        else:
+            for value in _inputs(cons, stage.inp.producer.ordered):
+                fn(value)
+                del value
+        if prod is not None:
+            prod.close()
+        if cons is not None:
+            cons.close()
+    except BaseException as e:
+        if prod is not None:
+            prod.close(_status=2)
+        errors.put((stage.name, worker, os.getpid(), f"{type(e).__name__}: {e}", traceback.format_exc()))
+        errors.close()
+        errors.join_thread()                    # the report is in the pipe before we go
+        sys.stdout.flush()
+        os._exit(1)
+
+
+class Pipeline:
+    """A graph of stages (one source, any number of maps, one sink, in a
+    chain), each stage one or more processes, every hop a ring.  A context
+    manager: on exit every process still running is stopped and every ring
+    unlinked, whatever happened."""
+
+    def __init__(self, name: str = "pipeline", *, capacity: int = DEFAULT_CAPACITY,
+                 start_method: str | None = None):
+        self.name = name
+        self.capacity = capacity
+        self._ctx = multiprocess.get_context(start_method)
+        self._stages: list[_Stage] = []
+        self._rings: list[Ring] = []
+        self._ran = False
+
+    # -- building ------------------------------------------------------------
+    def _add(self, role, fn, inp, workers, ordered, out, name, capacity) -> Stream | None:
+        if self._ran:
+            raise ShmringError("this pipeline has already run; build a new one")
+        if inp is not None:
+            if not isinstance(inp, Stream) or inp.pipeline is not self:
+                raise TypeError(f"the input of a {role} must be a Stream of this pipeline, got {inp!r}")
+            if inp.consumer is not None:
+                raise ValueError(f"stream from {inp.producer.name!r} is already read by {inp.consumer.name!r}; "
+                                 "a stream has one reading stage")
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 256:
+            raise ValueError(f"workers must be an int from 1 to 256, got {workers!r}")
+        if not (callable(fn) or (role == "source" and hasattr(fn, "__iter__"))):
+            raise TypeError(f"a {role} needs a function{' or an iterable' if role == 'source' else ''}, got {fn!r}")
+        name = name or f"{role}{len(self._stages)}:{getattr(fn, '__name__', type(fn).__name__)}"
+        if any(s.name == name for s in self._stages):
+            raise ValueError(f"two stages named {name!r}")
+        st = _Stage(role, name, fn, inp, workers, ordered, out)
+        if inp is not None:
+            inp.consumer = st
+        self._stages.append(st)
+        if role != "sink":
+            st.output = Stream(self, st, capacity or self.capacity)
+        return st.output
+
+    def source(self, fn, *, name: str | None = None, capacity: int | None = None) -> Stream:
+        """A source stage: ``fn`` is a generator function (called in the stage
+        process) or an iterable; every item it yields becomes a message."""
+        return self._add("source", fn, None, 1, False, None, name, capacity)
+
+    def map(self, fn, stream: Stream, *, workers: int = 1, ordered: bool = False, out=None,
+            name: str | None = None, capacity: int | None = None) -> Stream:
+        """A transform stage over ``workers`` processes: ``fn(value) -> result``
+        (None drops the item).  ``ordered=True`` delivers results in source
+        order.  ``out=(shape, dtype)`` builds each result in place in the output
+        ring: ``fn(value, out_array)`` fills the writable array and returns None."""
+        if out is not None:
+            shape, dtype = out
+            out = (tuple(shape) if not isinstance(shape, int) else (shape,), dtype)
+        return self._add("map", fn, stream, workers, bool(ordered), out, name, capacity)
+
+    def sink(self, fn, stream: Stream, *, name: str | None = None) -> None:
+        """The final stage: ``fn(value)`` for every item (one process)."""
+        self._add("sink", fn, stream, 1, False, None, name, None)
+
+    # -- running -------------------------------------------------------------
+    def _check_graph(self):
+        roles = [s.role for s in self._stages]
+        if roles.count("source") != 1 or roles.count("sink") != 1:
+            raise ValueError(f"a pipeline needs one source and one sink, got stages {roles}")
+        for s in self._stages:
+            if s.output is not None and s.output.consumer is None:
+                raise ValueError(f"the output of stage {s.name!r} is not read by any stage")
+
+    def _make_rings(self):
+        tag = f"{self.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        for i, s in enumerate(self._stages):
+            if s.output is None:
+                continue
+            readers = s.output.consumer.workers
+            kind = "mpsc" if readers == 1 else "mpmc"
+            ring = Ring.create(f"{tag}-{i}", s.output.capacity, kind=kind, producers=s.workers,
+                               max_producers=max(s.workers, 1),
+                               **({} if kind == "mpsc" else {"max_consumers": readers}))
+            s.output.ring = ring
+            self._rings.append(ring)
+
+    def run(self, *, progress: bool = False, timeout: float | None = None) -> dict:
+        """Start every stage, wait until the sink has seen the end of the
+        stream, and return a summary (per stage: items, seconds, items/s).
+
+        Raises :class:`PipelineError` if a stage raised or died, Timeout after
+        ``timeout`` seconds, and KeyboardInterrupt on Ctrl-C; in every case
+        all stage processes are stopped and every ring is unlinked first."""
+        self._check_graph()
+        self._ran = True
+        self._make_rings()
+        errors = self._ctx.Queue()
+        bars = _Progress(self._stages) if progress else None
+        t0 = time.monotonic()
+        try:
+            for s in self._stages:
+                for w in range(s.workers):
+                    p = self._ctx.Process(target=_stage_main, args=(s, w, os.getpid(), errors),
+                                          name=f"{self.name}:{s.name}:{w}", daemon=True)
+                    p.start()
+                    s.procs.append(p)
+            while True:
+                failure = self._failure(errors)
+                if failure is not None:
+                    raise failure
+                if all(p.exitcode == 0 for s in self._stages for p in s.procs):
+                    break
+                if timeout is not None and time.monotonic() - t0 > timeout:
+                    raise Timeout(f"pipeline {self.name!r} did not finish within {timeout} s")
+                if bars:
+                    bars.update()
+                time.sleep(0.05)
+            summary = self._summary(time.monotonic() - t0)
+            if bars:
+                bars.close(summary)
+            return summary
+        except BaseException:
+            if bars:
+                bars.abandon()
+            self._stop()
+            raise
+        finally:
+            self._stop()
+            errors.close()
+
+    def _failure(self, errors) -> PipelineError | None:
+        """The first failure's root cause, or None.  One failure makes others
+        (a stage whose neighbour died gets PeerGone), so once something failed
+        we collect for a moment and report, in this order: an exception that
+        is not PeerGone, a process killed by a signal, anything else."""
+        def drain(out):
+            while True:
+                try:
+                    out.append(errors.get(timeout=0.01) if out else errors.get_nowait())
+                except Exception:
+                    return out
+
+        def bad_exits():
+            return [(s, w, p) for s in self._stages for w, p in enumerate(s.procs)
+                    if p.exitcode is not None and p.exitcode != 0]
+        reports = drain([])
+        if not reports and not bad_exits():
+            return None
+        time.sleep(0.2)
+        reports = drain(reports)
+        reported = {r[2] for r in reports}
+        killed = [(s, w, p) for s, w, p in bad_exits() if p.pid not in reported]
+        for stage, worker, pid, what, tb in reports:
+            if not what.startswith(("PeerGone", "EndOfStream")):
+                return PipelineError(f"stage {stage!r} (worker {worker}, pid {pid}) raised {what}\n\n"
+                                     f"remote traceback:\n{tb}", stage, tb)
+        for s, w, p in sorted(killed, key=lambda k: k[2].exitcode >= 0):
+            code = p.exitcode
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            return PipelineError(f"stage {s.name!r} (worker {w}, pid {p.pid}) {how}", s.name, None)
+        stage, worker, pid, what, tb = reports[0]
+        return PipelineError(f"stage {stage!r} (worker {worker}, pid {pid}) raised {what}\n\n"
+                             f"remote traceback:\n{tb}", stage, tb)
+
+    def _stop(self) -> None:
+        """Stop every stage process (SIGTERM, then SIGKILL after 0.5 s) and unlink every ring."""
+        procs = [p for s in self._stages for p in s.procs]
+        for p in procs:
+            if p.exitcode is None:
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except (ProcessLookupError, TypeError):
+                    pass
+        deadline = time.monotonic() + 0.5
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.exitcode is None:
+                try:
+                    os.kill(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.join(1.0)
+        for r in self._rings:
+            try:
+                r.close()
+                r.unlink()
+            except ShmringError:
+                pass
+        self._rings = []
+
+    def _summary(self, elapsed: float) -> dict:
+        out = {"elapsed": elapsed, "stages": {}}
+        for s in self._stages:
+            n = _stage_count(s)
+            out["stages"][s.name] = {"workers": s.workers, "items": n, "items_per_s": n / elapsed if elapsed else 0.0}
+        return out
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+
+
+def _stage_count(s: _Stage) -> int:
+    """Items a stage has produced (source, map) or consumed (sink), from ring stats."""
+    try:
+        if s.output is not None and s.output.ring is not None:
+            return s.output.ring.stats()["sent"]
+        if s.inp is not None and s.inp.ring is not None:
+            st = s.inp.ring.stats()
+            return st["consumer"]["received"] if "consumer" in st else sum(c["received"] for c in st["consumers"])
+    except ShmringError:
+        pass
+    return 0
+
+
+class _Progress:
+    """One tqdm bar per stage: items, items/s, bytes/s out and the fill of the ring it reads."""
+
+    def __init__(self, stages):
+        from tqdm import tqdm
+        self.stages = stages
+        self.bars = [tqdm(desc=f"{s.name} x{s.workers}", unit="it", position=i, leave=True, dynamic_ncols=True)
+                     for i, s in enumerate(stages)]
+        self.last = [0] * len(stages)
+        self.t = time.monotonic()
+        self.bytes = [0] * len(stages)
+
+    def update(self):
+        now = time.monotonic()
+        if now - self.t < 0.25:
+            return
+        dt, self.t = now - self.t, now
+        for i, s in enumerate(self.stages):
+            n = _stage_count(s)
+            info = []
+            try:
+                if s.output is not None and s.output.ring is not None:
+                    st = s.output.ring.stats()
+                    b = sum(p["bytes"] for p in st["producers"])
+                    info.append(f"{(b - self.bytes[i]) / dt / 1e6:,.1f} MB/s out")
+                    self.bytes[i] = b
+                if s.inp is not None and s.inp.ring is not None:
+                    info.append(f"in-ring {s.inp.ring.stats()['fill'] * 100:3.0f}% full")
+            except ShmringError:
+                pass
+            self.bars[i].update(n - self.last[i])
+            self.last[i] = n
+            self.bars[i].set_postfix_str(", ".join(info), refresh=False)
+            self.bars[i].refresh()
+
+    def close(self, summary):
+        for i, s in enumerate(self.stages):
+            self.bars[i].update(summary["stages"][s.name]["items"] - self.last[i])
+            self.bars[i].set_postfix_str("done", refresh=True)
+        for b in self.bars:
+            b.close()
+        print(f"pipeline finished in {summary['elapsed']:.2f} s")
+        for name, st in summary["stages"].items():
+            print(f"  {name:30} x{st['workers']:<3} {st['items']:>10,} items  {st['items_per_s']:>12,.0f} items/s")
+
+    def abandon(self):
+        for b in self.bars:
+            b.close()

@@ -1,0 +1,196 @@
+"""shmring.Pipeline: stages in processes, wired by rings.  Every item is
+checked at the sink; failures (an exception, a killed or crashing stage,
+Ctrl-C) end the run quickly and leave no process and no segment behind."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import multiprocess
+import numpy as np
+import pytest
+
+import shmring
+
+N = 3000
+
+
+def items():
+    for i in range(N):
+        yield {"i": i, "img": np.full((16, 16), i % 251, np.uint8)}
+
+
+def segments(prefix):
+    return [f for f in os.listdir("/dev/shm") if f.startswith(f"shmring.{prefix}")]
+
+
+def no_children_left():
+    deadline = time.monotonic() + 5
+    while multiprocess.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not multiprocess.active_children()
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_a_worker_pool_delivers_every_item_exactly_once(start_method, ordered):
+    ctx = multiprocess.get_context(start_method)
+    q = ctx.Queue()
+
+    def half(v):
+        assert not v["img"].flags.writeable                     # a zero-copy view of the ring
+        return {"i": v["i"], "small": v["img"][::2, ::2].copy()}
+
+    def check(v, seen=[]):
+        if not np.array_equal(v["small"], np.full((8, 8), v["i"] % 251, np.uint8)):
+            q.put(("torn", v["i"]))
+        seen.append(v["i"])
+        if len(seen) == N:
+            q.put(("done", seen))
+
+    name = f"pl{os.getpid()}"
+    with shmring.Pipeline(name, capacity=1 << 16, start_method=start_method) as p:
+        small = p.map(half, p.source(items), workers=4, ordered=ordered)
+        p.sink(check, small)
+        summary = p.run(timeout=120)
+    what, seen = q.get(timeout=10)
+    assert what == "done"
+    if ordered:
+        assert seen == list(range(N))
+    else:
+        assert sorted(seen) == list(range(N))
+    assert all(st["items"] == N for st in summary["stages"].values())
+    assert no_children_left() and segments(name) == []
+
+
+def test_in_place_outputs_and_dropped_items():
+    q = multiprocess.Queue()
+
+    def fill(v, out):
+        out[:] = v
+        out[0] = -1
+
+    def sink(v, acc={"n": 0, "sum": 0.0}):
+        acc["n"] += 1
+        acc["sum"] += float(v[1:].sum())
+        if acc["n"] == 500:
+            q.put(acc)
+
+    with shmring.Pipeline(f"pi{os.getpid()}", capacity=1 << 16) as p:
+        evens = p.map(lambda v: v if v[0] % 2 == 0 else None, p.source(np.arange(1000.0).reshape(-1, 1).repeat(4, 1)),
+                      workers=2, ordered=True)
+        p.sink(sink, p.map(fill, evens, out=((4,), np.float64), workers=2))
+        p.run(timeout=60)
+    acc = q.get(timeout=5)
+    assert acc["sum"] == sum(3 * i for i in range(0, 1000, 2))
+
+
+def test_an_exception_in_a_worker_surfaces_with_its_traceback(start_method):
+    name = f"pe{os.getpid()}"
+
+    def boom(v):
+        if v["i"] == 700:
+            raise ZeroDivisionError("worker says no")
+        return v
+
+    t0 = time.monotonic()
+    with pytest.raises(shmring.PipelineError) as ei:
+        with shmring.Pipeline(name, capacity=1 << 16, start_method=start_method) as p:
+            p.sink(lambda v: None, p.map(boom, p.source(items), workers=3, name="boom"))
+            p.run(timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert ei.value.stage == "boom"
+    assert "ZeroDivisionError: worker says no" in str(ei.value)
+    assert "in boom" in ei.value.remote_traceback
+    assert no_children_left() and segments(name) == []
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSEGV"])
+def test_a_stage_that_dies_is_reported(how):
+    name = f"pk{os.getpid()}"
+
+    def die(v):
+        if v["i"] == 300:
+            if how == "SIGKILL":
+                os.kill(os.getpid(), signal.SIGKILL)
+            import ctypes
+            ctypes.string_at(0)                          # a segfault in user code
+        return v
+
+    with pytest.raises(shmring.PipelineError, match=f"killed by {how}") as ei:
+        with shmring.Pipeline(name, capacity=1 << 16) as p:
+            p.sink(lambda v: None, p.map(die, p.source(items), workers=2, name="fragile"))
+            p.run(timeout=60)
+    assert ei.value.stage == "fragile" and ei.value.remote_traceback is None
+    assert no_children_left() and segments(name) == []
+
+
+SCRIPT = textwrap.dedent("""
+    import itertools, os, sys, time
+    import numpy as np, shmring
+
+    def endless():
+        print("PID", os.getpid(), flush=True)
+        for i in itertools.count():
+            yield np.full(1000, i)
+
+    def work(v, said=[]):
+        if not said:
+            said.append(print("PID", os.getpid(), flush=True))
+        time.sleep(0.001)
+        return v
+
+    with shmring.Pipeline(sys.argv[1], capacity=1 << 16) as p:
+        p.sink(work, p.map(work, p.source(endless), workers=2))
+        print("RUNNING", flush=True)
+        try:
+            p.run()
+        except KeyboardInterrupt:
+            print("INTERRUPTED", flush=True)
+            raise
+""")
+
+
+def test_ctrl_c_stops_everything_within_a_second(tmp_path):
+    name = f"pc{os.getpid()}"
+    script = tmp_path / "endless.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids = []
+    while len(pids) < 4:                       # source, 2 workers, sink
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        if line.startswith("PID"):
+            pids.append(int(line.split()[1]))
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    elapsed = time.monotonic() - t0
+    assert "INTERRUPTED" in out and "KeyboardInterrupt" in err
+    assert elapsed < 1.0, elapsed
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert segments(name) == []
+
+
+def test_the_graph_is_checked_before_anything_starts():
+    with shmring.Pipeline("pg") as p:
+        src = p.source(range(3))
+        with pytest.raises(ValueError, match="one source and one sink"):
+            p.run()
+        p.sink(print, src)
+        with pytest.raises(ValueError, match="already read"):
+            p.sink(print, src)
+        with pytest.raises(TypeError, match="Stream"):
+            p.map(abs, [1, 2])
+    with shmring.Pipeline("pg1") as p:
+        with pytest.raises(ValueError, match="workers"):
+            p.map(abs, p.source(range(3)), workers=0)
+    with shmring.Pipeline("pg2") as p:
+        p.source(range(3))
+        p.sink(print, p.source(range(2), name="second"))
+        with pytest.raises(ValueError, match="one source"):
+            p.run()
