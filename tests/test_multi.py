@@ -381,3 +381,23 @@ def test_reservations_limits_and_skips_on_multi_party_kinds(ring_name, kind):
             assert c.recv_bytes(timeout=0) == b"%d" % i
         assert c.try_recv() is None
         assert p.position == ring.stats()["write_pos"] > ring.capacity
+
+
+def test_mpmc_a_message_held_by_a_dead_consumer_arrives_before_the_end_of_stream(ring_name, procs, mp):
+    """The producer has closed and the survivor drains without ever waiting:
+    the end of the stream must still wait for what the dead consumer held."""
+    with shmring.Ring.create(ring_name, 1 << 16, kind="mpmc") as ring:
+        ready = mp.Event()
+        with ring.producer() as p:
+            p.send_many(M.mmsg(1, i) for i in range(50))
+            victim = start(procs, mp, M.take_and_hang, ring, ready, 2)
+            assert ready.wait(JOIN)
+        os.kill(victim.pid, signal.SIGKILL)
+        finish(victim)
+        got = []
+        with ring.consumer() as c:
+            for msg in c:
+                with msg:
+                    got.append(M.identify(msg.value)[1])
+        assert sorted(got) == list(range(50))
+        assert ring.stats()["redelivered"] == 2

@@ -1216,6 +1216,20 @@ static int mpmc_take_requeued(Consumer *c, Rec *out) {
     return 0;
 }
 
+static PyObject *str_eos_ready;
+
+/* mpmc, drained and every producer done: the end of the stream only if no
+ * record in flight is lost with a dead consumer (Python's _eos_ready requeues
+ * what the dead held and says whether anything is still owed).  2 or 0. */
+static int mpmc_end(Consumer *c, uint64_t take) {
+    if (load_acquire64(c->r.base + SHMR_OFF_READ_POS) == take) return 2;
+    PyObject *ok = PyObject_CallMethodNoArgs((PyObject *)c, str_eos_ready);
+    if (!ok) return -1;
+    int t = PyObject_IsTrue(ok);
+    Py_DECREF(ok);
+    return t < 0 ? -1 : t ? 2 : 0;
+}
+
 /* mpmc: take the record at the shared take cursor (CAS), then mark it ours. */
 static int mpmc_peek(Consumer *c, Rec *out) {
     Region *r = &c->r;
@@ -1227,7 +1241,11 @@ static int mpmc_peek(Consumer *c, Rec *out) {
         if (pos & 15) return corrupt(c, "take cursor is not 16-aligned", pos, 0, 0);
         if (!mp_committed(r, pos)) {
             if (load_acquire64(take) != pos) continue;
-            return mp_empty(c, pos);
+            int s = mp_empty(c, pos);
+            if (s != 2) return s;
+            s = mpmc_end(c, pos);
+            if (s == 0 && load_relaxed64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED)) continue;
+            return s;
         }
         uint64_t size = mp_size(r, pos, load_acquire64(r->base + SHMR_OFF_WRITE_POS), &len, &type);
         if (!size) {
@@ -1363,7 +1381,9 @@ static int consumer_ready(Consumer *c) {
     if (load_seqcst64(mp_rec(r, pos)) == (r->key ^ pos)) return 1;    /* pairs with the stamp exchange */
     if (r->kind == SHMR_KIND_MPMC && load_seqcst64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED)) return 1;
     if (r->kind == SHMR_KIND_BROADCAST && (load_seqcst64(c->posword) & SHMR_POS_EVICTED)) return 1;
-    return load_seqcst64(r->base + SHMR_OFF_WRITE_POS) == pos && mp_ended(r);
+    if (load_seqcst64(r->base + SHMR_OFF_WRITE_POS) != pos || !mp_ended(r)) return 0;
+    /* mpmc: with records still in flight the end is decided between wait slices (mpmc_end) */
+    return r->kind != SHMR_KIND_MPMC || load_seqcst64(r->base + SHMR_OFF_READ_POS) == pos;
 }
 
 /* The ring looked empty: poll for up to ~4 us before taking the Python slow
@@ -2518,7 +2538,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     str_recv_wait = PyUnicode_InternFromString("_recv_wait");
     str_recv_copy = PyUnicode_InternFromString("_recv_copy");
     str_lagged = PyUnicode_InternFromString("_lagged");
-    if (!str_lagged) return NULL;
+    str_eos_ready = PyUnicode_InternFromString("_eos_ready");
+    if (!str_lagged || !str_eos_ready) return NULL;
     if (!str_recv_copy || !str_send_obj || !str_try_send_obj || !str_send_wait || !str_recv_wait) return NULL;
     pthread_atfork(NULL, NULL, at_fork_child);
     PyObject *m = PyModule_Create(&coremodule);

@@ -89,6 +89,7 @@ class Tables:
         self.ctab = header["cons_table"]
         self.label = label
         self.evict_after = header["evict_after_ns"] / 1e9
+        self.evicting = header["policy"] == L.POLICIES["evict"]
 
     def pline(self, i: int) -> int:
         return self.ptab + i * L.MP_ENTRY
@@ -272,11 +273,13 @@ class Tables:
             if p != low:
                 lagging.pop(i, None)
                 continue
-            since = lagging.get(i)
-            if since is None or since[0] != p:
-                lagging[i] = (p, now)
-                continue
-            if now - since[1] < self.evict_after or w & L.POS_HOLD:
+            # (since, last seen): held back by it since `since`, continuously
+            # (seen at every policing while blocked), even if it crept forward
+            since, seen = lagging.get(i, (now, now))
+            if now - seen > 0.5:
+                since = now
+            lagging[i] = (since, now)
+            if now - since < self.evict_after or w & L.POS_HOLD:
                 continue
             line = self.cline(i)
             missed = max(0, self.total_sent() - r.load_u64(line + L.CE_BASE) - r.load_u64(line + L.CE_RECEIVED))
@@ -288,26 +291,36 @@ class Tables:
             lagging.pop(i, None)
 
     # -- work-sharing consumers ----------------------------------------------------------
-    def requeue_dead(self, consumer, zero_seen: dict) -> None:
+    def requeue_dead(self, consumer, zero_seen: dict) -> bool:
         """Hand back what dead consumers held, then free their entries; also
-        records taken but never marked (the taker died between its two CASes)."""
+        records taken but never marked (the taker died between its two CASes).
+        True if nothing in flight is owed: every record is released or held
+        by a live consumer."""
         r = self.region
         owners = [r.load_u64(self.cline(i)) for i in range(self.maxc)]
         dead = {i for i, w in enumerate(owners) if w and not _owner_alive(w)}
         now = time.monotonic()
         seen_zero = {}
+        settled = True
         for pos, state in consumer._inflight():
+            if state == L.ST_RELEASED:
+                continue
             if state == 0:
                 first = zero_seen.get(pos, now)
                 seen_zero[pos] = first
                 if now - first >= GRACE:
                     consumer._requeue(pos, 0)
+                settled = False
             elif 1 <= state <= self.maxc and (state - 1 in dead or owners[state - 1] == 0):
                 consumer._requeue(pos, state)
+                settled = False
+            elif state == L.ST_REQUEUED or not 1 <= state <= self.maxc:
+                settled = False
         zero_seen.clear()
         zero_seen.update(seen_zero)
         for i in dead:
             r.cas_u64(self.cline(i) + L.CE_OWNER, owners[i], 0)
+        return settled
 
     def live_consumers(self) -> tuple[int, int]:
         """(live, dead pid or 0) over the consumer table."""

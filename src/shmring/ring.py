@@ -453,7 +453,7 @@ class Producer(_core.ProducerCore, _Role):
             except BaseException:
                 tables.leave_producer(self._slot)
                 raise
-            self._lagging = {}
+            self._lagging, self._policed = {}, 0.0
         else:
             if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
                 raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer; "
@@ -522,8 +522,21 @@ class Producer(_core.ProducerCore, _Role):
 
     def _block(self, attempt, nbytes, timeout):
         """Retry ``attempt`` (None = full) until it succeeds, waiting for room between tries."""
+        wait = lambda t: self._wait_space(nbytes, t, self.spin)            # noqa: E731
+        if self._tables is not None and self._kind == "broadcast" and self._tables.evicting:
+            # a subscriber that releases a little now and then still holds the
+            # producer back: police the table every slice while blocked, even
+            # when each wait ends early with a little room
+            inner = wait
+
+            def wait(t):
+                now = time.monotonic()
+                if now - self._policed >= WAIT_SLICE:
+                    self._policed = now
+                    self._tables.police_subscribers(self._lagging)
+                return inner(t)
         return self._retry(
-            attempt, lambda t: self._wait_space(nbytes, t, self.spin), self._consumers_gone, timeout,
+            attempt, wait, self._consumers_gone, timeout,
             lambda: f"ring {self._label} stayed full for {timeout} s (a {nbytes}-byte message waited for room)",
             lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full; "
                         "unreleased messages stay in the ring for the next consumer")
@@ -778,10 +791,19 @@ class Consumer(_core.ConsumerCore, _Role):
             t.requeue_dead(self, self._zero_seen)
         return 0
 
+    def _eos_ready(self) -> bool:
+        """mpmc, drained, every producer done, records still in flight: hand
+        back what dead consumers held; the end of the stream only if nothing
+        is owed (everything in flight is released or held by a live consumer)."""
+        return self._tables.requeue_dead(self, self._zero_seen)
+
     def _lagged(self):
-        line = self._tables.cline(self._slot)
-        missed = self._region.load_u64(line + L.CE_MISSED)
-        nbytes = self._region.load_u64(line + L.CE_MISSED_BYTES)
+        t, line = self._tables, self._tables.cline(self._slot)
+        # what it missed up to now: sent since it joined, less what it received
+        missed = max(t.total_sent() - self._region.load_u64(line + L.CE_BASE)
+                     - self._region.load_u64(line + L.CE_RECEIVED), self._region.load_u64(line + L.CE_MISSED))
+        nbytes = max(self._region.load_u64(L.MP_OFF_CURSOR) - (self._region.load_u64(line + L.CE_POS) & L.POS_MASK),
+                     self._region.load_u64(line + L.CE_MISSED_BYTES))
         raise Lagged(f"subscriber {self._slot} of {self._label} fell behind for longer than the ring's bound "
                      f"and was evicted: it missed {missed} messages ({nbytes} bytes); call rejoin() to go on",
                      missed, nbytes)
