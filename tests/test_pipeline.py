@@ -194,3 +194,24 @@ def test_the_graph_is_checked_before_anything_starts():
         p.sink(print, p.source(range(2), name="second"))
         with pytest.raises(ValueError, match="one source"):
             p.run()
+
+
+class Totals:
+    """A sink object: called per item in the sink process; finish() goes back to run()."""
+
+    def __init__(self):
+        self.n, self.total = 0, 0
+
+    def __call__(self, v):
+        self.n += 1
+        self.total += int(v)
+
+    def finish(self):
+        return {"n": self.n, "total": self.total}
+
+
+def test_the_sink_result_comes_back_from_run(start_method):
+    with shmring.Pipeline(f"pr{os.getpid()}", capacity=1 << 14, start_method=start_method) as p:
+        p.sink(Totals(), p.map(lambda x: x * 2, p.source(range(1000)), workers=2))
+        summary = p.run(timeout=60)
+    assert summary["result"] == {"n": 1000, "total": 999 * 1000}

@@ -150,6 +150,11 @@ def _stage_main(stage: _Stage, worker: int, parent: int, errors) -> None:
             for value in _inputs(cons, stage.inp.producer.ordered):
                 fn(value)
                 del value
+            finish = getattr(fn, "finish", None)
+            if callable(finish):                     # the sink's result, for run()'s summary
+                errors.put(("result", stage.name, finish()))
+                errors.close()
+                errors.join_thread()
         if prod is not None:
             prod.close()
         if cons is not None:
@@ -157,7 +162,7 @@ def _stage_main(stage: _Stage, worker: int, parent: int, errors) -> None:
     except BaseException as e:
         if prod is not None:
             prod.close(_status=2)
-        errors.put((stage.name, worker, os.getpid(), f"{type(e).__name__}: {e}", traceback.format_exc()))
+        errors.put(("error", stage.name, worker, os.getpid(), f"{type(e).__name__}: {e}", traceback.format_exc()))
         errors.close()
         errors.join_thread()                    # the report is in the pipe before we go
         sys.stdout.flush()
@@ -178,6 +183,7 @@ class Pipeline:
         self._stages: list[_Stage] = []
         self._rings: list[Ring] = []
         self._ran = False
+        self._result = None
 
     # -- building ------------------------------------------------------------
     def _add(self, role, fn, inp, workers, ordered, out, name, capacity) -> Stream | None:
@@ -221,7 +227,9 @@ class Pipeline:
         return self._add("map", fn, stream, workers, bool(ordered), out, name, capacity)
 
     def sink(self, fn, stream: Stream, *, name: str | None = None) -> None:
-        """The final stage: ``fn(value)`` for every item (one process)."""
+        """The final stage: ``fn(value)`` for every item (one process).  If
+        ``fn`` has a ``finish()`` method (e.g. a callable object), its return
+        value (msgpack/pickle-able) comes back as ``run()["result"]``."""
         self._add("sink", fn, stream, 1, False, None, name, None)
 
     # -- running -------------------------------------------------------------
@@ -271,6 +279,7 @@ class Pipeline:
                 if failure is not None:
                     raise failure
                 if all(p.exitcode == 0 for s in self._stages for p in s.procs):
+                    self._failure(errors)                # collects the sink's result, if any
                     break
                 if timeout is not None and time.monotonic() - t0 > timeout:
                     raise Timeout(f"pipeline {self.name!r} did not finish within {timeout} s")
@@ -298,9 +307,13 @@ class Pipeline:
         def drain(out):
             while True:
                 try:
-                    out.append(errors.get(timeout=0.01) if out else errors.get_nowait())
+                    r = errors.get(timeout=0.01) if out else errors.get_nowait()
                 except Exception:
                     return out
+                if r[0] == "result":
+                    self._result = r[2]
+                else:
+                    out.append(r[1:])
 
         def bad_exits():
             return [(s, w, p) for s in self._stages for w, p in enumerate(s.procs)
@@ -351,7 +364,7 @@ class Pipeline:
         self._rings = []
 
     def _summary(self, elapsed: float) -> dict:
-        out = {"elapsed": elapsed, "stages": {}}
+        out = {"elapsed": elapsed, "stages": {}, "result": self._result}
         for s in self._stages:
             n = _stage_count(s)
             out["stages"][s.name] = {"workers": s.workers, "items": n, "items_per_s": n / elapsed if elapsed else 0.0}
