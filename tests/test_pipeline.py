@@ -215,3 +215,29 @@ def test_the_sink_result_comes_back_from_run(start_method):
         p.sink(Totals(), p.map(lambda x: x * 2, p.source(range(1000)), workers=2))
         summary = p.run(timeout=60)
     assert summary["result"] == {"n": 1000, "total": 999 * 1000}
+
+
+def test_stage_processes_die_with_a_killed_parent(tmp_path):
+    """SIGKILL gives the parent no chance to clean up: the stages must not be orphaned."""
+    name = f"pd{os.getpid()}"
+    script = tmp_path / "endless.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pids = []
+        while len(pids) < 4:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            if line.startswith("PID"):
+                pids.append(int(line.split()[1]))
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 5
+        alive = list(pids)
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+            alive = [p for p in alive if shmring._proc.alive(p)]           # zombies count as dead
+        assert not alive
+    finally:
+        for seg in segments(name):                    # the parent could not unlink them
+            shmring.unlink(seg[len("shmring."):], missing_ok=True)
