@@ -8,7 +8,7 @@ import pytest
 
 import shmring
 
-from _procs import JOIN, finish, start
+from _procs import finish, start
 
 
 def produce(ring, n, delay):

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import shmring
-from shmring import layout as L
 
 import _multi_workers as M
 from _procs import JOIN, finish, start

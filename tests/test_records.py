@@ -1,7 +1,6 @@
 """Record rings (Ring.create(..., dtype=...)): batches of fixed-dtype records,
 one copy in, numpy views out; across processes under fork and spawn."""
 import os
-import warnings
 
 import numpy as np
 import pytest

@@ -576,3 +576,19 @@ def test_file_ring_mode_is_respected(tmp_path):
     path = tmp_path / "m.ring"
     with shmring.Ring.create(path=path, capacity=4096, mode=0o640):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+def test_attach_can_wait_for_a_ring_created_later(ring_name):
+    import threading
+    t = threading.Timer(0.3, lambda: shmring.Ring.create(ring_name, 4096).close())
+    t.start()
+    try:
+        with pytest.raises(shmring.SegmentNotFound):
+            shmring.Ring.attach(ring_name, wait=0.05)
+        ring = shmring.Ring.attach(ring_name, wait=10)
+        assert ring.capacity == 4096
+        ring.close()
+    finally:
+        t.join()
+    with pytest.raises(shmring.SegmentNotFound):
+        shmring.SharedState.attach(ring_name + "-state", wait=0.05)

@@ -20,17 +20,6 @@ import shmring
 NAME = "broadcast-example"
 
 
-def attach(name: str, wait: float) -> shmring.Ring:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return shmring.Ring.attach(name)
-        except shmring.SegmentNotFound:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def check(value):
     """(frame number, crc ok, latency in s) of a frame, read in place."""
     return value["frame"], zlib.crc32(value["img"]) == value["crc"], time.time() - value["t"]
@@ -47,7 +36,7 @@ def main(argv=None) -> None:
     frames, bad, gaps, lagged, missed, latency = 0, 0, 0, 0, 0, 0.0
     first = prev = None
     rejoined = False
-    with attach(args.name, args.wait) as ring, ring.subscribe(args.start) as sub:
+    with shmring.Ring.attach(args.name, wait=args.wait) as ring, ring.subscribe(args.start) as sub:
         print(f"viewer {me}: subscribed at the {args.start} frame", flush=True)
         while True:
             try:

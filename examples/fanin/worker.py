@@ -10,7 +10,6 @@ copy in C).  The last message is {"worker": K, "done": count}; leaving the
 ``with`` block closes this worker's part of the stream.
 """
 import argparse
-import time
 import zlib
 
 import numpy as np
@@ -18,17 +17,6 @@ import numpy as np
 import shmring
 
 NAME = "fanin-example"
-
-
-def attach(name: str, wait: float) -> shmring.Ring:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return shmring.Ring.attach(name)
-        except shmring.SegmentNotFound:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def main(argv=None) -> None:
@@ -41,7 +29,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     rng = np.random.default_rng()
     k = args.id
-    with attach(args.name, args.wait) as ring, ring.producer() as prod:
+    with shmring.Ring.attach(args.name, wait=args.wait) as ring, ring.producer() as prod:
         for i in range(args.count):
             data = rng.integers(0, 2**32, int(rng.integers(1, args.size + 1)), dtype=np.uint32)
             crc = zlib.crc32(data)

@@ -6,29 +6,17 @@ Waits up to --wait seconds for the producer to create the ring, then receives
 zero-copy views until the producer closes the stream.
 """
 import argparse
-import time
 
 import shmring
 
 NAME = "stream-example"
 
 
-def attach(wait: float) -> shmring.Ring:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return shmring.Ring.attach(NAME)
-        except shmring.SegmentNotFound:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the producer")
     args = ap.parse_args(argv)
-    ring = attach(args.wait)
+    ring = shmring.Ring.attach(NAME, wait=args.wait)
     frames = bad = 0
     with ring.consumer() as cons:
         print(f"consumer: attached to {NAME!r}")

@@ -17,24 +17,13 @@ import shmring
 NAME = "weights-example"
 
 
-def attach(wait: float) -> shmring.SharedState:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return shmring.SharedState.attach(NAME)
-        except shmring.SegmentNotFound:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=30.0, help="how long to act")
     ap.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the trainer")
     args = ap.parse_args(argv)
     me = os.getpid()
-    with attach(args.wait) as state:
+    with shmring.SharedState.attach(NAME, wait=args.wait) as state:
         state.wait_newer(than=0, timeout=args.wait)
         end = time.monotonic() + args.seconds
         acted, versions, bad, last = 0, 0, 0, 0

@@ -19,17 +19,6 @@ import shmring
 NAME = "workers-example"
 
 
-def attach(name: str, wait: float) -> shmring.Ring:
-    deadline = time.monotonic() + wait
-    while True:
-        try:
-            return shmring.Ring.attach(name)
-        except shmring.SegmentNotFound:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 def work(job, ms: float) -> dict:
     """The job: the sum of squares of an int32 array (read in place, zero-copy)."""
     data = job["data"].astype(np.int64)
@@ -45,7 +34,7 @@ def main(argv=None) -> None:
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the dispatcher / for room")
     args = ap.parse_args(argv)
     me, done = os.getpid(), 0
-    with attach(args.name + ".jobs", args.wait) as jobs, attach(args.name + ".results", args.wait) as results, \
+    with shmring.Ring.attach(args.name + ".jobs", wait=args.wait) as jobs, shmring.Ring.attach(args.name + ".results", wait=args.wait) as results, \
             jobs.consumer() as inbox, results.producer() as outbox:
         print(f"worker {me}: ready", flush=True)
         for msg in inbox:                                 # until the dispatcher closes the job stream

@@ -38,7 +38,7 @@ import uuid
 import multiprocess
 
 from . import codec
-from .errors import EndOfStream, PeerGone, ShmringError, Timeout
+from .errors import ShmringError, Timeout
 from .ring import Ring
 
 DEFAULT_CAPACITY = 1 << 24

@@ -193,16 +193,19 @@ class Ring(SegmentHandle):
             raise
 
     @classmethod
-    def attach(cls, name: str | None = None, *, path=None, allow_foreign_owner: bool = False) -> "Ring":
+    def attach(cls, name: str | None = None, *, path=None, allow_foreign_owner: bool = False,
+               wait: float = 0.0) -> "Ring":
         """Attach to an existing ring by name (or by path for a file-backed ring).
 
+        ``wait``: seconds to wait for a ring that does not exist yet (its
+        creator may start later); then ``SegmentNotFound``.
         A ring file must be a regular file owned by this process's uid, reached
         without following a symbolic link; ``allow_foreign_owner=True`` accepts
         a file owned by another user (e.g. a shared group directory).
         """
         if path is None and name is None:
             raise TypeError("Ring.attach() needs a name or path=")
-        seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner)
+        seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait)
         try:
             _pause("attach")                       # mapped, nothing validated or taken yet
             return cls(seg, validate_header(seg), created=False)
@@ -395,6 +398,15 @@ class _Role:
         # The handle keeps its own Region: it must work after ring.close().
         self._region, self._line, self._owner, self._key = region, line, me, key
 
+    def _claim_then(self, ring: Ring, line: int, role: str, init) -> None:
+        """Take the role, then run ``init()``; give the role back if it fails."""
+        self._claim(ring, line, role)
+        try:
+            init()
+        except BaseException:
+            self._give_back()
+            raise
+
     def _give_back(self) -> None:
         self._region.cas_u64(self._line + L.ROLE_OWNER, self._owner, 0)
         if _live_roles.get(self._key) is self:
@@ -458,12 +470,7 @@ class Producer(_core.ProducerCore, _Role):
             if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
                 raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer; "
                                    "create a new ring for a new stream")
-            self._claim(ring, L.OFF_PROD_ROLE, "producer")
-            try:
-                super().__init__(ring._seg.buf)
-            except BaseException:
-                self._give_back()
-                raise
+            self._claim_then(ring, L.OFF_PROD_ROLE, "producer", lambda: super(Producer, self).__init__(ring._seg.buf))
         self.spin = float(spin)
         self._wmv = memoryview(ring._seg.buf)
         self._label = ring._seg.label
@@ -736,12 +743,7 @@ class Consumer(_core.ConsumerCore, _Role):
         self._kind = ring.kind
         self._stuck_since, self._zero_seen = {}, {}
         if tables is None or self._kind == "mpsc":
-            self._claim(ring, L.OFF_CONS_ROLE, "consumer")
-            try:
-                super().__init__(ring._seg.buf)
-            except BaseException:
-                self._give_back()
-                raise
+            self._claim_then(ring, L.OFF_CONS_ROLE, "consumer", lambda: super(Consumer, self).__init__(ring._seg.buf))
         else:
             reclaim = tables.drop_subscriber if self._kind == "broadcast" else (lambda i, w: False)
             self._slot = tables.take([tables.cline(i) for i in range(tables.maxc)],

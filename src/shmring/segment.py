@@ -170,13 +170,25 @@ class Segment:
     # -- attach -------------------------------------------------------------
     @classmethod
     def open(cls, name: str | None, *, path=None, wait_ready: float = 1.0,
-             allow_foreign_owner: bool = False) -> "Segment":
+             allow_foreign_owner: bool = False, wait: float = 0.0) -> "Segment":
         """Map an existing segment (no validation beyond its size; see validate_header).
 
+        ``wait``: seconds to keep retrying while it does not exist yet.
         A file (``path``) must be a regular file, not a symbolic link, and owned
         by this process's effective uid unless ``allow_foreign_owner`` is true:
         a file another user planted could otherwise feed us data they control.
         """
+        deadline = time.monotonic() + float(wait)
+        while True:
+            try:
+                return cls._open(name, path=path, wait_ready=wait_ready, allow_foreign_owner=allow_foreign_owner)
+            except SegmentNotFound:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.02)
+
+    @classmethod
+    def _open(cls, name, *, path, wait_ready, allow_foreign_owner) -> "Segment":
         if path is None:
             validate_name(name)
         else:

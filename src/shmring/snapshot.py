@@ -240,11 +240,12 @@ class SharedState(_core.StateCore, SegmentHandle):
             raise
 
     @classmethod
-    def attach(cls, name: str | None = None, *, path=None) -> "SharedState":
-        """Attach to an existing shared state by name (or by path)."""
+    def attach(cls, name: str | None = None, *, path=None, wait: float = 0.0) -> "SharedState":
+        """Attach to an existing shared state by name (or by path); ``wait``:
+        seconds to wait for one that does not exist yet."""
         if path is None and name is None:
             raise TypeError("SharedState.attach() needs a name or path=")
-        seg = Segment.open(name, path=path)
+        seg = Segment.open(name, path=path, wait=wait)
         try:
             return cls(seg, _validate_state_header(seg), created=False)
         except BaseException:
