@@ -67,7 +67,9 @@ def test_records_stream_across_processes(ring_name, procs, mp, max_n):
         prod = start(procs, mp, produce_records, ring, n, 3000)
         rep = q.get(timeout=JOIN)
         assert rep["error"] is None, rep["error"]
-        assert rep["got"] == n and rep["wraps"] > 10
+        assert rep["got"] == n
+        if max_n:   # batches of 1000 of 4369 slots cross the end on most laps (whole-ring batches may not)
+            assert rep["wraps"] > 10
         assert finish(prod) == 0 and finish(cons) == 0
         s = ring.stats()
         assert s["write_pos"] == s["read_pos"] == n and s["closed"] == "eos"
