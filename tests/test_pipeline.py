@@ -241,3 +241,46 @@ def test_stage_processes_die_with_a_killed_parent(tmp_path):
     finally:
         for seg in segments(name):                    # the parent could not unlink them
             shmring.unlink(seg[len("shmring."):], missing_ok=True)
+
+
+def test_dropped_items_never_stall_an_ordered_stage_and_capacity_is_checked_early():
+    """An unordered map that drops items, then an ordered one: the placeholder of
+    each dropped item keeps its place, so the sink gets every kept item in order."""
+    with shmring.Pipeline(f"po{os.getpid()}", capacity=1 << 14) as p:
+        odd = p.map(lambda x: x if x % 3 else None, p.source(range(600)), workers=2)
+        sink = Totals()
+        p.sink(sink, p.map(lambda x: x * 10, odd, workers=3, ordered=True))
+        summary = p.run(timeout=60)
+    kept = [x for x in range(600) if x % 3]
+    assert summary["result"] == {"n": len(kept), "total": 10 * sum(kept)}
+    with pytest.raises(ValueError, match="power of two"):
+        shmring.Pipeline("bad", capacity=5000)
+    with pytest.raises(ValueError, match="power of two"):
+        shmring.Pipeline("bad2").source(range(3), capacity=100)
+
+
+def test_async_for_lets_other_tasks_run_while_messages_wait(ring_name):
+    import asyncio
+
+    async def main(ring):
+        with ring.producer() as p:
+            for i in range(2000):
+                p.send(b"%d" % i)
+        turns = 0
+
+        async def other():
+            nonlocal turns
+            while True:
+                turns += 1
+                await asyncio.sleep(0)
+        t = asyncio.create_task(other())
+        n = 0
+        async for msg in ring.consumer():
+            msg.release()
+            n += 1
+        t.cancel()
+        return n, turns
+
+    with shmring.Ring.create(ring_name, 1 << 16) as ring:
+        n, turns = asyncio.run(main(ring))
+    assert n == 2000 and turns >= 2000 // 32 - 1

@@ -14,8 +14,11 @@ workers -> an ``mpmc`` ring (each item to one worker).  Items travel as
 msgpack ``[seq, value]`` pairs, so arrays (also inside dicts and lists) reach
 the next stage as zero-copy read-only views; a stage function must not keep
 them past its return (copy what it keeps).  ``ordered=True`` on a ``map``
-restores source order after the worker pool (an item that arrives early is
-copied aside until its turn).  A map function returning None drops the item.
+delivers its results to the next stage in source order, however many workers
+it has (an item that arrives early is copied aside until its turn); a later
+map with several workers reorders again only if it is ordered too.  A map
+function returning None drops the item (a placeholder keeps its place in the
+order, so nothing waits for it).
 
 Lifecycle: the end of the source's iterator flows downstream as end of
 stream and every process exits; an exception in any stage, a stage process
@@ -38,10 +41,19 @@ import uuid
 import multiprocess
 
 from . import codec
+from . import layout as L
 from .errors import ShmringError, Timeout
 from .ring import Ring
 
 DEFAULT_CAPACITY = 1 << 24
+
+
+def _check_capacity(capacity) -> int:
+    """A ring capacity, checked when the pipeline is built rather than when it runs."""
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < L.MIN_CAPACITY \
+            or capacity > L.MAX_CAPACITY or capacity & (capacity - 1):
+        raise ValueError(f"capacity must be a power of two from {L.MIN_CAPACITY} to {L.MAX_CAPACITY}, got {capacity!r}")
+    return capacity
 
 
 class PipelineError(ShmringError):
@@ -89,7 +101,9 @@ def _die_with_parent(parent: int) -> None:
 def _inputs(cons, ordered: bool):
     """The values of a stage's input, in source order if ``ordered`` (items
     that arrive early are copied aside; in-order ones stay zero-copy).  A None
-    value (a dropped item) is skipped."""
+    value (a dropped item's placeholder) is skipped.  Every map forwards one
+    message per source item, so the sequence has no holes; an item left
+    waiting at the end of the stream is an error, never a silent loss."""
     early, want = {}, 0
     for msg in cons:
         with msg:
@@ -108,23 +122,24 @@ def _inputs(cons, ordered: bool):
             if value is not None:
                 yield value
             want += 1
+    if early:
+        raise ShmringError(f"the stream ended with {len(early)} items waiting for item {want}, which never "
+                           "came: an upstream stage lost it")
 
 
-def _map_one(msg, fn, prod, keep_none: bool, out) -> None:
+def _map_one(msg, fn, prod, out) -> None:
     """One item through a map function (a function of its own, so that no
-    view of the message outlives it)."""
+    view of the message outlives it).  Exactly one message goes out per item:
+    a dropped item (None) is forwarded as a placeholder."""
     seq, value = msg.value
     if value is None:
-        if keep_none:
-            prod.send([seq, None])
+        prod.send([seq, None])
         return
     if out is not None:                              # built in place in the output ring
         with prod.reserve_value([seq, codec.InPlace(*out)]) as (arr,):
             fn(value, arr)
         return
-    result = fn(value)
-    if result is not None or keep_none:
-        prod.send([seq, result])
+    prod.send([seq, fn(value)])
 
 
 def _stage_main(stage: _Stage, worker: int, parent: int, errors) -> None:
@@ -145,7 +160,7 @@ def _stage_main(stage: _Stage, worker: int, parent: int, errors) -> None:
         elif stage.role == "map":
             for msg in cons:
                 with msg:
-                    _map_one(msg, fn, prod, stage.ordered, stage.out)
+                    _map_one(msg, fn, prod, stage.out)
         else:
             for value in _inputs(cons, stage.inp.producer.ordered):
                 fn(value)
@@ -178,7 +193,7 @@ class Pipeline:
     def __init__(self, name: str = "pipeline", *, capacity: int = DEFAULT_CAPACITY,
                  start_method: str | None = None):
         self.name = name
-        self.capacity = capacity
+        self.capacity = _check_capacity(capacity)
         self._ctx = multiprocess.get_context(start_method)
         self._stages: list[_Stage] = []
         self._rings: list[Ring] = []
@@ -207,7 +222,7 @@ class Pipeline:
             inp.consumer = st
         self._stages.append(st)
         if role != "sink":
-            st.output = Stream(self, st, capacity or self.capacity)
+            st.output = Stream(self, st, _check_capacity(capacity) if capacity else self.capacity)
         return st.output
 
     def source(self, fn, *, name: str | None = None, capacity: int | None = None) -> Stream:
@@ -229,7 +244,9 @@ class Pipeline:
     def sink(self, fn, stream: Stream, *, name: str | None = None) -> None:
         """The final stage: ``fn(value)`` for every item (one process).  If
         ``fn`` has a ``finish()`` method (e.g. a callable object), its return
-        value (msgpack/pickle-able) comes back as ``run()["result"]``."""
+        value (picklable) comes back as ``run()["result"]``: ``fn`` runs in
+        the sink process on its own copy, so the parent's object is not
+        updated."""
         self._add("sink", fn, stream, 1, False, None, name, None)
 
     # -- running -------------------------------------------------------------
@@ -256,7 +273,10 @@ class Pipeline:
 
     def run(self, *, progress: bool = False, timeout: float | None = None) -> dict:
         """Start every stage, wait until the sink has seen the end of the
-        stream, and return a summary (per stage: items, seconds, items/s).
+        stream, and return a summary: ``elapsed`` seconds, per stage the
+        items it produced (the sink: consumed) and items/s over the run, and
+        the sink's ``result``.  ``progress=True`` shows a live bar per stage
+        on a terminal (tqdm, on stderr) and prints the summary.
 
         Raises :class:`PipelineError` if a stage raised or died, Timeout after
         ``timeout`` seconds, and KeyboardInterrupt on Ctrl-C; in every case
@@ -265,7 +285,7 @@ class Pipeline:
         self._ran = True
         self._make_rings()
         errors = self._ctx.Queue()
-        bars = _Progress(self._stages) if progress else None
+        bars = _Progress(self._stages) if progress and sys.stderr.isatty() else None
         t0 = time.monotonic()
         try:
             for s in self._stages:
@@ -288,7 +308,9 @@ class Pipeline:
                 time.sleep(0.05)
             summary = self._summary(time.monotonic() - t0)
             if bars:
-                bars.close(summary)
+                bars.close()
+            if progress:
+                _print_summary(summary)
             return summary
         except BaseException:
             if bars:
@@ -390,21 +412,31 @@ def _stage_count(s: _Stage) -> int:
     return 0
 
 
+def _print_summary(summary: dict) -> None:
+    print(f"pipeline finished in {summary['elapsed']:.2f} s")
+    for name, st in summary["stages"].items():
+        print(f"  {name:30} x{st['workers']:<3} {st['items']:>10,} items  {st['items_per_s']:>12,.0f} items/s")
+
+
 class _Progress:
     """One tqdm bar per stage: items, items/s, bytes/s out and the fill of the ring it reads."""
 
     def __init__(self, stages):
         from tqdm import tqdm
         self.stages = stages
-        self.bars = [tqdm(desc=f"{s.name} x{s.workers}", unit="it", position=i, leave=True, dynamic_ncols=True)
+        import shutil
+        # a terminal that reports a size of 0 x 0 (tqdm would then draw nothing): 100 x 20
+        size = shutil.get_terminal_size((100, 20))
+        self.bars = [tqdm(desc=f"{s.name} x{s.workers}", unit="it", position=i, leave=True,
+                          ncols=size.columns, nrows=max(size.lines, len(stages) + 1))
                      for i, s in enumerate(stages)]
         self.last = [0] * len(stages)
         self.t = time.monotonic()
         self.bytes = [0] * len(stages)
 
-    def update(self):
+    def update(self, force: bool = False):
         now = time.monotonic()
-        if now - self.t < 0.25:
+        if now - self.t < 0.25 and not force:
             return
         dt, self.t = now - self.t, now
         for i, s in enumerate(self.stages):
@@ -420,20 +452,14 @@ class _Progress:
                     info.append(f"in-ring {s.inp.ring.stats()['fill'] * 100:3.0f}% full")
             except ShmringError:
                 pass
-            self.bars[i].update(n - self.last[i])
-            self.last[i] = n
+            self.last[i], delta = n, n - self.last[i]
             self.bars[i].set_postfix_str(", ".join(info), refresh=False)
-            self.bars[i].refresh()
+            self.bars[i].update(delta)              # one redraw per tick
 
-    def close(self, summary):
-        for i, s in enumerate(self.stages):
-            self.bars[i].update(summary["stages"][s.name]["items"] - self.last[i])
-            self.bars[i].set_postfix_str("done", refresh=True)
+    def close(self):
+        self.update(force=True)
         for b in self.bars:
             b.close()
-        print(f"pipeline finished in {summary['elapsed']:.2f} s")
-        for name, st in summary["stages"].items():
-            print(f"  {name:30} x{st['workers']:<3} {st['items']:>10,} items  {st['items_per_s']:>12,.0f} items/s")
 
     def abandon(self):
         for b in self.bars:

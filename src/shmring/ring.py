@@ -875,6 +875,13 @@ class Consumer(_core.ConsumerCore, _Role):
         return self
 
     async def __anext__(self):
+        """``async for msg in cons``.  While messages are waiting it yields to
+        the event loop once every 32, so other tasks keep running."""
+        n = getattr(self, "_async_n", 0) + 1
+        self._async_n = n
+        if n % 32 == 0:
+            import asyncio
+            await asyncio.sleep(0)
         try:
             return await self.recv_async()
         except EndOfStream:
