@@ -29,6 +29,16 @@ from .errors import CorruptSegmentError, EndOfStream, EscapedViewWarning, Handle
 
 CLOSED_EOS, CLOSED_ABORTED = 1, 2
 
+_fork_gen = 0           # bumped in every forked child: a handle made before a fork is the parent's
+
+
+def _forked() -> None:
+    global _fork_gen
+    _fork_gen += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
 
 def prepare(dtype, capacity: int) -> tuple[np.dtype, bytes, int]:
     """(dtype, its description, slots) for a new record ring."""
@@ -76,13 +86,13 @@ class _Handle:
         self._arr = np.frombuffer(ring._seg.buf, self.dtype, count=self.slots, offset=L.HEADER_SIZE)
         self.spin = float(spin)
         self._label = ring._seg.label
-        self._pid = os.getpid()
+        self._pid, self._gen = os.getpid(), _fork_gen
         self._closed = False
 
     def _usable(self):
         if self._closed:
             raise HandleClosed(f"this handle of {self._label} is closed")
-        if os.getpid() != self._pid:
+        if self._gen != _fork_gen:
             raise ShmringError("this handle was created before fork(); a forked child must take its own "
                                "handle (ring.producer() / ring.consumer())")
 
@@ -112,6 +122,9 @@ class RecordProducer(_Handle):
         self._region = _core.Region(ring._seg.buf)     # our own: usable after a fork made the ring's stale
         self._setup(ring, spin)
         self._wp, self._rp = self._positions()
+        # copies go through bytes: numpy copies a structured dtype field by field (~15x slower)
+        self._bytes = np.frombuffer(ring._seg.buf, np.uint8, count=self.slots * self.dtype.itemsize,
+                                    offset=L.HEADER_SIZE)
 
     def _as_records(self, records) -> np.ndarray:
         a = records if isinstance(records, np.ndarray) else np.array(records, dtype=self.dtype)
@@ -138,9 +151,16 @@ class RecordProducer(_Handle):
         """Copy a (len <= room) in and publish it."""
         n, o = len(a), self._wp % self.slots
         first = min(n, self.slots - o)
-        self._arr[o:o + first] = a[:first]
-        if first < n:
-            self._arr[:n - first] = a[first:]
+        if a.flags.c_contiguous:
+            isz = self.dtype.itemsize
+            raw = a.view(np.uint8).reshape(-1)
+            self._bytes[o * isz:(o + first) * isz] = raw[:first * isz]
+            if first < n:
+                self._bytes[:(n - first) * isz] = raw[first * isz:]
+        else:
+            self._arr[o:o + first] = a[:first]
+            if first < n:
+                self._arr[:n - first] = a[first:]
         self._wp += n
         self._region.publish_u64(L.OFF_WRITE_POS, self._wp, L.OFF_DATA_WAKE)  # after the copy
 
@@ -190,7 +210,7 @@ class RecordProducer(_Handle):
         self._region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, _status)
         self._region.wake(L.OFF_DATA_WAKE)
         self._closed = True
-        if os.getpid() == self._pid:
+        if self._gen == _fork_gen:
             self._role._give_back()
 
     def __enter__(self):
@@ -377,7 +397,7 @@ class RecordConsumer(_Handle):
         if self._closed:
             return
         self._closed = True
-        if os.getpid() == self._pid:
+        if self._gen == _fork_gen:
             self._role._give_back()
 
     def __enter__(self):
