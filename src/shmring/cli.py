@@ -339,17 +339,34 @@ def cmd_rm(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run
-    return run(seconds=args.seconds, frame_bytes=args.size, capacity=args.capacity)
+    from . import demo
+    other = ("frames", "workers") if args.which == "stream" else ("seconds", "size")
+    wrong = [f"--{o}" for o in other if getattr(args, o) is not None]
+    if wrong:
+        raise ValueError(f"{' and '.join(wrong)}: not an option of the {args.which} demo")
+    opt = lambda v, default: default if v is None else v       # noqa: E731
+    if args.which == "pipeline":
+        return demo.run_pipeline(frames=opt(args.frames, 5000), workers=opt(args.workers, 4),
+                                 capacity=opt(args.capacity, 1 << 24), progress=True)
+    return demo.run(seconds=opt(args.seconds, 3.0), frame_bytes=opt(args.size, 1 << 20),
+                    capacity=opt(args.capacity, 1 << 26))
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="shmring", description="zero-copy IPC rings over shared memory")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    d = sub.add_parser("demo", help="stream arrays between a producer and a consumer process")
-    d.add_argument("--seconds", type=float, default=3.0, help="how long the producer sends (default 3)")
-    d.add_argument("--size", type=_size, default=1 << 20, help="frame size (default 1MiB)")
-    d.add_argument("--capacity", type=_size, default=1 << 26, help="ring capacity, a power of two (default 64MiB)")
+    d = sub.add_parser("demo", help="a self-checking demo: stream (default) or pipeline",
+                       description="stream: a producer process streams arrays to a consumer process. "
+                                   "pipeline: a source, 4 worker processes and a sink (shmring.Pipeline) "
+                                   "blur and check image frames, with live progress bars.")
+    d.add_argument("which", nargs="?", choices=("stream", "pipeline"), default="stream",
+                   help="which demo (default stream)")
+    d.add_argument("--seconds", type=float, help="stream: how long the producer sends (default 3)")
+    d.add_argument("--size", type=_size, help="stream: frame size (default 1MiB)")
+    d.add_argument("--frames", type=int, help="pipeline: frames the source sends (default 5000)")
+    d.add_argument("--workers", type=int, help="pipeline: blur_and_halve worker processes (default 4)")
+    d.add_argument("--capacity", type=_size,
+                   help="ring capacity, a power of two (default: stream 64MiB, pipeline 16MiB per ring)")
     d.set_defaults(func=cmd_demo)
     s = sub.add_parser("ls", help="list shmring segments")
     s.add_argument("--json", action="store_true")

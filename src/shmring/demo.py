@@ -1,11 +1,18 @@
-"""``shmring demo``: a producer and a consumer process stream arrays through a ring.
+"""``shmring demo``: self-checking demos.
 
-The producer builds each frame in place in the ring (``reserve_array``: no
-copy at all), stamps it with its sequence number and fills it with a pattern
-derived from it; the consumer receives zero-copy read-only views, sums every
-frame (so every byte really crosses) and checks the sum.  At the end the
-producer sends a msgpack summary (count and checksum) and closes the stream;
-the consumer compares, prints a summary, and the ring is unlinked.
+``shmring demo`` (``stream``): a producer and a consumer process stream arrays
+through a ring.  The producer builds each frame in place in the ring
+(``reserve_array``: no copy at all), stamps it with its sequence number and
+fills it with a pattern derived from it; the consumer receives zero-copy
+read-only views, sums every frame (so every byte really crosses) and checks
+the sum.  At the end the producer sends a msgpack summary (count and
+checksum) and closes the stream; the consumer compares, prints a summary, and
+the ring is unlinked.
+
+``shmring demo pipeline``: :func:`run_pipeline`, a :class:`shmring.Pipeline`
+source -> ``map(blur_and_halve, workers=4, ordered=True)`` -> sink whose
+answer is known analytically, so the sink checks every frame
+(``examples/pipeline/image_pipeline.py`` is the same code with more flags).
 """
 from __future__ import annotations
 
@@ -16,7 +23,7 @@ import time
 
 import numpy as np
 
-from . import EndOfStream, Ring
+from . import EndOfStream, Pipeline, Ring
 
 PATTERN_MUL = 2654435761
 
@@ -120,6 +127,91 @@ def run(seconds: float = 3.0, frame_bytes: int = 1 << 20, capacity: int = 1 << 2
     print(f"  producer sent {s.get('count', '?'):,} frames; checksums "
           f"{'match' if ok else 'DO NOT MATCH'} (bad frames: {res['bad']}); exit codes producer "
           f"{prod.exitcode}, consumer {cons.exitcode}")
+    print("  OK" if ok else "  FAILED")
+    return 0 if ok else 1
+
+
+# -- shmring demo pipeline ------------------------------------------------------------
+
+FRAME = (240, 320)                                   # float32 frames, 300 KiB each
+SMALL = ((FRAME[0] - 1) // 2, (FRAME[1] - 1) // 2)   # blurred (valid region: -2), every other pixel
+
+
+def ramp_frames(n: int):
+    """The source: frame i is the linear ramp f[y, x] = i + 0.5*x + 0.25*y.
+    A 3x3 box blur leaves a linear ramp unchanged, so the expected output is
+    known without computing it."""
+    y, x = np.mgrid[0:FRAME[0], 0:FRAME[1]]
+    ramp = (0.5 * x + 0.25 * y).astype(np.float32)
+    for i in range(n):
+        yield {"i": i, "img": ramp + np.float32(i)}
+
+
+def blur_and_halve(frame: dict) -> dict:
+    """The map (in each worker): 3x3 box blur (valid region), then every other
+    pixel.  ``frame["img"]`` is a read-only view of the ring; the result is new."""
+    img = frame["img"]
+    rows = img[:-2] + img[1:-1] + img[2:]
+    blur = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / np.float32(9)
+    return {"i": frame["i"], "small": blur[::2, ::2]}
+
+
+class FrameChecker:
+    """The sink: checks every small frame against the analytic answer
+    (blurred ramp at (2v+1, 2u+1): i + u + 0.5*v + 0.75) within a float32
+    tolerance, and that frame numbers arrive strictly in order (``ordered``)
+    or exactly once each.  ``finish()`` (called in the sink process at the
+    end of the stream) returns the counts: ``run()["result"]``."""
+
+    def __init__(self, frames: int, ordered: bool = True, rtol: float = 1e-5):
+        self.n, self.ordered, self.rtol = frames, ordered, rtol
+        v, u = np.mgrid[0:SMALL[0], 0:SMALL[1]]
+        self.ramp = u + 0.5 * v + 0.75               # the answer for frame 0 (float64)
+        self.seen = np.zeros(frames, bool)
+        self.frames = self.bad = self.out_of_order = self.duplicates = 0
+        self.last, self.max_err = -1, 0.0
+
+    def __call__(self, item: dict) -> None:
+        i, small = item["i"], item["small"]          # views: use them here, keep nothing
+        ok = 0 <= i < self.n and small.shape == SMALL and small.dtype == np.float32
+        if ok:
+            want = self.ramp + i
+            err = float(np.max(np.abs(small - want) / want))
+            self.max_err = max(self.max_err, err)
+            ok = err <= self.rtol and not self.seen[i]
+            self.duplicates += bool(self.seen[i])
+            self.seen[i] = True
+        if i != self.last + 1:
+            self.out_of_order += 1
+            ok = ok and not self.ordered
+        self.last = i
+        self.frames += 1
+        self.bad += not ok
+
+    def finish(self) -> dict:
+        return {"frames": self.frames, "bad": self.bad, "missing": int(self.n - self.seen.sum()),
+                "duplicates": self.duplicates, "out_of_order": self.out_of_order, "max_rel_err": self.max_err}
+
+
+def run_pipeline(frames: int = 5000, workers: int = 4, ordered: bool = True, progress: bool = True,
+                 capacity: int = 1 << 24) -> int:
+    """Run the image pipeline; print a summary; return a process exit code
+    (0 = every frame arrived once, correct, and in order if ``ordered``)."""
+    print(f"shmring demo pipeline: {frames:,} {FRAME[0]}x{FRAME[1]} float32 frames -> blur_and_halve "
+          f"x{workers} ({'ordered' if ordered else 'unordered'}) -> a sink that checks every frame; "
+          f"{capacity / 2**20:g} MiB rings", flush=True)
+    with Pipeline("demo-pipeline", capacity=capacity) as p:
+        raw = p.source(lambda: ramp_frames(frames), name="frames")
+        small = p.map(blur_and_halve, raw, workers=workers, ordered=ordered, name="blur_and_halve")
+        p.sink(FrameChecker(frames, ordered), small, name="check")
+        summary = p.run(progress=progress)
+    r, t = summary["result"], summary["elapsed"]
+    print(f"  checked {r['frames']:,} of {frames:,} frames: {r['bad']} bad, {r['missing']} missing, "
+          f"{r['duplicates']} duplicated, {r['out_of_order']} out of order; "
+          f"max relative error {r['max_rel_err']:.1e}")
+    print(f"  {frames / t:,.0f} frames/s ({frames * 4 * FRAME[0] * FRAME[1] / t / 1e6:,.0f} MB/s of input "
+          f"frames) in {t:.2f} s with {workers} worker{'s' if workers > 1 else ''}")
+    ok = r["bad"] == 0 and r["missing"] == 0 and r["frames"] == frames
     print("  OK" if ok else "  FAILED")
     return 0 if ok else 1
 
