@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -226,6 +227,10 @@ def main(argv=None) -> int:
     ap.add_argument("--snapshots", action="store_true",
                     help="also run the SharedState study (python -m bench.snapshot_cases: pin+unpin, publish, "
                          "readers while a writer publishes vs Manager dict and shared_memory+Lock; ~40 s)")
+    ap.add_argument("--multi", action="store_true",
+                    help="also run the multi-party and record rings study (python -m bench.multi_cases: mpsc "
+                         "fan-in, broadcast fan-out, mpmc work-sharing, record batches vs mp.Queue and "
+                         "faster-fifo; ~3 min, ~1 min with --quick)")
     args = ap.parse_args(argv)
 
     cfg = Config(args.quick, args.repeats, args.duration)
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
                 print(f"{w:<16} {t}")
         print(f"(--primitives) {'':<2} python -m bench.primitives: read vs mmap, read+send vs sendfile")
         return 0
-    if not cases and not refs and not args.primitives and not args.snapshots:
+    if not cases and not refs and not args.primitives and not args.snapshots and not args.multi:
         print(f"no case matches {args.only!r} (see --list)", file=sys.stderr)
         return 2
 
@@ -331,6 +336,8 @@ def main(argv=None) -> int:
 
     prim, prim_md = optional_study(args.primitives, "primitives", "Zero-copy primitives study")
     _, snaps_md = optional_study(args.snapshots, "snapshot_cases", "SharedState study")
+    multi, multi_md = optional_study(args.multi, "multi_cases", "Multi-party and record rings study")
+    failures += sum(1 for r in (multi or {}).get("rows", []) if (r.get("error") or "").startswith("FAILED"))
     try:
         run["memory"] = ring_footprint()
     except Exception as e:       # noqa: BLE001
@@ -340,7 +347,7 @@ def main(argv=None) -> int:
     rows = report.finish_rows(report.order_rows(rows))
     head = report.machine_lines(minfo, run)
     md = "\n".join(["\n".join(f"{h}  " for h in head), "", report.table(rows), "", report.LEGEND])
-    for extra in (prim_md, snaps_md):
+    for extra in (prim_md, snaps_md, multi_md):
         if extra is not None:
             md += "\n\n" + extra
     print(md)
@@ -348,6 +355,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md + "\n")
     report.write_json(os.path.join(args.out, "results.json"), minfo, run, rows, primitives=prim)
+    if multi is not None:
+        with open(os.path.join(args.out, "multi.json"), "w") as f:
+            json.dump(multi, f, indent=1, default=float)
     log(report.plot(os.path.join(args.out, "results.png"), rows))
     log(f"results written to {args.out}/ (results.md, results.json); total {run['total_s']:.1f} s")
     return 1 if failures else 0
