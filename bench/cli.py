@@ -227,6 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--snapshots", action="store_true",
                     help="also run the SharedState study (python -m bench.snapshot_cases: pin+unpin, publish, "
                          "readers while a writer publishes vs Manager dict and shared_memory+Lock; ~40 s)")
+    ap.add_argument("--pipeline", action="store_true",
+                    help="also run the pipeline study (python -m bench.pipeline_cases: the image pipeline as "
+                         "shmring.Pipeline, Pool.imap and multiprocessing.Queue stages)")
     ap.add_argument("--multi", action="store_true",
                     help="also run the multi-party and record rings study (python -m bench.multi_cases: mpsc "
                          "fan-in, broadcast fan-out, mpmc work-sharing, record batches vs mp.Queue and "
@@ -254,7 +257,8 @@ def main(argv=None) -> int:
                 print(f"{w:<16} {t}")
         print(f"(--primitives) {'':<2} python -m bench.primitives: read vs mmap, read+send vs sendfile")
         return 0
-    if not cases and not refs and not args.primitives and not args.snapshots and not args.multi:
+    if not cases and not refs and not args.primitives and not args.snapshots and not args.multi \
+            and not args.pipeline:
         print(f"no case matches {args.only!r} (see --list)", file=sys.stderr)
         return 2
 
@@ -337,6 +341,7 @@ def main(argv=None) -> int:
     prim, prim_md = optional_study(args.primitives, "primitives", "Zero-copy primitives study")
     _, snaps_md = optional_study(args.snapshots, "snapshot_cases", "SharedState study")
     multi, multi_md = optional_study(args.multi, "multi_cases", "Multi-party and record rings study")
+    _, pipe_md = optional_study(args.pipeline, "pipeline_cases", "Pipeline study")
     failures += sum(1 for r in (multi or {}).get("rows", []) if (r.get("error") or "").startswith("FAILED"))
     try:
         run["memory"] = ring_footprint()
@@ -347,7 +352,7 @@ def main(argv=None) -> int:
     rows = report.finish_rows(report.order_rows(rows))
     head = report.machine_lines(minfo, run)
     md = "\n".join(["\n".join(f"{h}  " for h in head), "", report.table(rows), "", report.LEGEND])
-    for extra in (prim_md, snaps_md, multi_md):
+    for extra in (prim_md, snaps_md, multi_md, pipe_md):
         if extra is not None:
             md += "\n\n" + extra
     print(md)

@@ -39,6 +39,7 @@ import traceback
 import uuid
 
 import multiprocess
+import multiprocess.connection
 
 from . import codec
 from . import layout as L
@@ -305,7 +306,9 @@ class Pipeline:
                     raise Timeout(f"pipeline {self.name!r} did not finish within {timeout} s")
                 if bars:
                     bars.update()
-                time.sleep(0.05)
+                # sleep until a stage process exits or an error report arrives (at most 50 ms)
+                pending = [p.sentinel for s in self._stages for p in s.procs if p.exitcode is None]
+                multiprocess.connection.wait(pending + [errors._reader], timeout=0.05)
             summary = self._summary(time.monotonic() - t0)
             if bars:
                 bars.close()
