@@ -194,3 +194,14 @@ def measure(case, cfg, log):
                 case.cleanup(res)
             except Exception as e:           # a leak is worth a line, not a crash
                 log(f"    cleanup of {case.key} failed: {e!r}")
+
+
+def write_study(out: str, stem: str, res: dict, md: str) -> None:
+    """Print a study's markdown and write ``stem``.md / ``stem``.json under ``out``."""
+    import json
+    print(md)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.md"), "w") as f:
+        f.write(md + "\n")
+    with open(os.path.join(out, f"{stem}.json"), "w") as f:
+        json.dump(res, f, indent=1, default=float)

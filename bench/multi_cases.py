@@ -65,7 +65,6 @@ contention, not scaling: the table says which rows are oversubscribed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -79,7 +78,7 @@ import numpy as np
 
 from . import report
 from .cases import MASK, U64, msg_pool, pool_sum, uniq
-from .harness import CTX, CaseFailed
+from .harness import CTX, CaseFailed, write_study
 
 MSG_SIZE = 64
 MSG_CAP = 1 << 20
@@ -934,13 +933,7 @@ def main(argv=None) -> int:
         return 0
     res = study(args.quick, log=lambda msg: print(msg, file=sys.stderr, flush=True), repeats=args.repeats,
                 duration=args.duration, pin=not args.no_pin, only=args.only)
-    md = markdown(res)
-    print(md)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "multi.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(args.out, "multi.json"), "w") as f:
-        json.dump(res, f, indent=1, default=float)
+    write_study(args.out, "multi", res, markdown(res))
     print(f"results written to {args.out}/ (multi.md, multi.json); total {res['total_s']:.1f} s", file=sys.stderr)
     return 1 if any(r["error"] and r["error"].startswith("FAILED") for r in res["rows"]) else 0
 

@@ -22,7 +22,6 @@ round whose check fails raises: a broken pipeline cannot look fast.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -33,6 +32,8 @@ import multiprocess
 
 from shmring import Pipeline
 from shmring.demo import FRAME, FrameChecker, blur_and_halve, ramp_frames
+
+from .harness import write_study
 
 CTX = multiprocess.get_context("fork")
 WORKERS = 4
@@ -151,13 +152,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/out", help="writes pipeline.md and pipeline.json here")
     args = ap.parse_args(argv)
     res = study(args.quick, log=lambda m: print(m, file=sys.stderr, flush=True), frames=args.frames)
-    md = markdown(res)
-    print(md)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "pipeline.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(args.out, "pipeline.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_study(args.out, "pipeline", res, markdown(res))
     return 0
 
 

@@ -34,7 +34,6 @@ contention, not scaling.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import platform
@@ -47,6 +46,8 @@ from multiprocessing import shared_memory
 import numpy as np
 
 import shmring
+
+from .harness import write_study
 
 CTX = mp.get_context("fork")
 KiB, MiB = 1 << 10, 1 << 20
@@ -335,13 +336,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/out", help="writes snapshots.md and snapshots.json here")
     args = ap.parse_args(argv)
     res = study(args.quick, log=lambda m: print(m, file=sys.stderr, flush=True), seconds=args.seconds)
-    md = markdown(res)
-    print(md)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "snapshots.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(args.out, "snapshots.json"), "w") as f:
-        json.dump(res, f, indent=1)
+    write_study(args.out, "snapshots", res, markdown(res))
     return 0
 
 

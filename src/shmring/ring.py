@@ -510,16 +510,23 @@ class Producer(_core.ProducerCore, _Role):
 
     # -- reserve / commit --------------------------------------------------------
     def _write(self, enc: codec.Encoded, timeout, blocking=True):
+        written = self._reserve_written(enc, timeout, blocking)
+        if written is None:
+            return False
+        self._commit(written[0])
+        return True
+
+    def _reserve_written(self, enc: codec.Encoded, timeout, blocking=True):
+        """Reserve room for ``enc`` and lay it out (arrays copied in, placeholders
+        left to fill): (payload length, array views), or None if full and not blocking."""
         off = self._reserve_blocking(enc.max_payload, enc.type, timeout, blocking)
         if off is None:
-            return False
+            return None
         try:
-            n, _ = codec.write(self._wmv, off, enc)
+            return codec.write(self._wmv, off, enc)
         except BaseException:
             self._abort()
             raise
-        self._commit(n)
-        return True
 
     def _reserve_blocking(self, nbytes, type_, timeout, blocking=True):
         off = self._reserve(nbytes, type_)
@@ -578,13 +585,7 @@ class Producer(_core.ProducerCore, _Role):
         writing through it after commit would change a message the consumer
         may be reading); on an exception it is aborted and nothing is sent.
         """
-        enc = codec.array_encoding(shape, dtype, order)
-        off = self._reserve_blocking(enc.max_payload, enc.type, timeout)
-        try:
-            n, views = codec.write(self._wmv, off, enc)
-        except BaseException:
-            self._abort()
-            raise
+        n, views = self._reserve_written(codec.array_encoding(shape, dtype, order), timeout)
         return Reservation(self, views[0], n)
 
     def reserve_value(self, template, *, timeout=None) -> "Reservation":
@@ -597,12 +598,7 @@ class Producer(_core.ProducerCore, _Role):
 
         The same lifetime rules as :meth:`reserve_array`."""
         enc = codec.encode(template)
-        off = self._reserve_blocking(enc.max_payload, enc.type, timeout)
-        try:
-            n, views = codec.write(self._wmv, off, enc)
-        except BaseException:
-            self._abort()
-            raise
+        n, views = self._reserve_written(enc, timeout)
         return Reservation(self, [v for v, b in zip(views, enc.blocks) if b[0] is None], n)
 
     # -- lifetime ------------------------------------------------------------------
