@@ -953,7 +953,10 @@ static int Consumer_init(Consumer *self, PyObject *args, PyObject *kw) {
         self->posword = self->entry + SHMR_CE_POS;
         rp = load_acquire64(self->posword);
         if (rp & (SHMR_POS_HOLD | SHMR_POS_EVICTED)) {
-            PyErr_Format(PyExc_RuntimeError, "subscriber entry %d has not joined (pos word %#llx)", r->slot, (unsigned long long)rp);
+            char msg[120];
+            snprintf(msg, sizeof msg, "subscriber entry %d holds position word %#llx, not a joined position",
+                     r->slot, (unsigned long long)rp);
+            PyErr_SetString(CorruptSegmentError, msg);
             return -1;
         }
     }
@@ -995,8 +998,10 @@ static int bc_hold(Consumer *c) {
     if (cas64(c->posword, c->read_pos, c->read_pos | SHMR_POS_HOLD)) { c->holding = 1; return 0; }
     uint64_t w = load_seqcst64(c->posword);
     if (w & SHMR_POS_EVICTED) return 3;
-    PyErr_Format(CorruptSegmentError, "subscriber position word %#llx, expected %#llx",
-                 (unsigned long long)w, (unsigned long long)c->read_pos);
+    char msg[120];
+    snprintf(msg, sizeof msg, "subscriber position word %#llx, expected %#llx",
+             (unsigned long long)w, (unsigned long long)c->read_pos);
+    PyErr_SetString(CorruptSegmentError, msg);
     return -1;
 }
 
@@ -1243,8 +1248,9 @@ static int mpmc_peek(Consumer *c, Rec *out) {
             if (load_acquire64(take) != pos) continue;
             int s = mp_empty(c, pos);
             if (s != 2) return s;
-            s = mpmc_end(c, pos);
-            if (s == 0 && load_relaxed64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED)) continue;
+            s = mpmc_end(c, pos);              /* may have requeued what dead consumers held: take it */
+            if (s == 0 && load_relaxed64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED) &&
+                mpmc_take_requeued(c, out)) return 1;
             return s;
         }
         uint64_t size = mp_size(r, pos, load_acquire64(r->base + SHMR_OFF_WRITE_POS), &len, &type);
@@ -1594,6 +1600,11 @@ static PyObject *Consumer_reset(Consumer *self, PyObject *arg) {
     unsigned long long pos = PyLong_AsUnsignedLongLong(arg); if (PyErr_Occurred()) return NULL;
     if (self->qlen || self->next_pos != self->read_pos) {
         PyErr_SetString(ShmringError, "release every message first");
+        return NULL;
+    }
+    uint64_t cur = load_acquire64(self->r.base + SHMR_OFF_WRITE_POS);   /* the position came from the segment */
+    if ((pos & (self->r.hdr - 1)) || pos > cur || cur - pos > self->r.capacity) {
+        corrupt(self, "re-join position out of range", pos, cur, self->r.capacity);
         return NULL;
     }
     self->read_pos = self->next_pos = pos;

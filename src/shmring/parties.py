@@ -89,6 +89,7 @@ class Tables:
         self.ctab = header["cons_table"]
         self.label = label
         self.evict_after = header["evict_after_ns"] / 1e9
+        self.capacity = header["capacity"]
         self.evicting = header["policy"] == L.POLICIES["evict"]
 
     def pline(self, i: int) -> int:
@@ -228,20 +229,26 @@ class Tables:
         r, line = self.region, self.cline(slot)
         while True:
             t = r.load_u64(L.MP_OFF_RELEASE)
+            self._check_position(t, "oldest-intact position")
             r.store_u64(line + L.CE_POS, t)
             if r.load_u64(L.MP_OFF_RELEASE) == t:
                 break
         pos = t
         if start == "newest":
             newest = r.load_u64(L.MP_OFF_NEWEST)
-            cursor = r.load_u64(L.MP_OFF_CURSOR)
-            if t <= newest < cursor:
-                pos = newest
-            elif newest < t:
-                pos = t
+            if t <= newest < r.load_u64(L.MP_OFF_CURSOR):
+                pos = self._check_position(newest, "newest-record position")
             r.store_u64(line + L.CE_POS, pos)
         r.store_u64(line + L.CE_BASE, self.total_sent())
         r.store_u64(line + L.CE_RECEIVED, 0)
+        return pos
+
+    def _check_position(self, pos: int, what: str) -> int:
+        """A position read from the segment: 16-aligned, within a capacity behind the cursor."""
+        cursor = self.region.load_u64(L.MP_OFF_CURSOR)
+        if pos % L.MREC_ALIGN or pos > cursor or cursor - pos > self.capacity:
+            raise CorruptSegmentError(f"{self.label}: {what} {pos:#x} is not a record position "
+                                      f"(claim cursor {cursor:#x}, capacity {self.capacity})")
         return pos
 
     def total_sent(self) -> int:
@@ -314,8 +321,11 @@ class Tables:
             elif 1 <= state <= self.maxc and (state - 1 in dead or owners[state - 1] == 0):
                 consumer._requeue(pos, state)
                 settled = False
-            elif state == L.ST_REQUEUED or not 1 <= state <= self.maxc:
+            elif state == L.ST_REQUEUED:
                 settled = False
+            elif not 1 <= state <= self.maxc:
+                raise CorruptSegmentError(f"{self.label}: record at {pos:#x} has state {state:#x} "
+                                          f"(expected 0, 1..{self.maxc}, 0xfffe or 0xffff)")
         zero_seen.clear()
         zero_seen.update(seen_zero)
         for i in dead:

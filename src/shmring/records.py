@@ -331,6 +331,8 @@ class RecordConsumer(_Handle):
         n = self._available()
         if n == 0:
             how = self._region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED)
+            if how not in (0, CLOSED_EOS, CLOSED_ABORTED):
+                raise CorruptSegmentError(f"{self._label}: producer status word is {how} (expected 0, 1 or 2)")
             if how and self._available() == 0:
                 if how == CLOSED_EOS:
                     raise EndOfStream(f"end of stream: the producer closed {self._label}")
