@@ -7,7 +7,7 @@ wrap, with a padding record and T_SKIP records (aborted reservations, and the
 unused tail of every encoded message's reservation) among them; broadcast:
 subscribers kept behind and one that read part of it; mpmc: records taken and
 released out of order, one consumer still holding records, and records
-requeued (state 0xfffe) by a consumer that closed while holding them.
+requeued (state 0xfffe), as recovery does with what a dead consumer held.
 ``eos`` picks whether the producers closed the stream or only left it.
 
 A *mutation* overwrites bytes in one region of a copy (see :func:`regions`),
@@ -154,8 +154,10 @@ def build_snapshot(kind: str, eos: bool = True, seed: int = 5) -> bytes:
                 ms = [a.recv(timeout=0) for _ in range(3)]
                 ms[1].release()                                 # out of order: the release word stays at ms[0]
                 held += [a, ms[0], ms[2]]                       # a live consumer holding two
-                for _ in range(2):                              # b takes two, then closes holding them: requeued
-                    held.append(b.recv(timeout=0))
+                for _ in range(2):                              # b takes two and hands them back: requeued
+                    m = b.recv(timeout=0)
+                    b._requeue(m.position, b._slot + 1)         # (what recovery does for a dead holder)
+                    held.append(m)
                 b.close()
             else:
                 cons[0].close()

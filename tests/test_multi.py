@@ -252,18 +252,34 @@ def test_a_subscriber_that_left_no_longer_gates_the_producer(ring_name):
             assert p.try_send(b"x" * 100)           # nobody to wait for
 
 
-def test_mpmc_close_hands_back_held_messages(ring_name):
+def test_a_closed_mpmc_consumer_keeps_what_it_holds_until_released(ring_name):
     with shmring.Ring.create(ring_name, 1 << 14, kind="mpmc") as ring, ring.producer() as p:
         a, b = ring.consumer(), ring.consumer()
         p.send_many([b"one", b"two"])
         m = a.recv(timeout=0)
         a.close()
-        got = sorted(b.recv_bytes(timeout=0) for _ in range(2))
-        assert got == [b"one", b"two"]
-        m.release()
+        assert a.closed and bytes(m.value) == b"one"          # still ours: nobody else gets it
+        assert b.recv_bytes(timeout=0) == b"two"
         assert b.try_recv() is None
-        assert ring.stats()["redelivered"] == 1
+        assert sum(c["pid"] is not None for c in ring.stats()["consumers"]) == 2
+        m.release()                                            # the last release gives the entry back
+        assert sum(c["pid"] is not None for c in ring.stats()["consumers"]) == 1
+        assert ring.stats()["redelivered"] == 0 and ring.stats()["used"] == 0
         b.close()
+
+
+def test_a_closed_subscriber_holds_the_producer_back_until_its_messages_are_released(ring_name):
+    with shmring.Ring.create(ring_name, 1 << 12, kind="broadcast") as ring, ring.producer() as p:
+        s = ring.subscribe()
+        p.send(b"keep" * 10)
+        m = s.recv(timeout=0)
+        s.close()
+        while p.try_send(b"x" * 100):
+            pass
+        assert bytes(m.value) == b"keep" * 10                  # not overwritten
+        m.release()
+        for _ in range(200):
+            assert p.try_send(b"x" * 100)                      # nobody to wait for any more
 
 
 def test_the_stream_of_an_mpsc_ring_ends_after_every_producer_closed(ring_name):

@@ -919,6 +919,7 @@ typedef struct {
     char *recvword;         /* shared "received" counter of this role, or NULL */
     int holding;            /* broadcast, evict policy: our pos word carries HOLD */
     uint64_t nheld;         /* mpmc: messages taken and not released */
+    int leave_pending;      /* broadcast / mpmc closed while holding messages: leave the table once they are released */
 } Consumer;
 
 typedef struct {
@@ -1012,16 +1013,30 @@ static void bc_unhold_if_idle(Consumer *c) {
 }
 
 static void mpmc_reclaim(Consumer *c);
+static PyObject *str_leave_table;
+
+/* A broadcast subscriber or mpmc consumer closed while it held messages kept
+ * its table entry (its position gates the producer; its records stay taken),
+ * so nothing it can still see is overwritten; the last release leaves. */
+static int consumer_leave_if_done(Consumer *c) {
+    if (!c->leave_pending || c->nheld || c->qlen || c->next_pos != c->read_pos) return 0;
+    c->leave_pending = 0;
+    c->detached = 1;
+    PyObject *r = PyObject_CallMethodNoArgs((PyObject *)c, str_leave_table);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
 
 /* Record [start, end) is finished with. */
 static int consumer_finish(Consumer *c, uint64_t start, uint64_t end) {
     if (c->r.kind == SHMR_KIND_MPMC) {
         char *h = c->r.data + (start & c->r.mask);
         /* only if it is still ours (a recovery that wrongly took us for dead may have requeued it) */
-        cas16(h + 14, (uint16_t)(c->r.slot + 1), SHMR_ST_RELEASED);
+        if (!c->detached) cas16(h + 14, (uint16_t)(c->r.slot + 1), SHMR_ST_RELEASED);
         c->nheld--;
         if (!c->detached) mpmc_reclaim(c);
-        return 0;
+        return consumer_leave_if_done(c);
     }
     size_t i;
     for (i = 0; i < c->qlen; i++) {
@@ -1037,7 +1052,7 @@ static int consumer_finish(Consumer *c, uint64_t start, uint64_t end) {
     }
     if (rp != c->read_pos) consumer_store_read(c, rp);
     bc_unhold_if_idle(c);
-    return 0;
+    return consumer_leave_if_done(c);
 }
 
 static int consumer_track(Consumer *c, uint64_t start, uint64_t end, int done) {
@@ -1618,6 +1633,18 @@ static PyObject *Consumer_mark_closed(Consumer *self, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* _close_later() -> bool: closed now if nothing is held (False); else the
+ * handle is closed for receiving and leaves the table at the last release (True). */
+static PyObject *Consumer_close_later(Consumer *self, PyObject *unused) {
+    self->r.closed = 1;
+    if (self->nheld || self->qlen || self->next_pos != self->read_pos) {
+        self->leave_pending = 1;
+        Py_RETURN_TRUE;
+    }
+    self->detached = 1;
+    Py_RETURN_FALSE;
+}
+
 static PyObject *Consumer_get_pending(Consumer *self, void *c) {
     /* messages handed out and not released yet (tracked or the single untracked one) */
     if (self->r.kind == SHMR_KIND_MPMC) return PyLong_FromUnsignedLongLong(self->nheld);
@@ -1646,6 +1673,7 @@ static PyMethodDef Consumer_methods[] = {
     {"_requeue", (PyCFunction)(void (*)(void))Consumer_requeue, METH_FASTCALL, NULL},
     {"_reset", (PyCFunction)Consumer_reset, METH_O, NULL},
     {"_mark_closed", (PyCFunction)Consumer_mark_closed, METH_NOARGS, NULL},
+    {"_close_later", (PyCFunction)Consumer_close_later, METH_NOARGS, NULL},
     {NULL}
 };
 static PyGetSetDef Consumer_getset[] = {
@@ -2550,6 +2578,8 @@ PyMODINIT_FUNC PyInit__core(void) {
     str_recv_copy = PyUnicode_InternFromString("_recv_copy");
     str_lagged = PyUnicode_InternFromString("_lagged");
     str_eos_ready = PyUnicode_InternFromString("_eos_ready");
+    str_leave_table = PyUnicode_InternFromString("_leave_table");
+    if (!str_leave_table) return NULL;
     if (!str_lagged || !str_eos_ready) return NULL;
     if (!str_recv_copy || !str_send_obj || !str_try_send_obj || !str_send_wait || !str_recv_wait) return NULL;
     pthread_atfork(NULL, NULL, at_fork_child);

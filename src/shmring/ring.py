@@ -884,21 +884,22 @@ class Consumer(_core.ConsumerCore, _Role):
             raise StopAsyncIteration from None
 
     def close(self) -> None:
-        """Give up the consumer role.  Messages not released yet will be
-        delivered again to the next consumer (at-least-once; mpmc: to another
-        consumer).  Idempotent."""
+        """Give up the consumer role.  spsc / mpsc: messages not released yet
+        will be delivered again to the next consumer (at-least-once).
+        broadcast / mpmc: messages still held stay valid and this handle
+        leaves the table when the last of them is released.  Idempotent."""
         if self.closed:
             return
         if self._tables is None or self._kind == "mpsc":
             self._mark_closed()
             self._give_back()
             return
-        if self._kind == "mpmc":
-            for pos, state in self._inflight():
-                if state == self._slot + 1:
-                    self._requeue(pos, state)
-        self._mark_closed()
-        self._leave_table()
+        # Messages still held keep their space (broadcast: our position gates
+        # the producer; mpmc: the records stay ours) until they are released:
+        # then the entry is given back.  A holder that dies instead is
+        # recovered as dead (mpmc: its records are redelivered).
+        if not self._close_later():
+            self._leave_table()
 
     def __enter__(self) -> "Consumer":
         return self
