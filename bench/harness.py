@@ -110,28 +110,7 @@ class Pair:
         self._collect("ready", READY_TIMEOUT)
 
     def _collect(self, want, timeout):
-        deadline = time.monotonic() + timeout
-        got = [None, None]
-        pending = {0, 1}
-        while pending:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise CaseFailed(f"timeout: no '{want}' from side(s) "
-                                 f"{', '.join('ab'[i] for i in sorted(pending))} within {timeout:.0f} s")
-            ready = mp_wait([self.conns[i] for i in pending], timeout=left)
-            for c in ready:
-                i = self.conns.index(c)
-                try:
-                    kind, payload = c.recv()
-                except (EOFError, OSError):
-                    raise CaseFailed(f"side {'ab'[i]} died (exit code {self.procs[i].exitcode})") from None
-                if kind == "error":
-                    raise CaseFailed(payload.strip())
-                if kind != want:
-                    raise CaseFailed(f"side {'ab'[i]} sent {kind!r}, expected {want!r}")
-                got[i] = payload
-                pending.discard(i)
-        return got
+        return collect(self.conns, self.procs, want, timeout)
 
     def round(self, n, timeout):
         for c in self.conns:
@@ -205,3 +184,29 @@ def write_study(out: str, stem: str, res: dict, md: str) -> None:
         f.write(md + "\n")
     with open(os.path.join(out, f"{stem}.json"), "w") as f:
         json.dump(res, f, indent=1, default=float)
+
+
+def collect(conns, procs, want, timeout):
+    """One ``(want, payload)`` reply from every child (conns[i] belongs to procs[i]),
+    in order; a child's error report, death, wrong reply or silence is CaseFailed."""
+    deadline = time.monotonic() + timeout
+    got = [None] * len(conns)
+    pending = set(range(len(conns)))
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise CaseFailed(f"timeout: no '{want}' from {', '.join(procs[i].name for i in sorted(pending))} "
+                             f"within {timeout:.0f} s")
+        for c in mp_wait([conns[i] for i in pending], timeout=left):
+            i = conns.index(c)
+            try:
+                kind, payload = c.recv()
+            except (EOFError, OSError):
+                raise CaseFailed(f"{procs[i].name} died (exit code {procs[i].exitcode})") from None
+            if kind == "error":
+                raise CaseFailed(payload.strip())
+            if kind != want:
+                raise CaseFailed(f"{procs[i].name} sent {kind!r}, expected {want!r}")
+            got[i] = payload
+            pending.discard(i)
+    return got

@@ -72,13 +72,12 @@ import statistics
 import sys
 import time
 import traceback
-from multiprocessing.connection import wait as mp_wait
 
 import numpy as np
 
 from . import report
 from .cases import MASK, U64, msg_pool, pool_sum, uniq
-from .harness import CTX, CaseFailed, write_study
+from .harness import CTX, CaseFailed, collect, write_study
 
 MSG_SIZE = 64
 MSG_CAP = 1 << 20
@@ -642,30 +641,6 @@ def _kill(procs):
         p.join(5)
 
 
-def _collect(conns, procs, want, timeout):
-    deadline = time.monotonic() + timeout
-    got = [None] * len(conns)
-    pending = set(range(len(conns)))
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise CaseFailed(f"timeout: no '{want}' from {', '.join(procs[i].name for i in sorted(pending))} "
-                             f"within {timeout:.0f} s")
-        for c in mp_wait([conns[i] for i in pending], timeout=left):
-            i = conns.index(c)
-            try:
-                kind, payload = c.recv()
-            except (EOFError, OSError):
-                raise CaseFailed(f"{procs[i].name} died (exit code {procs[i].exitcode})") from None
-            if kind == "error":
-                raise CaseFailed(payload.strip())
-            if kind != want:
-                raise CaseFailed(f"{procs[i].name} sent {kind!r}, expected {want!r}")
-            got[i] = payload
-            pending.discard(i)
-    return got
-
-
 def run_round(case, n, st, timeout):
     """One round in fresh processes: (elapsed s, metrics, details)."""
     res = case.setup(n)
@@ -684,9 +659,9 @@ def run_round(case, n, st, timeout):
         for r, w in pipes:
             w.close()
         conns = [r for r, _ in pipes]
-        _collect(conns, procs, "ready", READY_TIMEOUT)
+        collect(conns, procs, "ready", READY_TIMEOUT)
         go.set()
-        outs = _collect(conns, procs, "result", timeout)
+        outs = collect(conns, procs, "result", timeout)
         for p in procs:
             p.join(JOIN_TIMEOUT)
         return case.evaluate(outs, n)

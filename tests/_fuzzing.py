@@ -29,6 +29,20 @@ class Disallowed(AssertionError):
     pass
 
 
+def send_mixed(p, rng, i: int) -> None:
+    """Message ``i`` of a snapshot: bytes, an array, an object with arrays, or a plain object."""
+    k = i % 4
+    if k == 0:
+        p.send(rng.randbytes(rng.randrange(0, 200)))
+    elif k == 1:
+        p.send(np.arange(rng.randrange(0, 30), dtype=rng.choice(["<i4", ">f8", "u1", "<c8"])))
+    elif k == 2:
+        p.send({"i": i, "s": "x" * rng.randrange(10), "a": np.ones((2, rng.randrange(3)), ">i2"),
+                "r": np.zeros(3, [("a", "<i4"), ("b", "S2")])})
+    else:
+        p.send([i, b"b" * rng.randrange(50), {"k": None, 7: [1.5]}])
+
+
 def build_snapshot(eos: bool = True, seed: int = 5) -> bytes:
     """Bytes of a ring with ~25 pending messages of every kind around a wrap."""
     rng = random.Random(seed)
@@ -42,16 +56,7 @@ def build_snapshot(eos: bool = True, seed: int = 5) -> bytes:
                 i += 1
                 while p.position - c.position > CAP - 1024:
                     c.recv().release()
-                k = i % 4
-                if k == 0:
-                    p.send(rng.randbytes(rng.randrange(0, 200)))
-                elif k == 1:
-                    p.send(np.arange(rng.randrange(0, 30), dtype=rng.choice(["<i4", ">f8", "u1", "<c8"])))
-                elif k == 2:
-                    p.send({"i": i, "s": "x" * rng.randrange(10), "a": np.ones((2, rng.randrange(3)), ">i2"),
-                            "r": np.zeros(3, [("a", "<i4"), ("b", "S2")])})
-                else:
-                    p.send([i, b"b" * rng.randrange(50), {"k": None, 7: [1.5]}])
+                send_mixed(p, rng, i)
             if eos:
                 p.close()
             else:

@@ -34,7 +34,8 @@ import shmring
 from shmring import layout as L
 from shmring import parties
 
-from _fuzzing import INTERESTING, WEIRD_DTYPES, WEIRD_SHAPES, Disallowed, _walk, apply, limit_address_space
+from _fuzzing import (INTERESTING, WEIRD_DTYPES, WEIRD_SHAPES, Disallowed, _walk, apply, limit_address_space,
+                      send_mixed)
 
 CAP = 8192
 MAXP = MAXC = 4
@@ -82,17 +83,6 @@ def tolerate_known(f):
 
 # --------------------------------------------------------------------------- snapshots
 
-def _send_one(p, rng, i):
-    k = i % 4
-    if k == 0:
-        p.send(rng.randbytes(rng.randrange(0, 200)))
-    elif k == 1:
-        p.send(np.arange(rng.randrange(0, 30), dtype=rng.choice(["<i4", ">f8", "u1", "<c8"])))
-    elif k == 2:
-        p.send({"i": i, "s": "x" * rng.randrange(10), "a": np.ones((2, rng.randrange(3)), ">i2"),
-                "r": np.zeros(3, [("a", "<i4"), ("b", "S2")])})
-    else:
-        p.send([i, b"b" * rng.randrange(50), {"k": None, 7: [1.5]}])
 
 
 def _abort_one(p, n=100):
@@ -143,7 +133,7 @@ def build_snapshot(kind: str, eos: bool = True, seed: int = 5) -> bytes:
                 p = prods[i % len(prods)]
                 if i % 13 == 5:
                     _abort_one(p, rng.randrange(0, 150))
-                _send_one(p, rng, i)
+                send_mixed(p, rng, i)
             if kind == "broadcast":                             # mid reads on to about half of what is pending
                 mid = (cursor() + cons[1].position) // 2
                 while cons[1].position < mid:
