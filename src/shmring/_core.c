@@ -2497,6 +2497,7 @@ static PyObject *wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
         cs[i] = (Consumer *)o;
         if (check_usable(&cs[i]->r) < 0) return NULL;
     }
+    for (Py_ssize_t i = 0; i < k; i++) Py_INCREF(cs[i]);   /* the list may change while we sleep */
     static int have_waitv = 1;
     int ready = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -2538,6 +2539,7 @@ static PyObject *wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
         for (Py_ssize_t i = 0; i < k; i++) fetch_add32(cs[i]->r.base + SHMR_OFF_DATA_WAKE + SHMR_WAKE_WAITERS, (uint32_t)-1);
     }
     Py_END_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < k; i++) Py_DECREF(cs[i]);
     if (PyErr_CheckSignals() < 0) return NULL;
     return PyBool_FromLong(ready);
 }
