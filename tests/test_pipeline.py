@@ -130,14 +130,17 @@ SCRIPT = textwrap.dedent("""
     import itertools, os, sys, time
     import numpy as np, shmring
 
+    def say_pid():
+        os.write(1, f"PID {os.getpid()}\\n".encode())    # one write: lines of several processes never mix
+
     def endless():
-        print("PID", os.getpid(), flush=True)
+        say_pid()
         for i in itertools.count():
             yield np.full(1000, i)
 
     def work(v, said=[]):
         if not said:
-            said.append(print("PID", os.getpid(), flush=True))
+            said.append(say_pid())
         time.sleep(0.001)
         return v
 
@@ -152,17 +155,27 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def stage_pids(proc, n=4, timeout=60):
+    """The pids the SCRIPT's stage processes print, read with a deadline (never a hang)."""
+    import select
+    pids, deadline = [], time.monotonic() + timeout
+    while len(pids) < n:
+        left = deadline - time.monotonic()
+        assert left > 0, f"only {len(pids)} of {n} stage pids within {timeout} s"
+        if select.select([proc.stdout], [], [], left)[0]:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()
+            if line.startswith("PID "):
+                pids.append(int(line.split()[1]))
+    return pids
+
+
 def test_ctrl_c_stops_everything_within_a_second(tmp_path):
     name = f"pc{os.getpid()}"
     script = tmp_path / "endless.py"
     script.write_text(SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pids = []
-    while len(pids) < 4:                       # source, 2 workers, sink
-        line = proc.stdout.readline()
-        assert line, proc.stderr.read()
-        if line.startswith("PID"):
-            pids.append(int(line.split()[1]))
+    pids = stage_pids(proc)                    # source, 2 workers, sink
     time.sleep(0.3)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGINT)
@@ -224,12 +237,7 @@ def test_stage_processes_die_with_a_killed_parent(tmp_path):
     script.write_text(SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        pids = []
-        while len(pids) < 4:
-            line = proc.stdout.readline()
-            assert line, proc.stderr.read()
-            if line.startswith("PID"):
-                pids.append(int(line.split()[1]))
+        pids = stage_pids(proc)
         proc.kill()
         proc.wait(10)
         deadline = time.monotonic() + 5
