@@ -77,7 +77,7 @@ import numpy as np
 
 from . import report
 from .cases import MASK, U64, msg_pool, pool_sum, uniq
-from .harness import CTX, CaseFailed, collect, write_study
+from .harness import CTX, CaseFailed, _kill, collect, write_study
 
 MSG_SIZE = 64
 MSG_CAP = 1 << 20
@@ -628,17 +628,6 @@ def placement(sides, pin=True):
         out.append(groups[s][used[s] % len(groups[s])])
         used[s] += 1
     return out
-
-
-def _kill(procs):
-    for p in procs:
-        if p.is_alive():
-            try:
-                os.kill(p.pid, signal.SIGKILL)
-            except (ProcessLookupError, OSError):
-                pass
-    for p in procs:
-        p.join(5)
 
 
 def run_round(case, n, st, timeout):

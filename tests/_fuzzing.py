@@ -122,13 +122,18 @@ def replace_meta(buf: bytearray, snap: bytes, index: int, desc, narrays: int, as
     if not recs:
         return False
     pos, n, t = recs[index % len(recs)]
+    return write_meta(buf, L.HEADER_SIZE + pos % CAP + L.REC_HDR, n, desc, narrays, as_object)
+
+
+def write_meta(buf: bytearray, po: int, n: int, desc, narrays: int, as_object: bool) -> bool:
+    """Overwrite the payload at ``po`` (``n`` bytes) with a meta of ``desc``, and the
+    record's type (the u16 4 bytes before the payload) to match.  False if it does not fit."""
     try:
         meta = msgpack.packb({"a": msgpack.ExtType(1, msgpack.packb(desc))} if as_object else desc)
     except (TypeError, ValueError, OverflowError):
         return False
     if 8 + len(meta) > n:
         return False
-    po = L.HEADER_SIZE + pos % CAP + L.REC_HDR
     struct.pack_into("<II", buf, po, len(meta), narrays & 0xFFFFFFFF)
     buf[po + 8:po + 8 + len(meta)] = meta
     struct.pack_into("<H", buf, po - 4, L.T_OBJECT if as_object else L.T_ARRAY)
@@ -213,23 +218,28 @@ def _drain(ring, c, owners_touched):
             raise Disallowed(f"recv raised {type(e).__name__}: {e}") from e
         if m.kind not in ("bytes", "array", "object") or m.nbytes > ring.max_message:
             raise Disallowed(f"impossible message {m!r}")
-        msg = (base_addr + m._offset, base_addr + m._offset + m.nbytes)
-        try:
-            for how in ("value", "copy"):
-                try:
-                    v = m.value if how == "value" else m.copy()
-                except shmring.CorruptSegmentError:
-                    continue
-                _walk(v, mapping if how == "value" else (0, 0), msg)   # copies live elsewhere
-                del v
-            if len(m.tobytes()) != m.nbytes:
-                raise Disallowed("tobytes() length differs from nbytes")
-            m.release()
-        except Disallowed:
-            raise
-        except Exception as e:
-            raise Disallowed(f"reading {m!r} raised {type(e).__name__}: {e}") from e
+        check_message(m, mapping, (base_addr + m._offset, base_addr + m._offset + m.nbytes))
     raise Disallowed(f"more than {MAX_READS} messages from a {CAP}-byte ring")
+
+
+def check_message(m, mapping, msg) -> None:
+    """Read a received message every way (value, copy, tobytes), checking its views
+    lie inside ``msg`` within ``mapping``; then release it.  Disallowed otherwise."""
+    try:
+        for how in ("value", "copy"):
+            try:
+                v = m.value if how == "value" else m.copy()
+            except shmring.CorruptSegmentError:
+                continue
+            _walk(v, mapping if how == "value" else (0, 0), msg)   # copies live elsewhere
+            del v
+        if len(m.tobytes()) != m.nbytes:
+            raise Disallowed("tobytes() length differs from nbytes")
+        m.release()
+    except Disallowed:
+        raise
+    except Exception as e:
+        raise Disallowed(f"reading {m!r} raised {type(e).__name__}: {e}") from e
 
 
 def _produce(ring, owners_touched):

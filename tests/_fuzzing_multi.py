@@ -34,8 +34,8 @@ import shmring
 from shmring import layout as L
 from shmring import parties
 
-from _fuzzing import (INTERESTING, WEIRD_DTYPES, WEIRD_SHAPES, Disallowed, _walk, apply, limit_address_space,
-                      send_mixed)
+from _fuzzing import (INTERESTING, WEIRD_DTYPES, WEIRD_SHAPES, Disallowed, apply, check_message,
+                      limit_address_space, send_mixed, write_meta)
 
 CAP = 8192
 MAXP = MAXC = 4
@@ -270,17 +270,7 @@ def replace_meta(buf, snap: bytes, index: int, desc, narrays: int, as_object: bo
     if not recs:
         return False
     pos, n, t = recs[index % len(recs)]
-    try:
-        meta = msgpack.packb({"a": msgpack.ExtType(1, msgpack.packb(desc))} if as_object else desc)
-    except (TypeError, ValueError, OverflowError):
-        return False
-    if 8 + len(meta) > n:
-        return False
-    po = h["data_offset"] + pos % CAP + L.MREC_HDR
-    struct.pack_into("<II", buf, po, len(meta), narrays & 0xFFFFFFFF)
-    buf[po + 8:po + 8 + len(meta)] = meta
-    struct.pack_into("<H", buf, po - 4, L.T_OBJECT if as_object else L.T_ARRAY)
-    return True
+    return write_meta(buf, h["data_offset"] + pos % CAP + L.MREC_HDR, n, desc, narrays, as_object)
 
 
 def mutate(buf, snap, regs, muts) -> set:
@@ -503,21 +493,7 @@ def drain(ring, c, ok, as_bytes=False) -> str:
         if not (data_lo <= msg[0] and msg[1] <= data_hi):
             raise Disallowed(f"message [{msg[0] - lo}, {msg[1] - lo}) lies outside the data area "
                              f"[{data_lo - lo}, {data_hi - lo})")
-        try:
-            for how in ("value", "copy"):
-                try:
-                    v = m.value if how == "value" else m.copy()
-                except shmring.CorruptSegmentError:
-                    continue
-                _walk(v, (lo, hi) if how == "value" else (0, 0), msg)
-                del v
-            if len(m.tobytes()) != m.nbytes:
-                raise Disallowed("tobytes() length differs from nbytes")
-            m.release()
-        except Disallowed:
-            raise
-        except Exception as e:
-            raise Disallowed(f"reading {m!r} raised {type(e).__name__}: {e}") from e
+        check_message(m, (lo, hi), msg)
     raise Disallowed(f"more than {MAX_READS} messages from a {CAP}-byte ring")
 
 
