@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import shmring
+from shmring import layout as L
 
 import _multi_workers as M
 from _procs import JOIN, finish, start
@@ -416,3 +417,21 @@ def test_mpmc_a_message_held_by_a_dead_consumer_arrives_before_the_end_of_stream
                     got.append(M.identify(msg.value)[1])
         assert sorted(got) == list(range(50))
         assert ring.stats()["redelivered"] == 2
+
+
+def test_a_producer_that_finds_the_ring_full_holds_no_intent(ring_name):
+    """A producer that lost a claim race (its intent still names the winner's
+    record) and then found the ring full must not keep that intent while it
+    waits: if the winner died, the consumer would take the record for one a
+    live producer is still writing and never skip it."""
+    with shmring.Ring.create(ring_name, 1 << 12, kind="mpsc") as ring:
+        a, b = ring.producer(), ring.producer()
+        while a.try_send(b"x" * 100):
+            pass
+        t = ring._tables
+        intent = t.pline(b._slot) + L.PE_INTENT
+        ring._region.store_u64(intent, ring.stats()["write_pos"] | L.INTENT_BIT)   # a lost race's leftover
+        assert not b.try_send(b"y" * 100)
+        assert ring._region.load_u64(intent) == 0
+        a.close()
+        b.close()

@@ -553,7 +553,14 @@ static int mp_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start) {
             }
             if (wp - g > cap) return corrupt_pos("claim cursor more than a capacity ahead of the release position", wp, g);
             p->cached_read = g;
-            if (wp + total - g > cap) return 0;
+            if (wp + total - g > cap) {
+                /* Full: we hold no claim, so no intent either.  A CAS we lost
+                 * earlier in this loop may have left one naming the winner's
+                 * record; kept while we block, it would make that record look
+                 * live-owned forever if its winner died (abandoned-claim check). */
+                store_release64(intent, 0);
+                return 0;
+            }
         }
         store_seqcst64(intent, wp | SHMR_INTENT_BIT);     /* before the CAS: read by a consumer that sees the cursor move */
         if (cas64(cursor, wp, wp + total)) break;
