@@ -1151,12 +1151,18 @@ static inline int mp_committed(Region *r, uint64_t pos) {
     return load_acquire64(mp_rec(r, pos)) == (r->key ^ pos);   /* pairs with the producer's stamp exchange */
 }
 
-/* Nothing committed at pos: 0 empty, 2 end of stream, 3 evicted, -1 corrupt. */
+/* Nothing committed at pos: 0 empty, 2 end of stream, 3 evicted, 4 stale
+ * (mpmc: another consumer moved the take cursor on; look again), -1 corrupt. */
 static int mp_empty(Consumer *c, uint64_t pos) {
     Region *r = &c->r;
     if (r->kind == SHMR_KIND_BROADCAST && (load_seqcst64(c->posword) & SHMR_POS_EVICTED)) return 3;
     uint64_t cur = load_acquire64(r->base + SHMR_OFF_WRITE_POS);
-    if (cur < pos || cur - pos > r->capacity) return corrupt(c, "claim cursor out of range", pos, cur, r->capacity);
+    if (cur < pos || cur - pos > r->capacity) {
+        /* mpmc: pos is the shared take cursor as we read it; while we were
+         * preempted the others may have taken, released and reused a lap */
+        if (r->kind == SHMR_KIND_MPMC && load_acquire64(r->base + SHMR_MP_OFF_TAKE) != pos) return 4;
+        return corrupt(c, "claim cursor out of range", pos, cur, r->capacity);
+    }
     if (cur == pos && mp_ended(r) && !mp_committed(r, pos) && load_acquire64(r->base + SHMR_OFF_WRITE_POS) == pos)
         return 2;
     return 0;
@@ -1220,6 +1226,14 @@ static void mpmc_reclaim(Consumer *c) {
     }
 }
 
+/* The in-flight walks (below) follow record sizes from the release position
+ * while other consumers release and producers reuse space: once the release
+ * position has passed pos, the bytes there may belong to a newer record (or
+ * its payload), so what was read at pos is stale. */
+static inline int mpmc_behind(Region *r, uint64_t pos) {
+    return load_seqcst64(r->base + SHMR_OFF_READ_POS) > pos;
+}
+
 /* mpmc: take a record that a recovery requeued (its consumer died holding it). */
 static int mpmc_take_requeued(Consumer *c, Rec *out) {
     Region *r = &c->r;
@@ -1231,6 +1245,7 @@ static int mpmc_take_requeued(Consumer *c, Rec *out) {
         uint64_t size = mp_size(r, pos, t, &len, &type);
         if (!size) return 0;
         char *st = mp_rec(r, pos) + 14;
+        if (mpmc_behind(r, pos)) return 0;        /* a REQUEUED record is never released: it is not here */
         if (type != SHMR_T_PAD && type != SHMR_T_SKIP && load_acquire16(st) == SHMR_ST_REQUEUED &&
             cas16(st, SHMR_ST_REQUEUED, (uint16_t)(r->slot + 1))) {
             fetch_add64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED, (uint64_t)-1);
@@ -1269,6 +1284,7 @@ static int mpmc_peek(Consumer *c, Rec *out) {
         if (!mp_committed(r, pos)) {
             if (load_acquire64(take) != pos) continue;
             int s = mp_empty(c, pos);
+            if (s == 4) continue;
             if (s != 2) return s;
             s = mpmc_end(c, pos);              /* may have requeued what dead consumers held: take it */
             if (s == 0 && load_relaxed64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED) &&
@@ -1560,6 +1576,8 @@ static PyObject *Consumer_skip_abandoned(Consumer *self, PyObject *const *args, 
     char *h = mp_rec(r, pos);
     uint64_t old = load_acquire64(h), cur = load_acquire64(r->base + SHMR_OFF_WRITE_POS);
     if (old == (r->key ^ pos) || cur <= pos) return PyLong_FromLong(0);
+    /* mpmc: the others may have moved the take cursor on since the caller saw it stuck there */
+    if (r->kind == SHMR_KIND_MPMC && load_acquire64(r->base + SHMR_MP_OFF_TAKE) != pos) return PyLong_FromLong(0);
     if (cur - pos > r->capacity) { corrupt(self, "claim cursor out of range", pos, cur, 0); return NULL; }
     uint64_t limit = cur;
     if (nxt > pos && nxt < limit) limit = nxt;
@@ -1591,7 +1609,9 @@ static PyObject *Consumer_inflight(Consumer *self, PyObject *unused) {
         uint64_t size = mp_size(r, pos, t, &len, &type);
         if (!size) break;
         if (type != SHMR_T_PAD && type != SHMR_T_SKIP) {
-            PyObject *item = Py_BuildValue("(KI)", (unsigned long long)pos, (unsigned)load_acquire16(mp_rec(r, pos) + 14));
+            unsigned state = load_acquire16(mp_rec(r, pos) + 14);
+            if (mpmc_behind(r, pos)) break;       /* reclaimed while we looked: what we read may be stale */
+            PyObject *item = Py_BuildValue("(KI)", (unsigned long long)pos, state);
             if (!item || PyList_Append(out, item) < 0) { Py_XDECREF(item); Py_DECREF(out); return NULL; }
             Py_DECREF(item);
         }
