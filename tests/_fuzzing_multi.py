@@ -237,7 +237,7 @@ REGION_NAMES = ("cursors", "producers", "counters", "powners", "ptable", "cowner
                 "stamps", "rec_fields", "metas", "payloads", "fixed_header", "multi_header")
 LIVE_REGIONS = tuple(r for r in REGION_NAMES if r not in ("fixed_header", "multi_header"))
 FORGE_TYPES = [L.T_BYTES, L.T_ARRAY, L.T_OBJECT, L.T_PAD, L.T_SKIP, 0, 4, 0xFFFF]
-FORGE_STATES = [0, 1, 2, MAXC, MAXC + 1, L.ST_REQUEUED, L.ST_RELEASED, 0x7FFF]
+FORGE_STATES = [0, 1, 2, MAXC, MAXC + 1, L.RS_REQUEUED, L.RS_RELEASED, 0x7FFF]
 FORGE_LENGTHS = [0, 1, 8, 16, 100, 1000, CAP // 2 - 16, CAP // 2, CAP - 16, CAP, 2 ** 31, 2 ** 32 - 1]
 
 
@@ -697,7 +697,7 @@ def build_record_snapshot(eos: bool = True, seed: int = 5) -> bytes:
             if eos:
                 p.close()
             else:
-                p._role._give_back()                 # the producer left without ending the stream
+                p._role.give_back(p._region)  # the producer left without ending the stream
                 p._closed = True
             c.close()                                # gives the role back; b is delivered again
             with open(path, "rb") as f:
@@ -859,7 +859,7 @@ def record_produce(ring, ok) -> str:
         except Exception as e:
             raise Disallowed(f"try_send_many raised {type(e).__name__}: {e}") from e
     finally:
-        p._role._give_back()                 # leave without ending the stream
+        p._role.give_back(p._region)  # leave without ending the stream
         p._closed = True
 
 
@@ -902,7 +902,7 @@ def record_live_round(snap: bytes, path: str, side: str, first: int, muts) -> st
                         raise Disallowed(f"try_send_many on a live corrupted ring raised {type(e).__name__}: "
                                          f"{e}") from e
             finally:
-                p._role._give_back()
+                p._role.give_back(p._region)
                 p._closed = True
             return f"live-producer:{sent}/" + record_consume(ring, _record_allowed(live[:L.HEADER_SIZE], touched))
         finally:

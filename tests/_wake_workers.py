@@ -5,7 +5,7 @@ import sys
 def pingpong_echo(ping, pong, rounds):
     import shmring
     from shmring import _core
-    shmring.ring.WAIT_SLICE = 30.0
+    shmring.waiting.WAIT_SLICE = 30.0
     with ping.consumer(spin=0) as inp, pong.producer(spin=0) as out:
         for _ in range(rounds):
             out.send(inp.recv_bytes(timeout=60)[::-1], timeout=60)

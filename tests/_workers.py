@@ -139,7 +139,7 @@ def _no_spin_setup(spin):
     """With spin=0 every wait is a futex sleep; long slices make a lost wake-up
     show as a sleep that timed out with its condition already true."""
     if spin == 0:
-        shmring.ring.WAIT_SLICE = 30.0
+        shmring.waiting.WAIT_SLICE = 30.0
 
 
 def produce_stream(ring, n, mixed, seed=1, spin=DEFAULT_SPIN):

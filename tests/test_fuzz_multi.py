@@ -72,7 +72,7 @@ def expected_messages(kind, snap):
     recs = M.records(snap)
     if kind == "mpmc":
         take = L.read_u64(snap, L.MP_OFF_TAKE)
-        return sum(t in (L.T_BYTES, L.T_ARRAY, L.T_OBJECT) and (s == L.ST_REQUEUED or (s == 0 and p >= take))
+        return sum(t in (L.T_BYTES, L.T_ARRAY, L.T_OBJECT) and (s == L.RS_REQUEUED or (s == 0 and p >= take))
                    for p, _, t, s in recs)
     return sum(t in (L.T_BYTES, L.T_ARRAY, L.T_OBJECT) for _, _, t, _ in recs)
 
@@ -92,7 +92,7 @@ def test_the_snapshots_are_rich_valid_rings(corpus, kind):
         assert L.read_u64(snap, L.MP_OFF_RELEASE) > 4 * CAP
         if kind == "mpmc":
             states = {s for _, _, t, s in recs if t not in (L.T_PAD, L.T_SKIP)}
-            assert {0, 1, L.ST_REQUEUED, L.ST_RELEASED} <= states
+            assert {0, 1, L.RS_REQUEUED, L.RS_RELEASED} <= states
         out = M.read_back(corpus.write(snap), kind).split("/")
         assert out[0] == f"recv:{n}:" + ("EndOfStream" if eos else "Timeout")
         if kind == "broadcast":
@@ -116,7 +116,7 @@ def test_the_record_snapshot_is_a_rich_valid_ring(corpus):
 # --------------------------------------------------------------------------- random corruption
 
 VALUES = st.one_of(st.sampled_from(M.INTERESTING + [16, CAP - 16, L.POS_HOLD, L.POS_EVICTED, L.INTENT_BIT,
-                                                    L.ST_REQUEUED, L.ST_RELEASED, L.T_SKIP, L.MP_MAX_PARTIES]),
+                                                    L.RS_REQUEUED, L.RS_RELEASED, L.T_SKIP, L.MP_MAX_PARTIES]),
                    st.integers(0, 2 ** 64 - 1))
 
 

@@ -13,8 +13,9 @@ from shmring._proc import my_start_time
 
 def test_c_constants_equal_python_constants_exactly():
     c = _core.layout_constants()
-    assert c == L.C_CONSTANTS
-    assert len(c) == len(L.C_CONSTANTS) > 30
+    assert c == {**L.C_CONSTANTS, **L.C_CONSTANTS_UNHASHED}
+    assert len(c) == len(L.C_CONSTANTS) + len(L.C_CONSTANTS_UNHASHED) > 40
+    assert not set(L.C_CONSTANTS) & set(L.C_CONSTANTS_UNHASHED)
 
 
 def test_layout_hash_covers_the_constants_and_the_version():

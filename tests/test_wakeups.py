@@ -22,7 +22,7 @@ def test_blocking_ping_pong_never_misses_a_wake_up(method, monkeypatch):
     import multiprocess
     ring_name = f"wake-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     ctx = multiprocess.get_context(method)
-    monkeypatch.setattr(shmring.ring, "WAIT_SLICE", 30.0)
+    monkeypatch.setattr(shmring.waiting, "WAIT_SLICE", 30.0)
     ping = shmring.Ring.create(ring_name + "-ping", 1 << 12)
     pong = shmring.Ring.create(ring_name + "-pong", 1 << 12)
     try:

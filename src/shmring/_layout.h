@@ -40,8 +40,11 @@
  * with one 64-bit CAS, so pid and start time always change together:
  *   owner = pid | (start_time & 0xffffffff) << 32,  0 = free. */
 #define SHMR_ROLE_OWNER         0   /* u64 */
-#define SHMR_ROLE_CLOSED        8   /* u32, producer slot only: 1 = end of stream */
+#define SHMR_ROLE_CLOSED        8   /* u32, producer slot only: SHMR_CLOSED_* */
 #define SHMR_ROLE_SESSIONS     16   /* u64, times the role was taken */
+#define SHMR_ROLE_RECEIVED     24   /* u64, consumer slot of spsc / mpsc: messages received */
+#define SHMR_CLOSED_EOS         1u  /* closed word: the producer closed normally */
+#define SHMR_CLOSED_ABORTED     2u  /* closed word: the producer's with-block raised */
 
 /* Wake word (relative to its line). */
 #define SHMR_WAKE_SEQ           0   /* u32, futex word, bumped by the waker */
@@ -123,8 +126,10 @@
 #define SHMR_POS_EVICTED        (1ULL << 63)
 #define SHMR_POS_HOLD           (1ULL << 62)
 #define SHMR_POS_MASK           (SHMR_POS_HOLD - 1)
-#define SHMR_ST_REQUEUED        0xFFFEu
-#define SHMR_ST_RELEASED        0xFFFFu
+/* mpmc record state (u16 at +14 of a record): owner slot + 1 while taken */
+#define SHMR_RS_FREE            0u
+#define SHMR_RS_REQUEUED        0xFFFEu
+#define SHMR_RS_RELEASED        0xFFFFu
 
 #define SHMR_MAX_MESSAGE        0xFFFFFF00ULL  /* record lengths are u32 */
 #define SHMR_MIN_CAPACITY       4096ULL

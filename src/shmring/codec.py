@@ -33,6 +33,7 @@ from math import prod
 import msgpack
 import numpy as np
 
+from . import _core
 from . import layout as L
 from .errors import CorruptSegmentError, UnsupportedType
 
@@ -316,3 +317,8 @@ def _decode(msg, copy: bool = False):
 
 def _copy(msg):
     return _decode(msg, copy=True)
+
+
+# The C core decodes message and snapshot values (.value, .copy()) with these
+# two: registered once, here, where they are defined.
+_core._set_codec(_decode, _copy)

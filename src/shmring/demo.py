@@ -23,7 +23,9 @@ import time
 
 import numpy as np
 
-from . import EndOfStream, Pipeline, Ring
+from .errors import EndOfStream
+from .pipeline import Pipeline
+from .ring import Ring
 
 PATTERN_MUL = 2654435761
 

@@ -97,6 +97,9 @@ OFF_SPACE_WAKE = 768
 ROLE_OWNER = 0
 ROLE_CLOSED = 8
 ROLE_SESSIONS = 16
+ROLE_RECEIVED = 24                   # consumer slot of spsc / mpsc: messages received
+CLOSED_EOS = 1                       # producer "closed" word: closed normally
+CLOSED_ABORTED = 2                   # closed because of an exception in the producer's with-block
 
 # Wake word, relative to its line.
 WAKE_SEQ = 0
@@ -329,9 +332,9 @@ POS_FREE = (1 << 64) - 1
 POS_EVICTED = 1 << 63
 POS_HOLD = 1 << 62
 POS_MASK = POS_HOLD - 1
-ST_TAKEN_FREE = 0
-ST_REQUEUED = 0xFFFE
-ST_RELEASED = 0xFFFF
+RS_FREE = 0                     # mpmc record states (u16 at +14): owner slot + 1 while taken
+RS_REQUEUED = 0xFFFE
+RS_RELEASED = 0xFFFF
 POLICIES = {"block": 0, "evict": 1}
 MP_STRUCT = struct.Struct("<QIIIIQQQ")        # fields at offsets 80..127
 MP_FIELDS = ("key", "max_producers", "max_consumers", "policy", "expected_producers",
@@ -382,6 +385,17 @@ C_CONSTANTS["SHMR_KIND_RECORDS"] = KIND_RECORDS
 
 
 LAYOUT_HASH = zlib.crc32(repr(sorted(C_CONSTANTS.items())).encode()) | (LAYOUT_VERSION << 32)
+
+# Constants _layout.h names too, added after the hash above was fixed for
+# layout version 1 (they name values version 1 already had, so the hash, which
+# every segment stores, stays the same); tests/test_layout.py checks them
+# against C with the rest.
+C_CONSTANTS_UNHASHED = {
+    "SHMR_ROLE_RECEIVED": ROLE_RECEIVED, "SHMR_CLOSED_EOS": CLOSED_EOS, "SHMR_CLOSED_ABORTED": CLOSED_ABORTED,
+    "SHMR_INTENT_BIT": INTENT_BIT, "SHMR_POS_FREE": POS_FREE, "SHMR_POS_EVICTED": POS_EVICTED,
+    "SHMR_POS_HOLD": POS_HOLD, "SHMR_RS_FREE": RS_FREE, "SHMR_RS_REQUEUED": RS_REQUEUED,
+    "SHMR_RS_RELEASED": RS_RELEASED,
+}
 
 
 def align(n: int, a: int) -> int:

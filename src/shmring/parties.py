@@ -2,21 +2,21 @@
 
 The per-message protocol (claim by CAS, commit by stamp, take by CAS) is in
 ``_core.c``; the layout is the multi-party diagram in :mod:`shmring.layout`.
-This module holds what runs rarely and needs ``/proc``: taking and giving
-back table entries, reclaiming the entries of dead processes, turning
+This module holds what runs rarely and needs ``/proc``: joining and leaving
+the producer table (an entry is claimed and given back with
+:mod:`shmring.roles`), reclaiming the entries of dead processes, turning
 abandoned claims into skips, requeueing what a dead work-sharing consumer
 held, evicting a lagging subscriber, and the ``stats()`` of these rings.
 """
 from __future__ import annotations
 
-import os
 import secrets
 import struct
 import time
 
 from . import layout as L
-from ._proc import alive, my_start_time
-from .errors import CorruptSegmentError, HandleClosed, ResourceLimit, RoleTaken
+from .errors import CorruptSegmentError, HandleClosed
+from .roles import claim_entry, holder_alive, release
 
 GRACE = 0.5        # seconds a claim stays unstamped (its producer dead) before it is skipped
 DEFAULT_PARTIES = 64
@@ -72,11 +72,6 @@ def check_multi_header(h: dict, buf, what: str) -> dict:
     return h
 
 
-def _owner_alive(word: int) -> bool:
-    pid, start = L.split_owner(word)
-    return bool(pid) and alive(pid, start)
-
-
 class Tables:
     """The producer and consumer tables of one mapped multi-party ring."""
 
@@ -98,34 +93,6 @@ class Tables:
     def cline(self, i: int) -> int:
         return self.ctab + i * L.MP_ENTRY
 
-    # -- entries ---------------------------------------------------------------
-    def take(self, lines, what: str, reclaim) -> int:
-        """CAS a free entry to this process; ``reclaim(i, word)`` frees a dead one."""
-        r = self.region
-        me = L.owner_word(os.getpid(), my_start_time())
-        for _ in range(3):                  # a lost CAS race on a free entry: look again
-            holders = []
-            for i, line in enumerate(lines):
-                cur = r.load_u64(line + L.CE_OWNER)
-                if cur and not _owner_alive(cur) and reclaim(i, cur):
-                    cur = 0
-                if cur == 0 and r.cas_u64(line + L.CE_OWNER, 0, me):
-                    return i
-                if cur:
-                    holders.append(L.split_owner(cur)[0])
-            if len(holders) == len(lines):
-                break
-        if len(lines) == 1:
-            raise RoleTaken(f"the {what} role of {self.label} is held by live process {holders[0]}; "
-                            f"a {L.KIND_NAMES[self.kind]} ring has one {what}", holders[0])
-        raise ResourceLimit(f"all {len(lines)} {what} entries of {self.label} are held by live processes "
-                            f"(pids {sorted(set(holders))[:8]}...); create the ring with a larger max_{what}s",
-                            f"max_{what}s", len(lines) + 1, len(lines))
-
-    def give_back(self, line: int) -> None:
-        me = L.owner_word(os.getpid(), my_start_time())
-        self.region.cas_u64(line + L.CE_OWNER, me, 0)
-
     # -- producers --------------------------------------------------------------
     def producers_done(self) -> bool:
         """Every producer that joined has ended or died (and as many as expected)."""
@@ -134,11 +101,12 @@ class Tables:
         return joined >= 1 and done >= joined and done >= self.region.load_u32(L.MP_OFF_EXPECTED)
 
     def join_producer(self) -> int:
-        slot = self.take([self.pline(i) for i in range(self.maxp)], "producer", self.reclaim_producer)
+        slot = claim_entry(self.region, [self.pline(i) for i in range(self.maxp)], "producer", self.label,
+                           L.KIND_NAMES[self.kind], self.reclaim_producer)
         r, word = self.region, L.MP_OFF_PRODUCERS + L.MP_STATE
         while True:                 # one CAS: a consumer that saw the end of the stream sees no late join
             if self.producers_done():
-                self.give_back(self.pline(slot))
+                release(self.region, self.pline(slot))
                 raise HandleClosed(f"the stream of {self.label} has ended (every producer closed it); "
                                    "create a new ring for a new stream")
             st = r.load_u64(word)
@@ -166,21 +134,21 @@ class Tables:
     def reap_producers(self) -> None:
         for i in range(self.maxp):
             w = self.region.load_u64(self.pline(i))
-            if w and not _owner_alive(w):
+            if w and not holder_alive(w):
                 self.reclaim_producer(i, w)
 
     def end_producer(self, slot: int, aborted: bool) -> None:
         if aborted:
             self.region.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_ABORTED, 1)
         self._done(L.MP_ENDED)
-        self.give_back(self.pline(slot))
+        release(self.region, self.pline(slot))
 
     def leave_producer(self, slot: int) -> None:
         r = self.region
         r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, (1 << 64) - 1)
         r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_STATE, (1 << 64) - 1)     # joined - 1 (it is >= 1: ours)
         r.wake(L.OFF_DATA_WAKE)
-        self.give_back(self.pline(slot))
+        release(self.region, self.pline(slot))
 
     def skip_abandoned(self, consumer, stuck_since: dict) -> None:
         """If the reader has waited at one unstamped claim for GRACE seconds
@@ -203,7 +171,7 @@ class Tables:
             if not intent & L.INTENT_BIT:
                 continue
             at = intent & ~L.INTENT_BIT
-            if at == pos and _owner_alive(r.load_u64(self.pline(i))):
+            if at == pos and holder_alive(r.load_u64(self.pline(i))):
                 return                              # a live producer is writing it
             if at > pos and (nxt == 0 or at < nxt):
                 nxt = at
@@ -266,7 +234,7 @@ class Tables:
             w = r.load_u64(line + L.CE_POS)
             if w == L.POS_FREE or w & L.POS_EVICTED:
                 continue
-            if owner and not _owner_alive(owner):
+            if owner and not holder_alive(owner):
                 self.drop_subscriber(i, owner)
                 continue
             positions[i] = w
@@ -305,12 +273,12 @@ class Tables:
         by a live consumer."""
         r = self.region
         owners = [r.load_u64(self.cline(i)) for i in range(self.maxc)]
-        dead = {i for i, w in enumerate(owners) if w and not _owner_alive(w)}
+        dead = {i for i, w in enumerate(owners) if w and not holder_alive(w)}
         now = time.monotonic()
         seen_zero = {}
         settled = True
         for pos, state in consumer._inflight():
-            if state == L.ST_RELEASED:
+            if state == L.RS_RELEASED:
                 continue
             if state == 0:
                 first = zero_seen.get(pos, now)
@@ -321,7 +289,7 @@ class Tables:
             elif 1 <= state <= self.maxc and (state - 1 in dead or owners[state - 1] == 0):
                 consumer._requeue(pos, state)
                 settled = False
-            elif state == L.ST_REQUEUED:
+            elif state == L.RS_REQUEUED:
                 settled = False
             elif not 1 <= state <= self.maxc:
                 raise CorruptSegmentError(f"{self.label}: record at {pos:#x} has state {state:#x} "
@@ -338,7 +306,7 @@ class Tables:
         for i in range(self.maxc):
             w = self.region.load_u64(self.cline(i))
             if w:
-                if _owner_alive(w):
+                if holder_alive(w):
                     live += 1
                 else:
                     dead = L.split_owner(w)[0]
@@ -354,7 +322,7 @@ class Tables:
             w, sent = r.load_u64(line), r.load_u64(line + L.PE_SENT)
             if w or sent:
                 pid = L.split_owner(w)[0]
-                producers.append({"slot": i, "pid": pid or None, "alive": _owner_alive(w),
+                producers.append({"slot": i, "pid": pid or None, "alive": holder_alive(w),
                                   "sent": sent, "bytes": r.load_u64(line + L.PE_BYTES)})
         cursor = r.load_u64(L.MP_OFF_CURSOR)
         consumers = []
@@ -366,7 +334,7 @@ class Tables:
                 received = r.load_u64(line + L.CE_RECEIVED)
                 if not w and not received:
                     continue
-                c = {"slot": i, "pid": L.split_owner(w)[0] or None, "alive": _owner_alive(w), "received": received}
+                c = {"slot": i, "pid": L.split_owner(w)[0] or None, "alive": holder_alive(w), "received": received}
                 if self.kind == L.KIND_BROADCAST:
                     c["evicted"] = bool(pos != L.POS_FREE and pos & L.POS_EVICTED)
                     c["lag"] = cursor - (pos & L.POS_MASK) if pos != L.POS_FREE else None

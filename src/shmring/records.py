@@ -11,21 +11,21 @@ header (layout: the record-ring diagram in :mod:`shmring.layout`).
   ``batch.contiguous()`` copies only in that case), valid until released.
 
 Python drives it: per batch it is a handful of calls, the copy is numpy's,
-and positions and waits go through the C core's atomics and futex (Region).
+and positions and waits go through the C core's atomics and futex (Region);
+the roles and the wait loop are those of every ring (:mod:`shmring.roles`,
+:mod:`shmring.waiting`).
 """
 from __future__ import annotations
 
+import functools
 import os
-import sys
-import warnings
-import weakref
 
 import msgpack
 import numpy as np
 
-from . import _core, codec
+from . import _core, codec, roles, waiting
 from . import layout as L
-from .errors import CorruptSegmentError, EndOfStream, EscapedViewWarning, HandleClosed, PeerGone, ShmringError
+from .errors import CorruptSegmentError, EndOfStream, HandleClosed, PeerGone, ShmringError
 
 CLOSED_EOS, CLOSED_ABORTED = 1, 2
 
@@ -113,12 +113,11 @@ class RecordProducer(_Handle):
     """The producer of a record ring (a context manager; exiting closes the stream)."""
 
     def __init__(self, ring, spin):
-        from .ring import _Role
-        self._role = _Role()
         region = ring._live_region()
         if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
             raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer")
-        self._role._claim(ring, L.OFF_PROD_ROLE, "producer")
+        self._role = roles.ring_role(ring, L.OFF_PROD_ROLE)
+        self._role.claim(region)
         self._region = _core.Region(ring._seg.buf)     # our own: usable after a fork made the ring's stale
         self._setup(ring, spin)
         self._wp, self._rp = self._positions()
@@ -182,11 +181,10 @@ class RecordProducer(_Handle):
         while done < len(a):
             k = min(len(a) - done, self._room())
             if k == 0:
-                self._role._region = self._region
-                k = self._role._retry(
+                k = waiting.wait_until(
                     lambda: self._room() or None,
                     lambda t: self._region.wait_change(L.OFF_READ_POS, self._rp, L.OFF_SPACE_WAKE, -1, t, self.spin),
-                    lambda: self._role._peer_gone(L.OFF_CONS_ROLE), timeout,
+                    lambda: roles.dead_holder(self._region, L.OFF_CONS_ROLE), timeout,
                     lambda: f"record ring {self._label} stayed full for {timeout} s",
                     lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full")
                 k = min(len(a) - done, k)
@@ -211,7 +209,7 @@ class RecordProducer(_Handle):
         self._region.wake(L.OFF_DATA_WAKE)
         self._closed = True
         if self._gen == _fork_gen:
-            self._role._give_back()
+            self._role.give_back(self._region)
 
     def __enter__(self):
         return self
@@ -227,11 +225,13 @@ class RecordBatch:
     """Records received in place: ``arrays`` holds one read-only view, or two
     when the batch wraps around the end of the ring.  Valid until released
     (``release()`` or the end of a ``with`` block); a view kept past release
-    holds the ring space until it is garbage-collected (EscapedViewWarning)."""
+    holds the ring space until it is garbage-collected (EscapedViewWarning).
 
-    def __init__(self, consumer, start: int, n: int, arrays: list):
-        self._consumer = consumer
-        self.start = start
+    The views are numpy arrays over one ``_core.Lease`` of the batch's space,
+    the same escaped-view mechanism as ``Message`` and ``Snapshot``."""
+
+    def __init__(self, lease, n: int, arrays: list):
+        self._lease = lease
         self.arrays = arrays
         self._n = n
 
@@ -251,23 +251,9 @@ class RecordBatch:
         return np.concatenate(self.arrays) if len(self.arrays) > 1 else self.arrays[0].copy()
 
     def release(self) -> None:
-        arrays, self.arrays = self.arrays, None
-        if arrays is None:
-            return
-        escaped = [a for a in arrays if sys.getrefcount(a) > 3]   # the list, the loop variable, the argument
-        if not escaped:
-            self._consumer._finish(self.start)
-            return
-        warnings.warn(f"a view of {len(self)} records outlived its batch; the ring space is held until the "
-                      "view is garbage-collected (use batch.copy() to keep records)", EscapedViewWarning, 2)
-        pending = [len(escaped)]
-
-        def gone(consumer=self._consumer, start=self.start):
-            pending[0] -= 1
-            if pending[0] == 0:
-                consumer._finish(start)
-        for a in escaped:
-            weakref.finalize(a, gone)
+        lease, self._lease, self.arrays = self._lease, None, None   # our own views go first
+        if lease is not None:
+            lease.release()        # a view still alive now escaped: the space waits for it
 
     def __enter__(self):
         return self
@@ -276,36 +262,26 @@ class RecordBatch:
         self.release()
 
     def __del__(self):
-        if self.arrays is not None:
+        if self._lease is not None:
             self.release()
 
     def __repr__(self):
-        return f"<shmring.RecordBatch of {self._n} records{' released' if self.arrays is None else ''}>"
+        return f"<shmring.RecordBatch of {self._n} records{' released' if self._lease is None else ''}>"
 
 
 class RecordConsumer(_Handle):
     """The consumer of a record ring (a context manager; exiting detaches)."""
 
     def __init__(self, ring, spin):
-        from .ring import _Role
-        self._role = _Role()
-        self._role._claim(ring, L.OFF_CONS_ROLE, "consumer")
+        self._role = roles.ring_role(ring, L.OFF_CONS_ROLE)
+        self._role.claim(ring._live_region())
         self._region = _core.Region(ring._seg.buf)
         self._setup(ring, spin)
         wp, rp = self._positions()
         self._next = self._rp = rp
         self._wp = wp
         self._out = []          # [start, end, done] of batches handed out, in order
-        isz = self.dtype.itemsize
-        self._mv = memoryview(ring._seg.buf)[L.HEADER_SIZE:L.HEADER_SIZE + self.slots * isz].toreadonly()
         self.received = 0
-
-    def _view(self, o: int, n: int) -> np.ndarray:
-        # One read-only array per slice, made from its own memoryview: numpy
-        # views derived from it (slices, reshapes) keep *it* as their base,
-        # so release() can count them.
-        isz = self.dtype.itemsize
-        return np.frombuffer(self._mv[o * isz:(o + n) * isz], self.dtype)
 
     def _finish(self, start: int) -> None:
         for e in self._out:
@@ -343,13 +319,17 @@ class RecordConsumer(_Handle):
             n = min(n, max_n)
         start, o = self._next, self._next % self.slots
         first = min(n, self.slots - o)
-        arrays = [self._view(o, first)]
+        dt, isz = self.dtype, self.dtype.itemsize
+        lease = _core.Lease(self._region, L.HEADER_SIZE, self.slots * isz, functools.partial(self._finish, start),
+                            f"a view of {n} records outlived its batch; the ring space is held until the view "
+                            "is garbage-collected (use batch.copy() to keep records)")
+        arrays = [np.frombuffer(lease, dt, first, o * isz)]
         if first < n:
-            arrays.append(self._view(0, n - first))
+            arrays.append(np.frombuffer(lease, dt, n - first, 0))
         self._next += n
         self._out.append([start, start + n, False])
         self.received += n
-        return RecordBatch(self, start, n, arrays)
+        return RecordBatch(lease, n, arrays)
 
     def try_recv_many(self, max_n: int | None = None):
         """A :class:`RecordBatch` of up to ``max_n`` records (None: all there are), or None."""
@@ -365,12 +345,11 @@ class RecordConsumer(_Handle):
             raise ValueError(f"max_n must be >= 1, got {max_n}")
         b = self._take(max_n)
         if b is None:
-            self._role._region = self._region
-            b = self._role._retry(
+            b = waiting.wait_until(
                 lambda: self._take(max_n),
                 lambda t: self._region.wait_change(L.OFF_WRITE_POS, self._next, L.OFF_DATA_WAKE,
                                                    L.OFF_PROD_ROLE + L.ROLE_CLOSED, t, self.spin),
-                lambda: self._role._peer_gone(L.OFF_PROD_ROLE), timeout,
+                lambda: roles.dead_holder(self._region, L.OFF_PROD_ROLE), timeout,
                 lambda: f"no records arrived on {self._label} within {timeout} s",
                 lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
                             "every record it sent was received")
@@ -400,7 +379,7 @@ class RecordConsumer(_Handle):
             return
         self._closed = True
         if self._gen == _fork_gen:
-            self._role._give_back()
+            self._role.give_back(self._region)
 
     def __enter__(self):
         return self

@@ -14,7 +14,9 @@ The contract, written once:
   yield, then a futex sleep) up to its timeout.  A message that can never fit
   is :class:`~shmring.errors.MessageTooLarge`, at the call.
 * Every wait wakes at least every ``WAIT_SLICE`` seconds to run signal handlers
-  (Ctrl-C) and check that the peer's process is alive.
+  (Ctrl-C) and check that the peer's process is alive (:mod:`shmring.waiting`).
+* A role (the producer, a consumer) is held by one live process; a dead
+  holder's role is taken over (:mod:`shmring.roles`).
 
 Producer example::
 
@@ -35,22 +37,16 @@ Consumer example::
 """
 from __future__ import annotations
 
-import os
 import time
-import weakref
 
 import numpy as np
 
-from . import _core, codec, parties, records
+from . import _core, codec, parties, records, roles, waiting
 from . import layout as L
-from ._proc import alive, my_start_time
-from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, RoleTaken, Timeout
+from ._proc import alive
+from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, Timeout
 from .segment import Segment, SegmentHandle, validate_header, write_header
-
-_core._set_codec(codec._decode, codec._copy)
-
-WAIT_SLICE = 0.1          # seconds between liveness / signal checks while blocked
-DEFAULT_SPIN = 50e-6      # seconds to busy-poll before yielding, then sleeping
+from .waiting import DEFAULT_SPIN
 
 CLOSED_EOS = 1            # producer role "closed" word: closed normally
 CLOSED_ABORTED = 2        # closed because of an exception in the producer
@@ -67,20 +63,6 @@ def _pause(point: str) -> None:
     hook = _pause_hook
     if hook is not None:
         hook(point)
-
-
-# Role handles alive in this process, by (segment identity, role line): lets a
-# process take back a role whose handle it dropped without closing.
-_live_roles: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
-
-
-def _check_timeout(timeout):
-    if timeout is None:
-        return None
-    timeout = float(timeout)
-    if timeout < 0 or timeout != timeout:
-        raise ValueError(f"timeout must be None or >= 0 seconds, got {timeout}")
-    return time.monotonic() + timeout
 
 
 class Ring(SegmentHandle):
@@ -360,106 +342,28 @@ def _attach(name, path):
     return Ring.attach(name, path=path)
 
 
-_ROLE_WAKE = {L.OFF_PROD_ROLE: L.OFF_SPACE_WAKE,     # the producer sleeps for room
-              L.OFF_CONS_ROLE: L.OFF_DATA_WAKE}      # the consumer sleeps for data
+def _no_pickle(handle):
+    raise TypeError(f"a {type(handle).__name__} handle belongs to the process that took the role and "
+                    "cannot be pickled; pass the Ring and call ring.producer() / ring.consumer() "
+                    "in the other process")
 
 
-class _Role:
-    """Taking and giving back a role slot (one 64-bit owner word, see layout)."""
-
-    def _claim(self, ring: Ring, line: int, role: str) -> None:
-        region = ring._live_region()
-        key = (ring._identity, line)
-        me = L.owner_word(os.getpid(), my_start_time())
-        while True:
-            cur = region.load_u64(line + L.ROLE_OWNER)
-            if cur == 0:
-                if region.cas_u64(line + L.ROLE_OWNER, 0, me):
-                    break
-                continue
-            pid, start = L.split_owner(cur)
-            if cur == me and key not in _live_roles:
-                break                   # our own handle was dropped without closing: take it back
-            if cur == me:
-                raise RoleTaken(f"the {role} role of {ring._seg.label} is already held by another handle "
-                                f"in this process (pid {pid}); close it first", pid)
-            if alive(pid, start):
-                raise RoleTaken(f"the {role} role of {ring._seg.label} is held by live process {pid}; "
-                                f"an {ring.kind} ring has one {role}", pid)
-            if region.cas_u64(line + L.ROLE_OWNER, cur, me):
-                # The holder died: take over.  If it died asleep in a wait, its
-                # "waiters" count was never taken back, and the peer would pay a
-                # futex_wake syscall per message forever.  Only this role's holder
-                # sleeps on this wake word, and it is dead, so zero is exact.
-                region.store_u32(_ROLE_WAKE[line] + L.WAKE_WAITERS, 0)
-                break
-        region.fetch_add_u64(line + L.ROLE_SESSIONS, 1)
-        _live_roles[key] = self
-        # The handle keeps its own Region: it must work after ring.close().
-        self._region, self._line, self._owner, self._key = region, line, me, key
-
-    def _claim_then(self, ring: Ring, line: int, role: str, init) -> None:
-        """Take the role, then run ``init()``; give the role back if it fails."""
-        self._claim(ring, line, role)
-        try:
-            init()
-        except BaseException:
-            self._give_back()
-            raise
-
-    def _give_back(self) -> None:
-        self._region.cas_u64(self._line + L.ROLE_OWNER, self._owner, 0)
-        if _live_roles.get(self._key) is self:
-            del _live_roles[self._key]
-
-    def __reduce__(self):
-        raise TypeError(f"a {type(self).__name__} handle belongs to the process that took the role and "
-                        "cannot be pickled; pass the Ring and call ring.producer() / ring.consumer() "
-                        "in the other process")
-
-    def _retry(self, attempt, wait, peer_gone, timeout, timeout_msg, gone_msg):
-        """The blocking loop of both sides: call ``attempt`` until it returns
-        non-None; between tries ``wait(seconds)`` sleeps in C for at most one
-        slice, after which the deadline and ``peer_gone()`` (the pid of a dead
-        peer we wait for, else 0; it may also do recovery work) are checked."""
-        deadline = _check_timeout(timeout)
-        while True:
-            r = attempt()
-            if r is not None:
-                return r
-            if deadline is None:
-                slice_ = WAIT_SLICE
-            else:
-                slice_ = min(WAIT_SLICE, deadline - time.monotonic())
-            if slice_ <= 0 or not wait(slice_):
-                pid = peer_gone()
-                if pid:
-                    r = attempt()       # whatever it committed before dying still counts
-                    if r is not None:
-                        return r
-                    raise PeerGone(gone_msg(pid))
-                if slice_ <= 0:
-                    raise Timeout(timeout_msg())
-
-    def _peer_gone(self, line: int) -> int:
-        """pid of the peer if it is registered and dead, else 0."""
-        pid, start = L.split_owner(self._region.load_u64(line + L.ROLE_OWNER))
-        return pid if pid and not alive(pid, start) else 0
-
-
-class Producer(_core.ProducerCore, _Role):
+class Producer(_core.ProducerCore):
     """The producer handle of a ring (a context manager; exiting closes the stream).
 
     ``send(data, *, timeout=None)`` and ``try_send(data)`` are implemented in C
     for bytes and bytearray; arrays and objects go through :mod:`shmring.codec`.
     """
 
+    # Called from C by name (see the callback table in src/shmring/_core/module.c):
+    # _send_obj, _try_send_obj, _send_wait.  Keep their names and signatures.
+
     def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN):
-        region = ring._live_region()
+        self._region = region = ring._live_region()      # ours too: it must work after ring.close()
         self._tables = tables = ring._tables
+        self._role = None
         if tables is not None:                 # multi-party: an entry of the producer table
             self._slot = tables.join_producer()
-            self._region, self._key = region, None
             try:
                 super().__init__(ring._seg.buf, self._slot)
             except BaseException:
@@ -470,7 +374,9 @@ class Producer(_core.ProducerCore, _Role):
             if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
                 raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer; "
                                    "create a new ring for a new stream")
-            self._claim_then(ring, L.OFF_PROD_ROLE, "producer", lambda: super(Producer, self).__init__(ring._seg.buf))
+            self._role = roles.ring_role(ring, L.OFF_PROD_ROLE)
+            with self._role.claimed(region):
+                super().__init__(ring._seg.buf)
         self.spin = float(spin)
         self._wmv = memoryview(ring._seg.buf)
         self._label = ring._seg.label
@@ -545,11 +451,11 @@ class Producer(_core.ProducerCore, _Role):
 
             def wait(t):
                 now = time.monotonic()
-                if now - self._policed >= WAIT_SLICE:
+                if now - self._policed >= waiting.WAIT_SLICE:
                     self._policed = now
                     self._tables.police_subscribers(self._lagging)
                 return inner(t)
-        return self._retry(
+        return waiting.wait_until(
             attempt, wait, self._consumers_gone, timeout,
             lambda: f"ring {self._label} stayed full for {timeout} s (a {nbytes}-byte message waited for room)",
             lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full; "
@@ -560,7 +466,7 @@ class Producer(_core.ProducerCore, _Role):
         nobody to make room, else 0.  Broadcast: drops dead subscribers and
         evicts laggards (policy evict) instead, which makes room."""
         if self._tables is None or self._kind == "mpsc":
-            return self._peer_gone(L.OFF_CONS_ROLE)
+            return roles.dead_holder(self._region, L.OFF_CONS_ROLE)
         if self._kind == "broadcast":
             self._tables.police_subscribers(self._lagging)
             return 0
@@ -628,17 +534,18 @@ class Producer(_core.ProducerCore, _Role):
         if self._tables is not None:
             self._tables.leave_producer(self._slot)
         else:
-            self._give_back()
+            self._role.give_back(self._region)
 
     async def send_async(self, data, *, timeout=None) -> None:
         """``await prod.send_async(data)``: send without blocking the event loop;
         while the ring is full a worker thread sleeps on the futex until there
         is room.  Cancelling the await sends nothing."""
         size = _size_hint(data)
-        await _await_ready(lambda: True if self.try_send(data) else None,
-                           lambda t: self._wait_space(size, t, 0.0), self._consumers_gone, timeout,
-                           lambda: f"ring {self._label} stayed full for {timeout} s",
-                           lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full")
+        await waiting.wait_until_async(
+            lambda: True if self.try_send(data) else None,
+            lambda t: self._wait_space(size, t, 0.0), self._consumers_gone, timeout,
+            lambda: f"ring {self._label} stayed full for {timeout} s",
+            lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full")
 
     def send_many(self, items, *, timeout=None) -> int:
         """Send every item of an iterable (each as by ``send``); returns the
@@ -654,6 +561,8 @@ class Producer(_core.ProducerCore, _Role):
                 send(item, timeout=timeout)
                 n += 1
         return n
+
+    __reduce__ = _no_pickle
 
     def __enter__(self) -> "Producer":
         return self
@@ -725,7 +634,7 @@ def _is_bytes_like(data) -> bool:
         return False
 
 
-class Consumer(_core.ConsumerCore, _Role):
+class Consumer(_core.ConsumerCore):
     """The consumer handle of a ring (a context manager; exiting detaches).
 
     ``recv()`` returns a :class:`~shmring.Message`, a zero-copy window valid
@@ -733,18 +642,25 @@ class Consumer(_core.ConsumerCore, _Role):
     it at once; iteration yields messages until the producer closes.
     """
 
+    # Called from C by name (see the callback table in src/shmring/_core/module.c):
+    # _recv_wait, _recv_copy, _lagged, _eos_ready, _leave_table.  Keep their
+    # names and signatures.
+
     def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN, *, start: str = "oldest"):
-        region = ring._live_region()
+        self._region = region = ring._live_region()      # ours too: it must work after ring.close()
         self._tables = tables = ring._tables
         self._kind = ring.kind
+        self._role = None
         self._stuck_since, self._zero_seen = {}, {}
         if tables is None or self._kind == "mpsc":
-            self._claim_then(ring, L.OFF_CONS_ROLE, "consumer", lambda: super(Consumer, self).__init__(ring._seg.buf))
+            self._role = roles.ring_role(ring, L.OFF_CONS_ROLE)
+            with self._role.claimed(region):
+                super().__init__(ring._seg.buf)
         else:
             reclaim = tables.drop_subscriber if self._kind == "broadcast" else (lambda i, w: False)
-            self._slot = tables.take([tables.cline(i) for i in range(tables.maxc)],
-                                     "subscriber" if self._kind == "broadcast" else "consumer", reclaim)
-            self._region, self._key = region, None
+            self._slot = roles.claim_entry(region, [tables.cline(i) for i in range(tables.maxc)],
+                                           "subscriber" if self._kind == "broadcast" else "consumer",
+                                           ring._seg.label, self._kind, reclaim)
             try:
                 if self._kind == "broadcast":
                     tables.join_position(self._slot, start)
@@ -756,11 +672,11 @@ class Consumer(_core.ConsumerCore, _Role):
         self._label = ring._seg.label
 
     def _leave_table(self):
-        t, line = self._tables, self._tables.cline(self._slot)
+        line = self._tables.cline(self._slot)
         if self._kind == "broadcast":
             self._region.store_u64(line + L.CE_POS, L.POS_FREE)
             self._region.wake(L.OFF_SPACE_WAKE)
-        t.give_back(line)
+        roles.release(self._region, line)
 
     def _recv_copy(self, timeout):
         with _core.ConsumerCore.recv(self, timeout=timeout) as msg:
@@ -768,12 +684,15 @@ class Consumer(_core.ConsumerCore, _Role):
 
     # -- slow path called from C ---------------------------------------------------------
     def _recv_wait(self, timeout, want_bytes):
-        return self._retry(
-            self._try_recv_bytes if want_bytes else self.try_recv,
-            lambda t: self._wait_data(t, self.spin), self._producers_gone, timeout,
-            lambda: f"no message arrived on {self._label} within {timeout} s",
-            lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
-                        "every message it committed was received")
+        return waiting.wait_until(self._try_recv_bytes if want_bytes else self.try_recv,
+                                  lambda t: self._wait_data(t, self.spin), self._producers_gone, timeout,
+                                  *self._recv_messages(timeout))
+
+    def _recv_messages(self, timeout):
+        """(timeout message, dead producer message) of a wait for a message."""
+        return (lambda: f"no message arrived on {self._label} within {timeout} s",
+                lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
+                            "every message it committed was received")
 
     def _producers_gone(self) -> int:
         """Between wait slices: spsc: the pid of a dead producer, else 0.
@@ -782,7 +701,7 @@ class Consumer(_core.ConsumerCore, _Role):
         mpmc: what dead consumers held is requeued)."""
         t = self._tables
         if t is None:
-            return self._peer_gone(L.OFF_PROD_ROLE)
+            return roles.dead_holder(self._region, L.OFF_PROD_ROLE)
         t.reap_producers()
         t.skip_abandoned(self, self._stuck_since)
         if self._kind == "mpmc":
@@ -860,12 +779,9 @@ class Consumer(_core.ConsumerCore, _Role):
         event loop or spinning a core.  Waiting happens in a worker thread that
         only sleeps on the ring's futex (GIL released) and never takes a
         message, so cancelling the await (or its timeout) consumes nothing."""
-        return await _await_ready(
+        return await waiting.wait_until_async(
             lambda: self.try_recv() if not copy else _take_copy(self),
-            lambda t: self._wait_data(t, 0.0), self._producers_gone, timeout,
-            lambda: f"no message arrived on {self._label} within {timeout} s",
-            lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
-                        "every message it committed was received")
+            lambda t: self._wait_data(t, 0.0), self._producers_gone, timeout, *self._recv_messages(timeout))
 
     def __aiter__(self):
         return self
@@ -892,7 +808,7 @@ class Consumer(_core.ConsumerCore, _Role):
             return
         if self._tables is None or self._kind == "mpsc":
             self._mark_closed()
-            self._give_back()
+            self._role.give_back(self._region)
             return
         # Messages still held keep their space (broadcast: our position gates
         # the producer; mpmc: the records stay ours) until they are released:
@@ -900,6 +816,8 @@ class Consumer(_core.ConsumerCore, _Role):
         # recovered as dead (mpmc: its records are redelivered).
         if not self._close_later():
             self._leave_table()
+
+    __reduce__ = _no_pickle
 
     def __enter__(self) -> "Consumer":
         return self
@@ -930,17 +848,22 @@ def wait(readables, timeout=None) -> list:
         if not isinstance(h, Consumer):
             raise TypeError(f"wait() takes Consumer handles (ring.consumer() / ring.subscribe()), "
                             f"got {type(h).__name__}")
-    deadline = _check_timeout(timeout)
-    while True:
-        ready = [h for h in handles if h._has_data()]
-        if ready:
-            return ready
-        slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
-        if slice_ <= 0:
-            return []
-        if not _core.wait_any(handles, slice_):
-            for h in handles:
-                h._producers_gone()
+
+    def sleep(t):
+        # After a quiet slice, the multi-party recovery.  It runs here, not as
+        # on_slice: no peer's death ends this wait, and a poll (timeout=0) never
+        # sleeps, so it stays as cheap as checking the handles.
+        if _core.wait_any(handles, t):
+            return True
+        for h in handles:
+            h._producers_gone()
+        return False
+
+    try:
+        return waiting.wait_until(lambda: [h for h in handles if h._has_data()] or None, sleep, None, timeout,
+                                  lambda: "nothing to receive")
+    except Timeout:
+        return []
 
 
 def _take_copy(cons):
@@ -962,26 +885,3 @@ def _size_hint(data) -> int:
     if not isinstance(data, (np.ndarray, np.generic)) and _is_bytes_like(data):
         return memoryview(data).nbytes
     return codec.encode(data).max_payload
-
-
-async def _await_ready(attempt, wait, peer_gone, timeout, timeout_msg, gone_msg):
-    """The asyncio twin of ``_Role._retry``: ``attempt()`` on the event loop,
-    ``wait(slice)`` in the default executor (it only sleeps, it never takes
-    anything, so a cancelled await leaves the ring as it was)."""
-    import asyncio
-    loop = asyncio.get_running_loop()
-    deadline = _check_timeout(timeout)
-    while True:
-        r = attempt()
-        if r is not None:
-            return r
-        slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
-        if slice_ <= 0 or not await loop.run_in_executor(None, wait, slice_):
-            pid = peer_gone()
-            if pid:
-                r = attempt()
-                if r is not None:
-                    return r
-                raise PeerGone(gone_msg(pid))
-            if slice_ <= 0:
-                raise Timeout(timeout_msg())

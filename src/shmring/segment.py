@@ -26,6 +26,7 @@ import resource
 
 import posix_ipc
 
+from . import _core
 from . import layout as L
 from ._proc import my_start_time
 from .errors import (CorruptSegmentError, IncompatibleSegment, NoSpace, PermissionDenied,
@@ -283,8 +284,10 @@ def read_common_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
     what = seg.label
     deadline = time.monotonic() + wait_ready
     while True:
+        # R1 (docs/design.md): ready with acquire ordering before any other field
+        ready = _core.header_ready(seg.buf) if len(seg.buf) >= L.HEADER_SIZE else 0
         h = L.read_header(seg.buf)
-        if h["magic"] == L.MAGIC and h["ready"] == 1:
+        if h["magic"] == L.MAGIC and ready == 1:
             break
         if h["magic"] not in (0, L.MAGIC):
             raise CorruptSegmentError(f"{what} is not a shmring segment: magic {h['magic']:#018x}, "

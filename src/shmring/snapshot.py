@@ -15,7 +15,8 @@ it is reading.  The contract:
 * ``with state.update() as draft`` gives a writable copy of the current value
   in a free slot; it is published on normal exit and discarded on an exception.
 * One writer at a time: a second live writer gets :class:`~shmring.errors.RoleTaken`
-  naming the holder's pid; a dead writer's role is taken over.  A writer killed
+  naming the holder's pid; a dead writer's role is taken over (the same
+  :class:`~shmring.roles.Role` as a ring's producer).  A writer killed
   mid-update never published its slot: readers keep the last version.
 * Pins of dead readers (pid gone or reused, see :mod:`shmring._proc`) are
   reclaimed by the writer when it needs their slot, and counted in ``stats()``.
@@ -43,23 +44,18 @@ from __future__ import annotations
 
 import os
 import time
-import weakref
 from contextlib import contextmanager
 
 import numpy as np
 
-from . import _core, codec
+from . import _core, codec, roles, waiting
 from . import layout as L
 from ._proc import alive, my_start_time
-from .errors import (CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge,
-                     PeerGone, RoleTaken, ShmringError, Timeout)
-from .ring import WAIT_SLICE, _check_timeout
+from .errors import CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge, ShmringError
 from .segment import Segment, SegmentHandle, read_common_header
+from .waiting import DEFAULT_SPIN
 
-DEFAULT_SPIN = 50e-6
 MAX_SLOT_BYTES = 1 << 44
-
-_core._set_codec(codec._decode, codec._copy)
 
 
 def _decode(snap):
@@ -91,9 +87,6 @@ def _decode(snap):
 
 
 _core._set_state_codec(_decode)
-
-# Writer roles held by live handles in this process, by segment identity.
-_live_writers: "weakref.WeakValueDictionary[tuple, object]" = weakref.WeakValueDictionary()
 
 
 def _write_state_header(buf, *, nbytes: int, slots: int, max_readers: int) -> None:
@@ -187,14 +180,22 @@ class SharedState(_core.StateCore, SegmentHandle):
     is ``publish()`` of a contiguous array once this handle holds the writer role.
     """
 
+    # Called from C by name (see the callback table in src/shmring/_core/module.c):
+    # _claim_reader.  Keep its name and signature.
+
     def __init__(self, seg: Segment, header: dict, *, created: bool):
         super().__init__(seg.buf)
         self._seg = seg
         self._header = header
         self._created = created
         self._wmv = memoryview(seg.buf)
-        self._writer_owner = 0
-        self._writer_pid = 0
+        # A writer that takes over a dead one's role clears the waiters count of
+        # the slot wake word, where only the writer sleeps.  (The version wake
+        # word is shared by all readers and cannot be reset this way: a reader
+        # killed inside wait_newer() costs one spare futex_wake per publish,
+        # which is rare next to the copy a publish makes.)
+        self._writer = roles.Role(seg.identity, L.ST_OFF_WRITER, L.ST_OFF_SLOT_WAKE, seg.label, "writer",
+                                  "a shared state has one writer", here="is held")
         self._array_cache = None
         self.spin = DEFAULT_SPIN
 
@@ -273,7 +274,7 @@ class SharedState(_core.StateCore, SegmentHandle):
     def _claim_reader(self) -> None:
         """Called from C when this handle needs one more reader table entry."""
         self._live()
-        me = L.owner_word(os.getpid(), my_start_time())
+        me = roles.my_owner_word()
         mine = {i for i, _ in self._own_entries()}
         for i in range(self.max_readers):
             if i in mine:
@@ -300,93 +301,41 @@ class SharedState(_core.StateCore, SegmentHandle):
         :class:`~shmring.errors.PeerGone` (a new writer may take over later).
         """
         self._live()
-        than = int(than)
-        deadline = _check_timeout(timeout)
-        while True:
-            v = self.version
-            if v > than:
-                self._current()           # validates the current word and the slot header
-                return v
-            slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
-            if slice_ <= 0 or not self._wait_newer(than, slice_, self.spin):
-                pid, start = L.split_owner(self.load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER))
-                if self.version > than:
-                    continue
-                if pid and not alive(pid, start):
-                    raise PeerGone(f"the writer (pid {pid}) of {self._seg.label} died; the last version "
-                                   f"is {self.version}. A new writer may take over.")
-                if slice_ <= 0:
-                    raise Timeout(f"no version newer than {than} was published to {self._seg.label} "
-                                  f"within {timeout} s")
+        return self._await_version(waiting.wait_until, than, timeout)
 
     async def wait_newer_async(self, than: int = 0, *, timeout=None) -> int:
         """``await state.wait_newer_async(v)``: :meth:`wait_newer` without
         blocking the event loop (a worker thread sleeps on the futex, one
         0.1 s slice at a time, so a cancelled await lets it go at once)."""
-        import asyncio
-        loop = asyncio.get_running_loop()
-        deadline = _check_timeout(timeout)
-        while True:
-            slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
-            try:
-                return await loop.run_in_executor(None, lambda: self.wait_newer(than, timeout=max(slice_, 0)))
-            except Timeout:
-                if slice_ <= 0 or (deadline is not None and time.monotonic() >= deadline):
-                    raise Timeout(f"no version newer than {than} was published to {self._seg.label} "
-                                  f"within {timeout} s") from None
+        self._live()
+        return await self._await_version(waiting.wait_until_async, than, timeout)
+
+    def _await_version(self, wait_until, than, timeout):
+        """Both wait_newer()s: ``wait_until`` is :func:`shmring.waiting.wait_until` or its async twin."""
+        than = int(than)
+
+        def newer():
+            v = self.version
+            if v > than:
+                self._current()           # validates the current word and the slot header
+                return v
+            return None
+        return wait_until(
+            newer, lambda t: self._wait_newer(than, t, self.spin), lambda: roles.dead_holder(self, L.ST_OFF_WRITER),
+            timeout, lambda: f"no version newer than {than} was published to {self._seg.label} within {timeout} s",
+            lambda pid: f"the writer (pid {pid}) of {self._seg.label} died; the last version is {self.version}. "
+                        "A new writer may take over.")
 
     # -- the writer ---------------------------------------------------------------
     def _claim_writer(self) -> None:
         self._live()
-        if self._writer_owner and self._writer_pid == os.getpid():
-            return
-        key = self._seg.identity
-        me = L.owner_word(os.getpid(), my_start_time())
-        line = L.ST_OFF_WRITER
-        while True:
-            cur = self.load_u64(line + L.ROLE_OWNER)
-            if cur == 0:
-                if self.cas_u64(line + L.ROLE_OWNER, 0, me):
-                    break
-                continue
-            pid, start = L.split_owner(cur)
-            if cur == me and key not in _live_writers:
-                break                       # our own handle was dropped without closing
-            if cur == me:
-                raise RoleTaken(f"the writer role of {self._seg.label} is held by another handle in this "
-                                f"process (pid {pid}); close it first", pid)
-            if alive(pid, start):
-                raise RoleTaken(f"the writer role of {self._seg.label} is held by live process {pid}; "
-                                "a shared state has one writer", pid)
-            if self.cas_u64(line + L.ROLE_OWNER, cur, me):
-                # The writer died: take over.  If it died asleep waiting for a
-                # slot, its "waiters" count on the slot wake word was never taken
-                # back and every unpin would pay a futex_wake; only the writer
-                # sleeps there, so zero is exact.  (The version wake word is
-                # shared by all readers and cannot be reset this way: a reader
-                # killed inside wait_newer() costs one spare futex_wake per
-                # publish, which is rare next to the copy a publish makes.)
-                w = L.ST_OFF_SLOT_WAKE          # seq (low u32) and waiters (high u32): keep seq
-                while True:
-                    word = self.load_u64(w)
-                    if self.cas_u64(w, word, word & 0xFFFFFFFF):
-                        break
-                break
-        self.fetch_add_u64(line + L.ROLE_SESSIONS, 1)
-        _live_writers[key] = self
-        self._writer_owner, self._writer_pid = me, os.getpid()
-
-    def _give_back_writer(self) -> None:
-        if self._writer_owner and self._writer_pid == os.getpid():
-            self.cas_u64(L.ST_OFF_WRITER + L.ROLE_OWNER, self._writer_owner, 0)
-            if _live_writers.get(self._seg.identity) is self:
-                del _live_writers[self._seg.identity]
-        self._writer_owner = 0
+        if not self._writer.held():
+            self._writer.claim(self)
 
     def _reclaim_dead_pins(self) -> int:
         """Clear the pins of readers whose process is gone; return how many."""
         n = 0
-        me = self._writer_owner
+        me = self._writer.owner
         for i in range(self.max_readers):
             off = L.HEADER_SIZE + i * L.ST_ENTRY
             if not self.load_u64(off + L.ST_ENTRY_PIN):
@@ -410,24 +359,16 @@ class SharedState(_core.StateCore, SegmentHandle):
         if k >= 0:
             return k
         self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_WRITER_WAITS, 1)
-        deadline = _check_timeout(timeout)
-        while True:
-            if self._reclaim_dead_pins():
-                k = self._free_slot()
-                if k >= 0:
-                    return k
-            slice_ = WAIT_SLICE if deadline is None else min(WAIT_SLICE, deadline - time.monotonic())
-            if slice_ > 0 and self._wait_slot(slice_, self.spin):
-                k = self._free_slot()
-                if k >= 0:
-                    return k
-                continue
+
+        def free_slot():
             k = self._free_slot()
-            if k >= 0:
-                return k
-            if slice_ <= 0:
-                raise Timeout(f"every spare version slot of {self._seg.label} stayed pinned by live readers "
-                              f"for {timeout} s ({self.slots} slots); readers hold read() blocks or escaped views")
+            if k < 0 and self._reclaim_dead_pins():
+                k = self._free_slot()
+            return k if k >= 0 else None
+        return waiting.wait_until(
+            free_slot, lambda t: self._wait_slot(t, self.spin), None, timeout,
+            lambda: f"every spare version slot of {self._seg.label} stayed pinned by live readers "
+                    f"for {timeout} s ({self.slots} slots); readers hold read() blocks or escaped views")
 
     def _check_size(self, need: int) -> None:
         if need > self.nbytes:
@@ -442,9 +383,9 @@ class SharedState(_core.StateCore, SegmentHandle):
         when every slot but the current one is pinned by a live reader.
         """
         if timeout is not None:
-            _check_timeout(timeout)                      # checked even when the call does not wait
+            waiting.check_timeout(timeout)               # checked even when the call does not wait
         if isinstance(value, np.ndarray) and (meta := codec.array_meta(value)) is not None:
-            if self._writer_owner and self._writer_pid == os.getpid():
+            if self._writer.held():
                 v = self._publish_array(meta, value)      # C: free slot, one memcpy, publish
                 if v is not None:
                     return v
@@ -541,8 +482,8 @@ class SharedState(_core.StateCore, SegmentHandle):
         unmaps under a live snapshot or view.  Idempotent."""
         if self._seg.buf is None:
             return
-        self._give_back_writer()
-        me = L.owner_word(os.getpid(), my_start_time())
+        self._writer.give_back(self)
+        me = roles.my_owner_word()
         for i, busy in self._own_entries():    # empty in a forked child: the entries are the parent's
             if not busy:                       # a busy entry stays ours until its snapshot is released
                 self.cas_u64(L.HEADER_SIZE + i * L.ST_ENTRY + L.ST_ENTRY_OWNER, me, 0)

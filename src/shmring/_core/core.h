@@ -1,0 +1,233 @@
+/*
+ * core.h: what the rooms of the C core share.
+ *
+ *   atomics.h  the ordered accesses (the only file spelling the builtins)
+ *   wait.c     futex, futex_waitv, the one spin / sleep / slice loop
+ *   region.c   a mapped region: geometry read once, Python's word accessors
+ *   spsc.c     the single-producer ring: claim, publish, peek
+ *   multi.c    multi-party rings: claim, commit, stamp, take, requeue, skip
+ *   producer.c ProducerCore: send, reserve, commit, abort
+ *   consumer.c ConsumerCore: recv, recv_bytes, release tracking
+ *   lease.c    Lease: the one buffer exporter with the escaped-view check,
+ *              under Message, Snapshot and record batches
+ *   state.c    StateCore: copy-on-write shared state
+ *   module.c   the module, its constants and the Python callbacks
+ *
+ * The protocol these files obey is docs/design.md, "The protocol as rules":
+ * every ordered access cites its rule (R1, R2, ...) and its partner.
+ */
+#ifndef SHMRING_CORE_H
+#define SHMRING_CORE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "../_layout.h"
+#include "atomics.h"
+
+/* ------------------------------------------------------------ status codes */
+
+/* What a non-blocking step found (the C half of each call returns one). */
+enum peek_status {
+    PEEK_CORRUPT = -1,    /* exception set */
+    PEEK_EMPTY = 0,       /* nothing now */
+    PEEK_FOUND = 1,       /* a record (or room) */
+    PEEK_END = 2,         /* drained and the producer side has ended */
+    PEEK_EVICTED = 3,     /* broadcast: the producer evicted this subscriber */
+    PEEK_STALE = 4,       /* mpmc: the take cursor moved on while we looked; look again */
+};
+
+/* What a wait ended on (wait_for). */
+enum wait_status { WAIT_INTERRUPTED = -1, WAIT_SLICE_OVER = 0, WAIT_READY = 1 };
+
+static inline uint64_t align8(uint64_t n) { return (n + 7u) & ~(uint64_t)7u; }
+static inline uint64_t align16(uint64_t n) { return (n + 15u) & ~(uint64_t)15u; }
+
+/* ------------------------------------------------------------- the module */
+
+extern PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *EscapedViewWarning;
+extern unsigned long fork_generation;      /* bumped in every forked child */
+
+/* Python callbacks by method name (module.c lists them with why). */
+extern PyObject *str_send_obj, *str_try_send_obj, *str_send_wait, *str_recv_wait, *str_recv_copy,
+                *str_lagged, *str_eos_ready, *str_leave_table, *str_claim_reader;
+extern PyObject *decode_func, *copy_func, *state_decode_func;
+
+/* --------------------------------------------------------------- region.c */
+
+typedef struct {
+    PyObject_HEAD
+    Py_buffer view;         /* an export of the mapping, held for the handle's life */
+    int has_view;
+    char *base;
+    char *data;
+    uint64_t capacity, mask, max_message;
+    unsigned long fork_gen;
+    int closed;
+    double spin;            /* seconds a blocked call busy-polls before it sleeps */
+    uint64_t words_end;     /* Python's word accessors reach [0, words_end) */
+    /* ring geometry, read once at init (later corruption cannot move it) */
+    unsigned kind;          /* SHMR_KIND_* */
+    uint64_t hdr;           /* record header bytes: 8 (spsc) or 16 (multi-party) */
+    uint64_t data_off;      /* data area offset in the region */
+    uint64_t key;           /* multi-party: stamp key */
+    char *ptab, *ctab;      /* multi-party: producer and consumer tables */
+    uint32_t maxp, maxc, policy;
+    int slot;               /* this handle's table entry (-1: none) */
+} Region;
+
+extern PyTypeObject RegionType;
+int region_map(Region *self, PyObject *args);
+int Region_init(Region *self, PyObject *args, PyObject *kw);
+void Region_dealloc(Region *self);
+PyObject *Region_get_closed(Region *self, void *c);
+int check_usable(Region *r);
+int check_positions(Region *r, uint64_t rp, uint64_t wp);
+int check_timeout(PyObject *timeout);
+int corrupt(const char *what, uint64_t pos, uint64_t a, uint64_t b);
+static inline int is_multi(Region *r) { return r->kind != SHMR_KIND_SPSC; }
+static inline uint64_t payload_offset(Region *r, uint64_t start) {
+    return r->data_off + (start & r->mask) + r->hdr;   /* relative to the region base */
+}
+
+/* ----------------------------------------------------------------- wait.c */
+
+typedef int (*cond_fn)(void *ctx);
+void futex_wake_all(uint32_t *addr);
+void publish_and_wake(void *pos, uint64_t value, char *wake_line);
+void wake_always(char *wake_line);
+void wake_if_waiters(char *wake_line);
+int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns, uint64_t spin_ns);
+PyObject *wait_slice(char *wake_line, cond_fn cond, void *ctx, PyObject *slice, PyObject *spin);
+uint64_t seconds_to_ns(double s);
+PyObject *wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t n);
+PyObject *wait_counters(PyObject *mod, PyObject *unused);
+
+/* ------------------------------------------------------------- producer.c */
+
+typedef struct {
+    Region r;
+    uint64_t write_pos;     /* spsc: ours, mirrors the shared write_pos after each commit */
+    uint64_t cached_read;   /* last release position (gate) we loaded */
+    int reserved;           /* a reservation is open */
+    uint64_t res_start;     /* position of its record header */
+    uint64_t res_len;       /* payload bytes reserved */
+    uint64_t res_prev;      /* spsc: write_pos before it (padding included), for abort */
+    unsigned res_type;
+    char *entry;            /* multi-party: our producer table line */
+} Producer;
+
+extern PyTypeObject ProducerType;
+
+/* ------------------------------------------------------------- consumer.c */
+
+/* Records handed out and not yet released, in position order.  Space is
+ * given back (read_pos advanced) only over a prefix of released records. */
+typedef struct { uint64_t start, end; int done; } Entry;
+
+typedef struct {
+    Region r;
+    uint64_t next_pos;      /* next record to hand out (mpmc: unused) */
+    uint64_t read_pos;      /* last value stored to our release position */
+    uint64_t cached_write;  /* spsc: last write_pos we loaded */
+    Entry *q; size_t qhead, qlen, qcap;   /* circular queue of outstanding records */
+    int detached;           /* role given up: never store read_pos again */
+    uint64_t received;
+    char *entry;            /* broadcast / mpmc: our consumer table line */
+    char *posword;          /* spsc / mpsc: read_pos; broadcast: our table pos word */
+    char *recvword;         /* shared "received" counter of this role, or NULL */
+    int holding;            /* broadcast, evict policy: our pos word carries HOLD */
+    uint64_t nheld;         /* mpmc: messages taken and not released */
+    int leave_pending;      /* broadcast / mpmc closed while holding messages: leave the table once they are released */
+} Consumer;
+
+/* A record found by a peek. */
+typedef struct { uint64_t start, end; Py_ssize_t off, len; int type; } Rec;
+
+extern PyTypeObject ConsumerType;
+int consumer_skip(Consumer *c, uint64_t start, uint64_t end);
+int consumer_finish(Consumer *c, uint64_t start, uint64_t end);
+void consumer_store_read(Consumer *c, uint64_t rp);
+int consumer_ready(Consumer *c);
+
+/* ----------------------------------------------------------------- spsc.c */
+
+int spsc_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start);
+void spsc_publish(Producer *p, uint64_t start, uint64_t len, unsigned type);
+int spsc_peek(Consumer *c, Rec *out);
+
+/* ---------------------------------------------------------------- multi.c */
+
+int mp_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start);
+void mp_commit(Producer *p, uint64_t start, uint64_t claimed_len, uint64_t len, unsigned type);
+uint64_t mp_gate(Region *r, uint64_t wp);
+int mp_ended(Region *r);
+int mp_peek_seq(Consumer *c, Rec *out);
+int mpmc_peek(Consumer *c, Rec *out);
+void mpmc_release(Consumer *c, uint64_t start);
+int mpmc_give_back(Consumer *c, uint64_t start);
+int mp_ready(Consumer *c);
+int bc_hold(Consumer *c);
+void bc_unhold_if_idle(Consumer *c);
+static inline char *mp_rec(Region *r, uint64_t pos) { return r->data + (pos & r->mask); }
+static inline int mp_committed(Region *r, uint64_t pos) {
+    return load_acquire64(mp_rec(r, pos)) == (r->key ^ pos);   /* R7, pairs with the stamp exchange in mp_stamp */
+}
+/* recovery calls of the Python slow path (ConsumerCore methods) */
+PyObject *Consumer_stuck(Consumer *self, PyObject *unused);
+PyObject *Consumer_skip_abandoned(Consumer *self, PyObject *const *args, Py_ssize_t n);
+PyObject *Consumer_inflight(Consumer *self, PyObject *unused);
+PyObject *Consumer_requeue(Consumer *self, PyObject *const *args, Py_ssize_t n);
+
+/* ---------------------------------------------------------------- lease.c */
+
+/* A zero-copy window on shared memory, exported as a buffer: the one
+ * escaped-view mechanism.  It counts its live exports; release() with an
+ * export still alive means a view escaped: finishing (giving the space or
+ * pin back) is deferred until the last export goes, with a warning. */
+typedef struct Lease Lease;
+typedef struct {
+    const char *what;                           /* "message", "snapshot", ... for errors */
+    void (*finish)(Lease *l);                   /* give the space back (called once, owner still set) */
+    int (*warn)(Lease *l);                      /* EscapedViewWarning; -1 if it raised */
+} LeaseOps;
+
+enum lease_state { LEASE_LIVE = 0, LEASE_DEFERRED = 1, LEASE_RELEASED = 2 };
+
+struct Lease {
+    PyObject_HEAD
+    const LeaseOps *ops;
+    PyObject *owner;        /* strong reference while not released: keeps the mapping alive */
+    char *ptr;              /* the window */
+    Py_ssize_t len;
+    int readonly;
+    int exports;            /* live buffer exports */
+    int state;              /* enum lease_state */
+    PyObject *on_finish;    /* plain leases made in Python: called to give the window back */
+    PyObject *warning;      /* plain leases: the EscapedViewWarning text */
+};
+
+extern PyTypeObject LeaseType, MessageType;
+
+typedef struct {
+    Lease l;                /* owner: the Consumer */
+    uint64_t start, end;
+    Py_ssize_t off;         /* payload, relative to the region base */
+    int type;
+} Message;
+
+void lease_init(Lease *l, const LeaseOps *ops, PyObject *owner, char *ptr, Py_ssize_t len, int readonly);
+void lease_finish(Lease *l);
+void lease_forget(Lease *l);
+PyObject *Lease_release(Lease *l, PyObject *unused);
+void Lease_dealloc(Lease *l);
+PyObject *Lease_get_nbytes(Lease *l, void *c);
+PyObject *make_message(Consumer *c, Rec *r);
+
+/* ---------------------------------------------------------------- state.c */
+
+extern PyTypeObject StateCoreType, SnapshotType;
+
+#endif

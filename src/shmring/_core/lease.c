@@ -1,0 +1,266 @@
+/*
+ * lease.c: Lease, the one zero-copy buffer exporter, and Message.
+ *
+ * A lease is a window on shared memory that some protocol step must give
+ * back (a ring record's space, a shared-state pin, a batch of records).  It
+ * exports the window through the buffer protocol and counts its live
+ * exports.  It caches no view of its own, so an export alive at release() is
+ * a view the caller kept: it escaped.  Then giving back is deferred until the
+ * last export goes (the buffer release hook finishes the lease), and
+ * EscapedViewWarning is issued, instead of letting a producer or writer
+ * overwrite live data.  Every derived view (numpy slices, np.frombuffer,
+ * memoryview slices) keeps its export alive through its base chain, so views
+ * of views are covered too.
+ *
+ * Subtypes (struct embedding Lease first): Message (here), Snapshot
+ * (state.c).  Python builds plain leases for record batches:
+ * Lease(region, offset, length, on_finish, warning).
+ */
+#include "core.h"
+
+void lease_init(Lease *l, const LeaseOps *ops, PyObject *owner, char *ptr, Py_ssize_t len, int readonly) {
+    l->ops = ops;
+    Py_INCREF(owner);
+    l->owner = owner;
+    l->ptr = ptr;
+    l->len = len;
+    l->readonly = readonly;
+    l->exports = 0;
+    l->state = LEASE_LIVE;
+    l->on_finish = NULL;
+    l->warning = NULL;
+}
+
+/* Give the window back, once. */
+void lease_finish(Lease *l) {
+    l->state = LEASE_RELEASED;
+    if (!l->owner) return;
+    l->ops->finish(l);
+    Py_CLEAR(l->owner);
+}
+
+/* Drop a lease that was never handed out (nothing to give back). */
+void lease_forget(Lease *l) {
+    l->state = LEASE_RELEASED;
+    Py_CLEAR(l->owner);
+}
+
+static int Lease_getbuffer(Lease *l, Py_buffer *view, int flags) {
+    if (l->state != LEASE_LIVE || !l->owner) {
+        PyErr_Format(PyExc_BufferError, "%s was released; its bytes may already be overwritten", l->ops->what);
+        return -1;
+    }
+    if (PyBuffer_FillInfo(view, (PyObject *)l, l->ptr, l->len, l->readonly, flags) < 0) return -1;
+    l->exports++;
+    return 0;
+}
+
+static void Lease_releasebuffer(Lease *l, Py_buffer *view) {
+    l->exports--;
+    if (l->exports == 0 && l->state == LEASE_DEFERRED) lease_finish(l);
+}
+
+static PyBufferProcs Lease_as_buffer = {
+    (getbufferproc)Lease_getbuffer,
+    (releasebufferproc)Lease_releasebuffer,
+};
+
+PyObject *Lease_release(Lease *l, PyObject *unused) {
+    if (l->state != LEASE_LIVE) Py_RETURN_NONE;
+    if (l->exports > 0) {
+        l->state = LEASE_DEFERRED;
+        if (l->ops->warn(l) < 0) return NULL;
+        Py_RETURN_NONE;
+    }
+    lease_finish(l);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lease_enter(PyObject *l, PyObject *unused) { Py_INCREF(l); return l; }
+static PyObject *Lease_exit(Lease *l, PyObject *const *args, Py_ssize_t n) {
+    PyObject *r = Lease_release(l, NULL);
+    if (!r) return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
+void Lease_dealloc(Lease *l) {
+    /* exports hold references to l, so here exports == 0: a lease dropped
+     * without release() is released now */
+    if (l->state == LEASE_LIVE) lease_finish(l);
+    else Py_CLEAR(l->owner);
+    Py_CLEAR(l->on_finish);
+    Py_CLEAR(l->warning);
+    Py_TYPE(l)->tp_free((PyObject *)l);
+}
+
+static PyObject *Lease_get_released(Lease *l, void *c) { return PyBool_FromLong(l->state != LEASE_LIVE); }
+static PyObject *Lease_get_exports(Lease *l, void *c) { return PyLong_FromLong(l->exports); }
+PyObject *Lease_get_nbytes(Lease *l, void *c) { return PyLong_FromSsize_t(l->len); }
+
+static PyMethodDef Lease_methods[] = {
+    {"release", (PyCFunction)Lease_release, METH_NOARGS,
+     "release(): give the window back. Idempotent. If a view of it is still alive, that is deferred "
+     "until the view is garbage-collected, and EscapedViewWarning is issued."},
+    {"__enter__", (PyCFunction)Lease_enter, METH_NOARGS, NULL},
+    {"__exit__", (PyCFunction)(void (*)(void))Lease_exit, METH_FASTCALL, NULL},
+    {NULL}
+};
+static PyGetSetDef Lease_getset[] = {
+    {"released", (getter)Lease_get_released, NULL, "True once release() was called", NULL},
+    {"nbytes", (getter)Lease_get_nbytes, NULL, "size of the window in bytes", NULL},
+    {"_exports", (getter)Lease_get_exports, NULL, NULL, NULL},
+    {NULL}
+};
+
+/* -------------------------------------------- plain leases, made in Python */
+
+/* finish: call on_finish() (a record consumer gives the batch's space back) */
+static void py_lease_finish(Lease *l) {
+    if (!l->on_finish) return;
+    PyObject *r = PyObject_CallNoArgs(l->on_finish);
+    if (!r) PyErr_WriteUnraisable((PyObject *)l);
+    Py_XDECREF(r);
+}
+static int py_lease_warn(Lease *l) {
+    return PyErr_WarnEx(EscapedViewWarning, l->warning ? PyUnicode_AsUTF8(l->warning) : "a view outlived its lease", 2);
+}
+static const LeaseOps py_lease_ops = { "lease", py_lease_finish, py_lease_warn };
+
+/* Lease(region, offset, length, on_finish, warning, readonly=True) */
+static int Lease_init(Lease *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"region", "offset", "length", "on_finish", "warning", "readonly", NULL};
+    PyObject *region, *on_finish, *warning;
+    Py_ssize_t off, len;
+    int readonly = 1;
+    if (self->owner) { PyErr_SetString(PyExc_RuntimeError, "already initialized"); return -1; }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!nnOU|p", kwlist, &RegionType, &region, &off, &len,
+                                     &on_finish, &warning, &readonly))
+        return -1;
+    Region *r = (Region *)region;
+    if (!r->has_view || off < 0 || len < 0 || off > r->view.len || len > r->view.len - off) {
+        PyErr_Format(PyExc_ValueError, "lease of %zd bytes at %zd outside the region", len, off);
+        return -1;
+    }
+    if (!PyCallable_Check(on_finish)) { PyErr_SetString(PyExc_TypeError, "on_finish must be callable"); return -1; }
+    lease_init(self, &py_lease_ops, region, r->base + off, len, readonly);
+    Py_INCREF(on_finish); self->on_finish = on_finish;
+    Py_INCREF(warning); self->warning = warning;
+    return 0;
+}
+
+PyTypeObject LeaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.Lease",
+    .tp_basicsize = sizeof(Lease),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Lease(region, offset, length, on_finish, warning, readonly=True): a zero-copy window on a "
+              "region, exported as a buffer.\n\nLifetime: views of it are valid until release(); a view "
+              "alive at release() defers on_finish() until it is garbage-collected (EscapedViewWarning).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Lease_init,
+    .tp_dealloc = (destructor)Lease_dealloc,
+    .tp_as_buffer = &Lease_as_buffer,
+    .tp_methods = Lease_methods,
+    .tp_getset = Lease_getset,
+};
+
+/* ---------------------------------------------------------------- Message */
+
+static const char *kind_names[] = {"?", "bytes", "array", "object"};
+
+static void message_finish(Lease *l) {
+    Message *m = (Message *)l;
+    Consumer *c = (Consumer *)l->owner;
+    /* A message inherited by a forked child is the parent's: only the parent releases it. */
+    if (c->r.fork_gen == fork_generation && consumer_finish(c, m->start, m->end) < 0)
+        PyErr_WriteUnraisable((PyObject *)m);
+}
+
+static int message_warn(Lease *l) {
+    Message *m = (Message *)l;
+    return PyErr_WarnFormat(EscapedViewWarning, 1,
+        "a view of a received %s message (%zd bytes at ring position %llu) is still alive after "
+        "release; its ring space stays held until that view is garbage-collected. Keep a copy "
+        "instead: msg.copy() or recv(copy=True).", kind_names[m->type], l->len, (unsigned long long)m->start);
+}
+
+static const LeaseOps message_ops = { "message", message_finish, message_warn };
+
+/* A Message for the record r of consumer c (tracking is the caller's). */
+PyObject *make_message(Consumer *c, Rec *r) {
+    Message *m = PyObject_New(Message, &MessageType);
+    if (!m) return NULL;
+    lease_init(&m->l, &message_ops, (PyObject *)c, c->r.base + r->off, r->len, 1);
+    m->start = r->start; m->end = r->end;
+    m->off = r->off; m->type = r->type;
+    return (PyObject *)m;
+}
+
+static PyObject *Message_get_value(Message *m, void *c) {
+    if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "message was released; keep msg.copy() to use data after release"); return NULL; }
+    if (m->type == SHMR_T_BYTES) return PyMemoryView_FromObject((PyObject *)m);
+    return PyObject_CallOneArg(decode_func, (PyObject *)m);
+}
+
+static PyObject *Message_tobytes(Message *m, PyObject *unused) {
+    if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "message was released"); return NULL; }
+    return PyBytes_FromStringAndSize(m->l.ptr, m->l.len);
+}
+
+static PyObject *Message_copy(Message *m, PyObject *unused) {
+    if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "message was released"); return NULL; }
+    if (m->type == SHMR_T_BYTES) return Message_tobytes(m, NULL);
+    return PyObject_CallOneArg(copy_func, (PyObject *)m);
+}
+
+static PyObject *Message_get_kind(Message *m, void *c) { return PyUnicode_FromString(kind_names[m->type]); }
+static PyObject *Message_get_type(Message *m, void *c) { return PyLong_FromLong(m->type); }
+static PyObject *Message_get_offset(Message *m, void *c) { return PyLong_FromSsize_t(m->off); }
+static PyObject *Message_get_position(Message *m, void *c) { return PyLong_FromUnsignedLongLong(m->start); }
+
+static PyObject *Message_repr(Message *m) {
+    return PyUnicode_FromFormat("<shmring.Message %s, %zd bytes at position %llu%s>", kind_names[m->type],
+                                m->l.len, (unsigned long long)m->start,
+                                m->l.state == LEASE_LIVE ? "" : m->l.state == LEASE_DEFERRED ? ", release deferred" : ", released");
+}
+
+static PyMethodDef Message_methods[] = {
+    {"release", (PyCFunction)Lease_release, METH_NOARGS,
+     "release(): give the message's ring space back. Idempotent. If a view of it is still alive the "
+     "space is held until that view is garbage-collected, and EscapedViewWarning is issued."},
+    {"copy", (PyCFunction)Message_copy, METH_NOARGS, "copy(): the value, detached from the ring (owns its memory)"},
+    {"tobytes", (PyCFunction)Message_tobytes, METH_NOARGS, "tobytes(): a copy of the raw payload bytes"},
+    {NULL}
+};
+static PyGetSetDef Message_getset[] = {
+    {"value", (getter)Message_get_value, NULL,
+     "the payload: a read-only memoryview (bytes), a read-only ndarray (array), or the decoded object "
+     "(msgpack, arrays inside are read-only views). Built anew on each access; valid until release().", NULL},
+    {"kind", (getter)Message_get_kind, NULL, "'bytes', 'array' or 'object'", NULL},
+    {"type", (getter)Message_get_type, NULL, "record type code (shmring.layout.T_*)", NULL},
+    {"nbytes", (getter)Lease_get_nbytes, NULL, "payload size in bytes", NULL},
+    {"_offset", (getter)Message_get_offset, NULL, "payload offset in the region", NULL},
+    {"position", (getter)Message_get_position, NULL, "ring position of the record", NULL},
+    {NULL}
+};
+
+PyTypeObject MessageType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring.Message",
+    .tp_basicsize = sizeof(Message),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A received message: a zero-copy window on ring memory.\n\n"
+              "Lifetime: msg.value and every view derived from it (slices, numpy views, "
+              "memoryviews) point into the shared ring and are valid until msg.release() "
+              "(called when a `with` block exits). After that the producer may overwrite the "
+              "space, so release() checks whether a view escaped: if one did, the space is held "
+              "until the view is garbage-collected and EscapedViewWarning is issued. To keep data, "
+              "use msg.copy() or recv(copy=True).",
+    .tp_base = &LeaseType,
+    .tp_new = NULL,
+    .tp_dealloc = (destructor)Lease_dealloc,
+    .tp_methods = Message_methods,
+    .tp_getset = Message_getset,
+    .tp_repr = (reprfunc)Message_repr,
+};

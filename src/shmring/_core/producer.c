@@ -1,0 +1,274 @@
+/*
+ * producer.c: ProducerCore, the C half of shmring.Producer: send of bytes and
+ * contiguous arrays in one call, reserve / commit / abort, and the wait for
+ * room.  The ring protocol itself is in spsc.c and multi.c.
+ */
+#include "core.h"
+
+static int not_for_records(Region *r) {
+    if (r->kind != SHMR_KIND_RECORDS) return 0;
+    PyErr_SetString(PyExc_TypeError, "a record ring has its own handles (shmring.records)");
+    return -1;
+}
+
+static int Producer_init(Producer *self, PyObject *args, PyObject *kw) {
+    if (Region_init(&self->r, args, kw) < 0 || not_for_records(&self->r) < 0) return -1;
+    uint64_t wp = load_acquire64(self->r.base + SHMR_OFF_WRITE_POS);   /* R2 / R6, our own or the claim cursor */
+    uint64_t rp = load_acquire64(self->r.base + SHMR_OFF_READ_POS);   /* R3, pairs with the consumer's exchange of read_pos */
+    if (check_positions(&self->r, rp, wp) < 0) return -1;
+    if (is_multi(&self->r)) {
+        if (self->r.slot < 0 || (uint32_t)self->r.slot >= self->r.maxp) {
+            PyErr_Format(PyExc_ValueError, "producer slot %d outside the table of %u", self->r.slot, self->r.maxp);
+            return -1;
+        }
+        self->entry = self->r.ptab + (uint64_t)self->r.slot * SHMR_MP_ENTRY;
+    }
+    self->write_pos = wp;
+    self->cached_read = rp;
+    return 0;
+}
+
+static inline int producer_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start) {
+    return is_multi(&p->r) ? mp_claim(p, payload_len, rec_start) : spsc_claim(p, payload_len, rec_start);
+}
+
+/* Publish the record claimed at start (claimed_len payload bytes claimed, len used). */
+static inline void producer_finish(Producer *p, uint64_t start, uint64_t claimed_len, uint64_t len, unsigned type) {
+    if (is_multi(&p->r)) mp_commit(p, start, claimed_len, len, type);
+    else spsc_publish(p, start, len, type);
+}
+
+static int too_large(Producer *p, uint64_t len) {
+    PyErr_Format(MessageTooLarge, "message of %llu bytes can never fit: this ring's largest "
+                 "message is %llu bytes (capacity %llu / 2 - %llu)", (unsigned long long)len,
+                 (unsigned long long)p->r.max_message, (unsigned long long)p->r.capacity,
+                 (unsigned long long)p->r.hdr);
+    return -1;
+}
+
+/* Copy one payload in and publish it. 1 sent, 0 full, -1 error. */
+static int producer_push(Producer *p, const char *buf, uint64_t len, unsigned type) {
+    if (len > p->r.max_message) return too_large(p, len);
+    if (p->reserved) { PyErr_SetString(ShmringError, "a reservation is open; commit or abort it first"); return -1; }
+    uint64_t start;
+    int r = producer_claim(p, len, &start);
+    if (r != PEEK_FOUND) return r;
+    memcpy(p->r.base + payload_offset(&p->r, start), buf, len);
+    producer_finish(p, start, len, len, type);
+    return 1;
+}
+
+/* Fast path for bytes / bytearray: 1 sent, 0 full, -1 error, 2 not a fast type. */
+static int producer_push_fast(Producer *p, PyObject *data) {
+    if (PyBytes_CheckExact(data))
+        return producer_push(p, PyBytes_AS_STRING(data), (uint64_t)PyBytes_GET_SIZE(data), SHMR_T_BYTES);
+    if (PyByteArray_CheckExact(data))
+        return producer_push(p, PyByteArray_AS_STRING(data), (uint64_t)PyByteArray_GET_SIZE(data), SHMR_T_BYTES);
+    return 2;
+}
+
+static PyObject *Producer_send(Producer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    if (nargs < 1) { PyErr_SetString(PyExc_TypeError, "send(data, *, timeout=None)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    PyObject *timeout = Py_None;
+    if (nargs > 1 || (kwnames && PyTuple_GET_SIZE(kwnames) > 0)) {
+        if (nargs > 1 || PyTuple_GET_SIZE(kwnames) != 1 ||
+            !PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0)) ||
+            PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "timeout") != 0) {
+            PyErr_SetString(PyExc_TypeError, "send(data, *, timeout=None)");
+            return NULL;
+        }
+        timeout = args[1];
+        if (check_timeout(timeout) < 0) return NULL;
+    }
+    int r = producer_push_fast(self, args[0]);
+    if (r == 1) Py_RETURN_NONE;
+    if (r < 0) return NULL;
+    if (r == 0) return PyObject_CallMethodObjArgs((PyObject *)self, str_send_wait, args[0], timeout, NULL);
+    return PyObject_CallMethodObjArgs((PyObject *)self, str_send_obj, args[0], timeout, NULL);
+}
+
+static PyObject *Producer_try_send(Producer *self, PyObject *data) {
+    if (check_usable(&self->r) < 0) return NULL;
+    int r = producer_push_fast(self, data);
+    if (r == 1) Py_RETURN_TRUE;
+    if (r == 0) Py_RETURN_FALSE;
+    if (r < 0) return NULL;
+    return PyObject_CallMethodObjArgs((PyObject *)self, str_try_send_obj, data, NULL);
+}
+
+/* _push(buffer, type) -> bool: try to send any contiguous buffer as one record. */
+static PyObject *Producer_push(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_push(buffer, type)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    long type = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[0], &b, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    int r = producer_push(self, (const char *)b.buf, (uint64_t)b.len, (unsigned)type);
+    PyBuffer_Release(&b);
+    if (r < 0) return NULL;
+    return PyBool_FromLong(r);
+}
+
+/* _push_array(meta, data, type) -> bool: one record holding
+ *   u32 meta_len | u32 1 | meta | pad to 64 | data
+ * (the T_ARRAY layout of shmring.codec) with one memcpy of a contiguous buffer. */
+static PyObject *Producer_push_array(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3 || !PyBytes_Check(args[0])) { PyErr_SetString(PyExc_TypeError, "_push_array(meta: bytes, data, type)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    long type = PyLong_AsLong(args[2]); if (PyErr_Occurred()) return NULL;
+    if (self->reserved) { PyErr_SetString(ShmringError, "a reservation is open; commit or abort it first"); return NULL; }
+    Py_buffer b;
+    if (PyObject_GetBuffer(args[1], &b, PyBUF_ANY_CONTIGUOUS) < 0) return NULL;
+    uint64_t meta_len = (uint64_t)PyBytes_GET_SIZE(args[0]);
+    uint64_t worst = 8 + meta_len + 63 + (uint64_t)b.len;
+    PyObject *result = NULL;
+    if (worst > self->r.max_message) {
+        PyErr_Format(MessageTooLarge, "array of %zd bytes can never fit: this ring's largest message is "
+                     "%llu bytes including %llu bytes of descriptor and alignment", b.len,
+                     (unsigned long long)self->r.max_message, (unsigned long long)(worst - (uint64_t)b.len));
+        goto done;
+    }
+    uint64_t start;
+    int r = producer_claim(self, worst, &start);
+    if (r == PEEK_CORRUPT) goto done;
+    if (r == PEEK_EMPTY) { Py_INCREF(Py_False); result = Py_False; goto done; }
+    uint64_t payload = payload_offset(&self->r, start);  /* region offsets */
+    char *pl = self->r.base + payload;
+    *(uint32_t *)pl = (uint32_t)meta_len;
+    *(uint32_t *)(pl + 4) = 1;
+    memcpy(pl + 8, PyBytes_AS_STRING(args[0]), meta_len);
+    uint64_t area = (payload + 8 + meta_len + 63) & ~(uint64_t)63;
+    memcpy(self->r.base + area, b.buf, (size_t)b.len);
+    uint64_t len = area + (uint64_t)b.len - payload;
+    producer_finish(self, start, worst, len, (unsigned)type);
+    Py_INCREF(Py_True); result = Py_True;
+done:
+    PyBuffer_Release(&b);
+    return result;
+}
+
+/* _reserve(payload_len, type) -> offset of the payload in the region, or None if full. */
+static PyObject *Producer_reserve(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_reserve(nbytes, type)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    unsigned long long len = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    long type = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
+    if (len > self->r.max_message) {
+        PyErr_Format(MessageTooLarge, "reservation of %llu bytes can never fit: this ring's largest "
+                     "message is %llu bytes", len, (unsigned long long)self->r.max_message);
+        return NULL;
+    }
+    if (self->reserved) { PyErr_SetString(ShmringError, "a reservation is already open; commit or abort it first"); return NULL; }
+    uint64_t prev = self->write_pos, start;
+    int r = producer_claim(self, len, &start);
+    if (r == PEEK_CORRUPT) return NULL;
+    if (r == PEEK_EMPTY) Py_RETURN_NONE;
+    self->reserved = 1;
+    self->res_start = start;
+    self->res_len = len;
+    self->res_prev = prev;
+    self->res_type = (unsigned)type;
+    /* spsc: the claim may have written a padding record: write_pos stays
+     * before it until commit, so abort forgets both. */
+    return PyLong_FromUnsignedLongLong(payload_offset(&self->r, start));
+}
+
+/* _commit(nbytes=-1): publish the open reservation, optionally shrunk to nbytes. */
+static PyObject *Producer_commit(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (!self->reserved) { PyErr_SetString(ShmringError, "no open reservation"); return NULL; }
+    uint64_t len = self->res_len;
+    if (n >= 1 && args[0] != Py_None) {
+        unsigned long long l = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+        if (l > len) { PyErr_Format(PyExc_ValueError, "cannot commit %llu bytes of a %llu-byte reservation", l, (unsigned long long)len); return NULL; }
+        len = l;
+    }
+    self->reserved = 0;
+    producer_finish(self, self->res_start, self->res_len, len, self->res_type);
+    Py_RETURN_NONE;
+}
+
+/* Forget an open reservation.  spsc: nothing was published, rewind.  Multi-
+ * party: others may have claimed after it, so it is committed as a T_SKIP. */
+static PyObject *Producer_abort(Producer *self, PyObject *unused) {
+    if (!self->reserved) Py_RETURN_NONE;
+    self->reserved = 0;
+    if (is_multi(&self->r)) mp_commit(self, self->res_start, self->res_len, self->res_len, SHMR_T_SKIP);
+    else self->write_pos = self->res_prev;
+    Py_RETURN_NONE;
+}
+
+struct space_ctx { Producer *p; uint64_t len, total; };
+
+/* Room for the record now (the seq_cst condition loads of R4). */
+static int space_cond(void *vctx) {
+    struct space_ctx *c = vctx;
+    Region *r = &c->p->r;
+    if (is_multi(r)) {                 /* room at the current cursor */
+        uint64_t wp = load_seq_cst64(r->base + SHMR_OFF_WRITE_POS);   /* R4, pairs with the producers' cursor CAS */
+        uint64_t need = align16(SHMR_MREC_HDR + c->len), tail = r->capacity - (wp & r->mask);
+        uint64_t g = mp_gate(r, wp);
+        if (g > wp) return 1;          /* stale or corrupt: let the claim decide */
+        return wp + (need <= tail ? need : tail + need) - g <= r->capacity;
+    }
+    uint64_t rp = load_seq_cst64(r->base + SHMR_OFF_READ_POS);   /* R4, pairs with the consumer's exchange of read_pos */
+    uint64_t wp = c->p->write_pos;
+    if (rp > wp) return 1;             /* corrupt: let the caller's claim report it */
+    return wp + c->total - rp <= r->capacity;
+}
+
+/* _wait_space(payload_len, slice_s, spin_s) -> bool (GIL released while waiting). */
+static PyObject *Producer_wait_space(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "_wait_space(nbytes, slice, spin)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    unsigned long long len = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    uint64_t need = align8(SHMR_REC_HDR + len), tail = self->r.capacity - (self->write_pos & self->r.mask);
+    struct space_ctx c = { self, len, need <= tail ? need : tail + need };
+    return wait_slice(self->r.base + SHMR_OFF_SPACE_WAKE, space_cond, &c, args[1], args[2]);
+}
+
+static PyObject *Producer_mark_closed(Producer *self, PyObject *unused) {
+    self->r.closed = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Producer_get_write_pos(Producer *self, void *c) {
+    if (is_multi(&self->r) && self->r.has_view)     /* shared by the producers: the claim cursor */
+        return PyLong_FromUnsignedLongLong(load_acquire64(self->r.base + SHMR_OFF_WRITE_POS));   /* R6, statistics */
+    return PyLong_FromUnsignedLongLong(self->write_pos);
+}
+static PyObject *Producer_get_reserved(Producer *self, void *c) { return PyBool_FromLong(self->reserved); }
+
+static PyMethodDef Producer_methods[] = {
+    {"send", (PyCFunction)(void (*)(void))Producer_send, METH_FASTCALL | METH_KEYWORDS,
+     "send(data, *, timeout=None): send bytes, an ndarray or a msgpack-able object; "
+     "block up to timeout seconds (None: forever) while the ring is full"},
+    {"try_send", (PyCFunction)Producer_try_send, METH_O, "try_send(data) -> bool: send if there is room now"},
+    {"_push", (PyCFunction)(void (*)(void))Producer_push, METH_FASTCALL, NULL},
+    {"_reserve", (PyCFunction)(void (*)(void))Producer_reserve, METH_FASTCALL, NULL},
+    {"_push_array", (PyCFunction)(void (*)(void))Producer_push_array, METH_FASTCALL, NULL},
+    {"_commit", (PyCFunction)(void (*)(void))Producer_commit, METH_FASTCALL, NULL},
+    {"_abort", (PyCFunction)Producer_abort, METH_NOARGS, NULL},
+    {"_wait_space", (PyCFunction)(void (*)(void))Producer_wait_space, METH_FASTCALL, NULL},
+    {"_mark_closed", (PyCFunction)Producer_mark_closed, METH_NOARGS, NULL},
+    {NULL}
+};
+static PyGetSetDef Producer_getset[] = {
+    {"position", (getter)Producer_get_write_pos, NULL, "bytes committed so far (the write position)", NULL},
+    {"_reserved", (getter)Producer_get_reserved, NULL, NULL, NULL},
+    {"closed", (getter)Region_get_closed, NULL, "True once close() was called", NULL},
+    {NULL}
+};
+
+PyTypeObject ProducerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.ProducerCore",
+    .tp_basicsize = sizeof(Producer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "C half of shmring.Producer",
+    .tp_base = &RegionType,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Producer_init,
+    .tp_methods = Producer_methods,
+    .tp_getset = Producer_getset,
+};

@@ -1,0 +1,249 @@
+/*
+ * region.c: a mapped region.  Holds a buffer export of the mapping for its
+ * lifetime, so the mapping cannot be unmapped (mmap.close() raises
+ * BufferError) while any handle or message still points into it.  Reads the
+ * ring geometry once (R1) and gives Python ordered word accessors (R22).
+ */
+#include "core.h"
+
+#include <structmember.h>
+
+/* Take a writable export of the mapping passed as the first argument. */
+int region_map(Region *self, PyObject *args) {
+    PyObject *buf;
+    int slot = -1;
+    if (!PyArg_ParseTuple(args, "O|i", &buf, &slot)) return -1;
+    self->slot = slot;
+    if (self->has_view) { PyErr_SetString(PyExc_RuntimeError, "already initialized"); return -1; }
+    if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
+    self->has_view = 1;
+    self->base = (char *)self->view.buf;
+    self->fork_gen = fork_generation;
+    self->words_end = SHMR_HEADER_SIZE;
+    if ((uintptr_t)self->base % 4096 != 0 || self->view.len < (Py_ssize_t)SHMR_HEADER_SIZE) {
+        PyErr_SetString(CorruptSegmentError, "region is unaligned or smaller than the header page");
+        return -1;
+    }
+    /* R1: ready before any other header field (pairs with the creator's
+     * store_release of ready).  The creator itself maps the region before it
+     * stores ready, so 0 is not an error here; Python attach waited for 1. */
+    (void)load_acquire32(self->base + SHMR_OFF_READY);   /* R1, pairs with the creator's store_u32(ready) */
+    return 0;
+}
+
+/* A ring region: the mapping plus the ring's geometry. */
+int Region_init(Region *self, PyObject *args, PyObject *kw) {
+    if (region_map(self, args) < 0) return -1;
+    char *b = self->base;
+    /* Read once and cached: later corruption of the header cannot move our bounds. */
+    uint64_t cap = load_relaxed64(b + SHMR_OFF_CAPACITY);   /* R1, fixed field after ready */
+    if (cap < SHMR_MIN_CAPACITY || cap > SHMR_MAX_CAPACITY || (cap & (cap - 1)) != 0 ||
+        (uint64_t)self->view.len < SHMR_HEADER_SIZE + cap) {
+        PyErr_Format(CorruptSegmentError, "capacity %llu does not fit a region of %zd bytes",
+                     (unsigned long long)cap, self->view.len);
+        return -1;
+    }
+    self->capacity = cap;
+    self->mask = cap - 1;
+    self->kind = load_relaxed32(b + SHMR_OFF_KIND);   /* R1, fixed field after ready */
+    self->hdr = SHMR_REC_HDR;
+    self->data_off = SHMR_HEADER_SIZE;
+    if (self->kind == SHMR_KIND_MPSC || self->kind == SHMR_KIND_BROADCAST || self->kind == SHMR_KIND_MPMC) {
+        uint64_t doff = load_relaxed64(b + SHMR_OFF_DATA_OFFSET);   /* R1, fixed field after ready */
+        uint64_t pt = load_relaxed64(b + SHMR_MP_OFF_PROD_TABLE);   /* R1, fixed field after ready */
+        uint64_t ct = load_relaxed64(b + SHMR_MP_OFF_CONS_TABLE);   /* R1, fixed field after ready */
+        uint32_t mp = load_relaxed32(b + SHMR_MP_OFF_MAX_PRODUCERS);   /* R1, fixed field after ready */
+        uint32_t mc = load_relaxed32(b + SHMR_MP_OFF_MAX_CONSUMERS);   /* R1, fixed field after ready */
+        if (mp < 1 || mp > SHMR_MP_MAX_PARTIES || mc < 1 || mc > SHMR_MP_MAX_PARTIES || pt != SHMR_HEADER_SIZE ||
+            ct != pt + (uint64_t)mp * SHMR_MP_ENTRY || doff != ((ct + (uint64_t)mc * SHMR_MP_ENTRY + 4095) & ~4095ull) ||
+            (uint64_t)self->view.len < doff + cap) {
+            PyErr_Format(CorruptSegmentError, "multi-party ring tables do not fit: %u producers, %u consumers, "
+                         "data at %llu, region of %zd bytes", mp, mc, (unsigned long long)doff, self->view.len);
+            return -1;
+        }
+        self->hdr = SHMR_MREC_HDR;
+        self->data_off = doff;
+        self->key = load_relaxed64(b + SHMR_MP_OFF_KEY);   /* R1, fixed field after ready */
+        self->ptab = b + pt; self->ctab = b + ct;
+        self->maxp = mp; self->maxc = mc;
+        self->policy = load_relaxed32(b + SHMR_MP_OFF_POLICY);   /* R1, fixed field after ready */
+        self->words_end = doff;          /* the tables are reachable from Python */
+    } else if (self->kind != SHMR_KIND_SPSC && self->kind != SHMR_KIND_RECORDS) {
+        PyErr_Format(CorruptSegmentError, "unknown ring kind %u", self->kind);
+        return -1;
+    }
+    self->max_message = cap / 2 - self->hdr;
+    if (self->max_message > SHMR_MAX_MESSAGE) self->max_message = SHMR_MAX_MESSAGE;  /* lengths are u32 */
+    self->data = self->base + self->data_off;
+    return 0;
+}
+
+void Region_dealloc(Region *self) {
+    if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+int check_usable(Region *r) {
+    if (r->closed || !r->has_view) { PyErr_SetString(HandleClosed, "handle is closed"); return -1; }
+    if (r->fork_gen != fork_generation) {
+        PyErr_SetString(ShmringError, "this handle was created before fork(); a forked child must "
+                                      "take its own handle (ring.producer() / ring.consumer())");
+        return -1;
+    }
+    return 0;
+}
+
+/* The position invariant: rp <= wp <= rp + capacity, both aligned to the
+ * record alignment.  0 holds, -1 CorruptSegmentError. */
+int check_positions(Region *r, uint64_t rp, uint64_t wp) {
+    uint64_t al = r->hdr - 1;
+    if (rp > wp || wp - rp > r->capacity || (wp & al) || (rp & al)) {
+        PyErr_Format(CorruptSegmentError, "positions out of order: read %llu, write %llu, capacity %llu",
+                     (unsigned long long)rp, (unsigned long long)wp, (unsigned long long)r->capacity);
+        return -1;
+    }
+    return 0;
+}
+
+/* CorruptSegmentError naming what was wrong where; returns PEEK_CORRUPT. */
+int corrupt(const char *what, uint64_t pos, uint64_t a, uint64_t b) {
+    PyErr_Format(CorruptSegmentError, "%s at position %llu (%llu, %llu)", what,
+                 (unsigned long long)pos, (unsigned long long)a, (unsigned long long)b);
+    return PEEK_CORRUPT;
+}
+
+/* A timeout is None or a number >= 0; checked even when the call would not block. */
+int check_timeout(PyObject *timeout) {
+    if (timeout == Py_None) return 0;
+    double t = PyFloat_AsDouble(timeout);
+    if (t == -1.0 && PyErr_Occurred()) return -1;
+    if (!(t >= 0)) {
+        PyErr_Format(PyExc_ValueError, "timeout must be None or >= 0 seconds, got %R", timeout);
+        return -1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------- Python's word accessors (R22) */
+
+/* Offsets passed from Python must be aligned and inside the words Python may touch. */
+static char *header_word(Region *self, PyObject *arg, unsigned size) {
+    if (!self->has_view) { PyErr_SetString(HandleClosed, "region is detached"); return NULL; }
+    long long off = PyLong_AsLongLong(arg);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    if (off < 0 || (uint64_t)off + size > self->words_end || off % size != 0) {
+        PyErr_Format(PyExc_ValueError, "bad header offset %lld for a %u-byte word", off, size);
+        return NULL;
+    }
+    return self->base + off;
+}
+
+static PyObject *Region_load_u32(Region *self, PyObject *off) {
+    char *p = header_word(self, off, 4); if (!p) return NULL;
+    return PyLong_FromUnsignedLong(load_seq_cst32(p));   /* R22, pairs with the store the caller's rule names */
+}
+static PyObject *Region_load_u64(Region *self, PyObject *off) {
+    char *p = header_word(self, off, 8); if (!p) return NULL;
+    return PyLong_FromUnsignedLongLong(load_seq_cst64(p));   /* R22, pairs with the store the caller's rule names */
+}
+static PyObject *Region_store_u32(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "store_u32(offset, value)"); return NULL; }
+    char *p = header_word(self, args[0], 4); if (!p) return NULL;
+    unsigned long v = PyLong_AsUnsignedLong(args[1]); if (PyErr_Occurred()) return NULL;
+    store_release32(p, (uint32_t)v);   /* R22, pairs with the acquire the caller's rule names */
+    Py_RETURN_NONE;
+}
+static PyObject *Region_store_u64(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "store_u64(offset, value)"); return NULL; }
+    char *p = header_word(self, args[0], 8); if (!p) return NULL;
+    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    (void)xchg_seq_cst64(p, (uint64_t)v);   /* R22, pairs with the load the caller's rule names */
+    Py_RETURN_NONE;
+}
+static PyObject *Region_cas_u64(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "cas_u64(offset, expected, desired)"); return NULL; }
+    char *p = header_word(self, args[0], 8); if (!p) return NULL;
+    unsigned long long e = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    unsigned long long d = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(cas_seq_cst64(p, e, d));   /* R22, decided from the value it swaps */
+}
+static PyObject *Region_fetch_add_u64(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "fetch_add_u64(offset, delta)"); return NULL; }
+    char *p = header_word(self, args[0], 8); if (!p) return NULL;
+    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    return PyLong_FromUnsignedLongLong(fetch_add_seq_cst64(p, v));   /* R22, a shared counter */
+}
+/* Wake every sleeper on the wake line at `offset` (used for end of stream). */
+static PyObject *Region_wake(Region *self, PyObject *off) {
+    char *p = header_word(self, off, 8); if (!p) return NULL;
+    wake_always(p);
+    Py_RETURN_NONE;
+}
+
+/* publish_u64(offset, value, wake_offset): store a position and wake its
+ * sleepers (the waker's side of R4). */
+static PyObject *Region_publish_u64(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "publish_u64(offset, value, wake_offset)"); return NULL; }
+    char *p = header_word(self, args[0], 8); if (!p) return NULL;
+    char *w = header_word(self, args[2], 8); if (!w) return NULL;
+    unsigned long long v = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    publish_and_wake(p, v, w);
+    Py_RETURN_NONE;
+}
+
+struct change_ctx { char *word, *stop; uint64_t value; };
+static int change_cond(void *vctx) {
+    struct change_ctx *c = vctx;
+    return load_seq_cst64(c->word) != c->value ||                /* R4, pairs with publish_u64's exchange */
+           (c->stop && load_seq_cst32(c->stop) != 0);            /* R5, pairs with the producer's store_u32(closed) */
+}
+
+/* wait_change(offset, value, wake_offset, stop_offset, slice, spin) -> bool:
+ * sleep (GIL released) until the u64 at offset differs from value or the u32
+ * at stop_offset (-1: none) is non-zero, for at most one slice. */
+static PyObject *Region_wait_change(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 6) { PyErr_SetString(PyExc_TypeError, "wait_change(offset, value, wake_offset, stop_offset, slice, spin)"); return NULL; }
+    if (check_usable(self) < 0) return NULL;
+    struct change_ctx c;
+    c.word = header_word(self, args[0], 8); if (!c.word) return NULL;
+    char *w = header_word(self, args[2], 8); if (!w) return NULL;
+    c.value = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    c.stop = NULL;
+    if (PyLong_AsLong(args[3]) >= 0) { c.stop = header_word(self, args[3], 4); if (!c.stop) return NULL; }
+    if (PyErr_Occurred()) return NULL;
+    return wait_slice(w, change_cond, &c, args[4], args[5]);
+}
+
+PyObject *Region_get_closed(Region *self, void *c) { return PyBool_FromLong(self->closed); }
+
+static PyMethodDef Region_methods[] = {
+    {"publish_u64", (PyCFunction)(void (*)(void))Region_publish_u64, METH_FASTCALL, "publish_u64(offset, value, wake_offset)"},
+    {"wait_change", (PyCFunction)(void (*)(void))Region_wait_change, METH_FASTCALL, "wait_change(offset, value, wake_offset, stop_offset, slice, spin) -> bool"},
+    {"load_u32", (PyCFunction)Region_load_u32, METH_O, "load_u32(offset): seq_cst load of a header word"},
+    {"load_u64", (PyCFunction)Region_load_u64, METH_O, "load_u64(offset): seq_cst load of a header word"},
+    {"store_u32", (PyCFunction)(void (*)(void))Region_store_u32, METH_FASTCALL, "store_u32(offset, value): release store"},
+    {"store_u64", (PyCFunction)(void (*)(void))Region_store_u64, METH_FASTCALL, "store_u64(offset, value): seq_cst store"},
+    {"cas_u64", (PyCFunction)(void (*)(void))Region_cas_u64, METH_FASTCALL, "cas_u64(offset, expected, desired) -> bool"},
+    {"fetch_add_u64", (PyCFunction)(void (*)(void))Region_fetch_add_u64, METH_FASTCALL, "fetch_add_u64(offset, delta) -> old"},
+    {"wake", (PyCFunction)Region_wake, METH_O, "wake(offset): wake every sleeper on that wake word"},
+    {NULL}
+};
+
+static PyMemberDef Region_members[] = {
+    {"spin", T_DOUBLE, offsetof(Region, spin), 0,
+     "seconds a blocked call busy-polls (yielding the CPU every ~1.5 us) before it sleeps on the futex; 0: sleep at once"},
+    {NULL}
+};
+
+PyTypeObject RegionType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.Region",
+    .tp_basicsize = sizeof(Region),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Region(buffer): atomics on the header of a mapped shmring region",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Region_init,
+    .tp_dealloc = (destructor)Region_dealloc,
+    .tp_methods = Region_methods,
+    .tp_members = Region_members,
+};
