@@ -24,7 +24,11 @@ def helper_names() -> set:
 
 
 def defined_rules() -> set:
-    return {int(n) for n in re.findall(r"^- \*\*R(\d+) ", DESIGN.read_text(), re.M)}
+    return set(_definitions())
+
+
+def _definitions() -> list:
+    return [int(n) for n in re.findall(r"^- \*\*R(\d+) ", DESIGN.read_text(), re.M)]
 
 
 def atomic_sites():
@@ -47,9 +51,9 @@ def atomic_sites():
     return sites
 
 
-def test_design_defines_the_rules_in_order():
-    rules = defined_rules()
-    assert rules == set(range(1, len(rules) + 1)) and len(rules) >= 20
+def test_design_defines_each_rule_once():
+    defs = _definitions()
+    assert len(defs) == len(set(defs)) >= 20
 
 
 def test_only_atomics_h_spells_atomic_builtins_or_volatile():
@@ -89,4 +93,4 @@ if __name__ == "__main__":
     s = atomic_sites()
     print(f"{sum(k for _, _, k, _ in s)} atomic calls on {len(s)} lines in {len({f for f, *_ in s})} files; "
           f"{sum(k for _, _, k, c in s if c)} calls on {sum(1 for *_, c in s if c)} lines cite a rule; "
-          f"rules defined: R1..R{max(defined_rules())}")
+          f"rules defined: {len(defined_rules())}")
