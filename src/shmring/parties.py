@@ -16,6 +16,7 @@ import time
 
 from . import layout as L
 from .errors import CorruptSegmentError, HandleClosed
+from .pausepoints import pause
 from .roles import claim_entry, holder_alive, release
 
 GRACE = 0.5        # seconds a claim stays unstamped (its producer dead) before it is skipped
@@ -94,23 +95,30 @@ class Tables:
         return self.ctab + i * L.MP_ENTRY
 
     # -- producers --------------------------------------------------------------
-    def producers_done(self) -> bool:
-        """Every producer that joined has ended or died (and as many as expected)."""
-        st = self.region.load_u64(L.MP_OFF_PRODUCERS + L.MP_STATE)
+    def _ended(self, st: int) -> bool:
+        """Whether the producer state word ``st`` says the stream has ended:
+        every producer that joined has ended or died (and as many as expected)."""
         joined, done = st & 0xFFFFFFFF, st >> 32
         return joined >= 1 and done >= joined and done >= self.region.load_u32(L.MP_OFF_EXPECTED)
 
+    def producers_done(self) -> bool:
+        return self._ended(self.region.load_u64(L.MP_OFF_PRODUCERS + L.MP_STATE))
+
     def join_producer(self) -> int:
-        slot = claim_entry(self.region, [self.pline(i) for i in range(self.maxp)], "producer", self.label,
+        r, pline = self.region, self.pline
+        slot = claim_entry(r, [pline(i) for i in range(self.maxp)], "producer", self.label,
                            L.KIND_NAMES[self.kind], self.reclaim_producer)
-        r, word = self.region, L.MP_OFF_PRODUCERS + L.MP_STATE
-        while True:                 # one CAS: a consumer that saw the end of the stream sees no late join
-            if self.producers_done():
-                release(self.region, self.pline(slot))
+        # R25: the entry is ours now; an intent left in it by a dead holder would
+        # make that holder's abandoned claim look live forever.
+        r.store_u64(pline(slot) + L.PE_INTENT, 0)
+        word = L.MP_OFF_PRODUCERS + L.MP_STATE
+        while True:
+            st = r.load_u64(word)                          # R24: decided from this one value ...
+            if self._ended(st):
+                release(r, pline(slot))
                 raise HandleClosed(f"the stream of {self.label} has ended (every producer closed it); "
                                    "create a new ring for a new stream")
-            st = r.load_u64(word)
-            if r.cas_u64(word, st, st + 1):
+            if r.cas_u64(word, st, st + 1):                # ... and swapped from it, or looked at again
                 break
         r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, 1)
         return slot
@@ -166,6 +174,10 @@ class Tables:
         if now - first < GRACE:
             return
         r, nxt = self.region, 0
+        # R9: the skip is bounded by the cursor as it was *before* the scan: a
+        # claim made after this load is beyond it, and every claim below it
+        # stored its intent before its CAS (R6), so the scan sees it.
+        cursor = r.load_u64(L.MP_OFF_CURSOR)
         for i in range(self.maxp):
             intent = r.load_u64(self.pline(i) + L.PE_INTENT)
             if not intent & L.INTENT_BIT:
@@ -175,7 +187,8 @@ class Tables:
                 return                              # a live producer is writing it
             if at > pos and (nxt == 0 or at < nxt):
                 nxt = at
-        consumer._skip_abandoned(pos, nxt)
+        pause("skip_scanned")
+        consumer._skip_abandoned(pos, nxt, cursor)
         stuck_since.clear()
 
     # -- broadcast subscribers --------------------------------------------------------

@@ -43,6 +43,7 @@ import numpy as np
 
 from . import _core, codec, parties, records, roles, waiting
 from . import layout as L
+from .pausepoints import pause
 from ._proc import alive
 from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, Timeout
 from .segment import Segment, SegmentHandle, validate_header, write_header
@@ -50,20 +51,6 @@ from .waiting import DEFAULT_SPIN
 
 CLOSED_EOS = 1            # producer role "closed" word: closed normally
 CLOSED_ABORTED = 2        # closed because of an exception in the producer
-
-# Test-only pause points.  None in normal use; a fault-injection test sets it
-# to a callable taking the point's name ("create", "attach", "reserved") to
-# stop a process there and kill it.  Called only on Python slow paths (ring
-# creation, attach, the reserve()/reserve_array() commit), never from the C
-# per-message path.
-_pause_hook = None
-
-
-def _pause(point: str) -> None:
-    hook = _pause_hook
-    if hook is not None:
-        hook(point)
-
 
 class Ring(SegmentHandle):
     """A shared ring buffer.  Create it once, attach to it from other processes.
@@ -158,7 +145,7 @@ class Ring(SegmentHandle):
         size = geometry["segment_size"] if geometry else L.segment_size(capacity)
         seg = Segment.create(name, size, path=path, mode=mode)
         try:
-            _pause("create")                       # the name exists, the header is not written
+            pause("create")                       # the name exists, the header is not written
             write_header(seg.buf, kind=k, capacity=capacity, geometry=geometry)
             if geometry:
                 parties.write_multi_header(seg.buf, maxp=maxp, maxc=maxc, policy=L.POLICIES[policy],
@@ -189,7 +176,7 @@ class Ring(SegmentHandle):
             raise TypeError("Ring.attach() needs a name or path=")
         seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait)
         try:
-            _pause("attach")                       # mapped, nothing validated or taken yet
+            pause("attach")                       # mapped, nothing validated or taken yet
             return cls(seg, validate_header(seg), created=False)
         except BaseException:
             seg.close()
@@ -616,7 +603,7 @@ class Reservation:
 
     def commit(self) -> None:
         """Publish the message."""
-        _pause("reserved")                         # reserved and filled, not yet published
+        pause("reserved")                         # reserved and filled, not yet published
         self._finish()
         self._producer._commit(self._nbytes)
 

@@ -2,8 +2,8 @@
 point and waits there to be SIGKILLed by the test.
 
 A target stops either at a plain ``ready.set(); hang()`` in its own code, or
-inside shmring at a test-only pause point (``shmring.ring._pause_hook``, a
-no-op unless set; see ``ring._pause``).  Payloads are ``tagged(seq)`` from
+inside shmring at a test-only pause point (``shmring.pausepoints.hook``, a
+no-op unless set).  Payloads are ``tagged(seq)`` from
 ``tests/_workers.py``: the sequence number followed by deterministic
 pseudo-random bytes, so a survivor can check every byte of every message
 (a checksum by regeneration) and spot loss, duplication or tearing.
@@ -12,7 +12,7 @@ import time
 import traceback
 
 import shmring
-from shmring import ring as ring_mod
+from shmring import pausepoints
 
 from _workers import WAIT, tagged
 
@@ -29,7 +29,7 @@ def pause_at(point, ready):
         if p == point:
             ready.set()
             hang()
-    ring_mod._pause_hook = hook
+    pausepoints.hook = hook
 
 
 def produce(name, first, count, path=None, close=True):

@@ -6,7 +6,7 @@ and ``Ring.stats()`` says what happened (dead pid, sessions, positions).
 Kill points: producer before it claims space, between reserve and commit,
 while blocked on a full ring; consumer while blocked on an empty ring, while
 holding received messages; any process during create and during attach.
-Processes pause at test-only hooks (``shmring.ring._pause_hook``) or in their
+Processes pause at test-only hooks (``shmring.pausepoints.hook``) or in their
 own code, and are killed only once they are known to be there.
 """
 import os

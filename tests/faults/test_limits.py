@@ -49,8 +49,11 @@ def _classify(call):
 
 def _no_more_fds(call):
     def run():
-        n = len(os.listdir("/proc/self/fd")) - 1          # listdir's own descriptor is closed again
-        resource.setrlimit(resource.RLIMIT_NOFILE, (n, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        # The next descriptor gets the lowest free number (earlier tests may
+        # have left holes below the highest one): cap the limit there.
+        probe = os.open(os.devnull, os.O_RDONLY)
+        os.close(probe)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (probe, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         return _classify(call)
     return run
 

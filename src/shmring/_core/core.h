@@ -141,6 +141,7 @@ typedef struct {
     int holding;            /* broadcast, evict policy: our pos word carries HOLD */
     uint64_t nheld;         /* mpmc: messages taken and not released */
     int leave_pending;      /* broadcast / mpmc closed while holding messages: leave the table once they are released */
+    uint64_t requeued_seen; /* mpmc: the requeued counter when a whole walk of ours last found nothing */
 } Consumer;
 
 /* A record found by a peek. */

@@ -274,9 +274,19 @@ static inline int mpmc_behind(Region *r, uint64_t pos) {
     return load_seq_cst64(r->base + SHMR_OFF_READ_POS) > pos;   /* R17, pairs with the reclaimer's CAS */
 }
 
+/* The requeued counter is a hint (R16): worth a walk only if it changed since
+ * a whole walk of ours found nothing at that value.  A stale non-zero counter
+ * (a hostile write, or a consumer killed between a requeue's two steps) then
+ * costs one walk, not a walk per call and a wait that never sleeps. */
+static inline int mpmc_requeued_hint(Consumer *c) {
+    uint64_t v = load_relaxed64(c->r.base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED);   /* R16, a hint: the state CAS decides */
+    return v != 0 && v != c->requeued_seen;
+}
+
 /* Take a record that a recovery requeued (its consumer died holding it). */
 static int mpmc_take_requeued(Consumer *c, Rec *out) {
     Region *r = &c->r;
+    uint64_t hint = load_acquire64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED);   /* R16, before the walk: a requeue after it changes it */
     uint64_t pos = load_acquire64(r->base + SHMR_OFF_READ_POS);   /* R15, pairs with the reclaimer's CAS */
     uint64_t t = load_acquire64(r->base + SHMR_MP_OFF_TAKE);   /* R14, pairs with the take CAS */
     for (uint64_t n = 0; pos < t && n < r->capacity / 16; n++) {
@@ -297,6 +307,7 @@ static int mpmc_take_requeued(Consumer *c, Rec *out) {
         }
         pos += size;
     }
+    c->requeued_seen = hint;                  /* a whole walk found nothing for this value */
     return 0;
 }
 
@@ -313,16 +324,12 @@ static int mpmc_end(Consumer *c, uint64_t take) {
     return t < 0 ? PEEK_CORRUPT : t ? PEEK_END : PEEK_EMPTY;
 }
 
-static inline int mpmc_requeued_hint(Region *r) {
-    return load_relaxed64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED) != 0;   /* R16, a hint: the state CAS decides */
-}
-
 /* Take the record at the shared take cursor (CAS), then mark it ours. */
 int mpmc_peek(Consumer *c, Rec *out) {
     Region *r = &c->r;
     char *take = r->base + SHMR_MP_OFF_TAKE;
     for (;;) {
-        if (mpmc_requeued_hint(r) && mpmc_take_requeued(c, out)) return PEEK_FOUND;
+        if (mpmc_requeued_hint(c) && mpmc_take_requeued(c, out)) return PEEK_FOUND;
         uint64_t pos = load_acquire64(take), len;   /* R14, pairs with the other takers' CAS */
         unsigned type;
         if (pos & 15) return corrupt("take cursor is not 16-aligned", pos, 0, 0);
@@ -332,7 +339,7 @@ int mpmc_peek(Consumer *c, Rec *out) {
             if (s == PEEK_STALE) continue;
             if (s != PEEK_END) return s;
             s = mpmc_end(c, pos);              /* may have requeued what dead consumers held: take it */
-            if (s == PEEK_EMPTY && mpmc_requeued_hint(r) && mpmc_take_requeued(c, out)) return PEEK_FOUND;
+            if (s == PEEK_EMPTY && mpmc_requeued_hint(c) && mpmc_take_requeued(c, out)) return PEEK_FOUND;
             return s;
         }
         uint64_t cur = load_acquire64(r->base + SHMR_OFF_WRITE_POS);   /* R6, pairs with the producers' cursor CAS */
@@ -355,9 +362,20 @@ int mpmc_peek(Consumer *c, Rec *out) {
 int mp_ready(Consumer *c) {
     Region *r = &c->r;
     uint64_t pos = r->kind == SHMR_KIND_MPMC ? load_seq_cst64(r->base + SHMR_MP_OFF_TAKE) : c->next_pos;   /* R4 */
-    if (load_seq_cst64(mp_rec(r, pos)) == (r->key ^ pos)) return 1;   /* R4, pairs with the stamp exchange */
-    if (r->kind == SHMR_KIND_MPMC &&
-        load_seq_cst64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED)) return 1;   /* R16, pairs with the requeue's fetch_add */
+    /* Committed padding and skips (an aborted or shrunk reservation, an
+     * abandoned claim) are not messages: look past a few of them. */
+    for (int n = 0; n < 64; n++) {
+        if (load_seq_cst64(mp_rec(r, pos)) != (r->key ^ pos)) break;   /* R4, pairs with the stamp exchange */
+        uint64_t len, cur = load_acquire64(r->base + SHMR_OFF_WRITE_POS);   /* R6, pairs with the producers' cursor CAS */
+        unsigned type;
+        uint64_t size = mp_size(r, pos, cur, &len, &type);
+        if (!size || (type != SHMR_T_PAD && type != SHMR_T_SKIP) || n == 63) return 1;   /* a message (or corruption: the peek says which) */
+        pos += size;
+    }
+    if (r->kind == SHMR_KIND_MPMC) {
+        uint64_t q = load_seq_cst64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED);   /* R16, pairs with the requeue's fetch_add */
+        if (q && q != c->requeued_seen) return 1;
+    }
     if (r->kind == SHMR_KIND_BROADCAST &&
         (load_seq_cst64(c->posword) & SHMR_POS_EVICTED)) return 1;   /* R12, pairs with the evicting CAS */
     if (load_seq_cst64(r->base + SHMR_OFF_WRITE_POS) != pos || !mp_ended(r)) return 0;   /* R4 */
@@ -379,18 +397,21 @@ PyObject *Consumer_stuck(Consumer *self, PyObject *unused) {
     return PyLong_FromUnsignedLongLong(pos);
 }
 
-/* _skip_abandoned(pos, next_intent) -> bytes skipped (0: nothing to do).
- * The caller checked that no live producer's intent is pos.  The claim ends
- * at the first later stamped record, the lowest other intent, or the cursor
- * (claims are contiguous, so each is a claim boundary; a dead producer whose
- * intent is lost merges with this skip, which is as correct).  One writer
+/* _skip_abandoned(pos, next_intent, cursor) -> bytes skipped (0: nothing to
+ * do).  The caller loaded the claim cursor, then checked that no live
+ * producer's intent is pos.  The claim ends at the first later stamped
+ * record, the lowest other intent, or that cursor (claims are contiguous, so
+ * each is a claim boundary; a dead producer whose intent is lost merges with
+ * this skip, which is as correct).  Never beyond the cursor the caller loaded
+ * before its scan: a claim made since is not in the scan (R9).  One writer
  * wins the skip by CAS on the stamp word (to a value no stamp can have). */
 PyObject *Consumer_skip_abandoned(Consumer *self, PyObject *const *args, Py_ssize_t n) {
     Region *r = &self->r;
-    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_skip_abandoned(pos, next_intent)"); return NULL; }
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "_skip_abandoned(pos, next_intent, cursor)"); return NULL; }
     if (check_usable(r) < 0) return NULL;
     unsigned long long pos = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
     unsigned long long nxt = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    unsigned long long scanned = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
     if (!is_multi(r) || (pos & 15)) { PyErr_SetString(PyExc_ValueError, "bad position"); return NULL; }
     char *h = mp_rec(r, pos);
     uint64_t old = load_acquire64(h);   /* R9, the value the CAS below is decided from */
@@ -400,7 +421,8 @@ PyObject *Consumer_skip_abandoned(Consumer *self, PyObject *const *args, Py_ssiz
     if (r->kind == SHMR_KIND_MPMC && load_acquire64(r->base + SHMR_MP_OFF_TAKE) != pos)   /* R14 */
         return PyLong_FromLong(0);
     if (cur - pos > r->capacity) { corrupt("claim cursor out of range", pos, cur, 0); return NULL; }
-    uint64_t limit = cur;
+    uint64_t limit = scanned < cur ? scanned : cur;
+    if (limit <= pos) return PyLong_FromLong(0);
     if (nxt > pos && nxt < limit) limit = nxt;
     if (limit - pos > (1ull << 31)) limit = pos + (1ull << 31);    /* a u32 length; the rest is skipped next */
     uint64_t end = limit;

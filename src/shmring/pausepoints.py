@@ -1,0 +1,22 @@
+"""Test-only pause points: a no-op in normal use.
+
+A fault-injection or interleaving test sets :data:`hook` to a callable taking
+the point's name; shmring calls it at the named step, so the test can stop a
+process there (and kill it), or hold one thread there while another runs, then
+let it go on.  Called only on slow paths (ring creation, attach, reservation
+commit, joins, leaves and recovery steps), never from the C per-message path.
+
+Points: ``create``, ``attach``, ``reserved`` (ring.py); ``join_producer``
+(the state word is read, not yet CASed), ``drop_subscriber`` (a dead
+subscriber's entry is taken over, its position not yet freed),
+``skip_scanned`` (the intents are scanned, the skip not yet written),
+``requeue_walked`` (an mpmc recovery has read the in-flight records, not yet
+requeued them) (parties.py).
+"""
+hook = None
+
+
+def pause(point: str) -> None:
+    h = hook
+    if h is not None:
+        h(point)

@@ -1,0 +1,163 @@
+"""Issue 12: the multi-party recovery paths, driven through their bad interleavings.
+
+Each test stops one party between two protocol steps and runs another party's
+step there, in one process: a proxy on the tables' word accessors
+(``Interleave``) runs the other party's step right after a chosen load, or a
+``shmring.pausepoints`` hook does at a named point.  Every test asserts the
+right outcome (nothing lost, duplicated or refused wrongly); each failed on
+the code before its fix (the docstring says how).
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import shmring
+from shmring import layout as L
+
+
+def dead_owner_word() -> int:
+    """An owner word naming a process that has exited (pid reaped)."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return L.owner_word(p.pid, 12345)
+
+
+class Interleave:
+    """Stands in for a Tables' region: after the ``nth`` load of word ``off``
+    (the value already read), run ``step()`` once, then return that value."""
+
+    def __init__(self, region, off: int, step, nth: int = 1):
+        self._r, self._off, self._step, self._left = region, off, step, nth
+        self.ran = False
+
+    def load_u64(self, off):
+        v = self._r.load_u64(off)
+        if off == self._off and not self.ran:
+            self._left -= 1
+            if self._left == 0:
+                self.ran = True
+                self._step()
+        return v
+
+    def __getattr__(self, name):
+        return getattr(self._r, name)
+
+
+def test_a_producer_cannot_join_after_a_consumer_saw_the_end(ring_name):
+    """Case 4.  Before: join_producer decided "not ended" from one load of the
+    state word and CASed a value loaded later, so a producer whose join
+    straddled the end joined a finished stream and its messages were lost."""
+    with shmring.Ring.create(ring_name, 1 << 14, kind="mpsc") as ring:
+        p1, c = ring.producer(), ring.consumer()
+        p1.send(b"last")
+        t = ring._tables
+        seen = []
+
+        def the_end():
+            t.region = real                 # the step itself uses the real accessors
+            p1.close()
+            seen.append(c.recv_bytes(timeout=1))
+            with pytest.raises(shmring.EndOfStream):
+                c.recv_bytes(timeout=0)
+            seen.append("end")
+        real = t.region
+        t.region = proxy = Interleave(real, L.MP_OFF_PRODUCERS + L.MP_STATE, the_end)
+        try:
+            with pytest.raises(shmring.HandleClosed, match="has ended"):
+                ring.producer()
+        finally:
+            t.region = real
+        assert proxy.ran and seen == [b"last", "end"]
+        with pytest.raises(shmring.EndOfStream):
+            c.recv_bytes(timeout=0)
+        assert ring.stats()["producer_sessions"] == 1
+
+
+def _abandon(ring, p):
+    """Make producer handle p look like a producer that died holding its claim."""
+    line = ring._tables.pline(p._slot)
+    ring._region.store_u64(line + L.PE_OWNER, dead_owner_word())
+
+
+def test_an_abandoned_claim_skip_never_covers_a_claim_made_during_the_scan(ring_name):
+    """Case 2.  Before: the consumer scanned the producers' intents, then C
+    re-loaded the claim cursor to bound the skip; a claim made in between was
+    inside the skip and its committed message was lost."""
+    with shmring.Ring.create(ring_name, 1 << 14, kind="mpsc", producers=2) as ring:
+        c = ring.consumer()
+        dead = ring.producer()
+        hole = dead.reserve(40)                 # claimed, never committed: its producer "dies"
+        live = ring.producer()
+        _abandon(ring, dead)
+        t = ring._tables
+        late = []
+
+        def claim_now():
+            late.append(live.reserve(8))        # a claim after the intents were scanned
+        real = t.region
+        last_intent = t.pline(t.maxp - 1) + L.PE_INTENT
+        t.region = proxy = Interleave(real, last_intent, claim_now)
+        try:
+            assert c.try_recv() is None
+            t.skip_abandoned(c, {c._stuck(): time.monotonic() - 10})
+        finally:
+            t.region = real
+        assert proxy.ran
+        late[0].view[:] = b"survives"
+        late[0].commit()
+        assert c.recv_bytes(timeout=1) == b"survives"
+        assert ring.stats()["abandoned"] == 1
+        del hole
+
+
+def test_a_dead_producers_intent_does_not_outlive_its_entry(ring_name):
+    """Case 3.  Before: a live process that took over a dead producer's table
+    entry kept the dead one's intent word, so the hole it left looked "being
+    written" by a live producer and was never skipped."""
+    with shmring.Ring.create(ring_name, 1 << 14, kind="mpsc", max_producers=1, producers=2) as ring:
+        c = ring.consumer()
+        dead = ring.producer()
+        dead.reserve(40)
+        _abandon(ring, dead)
+        dead._mark_closed()                     # this handle is "gone" with its process
+        heir = ring.producer()                  # takes over the one entry
+        assert heir._slot == dead._slot
+        assert c.try_recv() is None
+        ring._tables.skip_abandoned(c, {c._stuck(): time.monotonic() - 10})
+        assert ring.stats()["abandoned"] == 1          # skipped without waiting for the heir to send
+        heir.send(b"after the hole")
+        assert c.recv_bytes(timeout=1) == b"after the hole"
+        assert ring.stats()["abandoned"] == 1
+
+
+@pytest.mark.parametrize("kind", ["mpsc", "broadcast", "mpmc"])
+def test_wait_is_not_ready_for_an_aborted_reservation(ring_name, kind):
+    """Case 11.  Before: the T_SKIP record an abort leaves counted as a
+    message: wait([c], 0) said ready while try_recv() returned None."""
+    with shmring.Ring.create(ring_name, 1 << 14, kind=kind) as ring:
+        c = ring.subscribe() if kind == "broadcast" else ring.consumer()
+        p = ring.producer()
+        p.reserve(16).abort()
+        assert shmring.wait([c], timeout=0) == []
+        assert c.try_recv() is None
+        p.send(b"real")
+        assert shmring.wait([c], timeout=0) == [c]
+        assert c.recv_bytes(timeout=0) == b"real"
+
+
+def test_an_idle_mpmc_recv_sleeps_on_a_stale_requeued_counter(ring_name):
+    """Case 13.  Before: a non-zero "requeued" counter with nothing requeued
+    (a hostile write, or a consumer killed between its two steps) made every
+    wait return at once: an idle recv() spun at 100% CPU."""
+    with shmring.Ring.create(ring_name, 1 << 14, kind="mpmc") as ring:
+        c = ring.consumer()
+        ring.producer()
+        ring._region.store_u64(L.MP_OFF_COUNTERS + L.MP_REQUEUED, 3)
+        cpu0, t0 = time.process_time(), time.monotonic()
+        with pytest.raises(shmring.Timeout):
+            c.recv(timeout=0.6)
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
+        assert wall >= 0.55 and cpu < 0.25, (cpu, wall)
