@@ -161,3 +161,39 @@ def test_an_idle_mpmc_recv_sleeps_on_a_stale_requeued_counter(ring_name):
             c.recv(timeout=0.6)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - t0
         assert wall >= 0.55 and cpu < 0.25, (cpu, wall)
+
+
+def test_an_mpmc_requeue_never_takes_a_record_from_a_consumer_that_joined_during_it(ring_name):
+    """Cases 1 and 6b.  Before: the requeue of dead consumers' records read the
+    consumer table, then walked the records in flight; a consumer that joined
+    a free entry in between and took a record looked like a departed owner, so
+    its record was requeued and delivered twice (seen as redelivered=1 with
+    nobody dead, 5 runs of 6, with 20 consumers on 2 cores)."""
+    with shmring.Ring.create(ring_name, 1 << 14, kind="mpmc", max_consumers=4) as ring:
+        p = ring.producer()
+        a = ring.consumer()                             # entry 0: the one that recovers
+        for m in (b"m0", b"m1", b"m2"):
+            p.send(m)
+        t = ring._tables
+        held = []
+
+        def join_and_take():
+            t.region = real
+            c2 = ring.consumer()                        # the free entry 1
+            assert c2._slot == 1
+            held.append(c2)
+            held.append(c2.recv(timeout=1))             # takes m0 and holds it
+        real = t.region
+        t.region = proxy = Interleave(real, t.cline(1) + L.CE_OWNER, join_and_take)
+        try:
+            a._eos_ready()                              # the requeue pass
+        finally:
+            t.region = real
+        assert proxy.ran
+        c2, msg = held
+        assert msg.tobytes() == b"m0"
+        assert [a.recv_bytes(timeout=1), a.recv_bytes(timeout=1)] == [b"m1", b"m2"]
+        assert a.try_recv() is None                     # m0 was not handed to anybody else
+        msg.release()
+        assert ring.stats()["redelivered"] == 0
+        c2.close()

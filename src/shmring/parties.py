@@ -17,7 +17,7 @@ import time
 from . import layout as L
 from .errors import CorruptSegmentError, HandleClosed
 from .pausepoints import pause
-from .roles import claim_entry, holder_alive, release
+from .roles import claim_entry, holder_alive, my_owner_word, release
 
 GRACE = 0.5        # seconds a claim stays unstamped (its producer dead) before it is skipped
 DEFAULT_PARTIES = 64
@@ -283,14 +283,45 @@ class Tables:
         """Hand back what dead consumers held, then free their entries; also
         records taken but never marked (the taker died between its two CASes).
         True if nothing in flight is owed: every record is released or held
-        by a live consumer."""
-        r = self.region
-        owners = [r.load_u64(self.cline(i)) for i in range(self.maxc)]
-        dead = {i for i, w in enumerate(owners) if w and not holder_alive(w)}
+        by a live consumer.
+
+        R26: an entry is first taken over, by a CAS from the very value that
+        showed it orphaned (a dead holder's word, or 0 for a free entry that
+        records still name), and only then are the records naming it requeued.
+        While the entry is ours nobody can join it, so a record naming it is
+        never a newcomer's.  It is freed after a whole walk."""
+        r, me = self.region, my_owner_word()
+        taken = set()
+
+        def take(i, word):
+            if r.cas_u64(self.cline(i) + L.CE_OWNER, word, me):
+                taken.add(i)
+
+        for i in range(self.maxc):
+            w = r.load_u64(self.cline(i) + L.CE_OWNER)
+            if w and w != me and not holder_alive(w):
+                take(i, w)
+        records, complete = consumer._inflight()
+        orphans = {s - 1 for _, s in records if 1 <= s <= self.maxc and s - 1 not in taken}
+        for i in orphans:
+            if r.load_u64(self.cline(i) + L.CE_OWNER) == 0:
+                take(i, 0)
+        pause("requeue_walked")
+        for _ in range(3):
+            if taken:                                  # walk again: what names our entries is an orphan
+                records, complete = consumer._inflight()
+            settled = self._requeue_walked(consumer, records, taken, zero_seen)
+            if complete or not taken:
+                break
+        for i in taken:
+            r.cas_u64(self.cline(i) + L.CE_OWNER, me, 0)
+        return settled
+
+    def _requeue_walked(self, consumer, records, taken, zero_seen) -> bool:
         now = time.monotonic()
         seen_zero = {}
         settled = True
-        for pos, state in consumer._inflight():
+        for pos, state in records:
             if state == L.RS_RELEASED:
                 continue
             if state == 0:
@@ -299,7 +330,7 @@ class Tables:
                 if now - first >= GRACE:
                     consumer._requeue(pos, 0)
                 settled = False
-            elif 1 <= state <= self.maxc and (state - 1 in dead or owners[state - 1] == 0):
+            elif 1 <= state <= self.maxc and state - 1 in taken:
                 consumer._requeue(pos, state)
                 settled = False
             elif state == L.RS_REQUEUED:
@@ -309,8 +340,6 @@ class Tables:
                                           f"(expected 0, 1..{self.maxc}, 0xfffe or 0xffff)")
         zero_seen.clear()
         zero_seen.update(seen_zero)
-        for i in dead:
-            r.cas_u64(self.cline(i) + L.CE_OWNER, owners[i], 0)
         return settled
 
     def live_consumers(self) -> tuple[int, int]:

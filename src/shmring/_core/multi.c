@@ -438,15 +438,20 @@ PyObject *Consumer_skip_abandoned(Consumer *self, PyObject *const *args, Py_ssiz
     return PyLong_FromUnsignedLongLong(end - pos);
 }
 
-/* _inflight() -> [(pos, state), ...]: mpmc records taken and not reclaimed. */
+/* _inflight() -> ([(pos, state), ...], complete): mpmc records taken and not
+ * reclaimed; complete is False if the walk stopped early (records moved
+ * under it: walk again later). */
 PyObject *Consumer_inflight(Consumer *self, PyObject *unused) {
     Region *r = &self->r;
     if (check_usable(r) < 0) return NULL;
     PyObject *out = PyList_New(0);
-    if (!out || r->kind != SHMR_KIND_MPMC) return out;
+    if (!out) return NULL;
+    int complete = 0;
+    if (r->kind != SHMR_KIND_MPMC) { complete = 1; goto done; }
     uint64_t pos = load_acquire64(r->base + SHMR_OFF_READ_POS);   /* R15, pairs with the reclaimer's CAS */
     uint64_t t = load_acquire64(r->base + SHMR_MP_OFF_TAKE);   /* R14, pairs with the take CAS */
-    for (uint64_t k = 0; pos < t && k < r->capacity / 16; k++) {
+    for (uint64_t k = 0; k <= r->capacity / 16; k++) {
+        if (pos >= t) { complete = 1; break; }
         uint64_t len;
         unsigned type;
         if (!mp_committed(r, pos)) break;
@@ -461,7 +466,9 @@ PyObject *Consumer_inflight(Consumer *self, PyObject *unused) {
         }
         pos += size;
     }
-    return out;
+done:;
+    PyObject *res = Py_BuildValue("(NO)", out, complete ? Py_True : Py_False);
+    return res;
 }
 
 /* _requeue(pos, state) -> bool: hand an mpmc record held as `state` back for redelivery. */
