@@ -26,21 +26,33 @@ def dead_owner_word() -> int:
 
 
 class Interleave:
-    """Stands in for a Tables' region: after the ``nth`` load of word ``off``
-    (the value already read), run ``step()`` once, then return that value."""
+    """Stands in for a Tables' region: at the ``nth`` access of word ``off``,
+    run ``step()`` once: right after a load (the value already read), or
+    right before a CAS or a store (the other party got there first)."""
 
     def __init__(self, region, off: int, step, nth: int = 1):
         self._r, self._off, self._step, self._left = region, off, step, nth
         self.ran = False
 
-    def load_u64(self, off):
-        v = self._r.load_u64(off)
+    def _touch(self, off):
         if off == self._off and not self.ran:
             self._left -= 1
             if self._left == 0:
                 self.ran = True
                 self._step()
+
+    def load_u64(self, off):
+        v = self._r.load_u64(off)
+        self._touch(off)
         return v
+
+    def cas_u64(self, off, expected, desired):
+        self._touch(off)
+        return self._r.cas_u64(off, expected, desired)
+
+    def store_u64(self, off, value):
+        self._touch(off)
+        return self._r.store_u64(off, value)
 
     def __getattr__(self, name):
         return getattr(self._r, name)
@@ -197,3 +209,39 @@ def test_an_mpmc_requeue_never_takes_a_record_from_a_consumer_that_joined_during
         msg.release()
         assert ring.stats()["redelivered"] == 0
         c2.close()
+
+
+def test_dropping_a_dead_subscriber_never_touches_a_new_subscribers_position(ring_name):
+    """Case 6a.  Before: drop_subscriber checked the owner word, then stored
+    FREE into the position word, then CASed the owner; a second dropper and a
+    new subscriber in between got the new subscriber's position overwritten
+    (FREE, then the dead one's old position), so the producer stopped gating
+    on it and could overwrite records it was reading."""
+    with shmring.Ring.create(ring_name, 1 << 14, kind="broadcast") as ring:
+        p = ring.producer()
+        gone = ring.subscribe()
+        i, dead = gone._slot, dead_owner_word()
+        t = ring._tables
+        line = t.cline(i)
+        ring._region.store_u64(line + L.CE_OWNER, dead)
+        gone._mark_closed()
+        for m in (b"a", b"b", b"c"):
+            p.send(m)
+        newcomer = []
+
+        def other_dropper_then_join():
+            t.region = real
+            assert t.drop_subscriber(i, dead)
+            newcomer.append(ring.subscribe("newest"))
+        real = t.region
+        t.region = proxy = Interleave(real, line + L.CE_OWNER, other_dropper_then_join)
+        try:
+            assert not t.drop_subscriber(i, dead)
+        finally:
+            t.region = real
+        assert proxy.ran
+        (s,) = newcomer
+        assert s._slot == i
+        assert ring._region.load_u64(line + L.CE_POS) & L.POS_MASK == s.position > 0
+        assert s.recv_bytes(timeout=1) == b"c"
+        assert ring.stats()["dropped"] == 1

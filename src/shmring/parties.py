@@ -193,17 +193,20 @@ class Tables:
 
     # -- broadcast subscribers --------------------------------------------------------
     def drop_subscriber(self, i: int, word: int) -> bool:
-        r, line = self.region, self.cline(i)
-        pos = r.load_u64(line + L.CE_POS)
-        if r.load_u64(line + L.CE_OWNER) != word:
+        """Free the entry of a dead subscriber whose owner word is ``word``.
+
+        R27: one CAS from ``word`` to our own word decides it; the position
+        word is freed only while the entry is ours (nobody can join it), then
+        the entry is given back.  A dropper that loses the CAS touches nothing."""
+        r, line, me = self.region, self.cline(i), my_owner_word()
+        if not r.cas_u64(line + L.CE_OWNER, word, me):
             return False
+        pause("drop_subscriber")
         r.store_u64(line + L.CE_POS, L.POS_FREE)
-        if r.cas_u64(line + L.CE_OWNER, word, 0):
-            r.fetch_add_u64(L.MP_OFF_COUNTERS + L.MP_DROPPED, 1)
-            r.wake(L.OFF_SPACE_WAKE)
-            return True
-        r.cas_u64(line + L.CE_POS, L.POS_FREE, pos)       # somebody else got there first
-        return False
+        r.cas_u64(line + L.CE_OWNER, me, 0)
+        r.fetch_add_u64(L.MP_OFF_COUNTERS + L.MP_DROPPED, 1)
+        r.wake(L.OFF_SPACE_WAKE)
+        return True
 
     def join_position(self, slot: int, start: str) -> int:
         """Store a safe starting position in our entry (see mp_gate in _core.c)."""

@@ -43,7 +43,9 @@ garbage-collected, and :class:`~shmring.errors.EscapedViewWarning` is issued
 from __future__ import annotations
 
 import os
+import threading
 import time
+import weakref
 from contextlib import contextmanager
 
 import numpy as np
@@ -51,7 +53,7 @@ import numpy as np
 from . import _core, codec, roles, waiting
 from . import layout as L
 from ._proc import alive, my_start_time
-from .errors import CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge, ShmringError
+from .errors import CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge, ShmringError, Timeout
 from .segment import Segment, SegmentHandle, read_common_header
 from .waiting import DEFAULT_SPIN
 
@@ -198,6 +200,12 @@ class SharedState(_core.StateCore, SegmentHandle):
                                   "a shared state has one writer", here="is held")
         self._array_cache = None
         self.spin = DEFAULT_SPIN
+        # One writing thread at a time per handle (publish / update): the slot a
+        # thread chose is free only until it publishes, so two threads choosing
+        # at once could pick the same slot.  Made anew in a forked child (a lock
+        # held by another thread of the parent would stay held there).
+        self._wlock, self._wlock_thread = threading.Lock(), 0    # the thread inside an update() block
+        _handles.add(self)
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -282,9 +290,9 @@ class SharedState(_core.StateCore, SegmentHandle):
             off = L.HEADER_SIZE + i * L.ST_ENTRY
             cur = self.load_u64(off + L.ST_ENTRY_OWNER)
             if cur == 0 or not alive(*L.split_owner(cur)):
-                if self.cas_u64(off + L.ST_ENTRY_OWNER, cur, me):
+                if self.cas_u64(off + L.ST_ENTRY_OWNER, cur, me):     # R30: the entry is ours first,
                     if self.load_u64(off + L.ST_ENTRY_PIN):
-                        self.store_u64(off + L.ST_ENTRY_PIN, 0)   # a dead reader's pin: ours now
+                        self.store_u64(off + L.ST_ENTRY_PIN, 0)   # R30: then a dead reader's (or garbage) pin goes
                         if cur:
                             self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED, 1)
                     self._add_entry(i)
@@ -299,6 +307,9 @@ class SharedState(_core.StateCore, SegmentHandle):
         least every 0.1 s to run signal handlers (Ctrl-C) and to check the
         writer: a writer that died holding the role raises
         :class:`~shmring.errors.PeerGone` (a new writer may take over later).
+        The version returned is checked under a brief pin (taking a reader
+        entry, as :meth:`read` does), so a writer publishing meanwhile cannot
+        make it look corrupt.
         """
         self._live()
         return self._await_version(waiting.wait_until, than, timeout)
@@ -315,10 +326,11 @@ class SharedState(_core.StateCore, SegmentHandle):
         than = int(than)
 
         def newer():
-            v = self.version
-            if v > than:
-                self._current()           # validates the current word and the slot header
-                return v
+            if self.version > than:
+                # The slot header is checked only under a pin (a version found
+                # current but not pinned may be overwritten by the time its
+                # header is read): the version returned is the one checked.
+                return self._newest()
             return None
         return wait_until(
             newer, lambda t: self._wait_newer(than, t, self.spin), lambda: roles.dead_holder(self, L.ST_OFF_WRITER),
@@ -333,22 +345,29 @@ class SharedState(_core.StateCore, SegmentHandle):
             self._writer.claim(self)
 
     def _reclaim_dead_pins(self) -> int:
-        """Clear the pins of readers whose process is gone; return how many."""
+        """Clear the pins of readers whose process is gone; return how many (R30)."""
+        if not self._writer.held():
+            return 0
         n = 0
         me = self._writer.owner
         for i in range(self.max_readers):
             off = L.HEADER_SIZE + i * L.ST_ENTRY
-            if not self.load_u64(off + L.ST_ENTRY_PIN):
+            if not self.load_u64(off + L.ST_ENTRY_PIN):                 # R30, R22: seq_cst load
                 continue
-            owner = self.load_u64(off + L.ST_ENTRY_OWNER)
-            if owner and alive(*L.split_owner(owner)):
+            owner = self.load_u64(off + L.ST_ENTRY_OWNER)                # R30, R22: seq_cst load
+            # R30: only a dead owner's pin is ours to clear.  Owner 0 is a free
+            # entry: its pin is garbage that a reader claiming the entry clears
+            # (it can only make us avoid a slot); clearing it here could erase
+            # the pin of a reader that claims the entry meanwhile.
+            if owner == 0 or owner == me or alive(*L.split_owner(owner)):
                 continue
-            # Take the entry over first (our owner word is live, so no reader
-            # claims it meanwhile), then clear its pin, then free it.
-            if owner and not self.cas_u64(off + L.ST_ENTRY_OWNER, owner, me):
+            # R30: the one deciding transition, from the dead word we judged to
+            # ours (live: no reader claims the entry meanwhile).  A failed CAS
+            # means the entry changed hands: a reader claimed it; leave it.
+            if not self.cas_u64(off + L.ST_ENTRY_OWNER, owner, me):
                 continue
-            self.store_u64(off + L.ST_ENTRY_PIN, 0)
-            self.cas_u64(off + L.ST_ENTRY_OWNER, me if owner else 0, 0)
+            self.store_u64(off + L.ST_ENTRY_PIN, 0)                       # R30: the entry is ours
+            self.cas_u64(off + L.ST_ENTRY_OWNER, me, 0)                   # R30: free it
             self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED, 1)
             n += 1
         return n
@@ -370,6 +389,22 @@ class SharedState(_core.StateCore, SegmentHandle):
             lambda: f"every spare version slot of {self._seg.label} stayed pinned by live readers "
                     f"for {timeout} s ({self.slots} slots); readers hold read() blocks or escaped views")
 
+    def _wait_writer_lock(self, lock, deadline) -> None:
+        """``lock`` (this handle's writer lock) is taken: wait for it until
+        ``deadline`` (GIL released), unless this thread is the one holding it."""
+        if self._wlock_thread == threading.get_ident():
+            raise ShmringError(f"publish() or update() of {self._seg.label} inside this thread's own update() "
+                               "block: the draft's slot is not published yet; publish after the block")
+        if deadline is None:
+            lock.acquire()
+        elif not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise Timeout(f"another thread of this process kept publishing through this writer handle of "
+                          f"{self._seg.label} (publish() or an update() block) past the timeout")
+
+    @staticmethod
+    def _left(deadline):
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
     def _check_size(self, need: int) -> None:
         if need > self.nbytes:
             raise MessageTooLarge(f"the value needs up to {need:,} bytes but a version slot of "
@@ -380,10 +415,19 @@ class SharedState(_core.StateCore, SegmentHandle):
         ndarrays) as the new version; return its version number.
 
         Copies the value once into a free slot.  Waits (up to ``timeout``) only
-        when every slot but the current one is pinned by a live reader.
+        when every slot but the current one is pinned by a live reader, or
+        while another thread publishes through this handle (one at a time).
         """
-        if timeout is not None:
-            waiting.check_timeout(timeout)               # checked even when the call does not wait
+        deadline = waiting.check_timeout(timeout)        # checked even when the call does not wait
+        lock = self._wlock
+        if not lock.acquire(False):
+            self._wait_writer_lock(lock, deadline)
+        try:
+            return self._publish_locked(value, deadline)
+        finally:
+            lock.release()
+
+    def _publish_locked(self, value, deadline) -> int:
         if isinstance(value, np.ndarray) and (meta := codec.array_meta(value)) is not None:
             if self._writer.held():
                 v = self._publish_array(meta, value)      # C: free slot, one memcpy, publish
@@ -397,7 +441,7 @@ class SharedState(_core.StateCore, SegmentHandle):
             enc = codec.encode(value)
         self._check_size(_slot_bytes(enc))
         self._claim_writer()
-        k = self._acquire_slot(timeout)
+        k = self._acquire_slot(self._left(deadline))
         n, _ = codec.write(self._wmv, self._first_slot + k * self._slot_size + L.ST_SLOT_HDR, enc)
         return self._publish(k, enc.type, n)
 
@@ -411,44 +455,54 @@ class SharedState(_core.StateCore, SegmentHandle):
         replaced array) the draft is published afresh with :meth:`publish`.
         Lifetime: the draft's arrays point into the new slot; they are made
         read-only at publish, so a draft kept past the block cannot change a
-        published version.
+        published version.  Other threads publishing through this handle wait
+        for the block to end; this thread may not publish inside it.
         """
         self._live()
-        self._claim_writer()
-        cur = self._current()
-        if cur is None:
-            raise ShmringError(f"{self._seg.label} has no published version to update; publish() one first")
-        _version, src, type_, length = cur
-        k = self._acquire_slot(timeout)
-        self._copy_slot(src, k, length)
-        draft = self._draft(k, type_, length)
-        value = _writable(draft.value)
+        deadline = waiting.check_timeout(timeout)
+        lock = self._wlock
+        if not lock.acquire(False):
+            self._wait_writer_lock(lock, deadline)
+        self._wlock_thread = threading.get_ident()
         try:
-            yield value
-        except BaseException:
-            _readonly(value)
-            draft.release()
-            raise
-        # Arrays were changed in place, in the slot.  Anything else in the draft
-        # (a scalar, a replaced array, a new key) lives in the meta: if it
-        # changed, the slot's layout no longer describes the value, so the
-        # value is published afresh (one more copy) instead of silently
-        # dropping the change.
-        meta = bytes(self._wmv[draft._offset + codec.PREFIX.size:][:codec.PREFIX.unpack_from(
-            self._wmv, draft._offset)[0]])
-        enc = codec.encode(value) if type_ == L.T_OBJECT else None
-        if enc is not None and enc.meta != meta:
+            self._claim_writer()
+            cur = self._current()        # the writer's own last publish: nobody else rewrites its slot
+            if cur is None:
+                raise ShmringError(f"{self._seg.label} has no published version to update; publish() one first")
+            _version, src, type_, length = cur
+            k = self._acquire_slot(self._left(deadline))
+            self._copy_slot(src, k, length)
+            draft = self._draft(k, type_, length)
+            value = _writable(draft.value)
             try:
-                # detach first: publish() may pick the draft's own slot
-                return_value = self.publish(_detached(value), timeout=timeout)
-            finally:
+                yield value
+            except BaseException:
                 _readonly(value)
                 draft.release()
-            return return_value
-        _readonly(value)
-        draft.release()
-        del value, draft
-        self._publish(k, type_, length)
+                raise
+            # Arrays were changed in place, in the slot.  Anything else in the draft
+            # (a scalar, a replaced array, a new key) lives in the meta: if it
+            # changed, the slot's layout no longer describes the value, so the
+            # value is published afresh (one more copy) instead of silently
+            # dropping the change.
+            meta = bytes(self._wmv[draft._offset + codec.PREFIX.size:][:codec.PREFIX.unpack_from(
+                self._wmv, draft._offset)[0]])
+            enc = codec.encode(value) if type_ == L.T_OBJECT else None
+            if enc is not None and enc.meta != meta:
+                try:
+                    # detach first: publishing may pick the draft's own slot
+                    self._publish_locked(_detached(value), waiting.check_timeout(timeout))
+                finally:
+                    _readonly(value)
+                    draft.release()
+                return
+            _readonly(value)
+            draft.release()
+            del value, draft
+            self._publish(k, type_, length)
+        finally:
+            self._wlock_thread = 0
+            lock.release()
 
     # -- introspection and lifetime --------------------------------------------
     def stats(self) -> dict:
@@ -497,6 +551,18 @@ class SharedState(_core.StateCore, SegmentHandle):
     def __repr__(self) -> str:
         return (f"<shmring.SharedState {self._seg.label} {self.slots} slots of {self.nbytes} bytes"
                 f"{' closed' if self.closed else f' version {self.version}'}>")
+
+
+# Every open handle, so that a forked child starts with fresh writer locks.
+_handles: "weakref.WeakSet[SharedState]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for h in list(_handles):
+        h._wlock, h._wlock_thread = threading.Lock(), 0
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _attach(name, path):

@@ -114,6 +114,30 @@ static int st_check(StateCore *s, uint64_t cur, uint32_t *slot, uint64_t *versio
     return 0;
 }
 
+/* Test-only pause hook: tests/test_state_races.py sets a callable with
+ * StateCore._set_pause_hook(fn) to run another party's steps (fn(handle,
+ * where)) at a chosen point of a slow path: only in _newest() (wait_newer's
+ * check), never on read()'s or publish's path; NULL in production.  -1: the
+ * hook raised. */
+static PyObject *st_pause_hook;
+
+static int st_pause(StateCore *s, const char *where) {
+    if (!st_pause_hook) return 0;
+    PyObject *r = PyObject_CallFunction(st_pause_hook, "Os", (PyObject *)s, where);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *StateCore_set_pause_hook(PyObject *unused, PyObject *fn) {
+    if (fn != Py_None && !PyCallable_Check(fn)) { PyErr_SetString(PyExc_TypeError, "a callable or None"); return NULL; }
+    PyObject *old = st_pause_hook;
+    if (fn != Py_None) Py_INCREF(fn);
+    st_pause_hook = fn == Py_None ? NULL : fn;
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
 /* ------------------------------------------------------------ Snapshot */
 
 static void snapshot_finish(Lease *l) {
@@ -150,9 +174,9 @@ static Snapshot *snapshot_new(StateCore *s, int own, uint64_t v, uint32_t k, int
     return m;
 }
 
-/* read() -> Snapshot: pin the current version (R19). */
-static PyObject *StateCore_read(StateCore *self, PyObject *unused) {
-    if (st_usable(self) < 0) return NULL;
+/* Pin the current version (R19) in a free entry of ours: 0 with *jp (marked
+ * busy) and *cp set, 1 if nothing was published yet, -1 on error. */
+static inline int st_pin(StateCore *self, int *jp, uint64_t *cp) {
     int j;
     for (;;) {
         for (j = 0; j < self->n_own && self->busy[j]; j++) ;
@@ -160,37 +184,70 @@ static PyObject *StateCore_read(StateCore *self, PyObject *unused) {
         if (self->n_own >= ST_MAX_OWN) {
             PyErr_Format(ShmringError, "this handle already holds %d pinned snapshots (nested read() blocks "
                          "or escaped views); release some, or attach another handle", ST_MAX_OWN);
-            return NULL;
+            return -1;
         }
         PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, str_claim_reader);  /* adds an entry */
-        if (!r) return NULL;
+        if (!r) return -1;
         Py_DECREF(r);
     }
     char *pin = st_entry(self, (uint32_t)self->own[j]) + SHMR_ST_ENTRY_PIN;
     uint64_t c;
     for (unsigned tries = 0;; tries++) {
         c = load_acquire64(st_current(self));   /* R19, pairs with the writer's publish exchange in st_publish */
-        if (c == 0) {
-            PyErr_SetString(ShmringError, "nothing was published to this shared state yet; "
-                            "state.wait_newer(than=0) waits for the first version");
-            return NULL;
-        }
+        if (c == 0) return 1;
         (void)xchg_seq_cst64(pin, c);   /* R19, pairs with the writer's seq_cst pin scan in st_pinned */
         if (load_seq_cst64(st_current(self)) == c) break;   /* R19, pairs with the writer's publish exchange */
         if (tries > 1000) sched_yield();              /* a writer publishing back to back: let it run */
         else cpu_relax();
     }
     self->busy[j] = 1;
-    uint32_t k; uint64_t v, n; int t;
-    if (st_check(self, c, &k, &v, &t, &n) < 0) {
-        store_release64(pin, 0);   /* R20, we read nothing of the slot */
-        self->busy[j] = 0;
+    *jp = j; *cp = c;
+    return 0;
+}
+
+/* Give back a pin that read nothing of the slot but its header. */
+static inline void st_unpin_unread(StateCore *self, int j) {
+    store_release64(st_entry(self, (uint32_t)self->own[j]) + SHMR_ST_ENTRY_PIN, 0);   /* R20, we read nothing of the slot */
+    self->busy[j] = 0;
+}
+
+/* read() -> Snapshot: pin the current version (R19). */
+static PyObject *StateCore_read(StateCore *self, PyObject *unused) {
+    if (st_usable(self) < 0) return NULL;
+    int j; uint64_t c;
+    int got = st_pin(self, &j, &c);
+    if (got < 0) return NULL;
+    if (got > 0) {
+        PyErr_SetString(ShmringError, "nothing was published to this shared state yet; "
+                        "state.wait_newer(than=0) waits for the first version");
         return NULL;
     }
+    uint32_t k; uint64_t v, n; int t;
+    if (st_check(self, c, &k, &v, &t, &n) < 0) { st_unpin_unread(self, j); return NULL; }
     self->last_version = v;
     Snapshot *m = snapshot_new(self, j, v, k, t, n, 0);
-    if (!m) { store_release64(pin, 0); self->busy[j] = 0; return NULL; }   /* R20, we read nothing of the slot */
+    if (!m) { st_unpin_unread(self, j); return NULL; }
     return (PyObject *)m;
+}
+
+/* _newest() -> the current version, checked under a pin (R19), or None before
+ * the first publish.  wait_newer()'s check: the slot header of an unpinned
+ * version may be rewritten by a writer that published twice meanwhile, so it
+ * is only looked at while pinned (the writer then uses other slots). */
+static PyObject *StateCore_newest(StateCore *self, PyObject *unused) {
+    if (st_usable(self) < 0) return NULL;
+    int j; uint64_t c;
+    int got = st_pin(self, &j, &c);
+    if (got < 0) return NULL;
+    if (got > 0) Py_RETURN_NONE;
+    uint32_t k; uint64_t v, n; int t;
+    if (st_pause(self, "newest") < 0 || st_check(self, c, &k, &v, &t, &n) < 0) { st_unpin_unread(self, j); return NULL; }
+    self->last_version = v;
+    /* R20: after our last read (of the header), with the wake of a writer that
+     * may have gone to sleep for a slot while we pinned this one */
+    publish_and_wake(st_entry(self, (uint32_t)self->own[j]) + SHMR_ST_ENTRY_PIN, 0, self->r.base + SHMR_ST_OFF_SLOT_WAKE);
+    self->busy[j] = 0;
+    return PyLong_FromUnsignedLongLong(v);
 }
 
 /* Which slots are pinned by any reader: a bitmap over 256 slots. */
@@ -253,7 +310,9 @@ static int st_slot_arg(StateCore *s, PyObject *o, uint32_t *k) {
     return 0;
 }
 
-/* _current() -> (version, slot, type, length) or None; checked. */
+/* _current() -> (version, slot, type, length) or None; checked.  For the
+ * writer (update()): only it rewrites slots, so its current slot's header is
+ * stable unpinned.  Readers check under a pin (read(), _newest()). */
 static PyObject *StateCore_current(StateCore *self, PyObject *unused) {
     if (st_usable(self) < 0) return NULL;
     uint64_t c = load_acquire64(st_current(self));   /* R19, pairs with the writer's publish exchange */
@@ -406,6 +465,7 @@ static PyMethodDef StateCore_methods[] = {
     {"_wait_slot", (PyCFunction)(void (*)(void))StateCore_wait_slot, METH_FASTCALL, NULL},
     {"_wait_newer", (PyCFunction)(void (*)(void))StateCore_wait_newer, METH_FASTCALL, NULL},
     {"_current", (PyCFunction)StateCore_current, METH_NOARGS, NULL},
+    {"_newest", (PyCFunction)StateCore_newest, METH_NOARGS, NULL},
     {"_publish", (PyCFunction)(void (*)(void))StateCore_publish, METH_FASTCALL, NULL},
     {"_publish_array", (PyCFunction)(void (*)(void))StateCore_publish_array, METH_FASTCALL, NULL},
     {"_copy_slot", (PyCFunction)(void (*)(void))StateCore_copy_slot, METH_FASTCALL, NULL},
@@ -413,6 +473,8 @@ static PyMethodDef StateCore_methods[] = {
     {"_add_entry", (PyCFunction)StateCore_add_entry, METH_O, NULL},
     {"_own_entries", (PyCFunction)StateCore_own_entries, METH_NOARGS, NULL},
     {"_mark_closed", (PyCFunction)StateCore_mark_closed, METH_NOARGS, NULL},
+    {"_set_pause_hook", (PyCFunction)StateCore_set_pause_hook, METH_O | METH_STATIC,
+     "_set_pause_hook(fn or None): tests only; fn(handle, where) runs at the named points of slow paths"},
     {NULL}
 };
 static PyGetSetDef StateCore_getset[] = {
