@@ -245,3 +245,34 @@ def test_dropping_a_dead_subscriber_never_touches_a_new_subscribers_position(rin
         assert ring._region.load_u64(line + L.CE_POS) & L.POS_MASK == s.position > 0
         assert s.recv_bytes(timeout=1) == b"c"
         assert ring.stats()["dropped"] == 1
+
+
+@pytest.mark.parametrize("kind", ["mpsc", "mpmc"])
+def test_attaching_a_producer_to_a_ring_others_keep_moving_is_not_corruption(ring_name, kind):
+    """Case 7a.  Before: a producer attaching read the claim cursor, then the
+    release position; producers and consumers moving both in between made a
+    consistent ring look corrupt ("positions out of order").  The C pause point
+    "positions" runs here between the attach's first and second position
+    reads: the other parties send and receive a whole ring's worth.  (Shown
+    failing by placing the same pause point between the old code's two loads.)"""
+    from shmring import _core
+    with shmring.Ring.create(ring_name, 1 << 12, kind=kind) as ring:
+        p, c = ring.producer(), ring.consumer()
+        moved = []
+
+        def others_move(handle, where):
+            if where == "positions" and not moved:
+                moved.append(True)
+                for _ in range(3):
+                    for _ in range(ring.capacity // 64):
+                        p.send(b"x" * 16)
+                    while c._try_recv_bytes() is not None:
+                        pass
+        _core._set_pause_hook(others_move)
+        try:
+            second = ring.producer()
+        finally:
+            _core._set_pause_hook(None)
+        assert moved
+        second.send(b"fine")
+        assert c.recv_bytes(timeout=1) == b"fine"

@@ -5,7 +5,7 @@
   (``SharedState.load_u64`` is wrapped for the writer handle only).
 * (7b) ``wait_newer()`` while the writer publishes: the writer publishes
   between wait_newer's load of ``current`` and its check of that version's
-  slot header (the C core's test-only pause hook, ``StateCore._set_pause_hook``).
+  slot header (the C core's test-only pause hook, ``_core._set_pause_hook``).
 * (8) One writer handle used from two threads: one thread is held after it
   chose a slot (``codec.write`` is wrapped) while the other publishes; and a
   free-running stress of two writer threads with reader threads checking that
@@ -118,8 +118,8 @@ def test_a_dead_readers_pin_is_reclaimed_and_the_entry_freed(state):
 @pytest.fixture
 def pause_hook():
     """``pause_hook(fn)``: fn(handle, where) runs at the C core's test-only pause points."""
-    yield _core.StateCore._set_pause_hook
-    _core.StateCore._set_pause_hook(None)
+    yield _core._set_pause_hook
+    _core._set_pause_hook(None)
 
 
 def test_wait_newer_is_not_fooled_by_a_writer_publishing_while_it_checks_the_version(ring_name, pause_hook):

@@ -50,6 +50,8 @@ static inline uint64_t align16(uint64_t n) { return (n + 15u) & ~(uint64_t)15u; 
 extern PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *EscapedViewWarning;
 extern unsigned long fork_generation;      /* bumped in every forked child */
 
+int pause_point(PyObject *handle, const char *where);   /* tests only; 0 (or -1: the hook raised) */
+
 /* Python callbacks by method name (module.c lists them with why). */
 extern PyObject *str_send_obj, *str_try_send_obj, *str_send_wait, *str_recv_wait, *str_recv_copy,
                 *str_lagged, *str_eos_ready, *str_leave_table, *str_claim_reader;
@@ -85,6 +87,7 @@ void Region_dealloc(Region *self);
 PyObject *Region_get_closed(Region *self, void *c);
 int check_usable(Region *r);
 int check_positions(Region *r, uint64_t rp, uint64_t wp);
+int read_positions(Region *r, uint64_t *rp, uint64_t *wp);
 int check_timeout(PyObject *timeout);
 int corrupt(const char *what, uint64_t pos, uint64_t a, uint64_t b);
 static inline int is_multi(Region *r) { return r->kind != SHMR_KIND_SPSC; }

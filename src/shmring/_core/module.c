@@ -12,6 +12,30 @@ PyObject *decode_func, *copy_func, *state_decode_func;
 
 static void at_fork_child(void) { fork_generation++; }
 
+/* Test-only pause points of the C slow paths (attach, wait_newer's check):
+ * tests set a callable with _core._set_pause_hook(fn); pause_point calls
+ * fn(handle, where) there, so a test can run another party's steps between
+ * two protocol steps.  NULL in production; never on a per-message path.
+ * Python's own pause points are shmring.pausepoints. */
+static PyObject *pause_hook;
+
+int pause_point(PyObject *handle, const char *where) {
+    if (!pause_hook) return 0;
+    PyObject *r = PyObject_CallFunction(pause_hook, "Os", handle, where);
+    if (!r) return -1;
+    Py_DECREF(r);
+    return 0;
+}
+
+static PyObject *set_pause_hook(PyObject *mod, PyObject *fn) {
+    if (fn != Py_None && !PyCallable_Check(fn)) { PyErr_SetString(PyExc_TypeError, "a callable or None"); return NULL; }
+    PyObject *old = pause_hook;
+    if (fn != Py_None) Py_INCREF(fn);
+    pause_hook = fn == Py_None ? NULL : fn;
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
 /*
  * The C core calls back into Python by method name in these places, and
  * only here.  Each is a slow path that needs what lives in Python (codecs,
@@ -120,6 +144,7 @@ static PyMethodDef module_methods[] = {
      "wait_counters() -> {'sleeps': futex sleeps, 'late_wakeups': sleeps that timed out although "
      "their condition held (a missed wake-up if slices are long)} for this process"},
     {"_set_codec", (PyCFunction)(void (*)(void))set_codec, METH_FASTCALL, NULL},
+    {"_set_pause_hook", (PyCFunction)set_pause_hook, METH_O, "tests only: fn(handle, where) at the C pause points"},
     {"_set_state_codec", (PyCFunction)set_state_codec, METH_O, NULL},
     {"header_ready", (PyCFunction)header_ready, METH_O, "header_ready(buffer) -> the ready word (acquire load)"},
     {"layout_constants", (PyCFunction)layout_constants, METH_NOARGS, "the constants of _layout.h, by name"},

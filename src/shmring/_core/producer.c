@@ -13,9 +13,8 @@ static int not_for_records(Region *r) {
 
 static int Producer_init(Producer *self, PyObject *args, PyObject *kw) {
     if (Region_init(&self->r, args, kw) < 0 || not_for_records(&self->r) < 0) return -1;
-    uint64_t wp = load_acquire64(self->r.base + SHMR_OFF_WRITE_POS);   /* R2 / R6, our own or the claim cursor */
-    uint64_t rp = load_acquire64(self->r.base + SHMR_OFF_READ_POS);   /* R3, pairs with the consumer's exchange of read_pos */
-    if (check_positions(&self->r, rp, wp) < 0) return -1;
+    uint64_t wp, rp;
+    if (read_positions(&self->r, &rp, &wp) < 0) return -1;
     if (is_multi(&self->r)) {
         if (self->r.slot < 0 || (uint32_t)self->r.slot >= self->r.maxp) {
             PyErr_Format(PyExc_ValueError, "producer slot %d outside the table of %u", self->r.slot, self->r.maxp);

@@ -105,6 +105,24 @@ int check_positions(Region *r, uint64_t rp, uint64_t wp) {
     return 0;
 }
 
+/* The release and write positions of a ring, consistent although other
+ * processes move both (R28): the release position is read before and after
+ * the write position; both only grow, so if it did not move, rp <= wp <=
+ * rp + capacity held when wp was read.  0, or -1 with CorruptSegmentError. */
+int read_positions(Region *r, uint64_t *rp, uint64_t *wp) {
+    uint64_t a, b, w;
+    for (int tries = 0;; tries++) {
+        a = load_acquire64(r->base + SHMR_OFF_READ_POS);   /* R28, pairs with the consumers' release of read_pos */
+        if (pause_point((PyObject *)r, "positions") < 0) return -1;
+        w = load_acquire64(r->base + SHMR_OFF_WRITE_POS);   /* R28, pairs with the producers' publish / claim CAS */
+        b = load_acquire64(r->base + SHMR_OFF_READ_POS);   /* R28, unchanged: the pair was consistent */
+        if (a == b || tries >= 1000) break;
+    }
+    *rp = b;
+    *wp = w;
+    return check_positions(r, b, w);
+}
+
 /* CorruptSegmentError naming what was wrong where; returns PEEK_CORRUPT. */
 int corrupt(const char *what, uint64_t pos, uint64_t a, uint64_t b) {
     PyErr_Format(CorruptSegmentError, "%s at position %llu (%llu, %llu)", what,

@@ -114,30 +114,6 @@ static int st_check(StateCore *s, uint64_t cur, uint32_t *slot, uint64_t *versio
     return 0;
 }
 
-/* Test-only pause hook: tests/test_state_races.py sets a callable with
- * StateCore._set_pause_hook(fn) to run another party's steps (fn(handle,
- * where)) at a chosen point of a slow path: only in _newest() (wait_newer's
- * check), never on read()'s or publish's path; NULL in production.  -1: the
- * hook raised. */
-static PyObject *st_pause_hook;
-
-static int st_pause(StateCore *s, const char *where) {
-    if (!st_pause_hook) return 0;
-    PyObject *r = PyObject_CallFunction(st_pause_hook, "Os", (PyObject *)s, where);
-    if (!r) return -1;
-    Py_DECREF(r);
-    return 0;
-}
-
-static PyObject *StateCore_set_pause_hook(PyObject *unused, PyObject *fn) {
-    if (fn != Py_None && !PyCallable_Check(fn)) { PyErr_SetString(PyExc_TypeError, "a callable or None"); return NULL; }
-    PyObject *old = st_pause_hook;
-    if (fn != Py_None) Py_INCREF(fn);
-    st_pause_hook = fn == Py_None ? NULL : fn;
-    Py_XDECREF(old);
-    Py_RETURN_NONE;
-}
-
 /* ------------------------------------------------------------ Snapshot */
 
 static void snapshot_finish(Lease *l) {
@@ -241,7 +217,7 @@ static PyObject *StateCore_newest(StateCore *self, PyObject *unused) {
     if (got < 0) return NULL;
     if (got > 0) Py_RETURN_NONE;
     uint32_t k; uint64_t v, n; int t;
-    if (st_pause(self, "newest") < 0 || st_check(self, c, &k, &v, &t, &n) < 0) { st_unpin_unread(self, j); return NULL; }
+    if (pause_point((PyObject *)self, "newest") < 0 || st_check(self, c, &k, &v, &t, &n) < 0) { st_unpin_unread(self, j); return NULL; }
     self->last_version = v;
     /* R20: after our last read (of the header), with the wake of a writer that
      * may have gone to sleep for a slot while we pinned this one */
@@ -473,8 +449,6 @@ static PyMethodDef StateCore_methods[] = {
     {"_add_entry", (PyCFunction)StateCore_add_entry, METH_O, NULL},
     {"_own_entries", (PyCFunction)StateCore_own_entries, METH_NOARGS, NULL},
     {"_mark_closed", (PyCFunction)StateCore_mark_closed, METH_NOARGS, NULL},
-    {"_set_pause_hook", (PyCFunction)StateCore_set_pause_hook, METH_O | METH_STATIC,
-     "_set_pause_hook(fn or None): tests only; fn(handle, where) runs at the named points of slow paths"},
     {NULL}
 };
 static PyGetSetDef StateCore_getset[] = {
