@@ -276,3 +276,51 @@ def test_attaching_a_producer_to_a_ring_others_keep_moving_is_not_corruption(rin
         assert moved
         second.send(b"fine")
         assert c.recv_bytes(timeout=1) == b"fine"
+
+
+def _sleep_forever(name, kind):
+    """A child: take a table entry and sleep on the ring's futex (spin=0)."""
+    ring = shmring.Ring.attach(name)
+    if kind == "mpsc":                          # a producer asleep on a full ring
+        p = ring.producer(spin=0)
+        while p.try_send(b"x" * 100):
+            pass
+        p.send(b"x" * 100, timeout=60)
+    else:                                       # a subscriber / consumer asleep on an empty ring
+        c = ring.subscribe(spin=0) if kind == "broadcast" else ring.consumer(spin=0)
+        c.recv(timeout=60)
+
+
+@pytest.mark.parametrize("kind", ["mpsc", "broadcast", "mpmc"])
+def test_a_party_killed_asleep_leaves_no_waiter_count_behind(ring_name, kind):
+    """Case 12.  Before: a party SIGKILLed while asleep on the futex left the
+    shared waiter count raised forever, so every later commit (or release)
+    paid a spare futex_wake syscall."""
+    import multiprocess
+    import signal
+    with shmring.Ring.create(ring_name, 1 << 12, kind=kind, producers=2 if kind == "mpsc" else None) as ring:
+        keep = ring.consumer() if kind == "mpsc" else ring.producer()
+        wake = L.OFF_SPACE_WAKE if kind == "mpsc" else L.OFF_DATA_WAKE
+        child = multiprocess.get_context("fork").Process(target=_sleep_forever, args=(ring_name, kind))
+        child.start()
+        try:
+            deadline = time.monotonic() + 10
+            while ring._region.load_u32(wake + L.WAKE_WAITERS) != 1:
+                assert time.monotonic() < deadline, "the child never went to sleep"
+                time.sleep(0.01)
+            time.sleep(0.05)
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(10)
+            t = ring._tables
+            if kind == "mpsc":
+                t.reap_producers()
+            elif kind == "broadcast":
+                t.police_subscribers({})
+            else:
+                keep2 = ring.consumer()
+                keep2._eos_ready()
+            assert ring._region.load_u32(wake + L.WAKE_WAITERS) == 0
+        finally:
+            if child.is_alive():
+                os.kill(child.pid, signal.SIGKILL)
+            child.join(10)

@@ -117,8 +117,10 @@
 #define SHMR_PE_INTENT            8   /* producer table entry */
 #define SHMR_PE_SENT             16
 #define SHMR_PE_BYTES            24
+#define SHMR_PE_WAITING          32   /* u32: the entry's share of the space wake word's waiters */
 #define SHMR_CE_POS               8   /* consumer table entry */
 #define SHMR_CE_RECEIVED         16
+#define SHMR_CE_WAITING          48   /* u32: the entry's share of the data wake word's waiters */
 #define SHMR_MP_ENTRY           128
 #define SHMR_MP_MAX_PARTIES    1024
 #define SHMR_INTENT_BIT         (1ULL << 63)

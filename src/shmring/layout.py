@@ -269,8 +269,10 @@ def state_geometry(nbytes: int, slots: int, max_readers: int) -> dict:
 #     1024  counters             abandoned | evicted | dropped | requeued (now)
 #                                | redelivered | u32 producer / consumer high water
 #     4096  producer table       max producers lines: owner | intent | sent | bytes
+#                                | waiting u32 (its sleeps announced on the space wake word)
 #     P     consumer table       max consumers lines: owner | pos | received |
 #                                sent at join | missed messages | missed bytes
+#                                | waiting u32 (its sleeps announced on the data wake word)
 #     D     data area (page aligned)
 #
 #   a record (16-byte aligned; positions are multiples of 16):
@@ -319,12 +321,14 @@ PE_OWNER = 0
 PE_INTENT = 8
 PE_SENT = 16
 PE_BYTES = 24
+PE_WAITING = 32                 # u32: this entry's share of the space wake word's waiters
 CE_OWNER = 0
 CE_POS = 8
 CE_RECEIVED = 16
 CE_BASE = 24
 CE_MISSED = 32
 CE_MISSED_BYTES = 40
+CE_WAITING = 48                 # u32: this entry's share of the data wake word's waiters
 MP_ENTRY = 128
 MP_MAX_PARTIES = 1024
 INTENT_BIT = 1 << 63
@@ -394,7 +398,7 @@ C_CONSTANTS_UNHASHED = {
     "SHMR_ROLE_RECEIVED": ROLE_RECEIVED, "SHMR_CLOSED_EOS": CLOSED_EOS, "SHMR_CLOSED_ABORTED": CLOSED_ABORTED,
     "SHMR_INTENT_BIT": INTENT_BIT, "SHMR_POS_FREE": POS_FREE, "SHMR_POS_EVICTED": POS_EVICTED,
     "SHMR_POS_HOLD": POS_HOLD, "SHMR_RS_FREE": RS_FREE, "SHMR_RS_REQUEUED": RS_REQUEUED,
-    "SHMR_RS_RELEASED": RS_RELEASED,
+    "SHMR_RS_RELEASED": RS_RELEASED, "SHMR_PE_WAITING": PE_WAITING, "SHMR_CE_WAITING": CE_WAITING,
 }
 
 

@@ -132,12 +132,29 @@ class Tables:
         r.wake(L.OFF_DATA_WAKE)
 
     def reclaim_producer(self, i: int, word: int) -> bool:
-        """A dead producer's entry: free it and count it dead (its claim, if
-        it held one, is skipped by the consumer that reaches it)."""
-        if self.region.cas_u64(self.pline(i) + L.PE_OWNER, word, 0):
-            self._done(L.MP_DEAD)
-            return True
-        return False
+        """A dead producer's entry: take it over (one CAS from ``word``), take
+        its announced sleeps off the space wake word (R29), count it dead,
+        free it.  Its claim, if it held one, is skipped by the consumer that
+        reaches it."""
+        r, line, me = self.region, self.pline(i), my_owner_word()
+        if not r.cas_u64(line + L.PE_OWNER, word, me):
+            return False
+        self._withdraw_waits(line + L.PE_WAITING, L.OFF_SPACE_WAKE)
+        self._done(L.MP_DEAD)
+        r.cas_u64(line + L.PE_OWNER, me, 0)
+        return True
+
+    def _withdraw_waits(self, waiting: int, wake: int) -> None:
+        """R29: an entry taken over from a dead holder: take the sleeps it had
+        announced off the shared wake word (a holder killed asleep left them
+        there, and every commit would pay a futex_wake for it forever), then
+        clear its share."""
+        r = self.region
+        n = min(r.load_u32(waiting), r.load_u32(wake + L.WAKE_WAITERS))
+        if n:
+            # waiters is the high half of the wake line's first u64 (seq the low half)
+            r.fetch_add_u64(wake + L.WAKE_SEQ, (-(n << 32)) & 0xFFFFFFFFFFFFFFFF)
+        r.store_u32(waiting, 0)
 
     def reap_producers(self) -> None:
         for i in range(self.maxp):
@@ -202,6 +219,7 @@ class Tables:
         if not r.cas_u64(line + L.CE_OWNER, word, me):
             return False
         pause("drop_subscriber")
+        self._withdraw_waits(line + L.CE_WAITING, L.OFF_DATA_WAKE)
         r.store_u64(line + L.CE_POS, L.POS_FREE)
         r.cas_u64(line + L.CE_OWNER, me, 0)
         r.fetch_add_u64(L.MP_OFF_COUNTERS + L.MP_DROPPED, 1)
@@ -299,6 +317,7 @@ class Tables:
         def take(i, word):
             if r.cas_u64(self.cline(i) + L.CE_OWNER, word, me):
                 taken.add(i)
+                self._withdraw_waits(self.cline(i) + L.CE_WAITING, L.OFF_DATA_WAKE)
 
         for i in range(self.maxc):
             w = r.load_u64(self.cline(i) + L.CE_OWNER)

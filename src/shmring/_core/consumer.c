@@ -323,7 +323,8 @@ static int data_cond(void *vctx) { return consumer_ready((Consumer *)vctx); }
 static PyObject *Consumer_wait_data(Consumer *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 2) { PyErr_SetString(PyExc_TypeError, "_wait_data(slice, spin)"); return NULL; }
     if (check_usable(&self->r) < 0) return NULL;
-    return wait_slice(self->r.base + SHMR_OFF_DATA_WAKE, data_cond, self, args[0], args[1]);
+    return wait_slice(self->r.base + SHMR_OFF_DATA_WAKE, data_cond, self, args[0], args[1],
+                      self->entry ? self->entry + SHMR_CE_WAITING : NULL);
 }
 
 static PyObject *Consumer_has_data(Consumer *self, PyObject *unused) {

@@ -223,7 +223,8 @@ static PyObject *Producer_wait_space(Producer *self, PyObject *const *args, Py_s
     unsigned long long len = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
     uint64_t need = align8(SHMR_REC_HDR + len), tail = self->r.capacity - (self->write_pos & self->r.mask);
     struct space_ctx c = { self, len, need <= tail ? need : tail + need };
-    return wait_slice(self->r.base + SHMR_OFF_SPACE_WAKE, space_cond, &c, args[1], args[2]);
+    return wait_slice(self->r.base + SHMR_OFF_SPACE_WAKE, space_cond, &c, args[1], args[2],
+                      is_multi(&self->r) ? self->entry + SHMR_PE_WAITING : NULL);
 }
 
 static PyObject *Producer_mark_closed(Producer *self, PyObject *unused) {

@@ -229,7 +229,7 @@ static PyObject *Region_wait_change(Region *self, PyObject *const *args, Py_ssiz
     c.stop = NULL;
     if (PyLong_AsLong(args[3]) >= 0) { c.stop = header_word(self, args[3], 4); if (!c.stop) return NULL; }
     if (PyErr_Occurred()) return NULL;
-    return wait_slice(w, change_cond, &c, args[4], args[5]);
+    return wait_slice(w, change_cond, &c, args[4], args[5], NULL);
 }
 
 PyObject *Region_get_closed(Region *self, void *c) { return PyBool_FromLong(self->closed); }

@@ -267,7 +267,7 @@ static int newer_cond(void *vctx) {
 static PyObject *StateCore_wait_slot(StateCore *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 2) { PyErr_SetString(PyExc_TypeError, "_wait_slot(slice, spin)"); return NULL; }
     if (st_usable(self) < 0) return NULL;
-    return wait_slice(self->r.base + SHMR_ST_OFF_SLOT_WAKE, slot_cond, self, args[0], args[1]);
+    return wait_slice(self->r.base + SHMR_ST_OFF_SLOT_WAKE, slot_cond, self, args[0], args[1], NULL);
 }
 
 static PyObject *StateCore_wait_newer(StateCore *self, PyObject *const *args, Py_ssize_t n) {
@@ -275,7 +275,7 @@ static PyObject *StateCore_wait_newer(StateCore *self, PyObject *const *args, Py
     if (st_usable(self) < 0) return NULL;
     unsigned long long than = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
     struct newer_ctx c = { self, than };
-    return wait_slice(self->r.base + SHMR_ST_OFF_VERSION_WAKE, newer_cond, &c, args[1], args[2]);
+    return wait_slice(self->r.base + SHMR_ST_OFF_VERSION_WAKE, newer_cond, &c, args[1], args[2], NULL);
 }
 
 static int st_slot_arg(StateCore *s, PyObject *o, uint32_t *k) {

@@ -75,6 +75,18 @@ void publish_and_wake(void *pos, uint64_t value, char *wake_line) {
     wake_if_waiters(wake_line);
 }
 
+/* Announce a sleep on a wake word (R4), and, for a table entry's holder, in
+ * the entry's own share of it (R29: never more than its true share, so a
+ * recovery that subtracts a dead entry's share never takes a live one's). */
+static inline void announce(char *waiters, char *mine) {
+    (void)fetch_add_seq_cst32(waiters, 1);   /* R4, pairs with the waker's seq_cst load(waiters) in wake_if_waiters */
+    if (mine) (void)fetch_add_seq_cst32(mine, 1);   /* R29, after the shared count */
+}
+static inline void withdraw(char *waiters, char *mine) {
+    if (mine) (void)fetch_add_seq_cst32(mine, (uint32_t)-1);   /* R29, before the shared count */
+    (void)fetch_add_seq_cst32(waiters, (uint32_t)-1);   /* R4, leaves the announcement */
+}
+
 /* Process-local wait counters (tests use them to prove no wake-up is lost:
  * with long slices, a sleep that ends by timeout with the condition already
  * true would be a missed wake-up). */
@@ -83,7 +95,7 @@ static uint64_t n_sleeps, n_late_wakeups;
 /* Wait until cond(ctx) holds or slice_ns elapses: spin for spin_ns, then
  * yield, then sleep on the futex.  Called with the GIL released.
  * cond() makes the seq_cst loads of R4. */
-int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns, uint64_t spin_ns) {
+int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns, uint64_t spin_ns, char *mine) {
     uint64_t start = now_ns();
     uint64_t deadline = start + slice_ns;
     uint64_t spin_end = start + (spin_ns < slice_ns ? spin_ns : slice_ns);
@@ -105,15 +117,15 @@ int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns, uint64
     char *waiters = wake_line + SHMR_WAKE_WAITERS;
     for (;;) {
         uint32_t s = load_acquire32(seq);         /* R4, pairs with the waker's fetch_add(seq) in wake_always */
-        (void)fetch_add_seq_cst32(waiters, 1);    /* R4, pairs with the waker's seq_cst load(waiters) in wake_if_waiters */
-        if (cond(ctx)) { (void)fetch_add_seq_cst32(waiters, (uint32_t)-1); return WAIT_READY; }   /* R4, leaves the announcement */
+        announce(waiters, mine);
+        if (cond(ctx)) { withdraw(waiters, mine); return WAIT_READY; }
         uint64_t t = now_ns();
         if (t >= deadline) {
-            (void)fetch_add_seq_cst32(waiters, (uint32_t)-1);   /* R4, leaves the announcement */
+            withdraw(waiters, mine);
             return cond(ctx) ? WAIT_READY : WAIT_SLICE_OVER;
         }
         int err = futex_wait(seq, s, deadline - t);
-        (void)fetch_add_seq_cst32(waiters, (uint32_t)-1);       /* R4, leaves the announcement */
+        withdraw(waiters, mine);
         count_relaxed(&n_sleeps);                                /* R23, process-local */
         if (cond(ctx)) {
             if (err == ETIMEDOUT) count_relaxed(&n_late_wakeups);   /* R23, process-local */
@@ -128,13 +140,13 @@ int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns, uint64
  * GIL released, then the signal check (Ctrl-C raises here).  The Python
  * side (shmring.waiting) loops over slices, checking its deadline and the
  * peers between them.  Returns True (condition holds) or False. */
-PyObject *wait_slice(char *wake_line, cond_fn cond, void *ctx, PyObject *slice_obj, PyObject *spin_obj) {
+PyObject *wait_slice(char *wake_line, cond_fn cond, void *ctx, PyObject *slice_obj, PyObject *spin_obj, char *mine) {
     double slice = PyFloat_AsDouble(slice_obj); if (PyErr_Occurred()) return NULL;
     double spin = PyFloat_AsDouble(spin_obj); if (PyErr_Occurred()) return NULL;
     uint64_t slice_ns = seconds_to_ns(slice), spin_ns = seconds_to_ns(spin);
     int r;
     Py_BEGIN_ALLOW_THREADS
-    r = wait_for(wake_line, cond, ctx, slice_ns, spin_ns);
+    r = wait_for(wake_line, cond, ctx, slice_ns, spin_ns, mine);
     Py_END_ALLOW_THREADS
     if (PyErr_CheckSignals() < 0) return NULL;
     return PyBool_FromLong(r == WAIT_READY);
@@ -149,9 +161,11 @@ struct shmr_futex_waitv { uint64_t val; uint64_t uaddr; uint32_t flags; uint32_t
 #define SHMR_FUTEX_32 2u
 #define SHMR_WAIT_MAX 128
 
+static inline char *entry_waiting(Consumer *c) { return c->entry ? c->entry + SHMR_CE_WAITING : NULL; }
+
 static void leave_all(Consumer **cs, Py_ssize_t k) {
-    for (Py_ssize_t i = 0; i < k; i++)   /* R4, leaves the announcement */
-        (void)fetch_add_seq_cst32(cs[i]->r.base + SHMR_OFF_DATA_WAKE + SHMR_WAKE_WAITERS, (uint32_t)-1);
+    for (Py_ssize_t i = 0; i < k; i++)
+        withdraw(cs[i]->r.base + SHMR_OFF_DATA_WAKE + SHMR_WAKE_WAITERS, entry_waiting(cs[i]));
 }
 
 /* wait_any(consumers, slice_s) -> bool: sleep (GIL released) until one of the
@@ -188,7 +202,7 @@ PyObject *wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
             wv[i].uaddr = (uint64_t)(uintptr_t)(line + SHMR_WAKE_SEQ);
             wv[i].flags = SHMR_FUTEX_32;          /* shared: no FUTEX_PRIVATE_FLAG */
             wv[i].reserved = 0;
-            (void)fetch_add_seq_cst32(line + SHMR_WAKE_WAITERS, 1);   /* R4, pairs with the waker's seq_cst load(waiters) */
+            announce(line + SHMR_WAKE_WAITERS, entry_waiting(cs[i]));
         }
         for (Py_ssize_t i = 0; i < k && !ready; i++) ready = consumer_ready(cs[i]);
         int err = 0;
