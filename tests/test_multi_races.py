@@ -324,3 +324,41 @@ def test_a_party_killed_asleep_leaves_no_waiter_count_behind(ring_name, kind):
             if child.is_alive():
                 os.kill(child.pid, signal.SIGKILL)
             child.join(10)
+
+
+def test_an_mpmc_taker_stalled_past_a_requeue_and_a_lap_does_not_mark_the_newer_record(ring_name):
+    """Case 5.  Before: the 16-bit record state has no lap in it; a taker
+    stalled between its take CAS and its state CAS for longer than the grace
+    period plus a lap (its take requeued and redelivered, the ring gone round)
+    marked the next lap's record at the same address: that record was lost,
+    and the taker got it with the old record's length.  The C pause point
+    "mpmc_taken" stalls the taker there while the others do all that."""
+    from shmring import _core
+    with shmring.Ring.create(ring_name, 1 << 12, kind="mpmc", producers=1) as ring:
+        p = ring.producer()
+        stalled, other = ring.consumer(), ring.consumer()
+        a, filler, b = b"A" * 48, b"f" * 48, b"B" * 32          # 64-byte records; 64 make a lap
+        p.send(a)                                                # position 0
+        log = []
+
+        def the_world_moves_on(handle, where):
+            if where != "mpmc_taken" or handle is not stalled or log:
+                return
+            log.append("stalled")
+            t = ring._tables
+            t.requeue_dead(other, {0: time.monotonic() - 10})    # its take looks abandoned: requeued
+            log.append(other.recv_bytes(timeout=1))              # ... and redelivered
+            for _ in range(63):                                  # a lap of fillers, all consumed
+                p.send(filler)
+                assert other.recv_bytes(timeout=1) == filler
+            p.send(b)                                            # position 4096: the same address as A
+        _core._set_pause_hook(the_world_moves_on)
+        try:
+            got = stalled.recv_bytes(timeout=1)
+        finally:
+            _core._set_pause_hook(None)
+        assert log == ["stalled", a]
+        assert got == b                                          # B itself, not A's length over B's bytes
+        assert other.try_recv() is None
+        s = ring.stats()
+        assert s["redelivered"] == 1 and s["consumers"][0]["received"] + s["consumers"][1]["received"] == 65

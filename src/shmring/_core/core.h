@@ -51,6 +51,11 @@ extern PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringE
 extern unsigned long fork_generation;      /* bumped in every forked child */
 
 int pause_point(PyObject *handle, const char *where);   /* tests only; 0 (or -1: the hook raised) */
+extern PyObject *pause_hook;
+/* A pause point on a per-message path: one predicted branch on a global. */
+static inline int pause_at(PyObject *handle, const char *where) {
+    return __builtin_expect(pause_hook != NULL, 0) ? pause_point(handle, where) : 0;
+}
 
 /* Python callbacks by method name (module.c lists them with why). */
 extern PyObject *str_send_obj, *str_try_send_obj, *str_send_wait, *str_recv_wait, *str_recv_copy,

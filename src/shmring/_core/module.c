@@ -17,7 +17,7 @@ static void at_fork_child(void) { fork_generation++; }
  * fn(handle, where) there, so a test can run another party's steps between
  * two protocol steps.  NULL in production; never on a per-message path.
  * Python's own pause points are shmring.pausepoints. */
-static PyObject *pause_hook;
+PyObject *pause_hook;
 
 int pause_point(PyObject *handle, const char *where) {
     if (!pause_hook) return 0;

@@ -283,6 +283,21 @@ static inline int mpmc_requeued_hint(Consumer *c) {
     return v != 0 && v != c->requeued_seen;
 }
 
+/* Mark the record at pos ours: CAS its state from `from` to our slot + 1.
+ * The state is 16 bits with no lap in it, so a taker stalled longer than a
+ * recovery plus a lap would mark a newer record at the same address (ABA):
+ * after the CAS the stamp must still be this lap's, else the mark is undone
+ * (the newer record goes back to whoever takes it) (R31). */
+static int mpmc_mark(Consumer *c, uint64_t pos, uint16_t from) {
+    Region *r = &c->r;
+    char *h = mp_rec(r, pos);
+    uint16_t mine = (uint16_t)(r->slot + 1);
+    if (!cas_seq_cst16(REC_STATE(h), from, mine)) return 0;   /* R14 / R16, one taker wins */
+    if (load_acquire64(h) == (r->key ^ pos)) return 1;   /* R31, still this lap's record: it cannot be reused while marked */
+    (void)cas_seq_cst16(REC_STATE(h), mine, from);   /* R31, a newer lap's: undo */
+    return 0;
+}
+
 /* Take a record that a recovery requeued (its consumer died holding it). */
 static int mpmc_take_requeued(Consumer *c, Rec *out) {
     Region *r = &c->r;
@@ -299,7 +314,7 @@ static int mpmc_take_requeued(Consumer *c, Rec *out) {
         if (mpmc_behind(r, pos)) return 0;        /* a REQUEUED record is never released: it is not here */
         if (type != SHMR_T_PAD && type != SHMR_T_SKIP &&
             load_acquire16(st) == SHMR_RS_REQUEUED &&   /* R16, pairs with the requeuing CAS */
-            cas_seq_cst16(st, SHMR_RS_REQUEUED, (uint16_t)(r->slot + 1))) {   /* R16, one taker wins */
+            mpmc_mark(c, pos, SHMR_RS_REQUEUED)) {
             (void)fetch_add_seq_cst64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED, (uint64_t)-1);   /* R16 */
             (void)fetch_add_seq_cst64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REDELIVERED, 1);   /* R16 */
             fill_rec(r, out, pos, size, len, type);
@@ -350,8 +365,9 @@ int mpmc_peek(Consumer *c, Rec *out) {
         }
         if (!cas_seq_cst64(take, pos, pos + size)) continue;   /* R14, one taker wins */
         if (type == SHMR_T_PAD || type == SHMR_T_SKIP) { mpmc_reclaim(c); continue; }
-        /* fails only if a recovery requeued it because we were too slow to get here */
-        if (!cas_seq_cst16(REC_STATE(mp_rec(r, pos)), SHMR_RS_FREE, (uint16_t)(r->slot + 1))) continue;   /* R14, against the requeue of a stuck take */
+        if (pause_at((PyObject *)c, "mpmc_taken") < 0) return PEEK_CORRUPT;
+        /* fails if a recovery requeued it because we were too slow to get here */
+        if (!mpmc_mark(c, pos, SHMR_RS_FREE)) continue;
         fill_rec(r, out, pos, size, len, type);
         return PEEK_FOUND;
     }
