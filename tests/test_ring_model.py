@@ -87,3 +87,113 @@ def test_random_operations_match_a_fifo_model(kind, script):
                 assert g == sent
         for h in prods + cons:
             h.close()
+
+
+mpmc_ops = st.lists(st.one_of(
+    st.tuples(st.just("send"), st.integers(0, 1), st.integers(0, 300)),
+    st.tuples(st.just("recv"), st.integers(0, 3), st.integers(0, 3)),
+    st.tuples(st.just("release"), st.integers(0, 3), st.integers(0, 7)),
+    st.tuples(st.just("join"), st.just(0), st.just(0)),
+    st.tuples(st.just("leave"), st.integers(0, 3), st.just(0)),
+    st.tuples(st.just("kill"), st.integers(0, 3), st.just(0)),
+    st.tuples(st.just("recover"), st.integers(0, 3), st.just(0)),
+), max_size=100)
+
+_DEAD = []
+
+
+def _dead_word():
+    if not _DEAD:
+        import subprocess
+        import sys
+        from shmring import layout as L
+        p = subprocess.Popen([sys.executable, "-c", "pass"])
+        p.wait()
+        _DEAD.append(L.owner_word(p.pid, 4242))
+    return _DEAD[0]
+
+
+@settings(deadline=None, max_examples=120, suppress_health_check=list(HealthCheck))
+@given(script=mpmc_ops)
+def test_mpmc_joins_leaves_kills_and_take_overs_deliver_each_message_once(script):
+    """Issue 12: consumers join, leave while holding messages, are "killed"
+    (their entry names a dead process; the handle stops touching the ring, as
+    a SIGKILLed process would) and recovered by a survivor's requeue pass, in
+    any order.  Every committed message is delivered exactly once, except what
+    a killed consumer held, which is delivered once more; stats()["redelivered"]
+    counts exactly those."""
+    from shmring import layout as L
+    name = f"model-mpmc-joins-{np.random.randint(1 << 30)}"
+    with shmring.Ring.create(name, 4096, kind="mpmc", max_consumers=4) as ring:
+        prods = [ring.producer() for _ in range(2)]
+        live = [ring.consumer()]                    # handles that still receive
+        held = {}                                   # handle -> [messages received, not released]
+        delivered = []                              # messages released (delivered), in any order
+        lost = []                                   # what killed consumers held (to be redelivered)
+        sent, seq = [], 0
+        closing = []                                # closed handles still holding messages
+        t = ring._tables
+        for op, who, arg in script:
+            if op == "send":
+                data = body(who, seq, arg)
+                if prods[who].try_send(data):
+                    sent.append(data)
+                    seq += 1
+            elif op == "join":
+                if len(live) + len(closing) < 4:
+                    try:
+                        live.append(ring.consumer())
+                    except shmring.ResourceLimit:   # entries still held by killed ones not yet recovered
+                        pass
+            elif not live:
+                continue
+            elif op == "recv":
+                c = live[who % len(live)]
+                for _ in range(arg + 1):
+                    m = c.try_recv()
+                    if m is None:
+                        break
+                    held.setdefault(c, []).append(m)
+            elif op == "release":
+                c = live[who % len(live)]
+                if held.get(c):
+                    m = held[c].pop(arg % len(held[c]))
+                    delivered.append(m.tobytes())
+                    m.release()
+            elif op == "leave":
+                c = live.pop(who % len(live))
+                c.close()                            # keeps its entry while it holds messages
+                if held.get(c):
+                    closing.append(c)
+            elif op == "kill":
+                c = live.pop(who % len(live))
+                ring._region.store_u64(t.cline(c._slot) + L.CE_OWNER, _dead_word())
+                c._mark_closed()                     # from now on it touches nothing
+                lost.extend(m.tobytes() for m in held.pop(c, []))
+            elif op == "recover":
+                c = live[who % len(live)]
+                t.requeue_dead(c, {})
+        for c in closing:                            # the closed ones release what they hold
+            for m in held.pop(c, []):
+                delivered.append(m.tobytes())
+                m.release()
+        if not live:
+            live.append(ring.consumer())
+        c = live[0]
+        for m in held.pop(c, []) if c in held else []:
+            delivered.append(m.tobytes())
+            m.release()
+        for other in live[1:]:
+            for m in held.pop(other, []):
+                delivered.append(m.tobytes())
+                m.release()
+        for _ in range(3):                           # recover what is left, then drain
+            t.requeue_dead(c, {})
+            while (m := c.try_recv()) is not None:
+                delivered.append(m.tobytes())
+                m.release()
+        assert sorted(delivered) == sorted(sent)    # each exactly once
+        assert set(lost) <= set(delivered)
+        assert ring.stats()["redelivered"] == len(lost)
+        for h in prods + live:
+            h.close()
