@@ -229,12 +229,18 @@ class Tables:
     def join_position(self, slot: int, start: str) -> int:
         """Store a safe starting position in our entry (see mp_gate in _core.c)."""
         r, line = self.region, self.cline(slot)
-        while True:
+        for _ in range(100_000):
             t = r.load_u64(L.MP_OFF_RELEASE)
-            self._check_position(t, "oldest-intact position")
+            cursor = r.load_u64(L.MP_OFF_CURSOR)
+            if t % L.MREC_ALIGN or t > cursor:
+                self._check_position(t, "oldest-intact position")       # raises
+            if cursor - t > self.capacity:
+                continue        # R10: the producer lapped it since we read it: look again, not corruption
             r.store_u64(line + L.CE_POS, t)
             if r.load_u64(L.MP_OFF_RELEASE) == t:
                 break
+        else:
+            raise CorruptSegmentError(f"{self.label}: the oldest-intact position never settled while joining")
         pos = t
         if start == "newest":
             newest = r.load_u64(L.MP_OFF_NEWEST)

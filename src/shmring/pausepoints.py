@@ -6,12 +6,12 @@ process there (and kill it), or hold one thread there while another runs, then
 let it go on.  Called only on slow paths (ring creation, attach, reservation
 commit, joins, leaves and recovery steps), never from the C per-message path.
 
-Points: ``create``, ``attach``, ``reserved`` (ring.py); ``join_producer``
-(the state word is read, not yet CASed), ``drop_subscriber`` (a dead
-subscriber's entry is taken over, its position not yet freed),
+Points: ``create``, ``attach``, ``reserved`` (ring.py); ``drop_subscriber``
+(a dead subscriber's entry is taken over, its position not yet freed),
 ``skip_scanned`` (the intents are scanned, the skip not yet written),
-``requeue_walked`` (an mpmc recovery has read the in-flight records, not yet
-requeued them) (parties.py).
+``requeue_walked`` (an mpmc recovery has taken the orphaned entries over, not
+yet walked and requeued) (parties.py).  The C core's own pause points are
+set with ``shmring._core._set_pause_hook``.
 """
 hook = None
 

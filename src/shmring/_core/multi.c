@@ -32,6 +32,10 @@ static uint64_t mp_min_subscriber(Region *r, uint64_t upto) {
         uint64_t w = load_seq_cst64(r->ctab + (uint64_t)i * SHMR_MP_ENTRY + SHMR_CE_POS);   /* R10, pairs with the subscriber's position stores */
         if (w == SHMR_POS_FREE || (w & SHMR_POS_EVICTED)) continue;
         w &= SHMR_POS_MASK;
+        /* R10: more than a capacity behind is a joiner's stale store of the
+         * oldest position (it re-loads it and moves up before reading), not
+         * a gate: no live subscriber can fall that far behind. */
+        if (w < upto && upto - w > r->capacity) continue;
         if (w < m) m = w;
     }
     return m;
