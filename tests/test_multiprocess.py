@@ -123,7 +123,7 @@ def test_a_zombie_role_holder_counts_as_dead(ring_name):
         pid = os.fork()
         if pid == 0:
             try:
-                ring.producer()
+                p = ring.producer()         # held (not dropped) when the process exits  # noqa: F841
             finally:
                 os._exit(0)
         deadline = time.monotonic() + 30

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
+import threading
+import warnings
 
 import msgpack
 import numpy as np
@@ -38,6 +41,40 @@ def _forked() -> None:
 
 
 os.register_at_fork(after_in_child=_forked)
+
+
+def _exclusive(method):
+    """One thread at a time: a call holds its handle to its end (waits
+    included); another thread's call meanwhile raises ShmringError instead of
+    interleaving with it (the positions are plain Python attributes)."""
+    @functools.wraps(method)
+    def held(self, *args, **kwargs):
+        lock = self._use_lock
+        if not lock.acquire(blocking=False):
+            raise ShmringError(f"this {type(self).__name__} of {self._label} is in use by another thread "
+                               "inside a call of it; a handle is not thread-safe: give each thread its own "
+                               "handle, or serialize its calls with a lock (releasing a batch from any "
+                               "thread is fine)")
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            lock.release()
+    return held
+
+
+def _dropped(handle, what: str, _finalizing=sys.is_finalizing) -> bool:
+    """A handle being garbage-collected without close(): True (after a
+    ResourceWarning) if it still holds something of this process: open,
+    made in this process (not inherited through fork), and not at
+    interpreter exit (the process's roles are then recovered as a dead one's)."""
+    if _finalizing() or handle.__dict__.get("_closed", True) or handle._gen != _fork_gen:
+        return False
+    try:
+        warnings.warn(f"{handle!r} was garbage-collected without close(): {what}; use it in a with block "
+                      "or call close()", ResourceWarning, stacklevel=2)
+    except Exception:
+        pass
+    return True
 
 
 def prepare(dtype, capacity: int) -> tuple[np.dtype, bytes, int]:
@@ -87,6 +124,7 @@ class _Handle:
         self.spin = float(spin)
         self._label = ring._seg.label
         self._pid, self._gen = os.getpid(), _fork_gen
+        self._use_lock = threading.RLock()          # held by the thread inside a call (_exclusive)
         self._closed = False
 
     def _usable(self):
@@ -163,6 +201,7 @@ class RecordProducer(_Handle):
         self._wp += n
         self._region.publish_u64(L.OFF_WRITE_POS, self._wp, L.OFF_DATA_WAKE)  # after the copy
 
+    @_exclusive
     def try_send_many(self, records) -> int:
         """Send as many records as fit now; returns how many."""
         self._usable()
@@ -172,6 +211,7 @@ class RecordProducer(_Handle):
             self._put(a[:k])
         return k
 
+    @_exclusive
     def send_many(self, records, *, timeout=None) -> int:
         """Send a 1-D array (or a sequence) of records, waiting for room as needed
         (each wait up to ``timeout`` seconds); returns the count."""
@@ -192,6 +232,7 @@ class RecordProducer(_Handle):
             done += k
         return done
 
+    @_exclusive
     def send(self, record, *, timeout=None) -> None:
         """Send one record (a numpy void / 0-d array or a tuple of field values)."""
         self.send_many(record if isinstance(record, np.ndarray) else np.array(record, dtype=self.dtype),
@@ -201,6 +242,7 @@ class RecordProducer(_Handle):
     def position(self) -> int:
         return self._wp
 
+    @_exclusive
     def close(self, *, _status: int = CLOSED_EOS) -> None:
         """End the stream: the consumer drains what was sent, then gets EndOfStream."""
         if self._closed:
@@ -210,6 +252,24 @@ class RecordProducer(_Handle):
         self._closed = True
         if self._gen == _fork_gen:
             self._role.give_back(self._region)
+
+    @_exclusive
+    def detach(self) -> None:
+        """Give up the producer role without ending the stream (another
+        producer may attach and continue it)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._gen == _fork_gen:
+            self._role.give_back(self._region)
+
+    def __del__(self):
+        # Dropped without close(): give the role back, leave the stream open (as Producer)
+        if _dropped(self, "it was detached (role given back, stream left open)"):
+            self.detach()
+
+    def __repr__(self):
+        return f"<shmring.RecordProducer of {self._label} at record {self._wp}{' closed' if self._closed else ''}>"
 
     def __enter__(self):
         return self
@@ -281,19 +341,21 @@ class RecordConsumer(_Handle):
         self._next = self._rp = rp
         self._wp = wp
         self._out = []          # [start, end, done] of batches handed out, in order
+        self._book = threading.RLock()   # _out and _rp: a batch may be released from any thread
         self.received = 0
 
     def _finish(self, start: int) -> None:
-        for e in self._out:
-            if e[0] == start:
-                e[2] = True
-                break
-        rp = self._rp
-        while self._out and self._out[0][2]:
-            rp = self._out.pop(0)[1]
-        if rp != self._rp and not self._closed:
-            self._rp = rp
-            self._region.publish_u64(L.OFF_READ_POS, rp, L.OFF_SPACE_WAKE)   # after our last read
+        with self._book:        # reentrant: the collector may release another batch in here
+            for e in self._out:
+                if e[0] == start:
+                    e[2] = True
+                    break
+            rp = self._rp
+            while self._out and self._out[0][2]:
+                rp = self._out.pop(0)[1]
+            if rp > self._rp and not self._closed:
+                self._rp = rp
+                self._region.publish_u64(L.OFF_READ_POS, rp, L.OFF_SPACE_WAKE)   # after our last read
 
     def _available(self) -> int:
         wp = self._region.load_u64(L.OFF_WRITE_POS)    # pairs with the producer's publish_u64
@@ -331,11 +393,13 @@ class RecordConsumer(_Handle):
         self.received += n
         return RecordBatch(lease, n, arrays)
 
+    @_exclusive
     def try_recv_many(self, max_n: int | None = None):
         """A :class:`RecordBatch` of up to ``max_n`` records (None: all there are), or None."""
         self._usable()
         return self._take(max_n)
 
+    @_exclusive
     def recv_many(self, max_n: int | None = None, *, timeout=None, copy: bool = False):
         """Wait up to ``timeout`` seconds (None: forever) for records, then return
         a :class:`RecordBatch` of up to ``max_n`` of them (or, with
@@ -373,6 +437,7 @@ class RecordConsumer(_Handle):
     def position(self) -> int:
         return self._rp
 
+    @_exclusive
     def close(self) -> None:
         """Give up the consumer role (records not released are delivered again)."""
         if self._closed:
@@ -380,6 +445,13 @@ class RecordConsumer(_Handle):
         self._closed = True
         if self._gen == _fork_gen:
             self._role.give_back(self._region)
+
+    def __del__(self):
+        if _dropped(self, "its role was given back"):
+            self.close()
+
+    def __repr__(self):
+        return f"<shmring.RecordConsumer of {self._label} at record {self._rp}{' closed' if self._closed else ''}>"
 
     def __enter__(self):
         return self

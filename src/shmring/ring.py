@@ -37,7 +37,12 @@ Consumer example::
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import time
+import warnings
+import weakref
 
 import numpy as np
 
@@ -335,6 +340,36 @@ def _no_pickle(handle):
                     "in the other process")
 
 
+def _exclusive(method):
+    """A multi-step method holds its handle, as the C calls do: another
+    thread's call meanwhile raises ShmringError ("in use by another thread")."""
+    @functools.wraps(method)
+    def held(self, *args, **kwargs):
+        token = self._use()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._unuse(token)
+    return held
+
+
+def _finalizable(handle, _getpid=os.getpid, _finalizing=sys.is_finalizing) -> bool:
+    """Whether a handle being garbage-collected still holds something of this
+    process: made here (not inherited through fork), open, and not at
+    interpreter exit (then the process is going away: its roles are
+    recovered as a dead process's, with no Python run in a torn-down interpreter)."""
+    return not _finalizing() and handle.__dict__.get("_pid") == _getpid() and not handle.closed
+
+
+def _warn_dropped(handle, what: str) -> None:
+    # (no source=handle: a recorded warning would keep the handle alive, resurrecting it)
+    try:
+        warnings.warn(f"{handle!r} was garbage-collected without close(): {what}; use it in a with "
+                      "block or call close()", ResourceWarning, stacklevel=2)
+    except Exception:                     # a warnings filter set to "error": nothing to raise into
+        pass
+
+
 class Producer(_core.ProducerCore):
     """The producer handle of a ring (a context manager; exiting closes the stream).
 
@@ -368,6 +403,18 @@ class Producer(_core.ProducerCore):
         self._wmv = memoryview(ring._seg.buf)
         self._label = ring._seg.label
         self._kind = ring.kind
+        self._pid = os.getpid()               # last: a handle whose __init__ failed is never finalized
+
+    def __del__(self):
+        # Dropped without close() (README, "Handles, threads and garbage
+        # collection"): detached.  Its role or table slot is given back (an
+        # open reservation aborted), so another producer, of any process, can
+        # take over, and an mpsc / mpmc stream can end when the producers
+        # still joined close; but a dropped handle never ends a stream itself:
+        # that is said explicitly, by close() or a with block.
+        if _finalizable(self):
+            _warn_dropped(self, "it was detached (role given back, stream left open)")
+            self.detach()
 
     # -- slow paths called from C ------------------------------------------------
     def _send_obj(self, data, timeout):
@@ -460,6 +507,7 @@ class Producer(_core.ProducerCore):
         live, dead = self._tables.live_consumers()
         return dead if not live else 0
 
+    @_exclusive
     def reserve(self, nbytes: int, *, timeout=None) -> "Reservation":
         """Reserve ``nbytes`` for a bytes message and return a writable memoryview
         of them (a context manager: commits on normal exit, aborts on error)."""
@@ -469,6 +517,7 @@ class Producer(_core.ProducerCore):
         off = self._reserve_blocking(nbytes, L.T_BYTES, timeout)
         return Reservation(self, self._wmv[off:off + nbytes], None)
 
+    @_exclusive
     def reserve_array(self, shape, dtype, *, order: str = "C", timeout=None) -> "Reservation":
         """Reserve a ``shape`` x ``dtype`` array inside the ring and return a
         reservation whose ``__enter__`` gives the writable ndarray to fill in place.
@@ -481,6 +530,7 @@ class Producer(_core.ProducerCore):
         n, views = self._reserve_written(codec.array_encoding(shape, dtype, order), timeout)
         return Reservation(self, views[0], n)
 
+    @_exclusive
     def reserve_value(self, template, *, timeout=None) -> "Reservation":
         """Reserve a msgpack value whose :class:`~shmring.InPlace` placeholders
         are arrays built in place; ``__enter__`` gives the list of those
@@ -495,6 +545,17 @@ class Producer(_core.ProducerCore):
         return Reservation(self, [v for v, b in zip(views, enc.blocks) if b[0] is None], n)
 
     # -- lifetime ------------------------------------------------------------------
+    def _abort_open(self) -> None:
+        """Abort an open reservation, disarming its views first (arrays made
+        read-only, a memoryview released): a late write through them must not
+        land in space that is then reused."""
+        ref = self.__dict__.get("_open_res")
+        res = ref() if ref is not None else None
+        if res is not None and not res._done:
+            res._finish()
+        self._abort()
+
+    @_exclusive
     def close(self, *, _status: int = CLOSED_EOS) -> None:
         """End the stream (spsc, broadcast), or this producer's part of it
         (mpsc, mpmc: the stream ends when every producer has closed):
@@ -502,7 +563,7 @@ class Producer(_core.ProducerCore):
         open reservation is aborted."""
         if self.closed:
             return
-        self._abort()
+        self._abort_open()
         if self._tables is not None:
             self._mark_closed()
             self._tables.end_producer(self._slot, aborted=_status != CLOSED_EOS)
@@ -511,12 +572,13 @@ class Producer(_core.ProducerCore):
         self._region.wake(L.OFF_DATA_WAKE)
         self.detach()
 
+    @_exclusive
     def detach(self) -> None:
         """Give up the producer role without ending the stream (another
         producer may attach and continue it)."""
         if self.closed:
             return
-        self._abort()
+        self._abort_open()
         self._mark_closed()
         if self._tables is not None:
             self._tables.leave_producer(self._slot)
@@ -574,6 +636,7 @@ class Reservation:
         self.view = view
         self._nbytes = nbytes
         self._done = False
+        producer._open_res = weakref.ref(self)   # close() / detach() disarm it
 
     def __enter__(self):
         return self.view
@@ -604,13 +667,23 @@ class Reservation:
     def commit(self) -> None:
         """Publish the message."""
         pause("reserved")                         # reserved and filled, not yet published
-        self._finish()
-        self._producer._commit(self._nbytes)
+        p = self._producer
+        token = p._use()                          # refused while another thread is inside a producer call
+        try:
+            self._finish()
+            p._commit(self._nbytes)
+        finally:
+            p._unuse(token)
 
     def abort(self) -> None:
         """Forget the reservation: nothing is sent."""
-        self._finish()
-        self._producer._abort()
+        p = self._producer
+        token = p._use()
+        try:
+            self._finish()
+            p._abort()
+        finally:
+            p._unuse(token)
 
 
 def _is_bytes_like(data) -> bool:
@@ -630,8 +703,9 @@ class Consumer(_core.ConsumerCore):
     """
 
     # Called from C by name (see the callback table in src/shmring/_core/module.c):
-    # _recv_wait, _recv_copy, _lagged, _eos_ready, _leave_table.  Keep their
-    # names and signatures.
+    # _recv_wait, _recv_copy, _lagged, _eos_ready.  Keep their names and
+    # signatures.  (_leave_table is no longer called from C: the last release
+    # of a closed handle leaves the table in C, R35.)
 
     def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN, *, start: str = "oldest"):
         self._region = region = ring._live_region()      # ours too: it must work after ring.close()
@@ -657,8 +731,19 @@ class Consumer(_core.ConsumerCore):
                 raise
         self.spin = float(spin)
         self._label = ring._seg.label
+        self._pid = os.getpid()               # last: a handle whose __init__ failed is never finalized
+
+    def __del__(self):
+        # Dropped without close(): close it (give the role back / leave the
+        # table).  In a reference cycle with messages it still holds, those are
+        # collected with it and the last one's release leaves the table (C).
+        if _finalizable(self):
+            _warn_dropped(self, "its role was given back")
+            self.close()
 
     def _leave_table(self):
+        # R35: position FREE while the entry is ours, then the owner CAS (the C
+        # core takes the same steps at the last release of a closed handle)
         line = self._tables.cline(self._slot)
         if self._kind == "broadcast":
             self._region.store_u64(line + L.CE_POS, L.POS_FREE)
@@ -712,6 +797,7 @@ class Consumer(_core.ConsumerCore):
                      f"and was evicted: it missed {missed} messages ({nbytes} bytes); call rejoin() to go on",
                      missed, nbytes)
 
+    @_exclusive
     def rejoin(self, start: str = "newest") -> None:
         """After :class:`~shmring.Lagged`: start receiving again (broadcast),
         from the newest message or the oldest one still in the ring."""
@@ -786,6 +872,7 @@ class Consumer(_core.ConsumerCore):
         except EndOfStream:
             raise StopAsyncIteration from None
 
+    @_exclusive
     def close(self) -> None:
         """Give up the consumer role.  spsc / mpsc: messages not released yet
         will be delivered again to the next consumer (at-least-once).

@@ -25,6 +25,7 @@ static int Consumer_init(Consumer *self, PyObject *args, PyObject *kw) {
         }
         self->entry = r->ctab + (uint64_t)r->slot * SHMR_MP_ENTRY;
         self->recvword = self->entry + SHMR_CE_RECEIVED;
+        self->own_word = load_relaxed64(self->entry);   /* R35, the owner word (+0) we joined with */
     }
     if (r->kind == SHMR_KIND_BROADCAST) {
         self->posword = self->entry + SHMR_CE_POS;
@@ -60,14 +61,21 @@ void consumer_store_read(Consumer *c, uint64_t rp) {
 
 /* A broadcast subscriber or mpmc consumer closed while it held messages kept
  * its table entry (its position gates the producer; its records stay taken),
- * so nothing it can still see is overwritten; the last release leaves. */
+ * so nothing it can still see is overwritten; the last release leaves.
+ *
+ * That release may run in a deallocator, a buffer-release hook or the
+ * garbage collector (the handle itself being collected, its __dict__ already
+ * cleared), or at interpreter exit: so leaving calls no Python.  It takes the
+ * steps of Consumer._leave_table (ring.py) in C (R35). */
 static int consumer_leave_if_done(Consumer *c) {
     if (!c->leave_pending || c->nheld || c->qlen || c->next_pos != c->read_pos) return 0;
     c->leave_pending = 0;
     c->detached = 1;
-    PyObject *r = PyObject_CallMethodNoArgs((PyObject *)c, str_leave_table);
-    if (!r) return -1;
-    Py_DECREF(r);
+    if (c->r.kind == SHMR_KIND_BROADCAST) {
+        (void)xchg_seq_cst64(c->entry + SHMR_CE_POS, SHMR_POS_FREE);   /* R35, while the entry is still ours */
+        wake_always(c->r.base + SHMR_OFF_SPACE_WAKE);
+    }
+    (void)cas_seq_cst64(c->entry, c->own_word, 0);   /* R35, gives the entry back (owner word at +0) */
     return 0;
 }
 
@@ -194,8 +202,41 @@ static PyObject *consumer_message(Consumer *c, Rec *r) {
     return m;
 }
 
+/* One thread at a time (README, "Handles, threads and garbage collection"):
+ * each public call records its thread in c->user for its whole duration,
+ * including the Python slow paths and the waits, which let other threads
+ * run; another thread's call meanwhile is refused instead of interleaving
+ * with it.  The slow paths call the handle's own methods: the same thread
+ * passes.  Releasing a message takes no part: it is one step under the GIL,
+ * from any thread.  Same as use_begin in producer.c. */
+static int use_begin(unsigned long *user, unsigned long *prev, const char *what) {
+    unsigned long me = PyThread_get_thread_ident();
+    if (*user && *user != me) {
+        PyErr_Format(ShmringError, "this %s handle is in use by another thread (ident %lu) inside a call "
+                     "of it; a handle is not thread-safe: give each thread its own handle, or serialize "
+                     "its calls with a lock (releasing a message from any thread is fine)", what, *user);
+        return -1;
+    }
+    *prev = *user;
+    *user = me;
+    return 0;
+}
+
+/* _use() -> token: hold the handle for a multi-step call made in Python; _unuse(token) ends it. */
+static PyObject *Consumer_use(Consumer *self, PyObject *unused) {
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "consumer") < 0) return NULL;
+    return PyLong_FromUnsignedLong(prev);
+}
+static PyObject *Consumer_unuse(Consumer *self, PyObject *token) {
+    unsigned long prev = PyLong_AsUnsignedLong(token);
+    if (PyErr_Occurred()) return NULL;
+    self->user = prev;
+    Py_RETURN_NONE;
+}
+
 /* try_recv() -> Message | None; raises EndOfStream once drained after close. */
-static PyObject *Consumer_try_recv(Consumer *self, PyObject *unused) {
+static PyObject *consumer_try_recv(Consumer *self) {
     if (check_usable(&self->r) < 0) return NULL;
     Rec r;
     int s = consumer_peek(self, &r);
@@ -240,8 +281,16 @@ static int consumer_spin_for_data(Consumer *c) {
     return 0;
 }
 
+static PyObject *Consumer_try_recv(Consumer *self, PyObject *unused) {
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "consumer") < 0) return NULL;
+    PyObject *res = consumer_try_recv(self);
+    self->user = prev;
+    return res;
+}
+
 /* recv(*, timeout=None, copy=False) -> Message; the blocking part lives in Python (_recv_wait). */
-static PyObject *Consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+static PyObject *consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *timeout = Py_None, *copy = Py_False;
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     if (nargs) goto bad;
@@ -265,6 +314,14 @@ static PyObject *Consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t
 bad:
     PyErr_SetString(PyExc_TypeError, "recv(*, timeout=None, copy=False)");
     return NULL;
+}
+
+static PyObject *Consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "consumer") < 0) return NULL;
+    PyObject *res = consumer_recv(self, args, nargs, kwnames);
+    self->user = prev;
+    return res;
 }
 
 /* Copy out a bytes record and release it at once.  PEEK_FOUND (*out set), else a peek status. */
@@ -294,7 +351,7 @@ static int consumer_take_bytes(Consumer *self, PyObject **out) {
     return PEEK_FOUND;
 }
 
-static PyObject *Consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+static PyObject *consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     PyObject *timeout;
     if (parse_timeout_kw(args, nargs, kwnames, &timeout, "recv_bytes(*, timeout=None)") < 0) return NULL;
     if (check_usable(&self->r) < 0 || check_timeout(timeout) < 0) return NULL;
@@ -305,6 +362,14 @@ static PyObject *Consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_s
     if (s == PEEK_FOUND) return b;
     if (s != PEEK_EMPTY) return peek_status(self, s);
     return PyObject_CallMethodObjArgs((PyObject *)self, str_recv_wait, timeout, Py_True, NULL);
+}
+
+static PyObject *Consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "consumer") < 0) return NULL;
+    PyObject *res = consumer_recv_bytes(self, args, nargs, kwnames);
+    self->user = prev;
+    return res;
 }
 
 /* _try_recv_bytes() -> bytes | None */
@@ -396,6 +461,8 @@ static PyMethodDef Consumer_methods[] = {
     {"_reset", (PyCFunction)Consumer_reset, METH_O, NULL},
     {"_mark_closed", (PyCFunction)Consumer_mark_closed, METH_NOARGS, NULL},
     {"_close_later", (PyCFunction)Consumer_close_later, METH_NOARGS, NULL},
+    {"_use", (PyCFunction)Consumer_use, METH_NOARGS, NULL},
+    {"_unuse", (PyCFunction)Consumer_unuse, METH_O, NULL},
     {NULL}
 };
 static PyGetSetDef Consumer_getset[] = {

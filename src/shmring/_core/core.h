@@ -59,7 +59,7 @@ static inline int pause_at(PyObject *handle, const char *where) {
 
 /* Python callbacks by method name (module.c lists them with why). */
 extern PyObject *str_send_obj, *str_try_send_obj, *str_send_wait, *str_recv_wait, *str_recv_copy,
-                *str_lagged, *str_eos_ready, *str_leave_table, *str_claim_reader;
+                *str_lagged, *str_eos_ready, *str_claim_reader;
 extern PyObject *decode_func, *copy_func, *state_decode_func;
 
 /* --------------------------------------------------------------- region.c */
@@ -125,6 +125,7 @@ typedef struct {
     uint64_t res_prev;      /* spsc: write_pos before it (padding included), for abort */
     unsigned res_type;
     char *entry;            /* multi-party: our producer table line */
+    unsigned long user;     /* the thread inside a call of this handle, 0: none (one thread at a time) */
 } Producer;
 
 extern PyTypeObject ProducerType;
@@ -150,6 +151,8 @@ typedef struct {
     uint64_t nheld;         /* mpmc: messages taken and not released */
     int leave_pending;      /* broadcast / mpmc closed while holding messages: leave the table once they are released */
     uint64_t requeued_seen; /* mpmc: the requeued counter when a whole walk of ours last found nothing */
+    unsigned long user;     /* the thread inside a call of this handle, 0: none (one thread at a time) */
+    uint64_t own_word;      /* broadcast / mpmc: our table entry's owner word, for leaving it (R35) */
 } Consumer;
 
 /* A record found by a peek. */

@@ -31,12 +31,34 @@ void lease_init(Lease *l, const LeaseOps *ops, PyObject *owner, char *ptr, Py_ss
     l->warning = NULL;
 }
 
-/* Give the window back, once. */
+/* The caller's exception, kept aside while a lease is finished. */
+#if PY_VERSION_HEX >= 0x030C0000
+typedef struct { PyObject *exc; } saved_exc;
+static inline saved_exc exc_save(void) { saved_exc s = { PyErr_GetRaisedException() }; return s; }
+static inline void exc_restore(saved_exc s) { PyErr_SetRaisedException(s.exc); }
+#else
+typedef struct { PyObject *type, *value, *tb; } saved_exc;
+static inline saved_exc exc_save(void) { saved_exc s; PyErr_Fetch(&s.type, &s.value, &s.tb); return s; }
+static inline void exc_restore(saved_exc s) { PyErr_Restore(s.type, s.value, s.tb); }
+#endif
+
+/* Give the window back, once.  This runs from release(), but also from a
+ * deallocator, a buffer-release hook (the last view of a deferred lease) and
+ * the garbage collector, any of which may run while an exception is
+ * propagating.  So the caller's exception is kept aside while the owner gives
+ * the window back and drops its reference (which may run Python: a record
+ * batch's on_finish, the owner's finalizer); a failure in there is reported
+ * unraisable and never replaces or clears the caller's exception. */
 void lease_finish(Lease *l) {
     l->state = LEASE_RELEASED;
     if (!l->owner) return;
+    int pending = PyErr_Occurred() != NULL;     /* (the common case, none, costs no fetch / restore) */
+    saved_exc saved;
+    if (pending) saved = exc_save();
     l->ops->finish(l);
     Py_CLEAR(l->owner);
+    if (PyErr_Occurred()) PyErr_WriteUnraisable((PyObject *)l);
+    if (pending) exc_restore(saved);
 }
 
 /* Drop a lease that was never handed out (nothing to give back). */
@@ -85,9 +107,23 @@ static PyObject *Lease_exit(Lease *l, PyObject *const *args, Py_ssize_t n) {
 }
 
 void Lease_dealloc(Lease *l) {
+    int gc = PyType_IS_GC(Py_TYPE(l));
+    if (gc) PyObject_GC_UnTrack(l);
     /* exports hold references to l, so here exports == 0: a lease dropped
-     * without release() is released now */
-    if (l->state == LEASE_LIVE) lease_finish(l);
+     * without release() is released now.  Resurrected meanwhile (as CPython
+     * does around a finalizer): reporting a failure unraisable takes
+     * references to it, whose release must not deallocate it again. */
+    if (l->state == LEASE_LIVE) {
+        Py_SET_REFCNT(l, 1);
+        lease_finish(l);
+        Py_SET_REFCNT(l, Py_REFCNT(l) - 1);
+        if (Py_REFCNT(l) > 0) {        /* something kept it (an unraisable hook): it lives on, released */
+            if (Py_TYPE(l)->tp_flags & Py_TPFLAGS_HEAPTYPE)
+                Py_INCREF(Py_TYPE(l));   /* a Python subclass's dealloc drops the type's reference after us */
+            if (gc) PyObject_GC_Track(l);
+            return;
+        }
+    }
     else Py_CLEAR(l->owner);
     Py_CLEAR(l->on_finish);
     Py_CLEAR(l->warning);
@@ -189,12 +225,37 @@ static const LeaseOps message_ops = { "message", message_finish, message_warn };
 
 /* A Message for the record r of consumer c (tracking is the caller's). */
 PyObject *make_message(Consumer *c, Rec *r) {
-    Message *m = PyObject_New(Message, &MessageType);
+    Message *m = PyObject_GC_New(Message, &MessageType);
     if (!m) return NULL;
     lease_init(&m->l, &message_ops, (PyObject *)c, c->r.base + r->off, r->len, 1);
     m->start = r->start; m->end = r->end;
     m->off = r->off; m->type = r->type;
+    PyObject_GC_Track(m);
     return (PyObject *)m;
+}
+
+/* Garbage collection.  Messages are GC-tracked: one kept in a reference
+ * cycle with its consumer (cons.last = msg) is collected and its ring space
+ * given back.  (These serve any lease; Snapshot and plain leases are not
+ * tracked yet: Snapshot is allocated untracked in state.c.) */
+static int Lease_traverse(Lease *l, visitproc visit, void *arg) {
+    Py_VISIT(l->owner);
+    Py_VISIT(l->on_finish);
+    Py_VISIT(l->warning);
+    return 0;
+}
+
+/* The collector found the lease unreachable: give the window back now.  A
+ * live export (a view in the same cycle) keeps the owner, so the window stays
+ * mapped until that view is cleared; its buffer release then finishes. */
+static int Lease_clear(Lease *l) {
+    if (l->exports == 0) {
+        if (l->state != LEASE_RELEASED) lease_finish(l);
+        else Py_CLEAR(l->owner);
+        Py_CLEAR(l->on_finish);
+        Py_CLEAR(l->warning);
+    }
+    return 0;
 }
 
 static PyObject *Message_get_value(Message *m, void *c) {
@@ -249,7 +310,7 @@ PyTypeObject MessageType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmring.Message",
     .tp_basicsize = sizeof(Message),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A received message: a zero-copy window on ring memory.\n\n"
               "Lifetime: msg.value and every view derived from it (slices, numpy views, "
               "memoryviews) point into the shared ring and are valid until msg.release() "
@@ -260,6 +321,9 @@ PyTypeObject MessageType = {
     .tp_base = &LeaseType,
     .tp_new = NULL,
     .tp_dealloc = (destructor)Lease_dealloc,
+    .tp_traverse = (traverseproc)Lease_traverse,
+    .tp_clear = (inquiry)Lease_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_methods = Message_methods,
     .tp_getset = Message_getset,
     .tp_repr = (reprfunc)Message_repr,

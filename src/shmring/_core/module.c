@@ -43,7 +43,7 @@ static PyObject *set_pause_hook(PyObject *mod, PyObject *fn) {
  * back.  The Python classes that define them say so at the definition.
  */
 PyObject *str_send_obj, *str_try_send_obj, *str_send_wait, *str_recv_wait, *str_recv_copy,
-         *str_lagged, *str_eos_ready, *str_leave_table, *str_claim_reader;
+         *str_lagged, *str_eos_ready, *str_claim_reader;
 static const struct { PyObject **name; const char *method; } callbacks[] = {
     /* Producer.send / try_send of anything but bytes: encode with shmring.codec */
     {&str_send_obj, "_send_obj"}, {&str_try_send_obj, "_try_send_obj"},
@@ -57,8 +57,6 @@ static const struct { PyObject **name; const char *method; } callbacks[] = {
     {&str_lagged, "_lagged"},
     /* mpmc: drained and every producer done: requeue what dead consumers held (parties.py) */
     {&str_eos_ready, "_eos_ready"},
-    /* broadcast / mpmc: the last held message of a closed handle was released: free the entry */
-    {&str_leave_table, "_leave_table"},
     /* SharedState.read with every entry of this handle busy: claim a reader entry (roles.py) */
     {&str_claim_reader, "_claim_reader"},
 };

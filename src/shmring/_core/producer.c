@@ -66,7 +66,36 @@ static int producer_push_fast(Producer *p, PyObject *data) {
     return 2;
 }
 
-static PyObject *Producer_send(Producer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+/* One thread at a time: as use_begin in consumer.c (the thread inside a
+ * call, slow paths and waits included, is recorded in p->user; another
+ * thread's call meanwhile is refused; the same thread's nested calls pass). */
+static int use_begin(unsigned long *user, unsigned long *prev, const char *what) {
+    unsigned long me = PyThread_get_thread_ident();
+    if (*user && *user != me) {
+        PyErr_Format(ShmringError, "this %s handle is in use by another thread (ident %lu) inside a call "
+                     "of it; a handle is not thread-safe: give each thread its own handle, or serialize "
+                     "its calls with a lock", what, *user);
+        return -1;
+    }
+    *prev = *user;
+    *user = me;
+    return 0;
+}
+
+/* _use() -> token: hold the handle for a multi-step call made in Python; _unuse(token) ends it. */
+static PyObject *Producer_use(Producer *self, PyObject *unused) {
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "producer") < 0) return NULL;
+    return PyLong_FromUnsignedLong(prev);
+}
+static PyObject *Producer_unuse(Producer *self, PyObject *token) {
+    unsigned long prev = PyLong_AsUnsignedLong(token);
+    if (PyErr_Occurred()) return NULL;
+    self->user = prev;
+    Py_RETURN_NONE;
+}
+
+static PyObject *producer_send(Producer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     if (nargs < 1) { PyErr_SetString(PyExc_TypeError, "send(data, *, timeout=None)"); return NULL; }
     if (check_usable(&self->r) < 0) return NULL;
     PyObject *timeout = Py_None;
@@ -87,13 +116,29 @@ static PyObject *Producer_send(Producer *self, PyObject *const *args, Py_ssize_t
     return PyObject_CallMethodObjArgs((PyObject *)self, str_send_obj, args[0], timeout, NULL);
 }
 
-static PyObject *Producer_try_send(Producer *self, PyObject *data) {
+static PyObject *Producer_send(Producer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "producer") < 0) return NULL;
+    PyObject *res = producer_send(self, args, nargs, kwnames);
+    self->user = prev;
+    return res;
+}
+
+static PyObject *producer_try_send(Producer *self, PyObject *data) {
     if (check_usable(&self->r) < 0) return NULL;
     int r = producer_push_fast(self, data);
     if (r == 1) Py_RETURN_TRUE;
     if (r == 0) Py_RETURN_FALSE;
     if (r < 0) return NULL;
     return PyObject_CallMethodObjArgs((PyObject *)self, str_try_send_obj, data, NULL);
+}
+
+static PyObject *Producer_try_send(Producer *self, PyObject *data) {
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "producer") < 0) return NULL;
+    PyObject *res = producer_try_send(self, data);
+    self->user = prev;
+    return res;
 }
 
 /* _push(buffer, type) -> bool: try to send any contiguous buffer as one record. */
@@ -251,6 +296,8 @@ static PyMethodDef Producer_methods[] = {
     {"_abort", (PyCFunction)Producer_abort, METH_NOARGS, NULL},
     {"_wait_space", (PyCFunction)(void (*)(void))Producer_wait_space, METH_FASTCALL, NULL},
     {"_mark_closed", (PyCFunction)Producer_mark_closed, METH_NOARGS, NULL},
+    {"_use", (PyCFunction)Producer_use, METH_NOARGS, NULL},
+    {"_unuse", (PyCFunction)Producer_unuse, METH_O, NULL},
     {NULL}
 };
 static PyGetSetDef Producer_getset[] = {
