@@ -202,30 +202,12 @@ static PyObject *consumer_message(Consumer *c, Rec *r) {
     return m;
 }
 
-/* One thread at a time (README, "Handles, threads and garbage collection"):
- * each public call records its thread in c->user for its whole duration,
- * including the Python slow paths and the waits, which let other threads
- * run; another thread's call meanwhile is refused instead of interleaving
- * with it.  The slow paths call the handle's own methods: the same thread
- * passes.  Releasing a message takes no part: it is one step under the GIL,
- * from any thread.  Same as use_begin in producer.c. */
-static int use_begin(unsigned long *user, unsigned long *prev, const char *what) {
-    unsigned long me = PyThread_get_thread_ident();
-    if (*user && *user != me) {
-        PyErr_Format(ShmringError, "this %s handle is in use by another thread (ident %lu) inside a call "
-                     "of it; a handle is not thread-safe: give each thread its own handle, or serialize "
-                     "its calls with a lock (releasing a message from any thread is fine)", what, *user);
-        return -1;
-    }
-    *prev = *user;
-    *user = me;
-    return 0;
-}
+#define CONSUMER_HINT " (releasing a message from any thread is fine)"
 
 /* _use() -> token: hold the handle for a multi-step call made in Python; _unuse(token) ends it. */
 static PyObject *Consumer_use(Consumer *self, PyObject *unused) {
     unsigned long prev;
-    if (use_begin(&self->user, &prev, "consumer") < 0) return NULL;
+    if (use_begin(&self->user, &prev, "consumer", CONSUMER_HINT) < 0) return NULL;
     return PyLong_FromUnsignedLong(prev);
 }
 static PyObject *Consumer_unuse(Consumer *self, PyObject *token) {
@@ -283,7 +265,7 @@ static int consumer_spin_for_data(Consumer *c) {
 
 static PyObject *Consumer_try_recv(Consumer *self, PyObject *unused) {
     unsigned long prev;
-    if (use_begin(&self->user, &prev, "consumer") < 0) return NULL;
+    if (use_begin(&self->user, &prev, "consumer", CONSUMER_HINT) < 0) return NULL;
     PyObject *res = consumer_try_recv(self);
     self->user = prev;
     return res;
@@ -318,7 +300,7 @@ bad:
 
 static PyObject *Consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     unsigned long prev;
-    if (use_begin(&self->user, &prev, "consumer") < 0) return NULL;
+    if (use_begin(&self->user, &prev, "consumer", CONSUMER_HINT) < 0) return NULL;
     PyObject *res = consumer_recv(self, args, nargs, kwnames);
     self->user = prev;
     return res;
@@ -366,7 +348,7 @@ static PyObject *consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_s
 
 static PyObject *Consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     unsigned long prev;
-    if (use_begin(&self->user, &prev, "consumer") < 0) return NULL;
+    if (use_begin(&self->user, &prev, "consumer", CONSUMER_HINT) < 0) return NULL;
     PyObject *res = consumer_recv_bytes(self, args, nargs, kwnames);
     self->user = prev;
     return res;

@@ -94,6 +94,7 @@ int check_usable(Region *r);
 int check_positions(Region *r, uint64_t rp, uint64_t wp);
 int read_positions(Region *r, uint64_t *rp, uint64_t *wp);
 int check_timeout(PyObject *timeout);
+int use_begin(unsigned long *user, unsigned long *prev, const char *what, const char *also);
 int corrupt(const char *what, uint64_t pos, uint64_t a, uint64_t b);
 static inline int is_multi(Region *r) { return r->kind != SHMR_KIND_SPSC; }
 static inline uint64_t payload_offset(Region *r, uint64_t start) {

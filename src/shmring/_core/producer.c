@@ -66,26 +66,10 @@ static int producer_push_fast(Producer *p, PyObject *data) {
     return 2;
 }
 
-/* One thread at a time: as use_begin in consumer.c (the thread inside a
- * call, slow paths and waits included, is recorded in p->user; another
- * thread's call meanwhile is refused; the same thread's nested calls pass). */
-static int use_begin(unsigned long *user, unsigned long *prev, const char *what) {
-    unsigned long me = PyThread_get_thread_ident();
-    if (*user && *user != me) {
-        PyErr_Format(ShmringError, "this %s handle is in use by another thread (ident %lu) inside a call "
-                     "of it; a handle is not thread-safe: give each thread its own handle, or serialize "
-                     "its calls with a lock", what, *user);
-        return -1;
-    }
-    *prev = *user;
-    *user = me;
-    return 0;
-}
-
 /* _use() -> token: hold the handle for a multi-step call made in Python; _unuse(token) ends it. */
 static PyObject *Producer_use(Producer *self, PyObject *unused) {
     unsigned long prev;
-    if (use_begin(&self->user, &prev, "producer") < 0) return NULL;
+    if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
     return PyLong_FromUnsignedLong(prev);
 }
 static PyObject *Producer_unuse(Producer *self, PyObject *token) {
@@ -118,7 +102,7 @@ static PyObject *producer_send(Producer *self, PyObject *const *args, Py_ssize_t
 
 static PyObject *Producer_send(Producer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     unsigned long prev;
-    if (use_begin(&self->user, &prev, "producer") < 0) return NULL;
+    if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
     PyObject *res = producer_send(self, args, nargs, kwnames);
     self->user = prev;
     return res;
@@ -135,7 +119,7 @@ static PyObject *producer_try_send(Producer *self, PyObject *data) {
 
 static PyObject *Producer_try_send(Producer *self, PyObject *data) {
     unsigned long prev;
-    if (use_begin(&self->user, &prev, "producer") < 0) return NULL;
+    if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
     PyObject *res = producer_try_send(self, data);
     self->user = prev;
     return res;

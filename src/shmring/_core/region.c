@@ -130,6 +130,25 @@ int corrupt(const char *what, uint64_t pos, uint64_t a, uint64_t b) {
     return PEEK_CORRUPT;
 }
 
+/* One thread at a time (README, "Handles, threads and garbage collection"),
+ * for producer and consumer handles alike: each public call records its
+ * thread in *user for its whole duration, including the Python slow paths and
+ * the waits, which let other threads run; another thread's call meanwhile is
+ * refused instead of interleaving with it.  The slow paths call the handle's
+ * own methods: the same thread passes.  `also` ends the error message. */
+int use_begin(unsigned long *user, unsigned long *prev, const char *what, const char *also) {
+    unsigned long me = PyThread_get_thread_ident();
+    if (*user && *user != me) {
+        PyErr_Format(ShmringError, "this %s handle is in use by another thread (ident %lu) inside a call "
+                     "of it; a handle is not thread-safe: give each thread its own handle, or serialize "
+                     "its calls with a lock%s", what, *user, also);
+        return -1;
+    }
+    *prev = *user;
+    *user = me;
+    return 0;
+}
+
 /* A timeout is None or a number >= 0; checked even when the call would not block. */
 int check_timeout(PyObject *timeout) {
     if (timeout == Py_None) return 0;
