@@ -438,38 +438,37 @@ def mpsc_producer(ring, conn, cid, tag, fate, n, committed, stop, pace):
 
 
 def mpsc_dying_producer(ring, conn, cid, tag, point, n, committed):
-    """A producer session SIGKILLed at a step of joining or leaving the stream.
-
-    There is no pause point at these steps, so the kill is injected by
-    wrapping the table helpers ``shmring.parties`` calls (in this child
-    only): "before_claim": before it touched the table (a control: nothing
-    to recover); "after_claim": right after its producer-table entry was claimed,
-    before it joined the stream (the state word); "close_before_release" /
-    "detach_before_release": after sending n messages, in close() / detach()
-    after its end (or its leave) was counted, before it gave its entry back."""
-    from shmring import parties
+    """A producer session SIGKILLed at a step of joining or leaving the stream,
+    at a pause point of ``shmring.parties`` (in this child only):
+    "before_claim": before it touched the table (a control: nothing to
+    recover); "after_claim": right after its producer-table entry was claimed,
+    before it joined the stream; after sending n messages, in close():
+    "close_before_end": its counters bumped, its end not yet stored in its
+    entry; "close_before_release" / "detach_before_release": in close() /
+    detach() after its end (or its leave) was stored, before it gave its
+    entry back."""
+    from shmring import pausepoints
     rep = Reporter(conn, cid)
+    at = {"before_claim": "producer_claim", "after_claim": "producer_claimed",
+          "close_before_end": "producer_ended", "close_before_release": "producer_counted",
+          "detach_before_release": "producer_counted"}[point]
 
-    def die(*a, **k):
-        os.kill(os.getpid(), 9)
+    def die(where):
+        if where == at:
+            os.kill(os.getpid(), 9)
 
     try:
-        if point == "before_claim":
-            parties.claim_entry = die
+        if point in ("before_claim", "after_claim"):
+            pausepoints.hook = die
             ring.producer()
-            raise AssertionError("not killed before claiming a producer entry")
-        if point == "after_claim":
-            claim = parties.claim_entry
-            parties.claim_entry = lambda *a, **k: (claim(*a, **k), die())[0]
-            ring.producer()
-            raise AssertionError("not killed after claiming a producer entry")
+            raise AssertionError(f"not killed at {point}")
         prod = ring.producer()
         rep.info("joined")
         for seq in range(n):
             send_one(prod, tag, seq)
             committed[tag] = seq
-        parties.release = die
-        prod.close() if point == "close_before_release" else prod.detach()
+        pausepoints.hook = die
+        prod.close() if point.startswith("close") else prod.detach()
         raise AssertionError(f"not killed at {point}")
     except BaseException:
         rep.error()

@@ -61,31 +61,96 @@ class Interleave:
 def test_a_producer_cannot_join_after_a_consumer_saw_the_end(ring_name):
     """Case 4.  Before: join_producer decided "not ended" from one load of the
     state word and CASed a value loaded later, so a producer whose join
-    straddled the end joined a finished stream and its messages were lost."""
+    straddled the end joined a finished stream and its messages were lost.
+    Here the last producer closes and the consumer sees the end while a
+    joiner holds its entry, not yet joined: the joiner is refused."""
+    from shmring import pausepoints
+    with shmring.Ring.create(ring_name, 1 << 14, kind="mpsc") as ring:
+        p1, c = ring.producer(), ring.consumer()
+        p1.send(b"last")
+        seen = []
+
+        def the_end(where):
+            if where != "producer_claimed" or seen:
+                return
+            p1.close()
+            seen.append(c.recv_bytes(timeout=1))
+            with pytest.raises(shmring.EndOfStream):
+                c.recv_bytes(timeout=0)
+            seen.append("end")
+        pausepoints.hook = the_end
+        try:
+            with pytest.raises(shmring.HandleClosed, match="has ended"):
+                ring.producer()
+        finally:
+            pausepoints.hook = None
+        assert seen == [b"last", "end"]
+        with pytest.raises(shmring.EndOfStream):
+            c.recv_bytes(timeout=0)
+        assert ring.stats()["producer_sessions"] == 1
+        assert all(p["pid"] is None for p in ring.stats()["producers"])   # the refused joiner gave its entry back
+
+
+def test_the_end_is_not_seen_while_a_producer_is_between_its_entry_and_its_join(ring_name):
+    """Case 4, R37: a joiner has marked its entry joined (R36) and read the
+    state word; the last other producer closes then.  The consumer must not
+    see the end (the joiner's messages would be lost): the join goes
+    through, its message arrives, and the end comes when it closes."""
     with shmring.Ring.create(ring_name, 1 << 14, kind="mpsc") as ring:
         p1, c = ring.producer(), ring.consumer()
         p1.send(b"last")
         t = ring._tables
         seen = []
 
-        def the_end():
-            t.region = real                 # the step itself uses the real accessors
+        def the_last_one_closes():
+            t.region = real
             p1.close()
             seen.append(c.recv_bytes(timeout=1))
-            with pytest.raises(shmring.EndOfStream):
-                c.recv_bytes(timeout=0)
-            seen.append("end")
+            with pytest.raises(shmring.Timeout):
+                c.recv_bytes(timeout=0.05)
+            seen.append("no end")
         real = t.region
-        t.region = proxy = Interleave(real, L.MP_OFF_PRODUCERS + L.MP_STATE, the_end)
+        t.region = proxy = Interleave(real, L.MP_OFF_PRODUCERS + L.MP_STATE, the_last_one_closes)
         try:
-            with pytest.raises(shmring.HandleClosed, match="has ended"):
-                ring.producer()
+            p2 = ring.producer()
         finally:
             t.region = real
-        assert proxy.ran and seen == [b"last", "end"]
+        assert proxy.ran and seen == [b"last", "no end"]
+        p2.send(b"late")
+        assert c.recv_bytes(timeout=1) == b"late"
+        p2.close()
         with pytest.raises(shmring.EndOfStream):
-            c.recv_bytes(timeout=0)
-        assert ring.stats()["producer_sessions"] == 1
+            c.recv_bytes(timeout=1)
+        assert ring.stats()["producer_sessions"] == 2
+
+
+def test_a_join_between_the_consumers_end_scan_and_its_seal_makes_the_seal_fail(ring_name):
+    """R37: the consumer has scanned the producer entries (none joined, the
+    session done) and is about to seal the end; a producer joins right then.
+    The seal's CAS fails (the join moved the word it was loaded from), so the
+    consumer does not report the end, and the new producer's message arrives."""
+    from shmring import _core
+    with shmring.Ring.create(ring_name, 1 << 14, kind="mpsc") as ring:
+        p1, c = ring.producer(), ring.consumer()
+        p1.close()
+        late = []
+
+        def join_now(handle, where):
+            if where == "end_scanned" and handle is c and not late:
+                late.append(ring.producer())
+        _core._set_pause_hook(join_now)
+        try:
+            with pytest.raises(shmring.Timeout):
+                c.recv_bytes(timeout=0.05)
+        finally:
+            _core._set_pause_hook(None)
+        assert len(late) == 1
+        assert not ring.stats()["closed"]
+        late[0].send(b"after the scan")
+        assert c.recv_bytes(timeout=1) == b"after the scan"
+        late[0].close()
+        with pytest.raises(shmring.EndOfStream):
+            c.recv_bytes(timeout=1)
 
 
 def _abandon(ring, p):
@@ -362,3 +427,45 @@ def test_an_mpmc_taker_stalled_past_a_requeue_and_a_lap_does_not_mark_the_newer_
         assert other.try_recv() is None
         s = ring.stats()
         assert s["redelivered"] == 1 and s["consumers"][0]["received"] + s["consumers"][1]["received"] == 65
+
+
+def _take_one_and_die(name, ready):
+    ring = shmring.Ring.attach(name)
+    c = ring.consumer()
+    msg = c.recv(timeout=5)            # held, never released
+    ready.send(bytes(msg.value))      # a pipe: written before the kill
+    os.kill(os.getpid(), 9)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_an_mpmc_consumer_joins_when_every_entry_names_a_dead_process(ring_name, procs, start_method):
+    """Issue 12: with every consumer entry held by a dead consumer and no live
+    consumer left to recover them, a new consumer was refused ("all 2
+    consumer entries ... are held by live processes").  The joiner takes a
+    dead entry over itself, and what the dead held is handed back (R26):
+    every message arrives exactly once."""
+    import multiprocess
+    ctx = multiprocess.get_context(start_method)
+    with shmring.Ring.create(ring_name, 1 << 14, kind="mpmc", max_consumers=2) as ring:
+        p = ring.producer()
+        for i in range(6):
+            p.send(b"m%d" % i)
+        p.close()
+        taken = []
+        for _ in range(2):
+            here, there = ctx.Pipe(duplex=False)
+            child = ctx.Process(target=_take_one_and_die, args=(ring_name, there))
+            child.start()
+            procs.append(child)
+            assert here.poll(30)
+            taken.append(here.recv())
+            child.join(30)
+            assert child.exitcode == -9
+        c = ring.consumer()
+        got = []
+        with pytest.raises(shmring.EndOfStream):
+            while True:
+                got.append(c.recv_bytes(timeout=5))
+        assert sorted(got) == [b"m%d" % i for i in range(6)]
+        assert sorted(taken) == [b"m0", b"m1"]
+        assert ring.stats()["redelivered"] == 2

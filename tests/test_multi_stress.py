@@ -399,21 +399,14 @@ def test_mpsc_producers_join_detach_close_and_die_while_one_consumer_drains(ring
           f"{run.elapsed():.1f} s")
 
 
-# Open bug (issue 12, found by this test): the producer-table entry does not
-# record whether its holder has joined the stream or already ended, so a
-# producer killed between claiming its entry and joining, or between counting
-# its end (leave) and giving the entry back, is counted done again when its
-# entry is reclaimed, and the stream ends while another producer is open.  The
-# fix (per-entry join status, each transition one CAS on the entry) is the next
-# step of issue 12; strict, so the fix must remove this marker.
-_OPEN_BUG = pytest.mark.xfail(strict=True, reason="open bug, issue 12: a producer killed mid-join or mid-leave "
-                                                   "is counted done twice and ends the stream early")
-
-
-@pytest.mark.parametrize("point", ["before_claim",
-                                   pytest.param("after_claim", marks=_OPEN_BUG),
-                                   pytest.param("close_before_release", marks=_OPEN_BUG),
-                                   pytest.param("detach_before_release", marks=_OPEN_BUG)])
+# Found by this test (issue 12): the producer-table entry did not record
+# whether its holder had joined the stream or already ended, so a producer
+# killed between claiming its entry and joining, or between counting its end
+# (leave) and giving the entry back, was counted done again when its entry was
+# reclaimed, and the stream ended while another producer was open.  Now the
+# entry's session word is the truth (R36, R37).
+@pytest.mark.parametrize("point", ["before_claim", "after_claim", "close_before_end",
+                                   "close_before_release", "detach_before_release"])
 @pytest.mark.parametrize("kind", ["mpsc", "mpmc"])
 def test_producers_killed_at_a_step_of_joining_or_leaving_do_not_end_the_stream(ring_name, procs, kind, point):
     """An anchor producer stays open while 6 producer sessions come and go,

@@ -110,7 +110,8 @@
 #define SHMR_MP_ABORTED           8
 #define SHMR_MP_SESSIONS         16
 #define SHMR_MP_DEAD             24
-#define SHMR_MP_STATE            32   /* u64: joined (low 32) | ended or dead (high 32) */
+#define SHMR_MP_STATE            32   /* u64: joins counted (low bits) | ENDED (bit 63, sticky) */
+#define SHMR_MP_STATE_ENDED      0x8000000000000000ULL
 #define SHMR_MP_ABANDONED         0   /* counters line */
 #define SHMR_MP_REQUEUED         24
 #define SHMR_MP_REDELIVERED      32
@@ -118,6 +119,8 @@
 #define SHMR_PE_SENT             16
 #define SHMR_PE_BYTES            24
 #define SHMR_PE_WAITING          32   /* u32: the entry's share of the space wake word's waiters */
+#define SHMR_PE_SESSION          40   /* u64: sessions done here << 1 | JOINED */
+#define SHMR_PE_JOINED           1u
 #define SHMR_CE_POS               8   /* consumer table entry */
 #define SHMR_CE_RECEIVED         16
 #define SHMR_CE_WAITING          48   /* u32: the entry's share of the data wake word's waiters */

@@ -259,9 +259,10 @@ def state_geometry(nbytes: int, slots: int, max_readers: int) -> dict:
 #                                broadcast: the oldest position the producer
 #                                guarantees intact (where "oldest" joins start)
 #     384   producers            ended u64 | aborted u64 | sessions u64 | dead u64
-#                                | state u64 = joined (low 32) | ended or dead
-#                                (high 32): one word, so a join (CAS) and a
-#                                consumer's end-of-stream check are ordered
+#                                (statistics) | state u64 = joins (low bits) |
+#                                ENDED (bit 63): a join is a CAS of it, and the
+#                                consumer that decides the end seals it by CAS
+#                                from the value it read before its scan (R37)
 #     512   consumer role        mpsc only: owner | - | sessions (as spsc)
 #     640   data wake word       consumers sleep here
 #     768   space wake word      producers sleep here
@@ -270,6 +271,8 @@ def state_geometry(nbytes: int, slots: int, max_readers: int) -> dict:
 #                                | redelivered | u32 producer / consumer high water
 #     4096  producer table       max producers lines: owner | intent | sent | bytes
 #                                | waiting u32 (its sleeps announced on the space wake word)
+#                                | session u64 = sessions done here << 1 | JOINED (R36):
+#                                the truth the end of the stream is decided on
 #     P     consumer table       max consumers lines: owner | pos | received |
 #                                sent at join | missed messages | missed bytes
 #                                | waiting u32 (its sleeps announced on the data wake word)
@@ -307,7 +310,8 @@ MP_ENDED = 0
 MP_ABORTED = 8
 MP_SESSIONS = 16
 MP_DEAD = 24
-MP_STATE = 32
+MP_STATE = 32                   # u64: joins counted (low bits) | MP_STATE_ENDED (sticky, R37)
+MP_STATE_ENDED = 1 << 63
 MP_OFF_TAKE = 896
 MP_OFF_COUNTERS = 1024
 MP_ABANDONED = 0
@@ -322,6 +326,8 @@ PE_INTENT = 8
 PE_SENT = 16
 PE_BYTES = 24
 PE_WAITING = 32                 # u32: this entry's share of the space wake word's waiters
+PE_SESSION = 40                 # u64: sessions done in this entry << 1 | PE_JOINED (R36)
+PE_JOINED = 1
 CE_OWNER = 0
 CE_POS = 8
 CE_RECEIVED = 16
@@ -357,6 +363,7 @@ C_CONSTANTS.update({
     "SHMR_MP_REDELIVERED": MP_REDELIVERED, "SHMR_PE_INTENT": PE_INTENT, "SHMR_PE_SENT": PE_SENT,
     "SHMR_PE_BYTES": PE_BYTES, "SHMR_CE_POS": CE_POS, "SHMR_CE_RECEIVED": CE_RECEIVED,
     "SHMR_MP_ENTRY": MP_ENTRY, "SHMR_MP_MAX_PARTIES": MP_MAX_PARTIES,
+    "SHMR_MP_STATE_ENDED": MP_STATE_ENDED, "SHMR_PE_SESSION": PE_SESSION, "SHMR_PE_JOINED": PE_JOINED,
 })
 
 

@@ -95,52 +95,58 @@ class Tables:
         return self.ctab + i * L.MP_ENTRY
 
     # -- producers --------------------------------------------------------------
-    def _ended(self, st: int) -> bool:
-        """Whether the producer state word ``st`` says the stream has ended:
-        every producer that joined has ended or died (and as many as expected)."""
-        joined, done = st & 0xFFFFFFFF, st >> 32
-        return joined >= 1 and done >= joined and done >= self.region.load_u32(L.MP_OFF_EXPECTED)
-
+    # Whether the stream has ended is decided on the producer entries' session
+    # words (R36): each says whether its holder is joined and counts the
+    # sessions that ended or died in it, so every join, end, leave and death
+    # is one store to one word that whoever holds the entry owns.  The state
+    # word orders joins against the consumer that decides the end (R37).
     def producers_done(self) -> bool:
-        return self._ended(self.region.load_u64(L.MP_OFF_PRODUCERS + L.MP_STATE))
+        """Whether the stream has ended (looks only: never seals)."""
+        return self.region.producers_ended(False)
+
+    def _session(self, slot: int, joined: bool, done: int = 0) -> None:
+        """R36: our entry's session word: JOINED set or cleared, ``done``
+        sessions more counted.  Only the entry's holder writes it."""
+        word = self.pline(slot) + L.PE_SESSION
+        s = self.region.load_u64(word)
+        self.region.store_u64(word, ((s & ~L.PE_JOINED) + (done << 1)) | (L.PE_JOINED if joined else 0))
 
     def join_producer(self) -> int:
         r, pline = self.region, self.pline
+        pause("producer_claim")
         slot = claim_entry(r, [pline(i) for i in range(self.maxp)], "producer", self.label,
                            L.KIND_NAMES[self.kind], self.reclaim_producer)
         # R25: the entry is ours now; an intent left in it by a dead holder would
         # make that holder's abandoned claim look live forever.
         r.store_u64(pline(slot) + L.PE_INTENT, 0)
+        pause("producer_claimed")
+        self._session(slot, True)                          # R36: joined in our entry first ...
         word = L.MP_OFF_PRODUCERS + L.MP_STATE
         while True:
-            st = r.load_u64(word)                          # R24: decided from this one value ...
-            if self._ended(st):
+            st = r.load_u64(word)                          # R37: ... then counted, unless sealed
+            if st & L.MP_STATE_ENDED:
+                self._session(slot, False)
                 release(r, pline(slot))
                 raise HandleClosed(f"the stream of {self.label} has ended (every producer closed it); "
                                    "create a new ring for a new stream")
-            if r.cas_u64(word, st, st + 1):                # ... and swapped from it, or looked at again
+            if r.cas_u64(word, st, st + 1):
                 break
         r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, 1)
         return slot
 
-    def _done(self, counter: int) -> None:
-        """One producer ended (or was found dead): its counter first, then the
-        state word that consumers decide the end of the stream on."""
-        r = self.region
-        r.fetch_add_u64(L.MP_OFF_PRODUCERS + counter, 1)
-        r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_STATE, 1 << 32)
-        r.wake(L.OFF_DATA_WAKE)
-
     def reclaim_producer(self, i: int, word: int) -> bool:
         """A dead producer's entry: take it over (one CAS from ``word``), take
-        its announced sleeps off the space wake word (R29), count it dead,
-        free it.  Its claim, if it held one, is skipped by the consumer that
-        reaches it."""
+        its announced sleeps off the space wake word (R29), count its session
+        dead if it was joined (R36), free it.  Its claim, if it held one, is
+        skipped by the consumer that reaches it."""
         r, line, me = self.region, self.pline(i), my_owner_word()
         if not r.cas_u64(line + L.PE_OWNER, word, me):
             return False
         self._withdraw_waits(line + L.PE_WAITING, L.OFF_SPACE_WAKE)
-        self._done(L.MP_DEAD)
+        if r.load_u64(line + L.PE_SESSION) & L.PE_JOINED:
+            r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_DEAD, 1)     # R11: before the end it makes
+            self._session(i, False, 1)
+            r.wake(L.OFF_DATA_WAKE)
         r.cas_u64(line + L.PE_OWNER, me, 0)
         return True
 
@@ -163,17 +169,23 @@ class Tables:
                 self.reclaim_producer(i, w)
 
     def end_producer(self, slot: int, aborted: bool) -> None:
+        r = self.region
         if aborted:
-            self.region.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_ABORTED, 1)
-        self._done(L.MP_ENDED)
-        release(self.region, self.pline(slot))
+            r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_ABORTED, 1)   # R11: before the end it makes
+        r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_ENDED, 1)
+        pause("producer_ended")
+        self._session(slot, False, 1)                      # R36: the end, one store
+        r.wake(L.OFF_DATA_WAKE)
+        pause("producer_counted")
+        release(r, self.pline(slot))
 
     def leave_producer(self, slot: int) -> None:
         r = self.region
         r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, (1 << 64) - 1)
-        r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_STATE, (1 << 64) - 1)     # joined - 1 (it is >= 1: ours)
+        self._session(slot, False)                         # R36: no longer joined, nothing counted
         r.wake(L.OFF_DATA_WAKE)
-        release(self.region, self.pline(slot))
+        pause("producer_counted")
+        release(r, self.pline(slot))
 
     def skip_abandoned(self, consumer, stuck_since: dict) -> None:
         """If the reader has waited at one unstamped claim for GRACE seconds
@@ -344,6 +356,32 @@ class Tables:
         for i in taken:
             r.cas_u64(self.cline(i) + L.CE_OWNER, me, 0)
         return settled
+
+    def adopt_consumer(self, i: int, word: int) -> bool:
+        """mpmc join with no free entry: take dead holder ``word``'s entry for
+        ourselves (one CAS, R26), its announced sleeps withdrawn (R29).  The
+        joiner then hands back what the dead one held (requeue_adopted)
+        before it takes anything, so no record naming the entry is ours."""
+        if not self.region.cas_u64(self.cline(i) + L.CE_OWNER, word, my_owner_word()):
+            return False
+        self._withdraw_waits(self.cline(i) + L.CE_WAITING, L.OFF_DATA_WAKE)
+        return True
+
+    def requeue_adopted(self, consumer, slot: int) -> None:
+        """Requeue every record in flight that names ``slot`` (adopted from a
+        dead holder, nothing taken by us yet): one whole walk after the
+        take-over finds them all (R26)."""
+        deadline = time.monotonic() + 10
+        while True:
+            records, complete = consumer._inflight()
+            for pos, state in records:
+                if state == slot + 1:
+                    consumer._requeue(pos, state)
+            if complete:
+                return
+            if time.monotonic() > deadline:
+                raise CorruptSegmentError(f"{self.label}: the records in flight never settled for a whole walk")
+            time.sleep(0.001)
 
     def _requeue_walked(self, consumer, records, taken, zero_seen) -> bool:
         now = time.monotonic()

@@ -10,7 +10,11 @@ Points: ``create``, ``attach``, ``reserved`` (ring.py); ``drop_subscriber``
 (a dead subscriber's entry is taken over, its position not yet freed),
 ``skip_scanned`` (the intents are scanned, the skip not yet written),
 ``requeue_walked`` (an mpmc recovery has taken the orphaned entries over, not
-yet walked and requeued) (parties.py).  The C core's own pause points are
+yet walked and requeued), ``producer_claim`` / ``producer_claimed`` (a
+producer before it claims a table entry / after, not yet joined),
+``producer_ended`` (close(): its counters bumped, its end not yet stored),
+``producer_counted`` (close() / detach(): its end or leave stored, the entry
+not yet given back) (parties.py).  The C core's own pause points are
 set with ``shmring._core._set_pause_hook``.
 """
 hook = None

@@ -718,14 +718,19 @@ class Consumer(_core.ConsumerCore):
             with self._role.claimed(region):
                 super().__init__(ring._seg.buf)
         else:
-            reclaim = tables.drop_subscriber if self._kind == "broadcast" else (lambda i, w: False)
+            broadcast = self._kind == "broadcast"
+            adopted = []                # mpmc: a dead consumer's entry we took over (nothing free)
             self._slot = roles.claim_entry(region, [tables.cline(i) for i in range(tables.maxc)],
-                                           "subscriber" if self._kind == "broadcast" else "consumer",
-                                           ring._seg.label, self._kind, reclaim)
+                                           "subscriber" if broadcast else "consumer", ring._seg.label, self._kind,
+                                           tables.drop_subscriber if broadcast else (lambda i, w: False),
+                                           None if broadcast else
+                                           lambda i, w: tables.adopt_consumer(i, w) and not adopted.append(i))
             try:
-                if self._kind == "broadcast":
+                if broadcast:
                     tables.join_position(self._slot, start)
                 super().__init__(ring._seg.buf, self._slot)
+                if adopted:
+                    tables.requeue_adopted(self, self._slot)
             except BaseException:
                 self._leave_table()
                 raise

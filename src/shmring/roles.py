@@ -129,21 +129,30 @@ def ring_role(ring, line: int) -> Role:
     return Role(ring._identity, line, wake, ring._seg.label, name, f"an {ring.kind} ring has one {name}")
 
 
-def claim_entry(mem, lines, what: str, label: str, kind: str, reclaim) -> int:
+def claim_entry(mem, lines, what: str, label: str, kind: str, reclaim, adopt=None) -> int:
     """CAS a free entry among ``lines`` to this process and return its index;
     ``reclaim(i, word)`` frees the entry of a dead holder (True if it did).
+    If none is free and ``adopt(i, word)`` is given, it may take a dead
+    holder's entry over for us (True if it did: the entry is ours).
     All held by live processes: RoleTaken for a one-entry table, else ResourceLimit."""
     me = my_owner_word()
     for _ in range(3):                  # a lost CAS race on a free entry: look again
-        holders = []
+        holders, dead = [], []
         for i, line in enumerate(lines):
             cur = mem.load_u64(line + L.CE_OWNER)
-            if cur and not holder_alive(cur) and reclaim(i, cur):
-                cur = 0
+            if cur and not holder_alive(cur):
+                if reclaim(i, cur):
+                    cur = 0
+                else:
+                    dead.append((i, cur))
             if cur == 0 and mem.cas_u64(line + L.CE_OWNER, 0, me):
                 return i
             if cur:
                 holders.append(L.split_owner(cur)[0])
+        if adopt is not None:
+            for i, cur in dead:
+                if adopt(i, cur):
+                    return i
         if len(holders) == len(lines):
             break
     if len(lines) == 1:

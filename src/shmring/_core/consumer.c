@@ -141,8 +141,8 @@ static PyObject *raise_eos(Consumer *c) {
     char buf[300];
     if (is_multi(&c->r)) {
         char *pl = c->r.base + SHMR_OFF_PROD_ROLE;
-        unsigned long long aborted = load_acquire64(pl + SHMR_MP_ABORTED);   /* R11, counted before the state word's end */
-        unsigned long long dead = load_acquire64(pl + SHMR_MP_DEAD);   /* R11, counted before the state word's end */
+        unsigned long long aborted = load_acquire64(pl + SHMR_MP_ABORTED);   /* R11, counted before the end (R36) */
+        unsigned long long dead = load_acquire64(pl + SHMR_MP_DEAD);   /* R11, counted before the end (R36) */
         if (!aborted && !dead) {
             cls_name = "EndOfStream";
             msg = "end of stream: every producer closed the ring and every message was received";

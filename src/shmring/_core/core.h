@@ -177,6 +177,7 @@ int mp_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start);
 void mp_commit(Producer *p, uint64_t start, uint64_t claimed_len, uint64_t len, unsigned type);
 uint64_t mp_gate(Region *r, uint64_t wp);
 int mp_ended(Region *r);
+int mp_ended_ex(Region *r, int seal);
 int mp_peek_seq(Consumer *c, Rec *out);
 int mpmc_peek(Consumer *c, Rec *out);
 void mpmc_release(Consumer *c, uint64_t start);

@@ -131,13 +131,31 @@ void mp_commit(Producer *p, uint64_t start, uint64_t claimed_len, uint64_t len, 
 
 /* ------------------------------------------------------------- consumers */
 
-/* Every producer that joined has ended or died, and as many as expected did. */
-int mp_ended(Region *r) {
-    uint64_t st = load_acquire64(r->base + SHMR_OFF_PROD_ROLE + SHMR_MP_STATE);   /* R11, pairs with the producers' CAS of the state word */
-    uint64_t joined = st & 0xFFFFFFFFu, done = st >> 32;
-    return joined >= 1 && done >= joined &&
-           done >= load_acquire32(r->base + SHMR_MP_OFF_EXPECTED);   /* R11, fixed at creation */
+/* Every producer that joined has ended or died, and as many as expected did.
+ * The truth is in the producer entries (R36): none is joined, and the
+ * sessions they count as done reach max(1, expected).  Deciding "ended" seals
+ * the state word (R37) by a CAS from the value loaded before the scan, so a
+ * producer joining meanwhile makes the seal fail (it is joined: not ended),
+ * and none can join after it.  seal = 0 only looks (stats, read-only maps). */
+int mp_ended_ex(Region *r, int seal) {
+    char *word = r->base + SHMR_OFF_PROD_ROLE + SHMR_MP_STATE;
+    uint64_t g = load_seq_cst64(word);   /* R37, before the scan: pairs with the joiners' CAS */
+    if (g & SHMR_MP_STATE_ENDED) return 1;
+    uint64_t done = 0;
+    for (uint32_t i = 0; i < r->maxp; i++) {
+        uint64_t s = load_seq_cst64(r->ptab + (uint64_t)i * SHMR_MP_ENTRY + SHMR_PE_SESSION);   /* R36, pairs with the holder's store */
+        if (s & SHMR_PE_JOINED) return 0;
+        done += s >> 1;
+    }
+    uint32_t expected = load_relaxed32(r->base + SHMR_MP_OFF_EXPECTED);   /* R1, fixed field after ready */
+    if (done < (expected ? expected : 1)) return 0;
+    if (!seal) return 1;
+    if (pause_at((PyObject *)r, "end_scanned") < 0) PyErr_WriteUnraisable(NULL);   /* tests only */
+    if (cas_seq_cst64(word, g, g | SHMR_MP_STATE_ENDED)) return 1;   /* R37 */
+    return (load_seq_cst64(word) & SHMR_MP_STATE_ENDED) != 0;   /* R37, another consumer sealed it (else a join came) */
 }
+
+int mp_ended(Region *r) { return mp_ended_ex(r, 1); }
 
 /* Nothing committed at pos: PEEK_EMPTY, PEEK_END, PEEK_EVICTED, PEEK_STALE
  * (mpmc: another consumer moved the take cursor on) or PEEK_CORRUPT. */

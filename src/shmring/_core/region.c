@@ -251,6 +251,14 @@ static PyObject *Region_wait_change(Region *self, PyObject *const *args, Py_ssiz
     return wait_slice(w, change_cond, &c, args[4], args[5], NULL);
 }
 
+/* producers_ended(seal) -> bool: multi-party: has the stream ended (mp_ended_ex)? */
+static PyObject *Region_producers_ended(Region *self, PyObject *seal) {
+    if (check_usable(self) < 0) return NULL;
+    if (!is_multi(self)) { PyErr_SetString(PyExc_ValueError, "not a multi-party ring"); return NULL; }
+    int s = PyObject_IsTrue(seal); if (s < 0) return NULL;
+    return PyBool_FromLong(mp_ended_ex(self, s));
+}
+
 PyObject *Region_get_closed(Region *self, void *c) { return PyBool_FromLong(self->closed); }
 
 static PyMethodDef Region_methods[] = {
@@ -263,6 +271,8 @@ static PyMethodDef Region_methods[] = {
     {"cas_u64", (PyCFunction)(void (*)(void))Region_cas_u64, METH_FASTCALL, "cas_u64(offset, expected, desired) -> bool"},
     {"fetch_add_u64", (PyCFunction)(void (*)(void))Region_fetch_add_u64, METH_FASTCALL, "fetch_add_u64(offset, delta) -> old"},
     {"wake", (PyCFunction)Region_wake, METH_O, "wake(offset): wake every sleeper on that wake word"},
+    {"producers_ended", (PyCFunction)Region_producers_ended, METH_O,
+     "producers_ended(seal) -> bool: every producer ended or died (seal: record it, R37)"},
     {NULL}
 };
 

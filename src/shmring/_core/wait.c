@@ -88,9 +88,23 @@ static inline void withdraw(char *waiters, char *mine) {
 }
 
 /* Process-local wait counters (tests use them to prove no wake-up is lost:
- * with long slices, a sleep that ends by timeout with the condition already
- * true would be a missed wake-up). */
+ * a sleep that ends by timeout with the condition true and no wake-up issued
+ * for it, see late_wakeup, is a missed wake-up). */
 static uint64_t n_sleeps, n_late_wakeups;
+
+/* The sleep timed out and the condition holds, while we are still counted
+ * in waiters: whoever made it true did so after our announcement (we had
+ * checked it false since), so it saw us (R4) and bumps seq, perhaps an instant
+ * after our timeout.  A wake-up was lost only if seq does not move: wait up to
+ * 10 ms for it (this path is rare: a whole slice slept without a wake). */
+static int late_wakeup(uint32_t *seq, uint32_t s) {
+    uint64_t until = now_ns() + 10000000ull;
+    while (load_acquire32(seq) == s) {   /* R4, pairs with the waker's fetch_add(seq) */
+        if (now_ns() >= until) return 1;
+        sched_yield();
+    }
+    return 0;
+}
 
 /* Wait until cond(ctx) holds or slice_ns elapses: spin for spin_ns, then
  * yield, then sleep on the futex.  Called with the GIL released.
@@ -125,12 +139,13 @@ int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns, uint64
             return cond(ctx) ? WAIT_READY : WAIT_SLICE_OVER;
         }
         int err = futex_wait(seq, s, deadline - t);
-        withdraw(waiters, mine);
         count_relaxed(&n_sleeps);                                /* R23, process-local */
         if (cond(ctx)) {
-            if (err == ETIMEDOUT) count_relaxed(&n_late_wakeups);   /* R23, process-local */
+            if (err == ETIMEDOUT && late_wakeup(seq, s)) count_relaxed(&n_late_wakeups);   /* R23, process-local */
+            withdraw(waiters, mine);
             return WAIT_READY;
         }
+        withdraw(waiters, mine);
         if (err == EINTR) return WAIT_INTERRUPTED;
         if (now_ns() >= deadline) return WAIT_SLICE_OVER;
     }
