@@ -578,3 +578,23 @@ def test_closing_a_producer_with_an_open_reservation_disarms_its_views(ring_name
             res.commit()
         with pytest.raises(shmring.EndOfStream):
             c.recv_bytes(timeout=5)
+
+
+@pytest.mark.parametrize("views", [0, 2])
+def test_a_snapshot_in_a_reference_cycle_with_its_reader_is_collected_and_unpinned(ring_name, views):
+    """Case 10: a Snapshot was not GC-tracked, so one in a reference cycle
+    with its own handle (reader.last = snap: handle -> snapshot -> handle)
+    kept its version pinned, and the handle mapped, for the life of the
+    process: the writer could never reuse that slot."""
+    with shmring.SharedState.create(ring_name, 1 << 12, slots=3) as st:
+        st.publish(b"v1")
+        reader = shmring.SharedState.attach(ring_name)
+        snap = reader.read()
+        reader.keep = {"snap": snap, "views": [snap.value[i:] for i in range(views)]}
+        del snap, reader
+        assert sum(st.stats()["pins"]) == 1
+        with dropping():
+            gc.collect()
+        assert sum(st.stats()["pins"]) == 0
+        for i in range(6):                                   # every slot usable again, without a wait
+            st.publish(b"v%d" % (i + 2), timeout=0)

@@ -11,8 +11,10 @@
   free-running stress of two writer threads with reader threads checking that
   every version is untorn.
 """
+import os
 import struct
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -60,9 +62,9 @@ def test_reclaim_never_clears_the_pin_of_a_reader_that_claimed_the_entry_meanwhi
     with shmring.SharedState.create(ring_name, 1 << 12, slots=3) as w:
         w.publish(np.full(64, 1))
         cur = w.load_u64(L.ST_OFF_CURRENT)
+        r = shmring.SharedState.attach(ring_name)      # first: attaching frees dead readers' entries
         w.store_u64(_entry(0) + L.ST_ENTRY_OWNER, 0 if owner == "zero" else _dead_word())
         w.store_u64(_entry(0) + L.ST_ENTRY_PIN, cur)
-        r = shmring.SharedState.attach(ring_name)
         snaps = _during_owner_load(monkeypatch, w, 0, r.read)   # claims entry 0 (the lowest free/dead one)
         w._reclaim_dead_pins()
         monkeypatch.undo()
@@ -326,3 +328,45 @@ def test_a_forked_child_does_not_inherit_a_held_writer_lock(state):
 def state(ring_name):
     with shmring.SharedState.create(ring_name, 1 << 16, slots=3) as s:
         yield s
+
+
+def _wait_newer_forever(name):
+    st = shmring.SharedState.attach(name)
+    st.spin = 0
+    st.wait_newer(10 ** 9, timeout=60)
+
+
+@pytest.mark.parametrize("recovery", ["attach", "claim", "writer"])
+def test_a_reader_killed_asleep_in_wait_newer_leaves_no_waiter_count_behind(ring_name, recovery):
+    """Issue 12, case 12 for SharedState: a reader SIGKILLed asleep in
+    wait_newer() left the version wake word's waiter count raised forever, so
+    every later publish paid a spare futex_wake.  Its sleep is now announced
+    in its reader entry too (R29), and whoever takes the dead reader's entry
+    over withdraws it: a handle attaching, a reader claiming an entry, or the
+    writer reclaiming dead pins."""
+    import multiprocess
+    import signal
+    with shmring.SharedState.create(ring_name, 1 << 12, max_readers=1) as st:
+        st.publish(b"v1")
+        child = multiprocess.get_context("fork").Process(target=_wait_newer_forever, args=(ring_name,))
+        child.start()
+        try:
+            deadline = time.monotonic() + 10
+            while st.load_u32(L.ST_OFF_VERSION_WAKE + L.WAKE_WAITERS) != 1:
+                assert time.monotonic() < deadline, "the child never went to sleep"
+                time.sleep(0.01)
+            time.sleep(0.05)
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(10)
+            if recovery == "attach":
+                shmring.SharedState.attach(ring_name).close()
+            elif recovery == "claim":
+                with st.read() as snap:              # the only entry is the dead reader's: taken over
+                    assert snap.value == b"v1"
+            else:
+                st._reclaim_dead_pins()
+            assert st.load_u32(L.ST_OFF_VERSION_WAKE + L.WAKE_WAITERS) == 0
+        finally:
+            if child.is_alive():
+                os.kill(child.pid, signal.SIGKILL)
+            child.join(10)

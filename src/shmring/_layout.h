@@ -81,6 +81,7 @@
 #define SHMR_ST_ENTRY           128   /* reader table entry: one line each */
 #define SHMR_ST_ENTRY_OWNER       0   /* u64 owner word, 0 = free */
 #define SHMR_ST_ENTRY_PIN         8   /* u64 pinned current word, 0 = none */
+#define SHMR_ST_ENTRY_WAITING    16   /* u32: the reader's share of the version wake word's waiters */
 #define SHMR_ST_SLOT_HDR         64   /* slot header, payload follows */
 #define SHMR_ST_SLOT_VERSION      0   /* u64 */
 #define SHMR_ST_SLOT_TYPE         8   /* u32 */

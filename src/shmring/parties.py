@@ -17,7 +17,7 @@ import time
 from . import layout as L
 from .errors import CorruptSegmentError, HandleClosed
 from .pausepoints import pause
-from .roles import claim_entry, holder_alive, my_owner_word, release
+from .roles import claim_entry, holder_alive, my_owner_word, release, withdraw_waits
 
 GRACE = 0.5        # seconds a claim stays unstamped (its producer dead) before it is skipped
 DEFAULT_PARTIES = 64
@@ -151,16 +151,7 @@ class Tables:
         return True
 
     def _withdraw_waits(self, waiting: int, wake: int) -> None:
-        """R29: an entry taken over from a dead holder: take the sleeps it had
-        announced off the shared wake word (a holder killed asleep left them
-        there, and every commit would pay a futex_wake for it forever), then
-        clear its share."""
-        r = self.region
-        n = min(r.load_u32(waiting), r.load_u32(wake + L.WAKE_WAITERS))
-        if n:
-            # waiters is the high half of the wake line's first u64 (seq the low half)
-            r.fetch_add_u64(wake + L.WAKE_SEQ, (-(n << 32)) & 0xFFFFFFFFFFFFFFFF)
-        r.store_u32(waiting, 0)
+        withdraw_waits(self.region, waiting, wake)
 
     def reap_producers(self) -> None:
         for i in range(self.maxp):

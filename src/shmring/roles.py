@@ -163,6 +163,19 @@ def claim_entry(mem, lines, what: str, label: str, kind: str, reclaim, adopt=Non
                         f"max_{what}s", len(lines) + 1, len(lines))
 
 
+def withdraw_waits(mem, waiting: int, wake: int) -> None:
+    """R29: an entry taken over from a dead holder (the caller holds it now):
+    take the sleeps it had announced in its ``waiting`` share (u32) off the
+    shared wake word at ``wake`` (a holder killed asleep left them there, and
+    every wake of that word would pay a futex_wake for it forever), then
+    clear the share."""
+    n = min(mem.load_u32(waiting), mem.load_u32(wake + L.WAKE_WAITERS))
+    if n:
+        # waiters is the high half of the wake line's first u64 (seq the low half)
+        mem.fetch_add_u64(wake + L.WAKE_SEQ, (-(n << 32)) & 0xFFFFFFFFFFFFFFFF)
+    mem.store_u32(waiting, 0)
+
+
 def release(mem, line: int) -> None:
     """Give back a table entry this process holds."""
     mem.cas_u64(line + L.CE_OWNER, my_owner_word(), 0)

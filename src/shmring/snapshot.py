@@ -192,10 +192,11 @@ class SharedState(_core.StateCore, SegmentHandle):
         self._created = created
         self._wmv = memoryview(seg.buf)
         # A writer that takes over a dead one's role clears the waiters count of
-        # the slot wake word, where only the writer sleeps.  (The version wake
-        # word is shared by all readers and cannot be reset this way: a reader
-        # killed inside wait_newer() costs one spare futex_wake per publish,
-        # which is rare next to the copy a publish makes.)
+        # the slot wake word, where only the writer sleeps.  The version wake
+        # word is shared by all readers: each announces its sleeps in its
+        # reader entry too (R29), and whoever takes a dead reader's entry over
+        # (a reader claiming it, the writer reclaiming pins, a handle
+        # attaching) withdraws them.
         self._writer = roles.Role(seg.identity, L.ST_OFF_WRITER, L.ST_OFF_SLOT_WAKE, seg.label, "writer",
                                   "a shared state has one writer", here="is held")
         self._array_cache = None
@@ -256,10 +257,12 @@ class SharedState(_core.StateCore, SegmentHandle):
             raise TypeError("SharedState.attach() needs a name or path=")
         seg = Segment.open(name, path=path, wait=wait)
         try:
-            return cls(seg, _validate_state_header(seg), created=False)
+            st = cls(seg, _validate_state_header(seg), created=False)
         except BaseException:
             seg.close()
             raise
+        st._free_dead_readers()          # what readers that died (asleep, pinned) left behind
+        return st
 
     def __reduce__(self):
         return (_attach, (self._seg.name, self._seg.path))
@@ -289,16 +292,48 @@ class SharedState(_core.StateCore, SegmentHandle):
                 continue
             off = L.HEADER_SIZE + i * L.ST_ENTRY
             cur = self.load_u64(off + L.ST_ENTRY_OWNER)
-            if cur == 0 or not alive(*L.split_owner(cur)):
-                if self.cas_u64(off + L.ST_ENTRY_OWNER, cur, me):     # R30: the entry is ours first,
-                    if self.load_u64(off + L.ST_ENTRY_PIN):
-                        self.store_u64(off + L.ST_ENTRY_PIN, 0)   # R30: then a dead reader's (or garbage) pin goes
-                        if cur:
-                            self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED, 1)
-                    self._add_entry(i)
-                    return
+            if (cur == 0 or not alive(*L.split_owner(cur))) and self._take_over_reader(off, cur, me):
+                self._add_entry(i)
+                return
         raise ShmringError(f"all {self.max_readers} reader entries of {self._seg.label} are held by live "
                            "processes; create the state with a larger max_readers")
+
+    def _take_over_reader(self, off: int, owner: int, me: int) -> bool:
+        """Take reader entry ``off`` from ``owner`` (0: free, else a dead
+        reader): R30, the one deciding CAS from the word we judged, then, the
+        entry ours (no reader can claim it meanwhile), a dead reader's
+        announced sleeps (R29) and its pin are cleared.  False if the CAS
+        lost: the entry changed hands, leave it."""
+        if not self.cas_u64(off + L.ST_ENTRY_OWNER, owner, me):
+            return False
+        roles.withdraw_waits(self, off + L.ST_ENTRY_WAITING, L.ST_OFF_VERSION_WAKE)
+        if self.load_u64(off + L.ST_ENTRY_PIN):
+            self.store_u64(off + L.ST_ENTRY_PIN, 0)       # R30: a dead reader's (or garbage) pin goes
+            if owner:
+                self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED, 1)
+        return True
+
+    def _free_dead_readers(self, *, pinned_only: bool = False) -> int:
+        """Free the entries of readers whose process is gone (each taken over
+        first, R30); ``pinned_only``: only those holding a pin or a sleep.
+        Returns how many held a pin."""
+        me, n = roles.my_owner_word(), 0
+        for i in range(self.max_readers):
+            off = L.HEADER_SIZE + i * L.ST_ENTRY
+            pinned = self.load_u64(off + L.ST_ENTRY_PIN)                     # R30, R22: seq_cst load
+            if pinned_only and not pinned and not self.load_u32(off + L.ST_ENTRY_WAITING):
+                continue
+            owner = self.load_u64(off + L.ST_ENTRY_OWNER)                    # R30, R22: seq_cst load
+            # R30: only a dead owner's entry is ours to take.  Owner 0 is a free
+            # entry: its pin is garbage that a reader claiming the entry clears
+            # (it can only make the writer avoid a slot); clearing it here could
+            # erase the pin of a reader that claims the entry meanwhile.
+            if owner == 0 or owner == me or alive(*L.split_owner(owner)):
+                continue
+            if self._take_over_reader(off, owner, me):
+                self.cas_u64(off + L.ST_ENTRY_OWNER, me, 0)                  # R30: free it
+                n += bool(pinned)
+        return n
 
     def wait_newer(self, than: int = 0, *, timeout=None) -> int:
         """Wait until a version newer than ``than`` is published; return the newest version.
@@ -345,32 +380,11 @@ class SharedState(_core.StateCore, SegmentHandle):
             self._writer.claim(self)
 
     def _reclaim_dead_pins(self) -> int:
-        """Clear the pins of readers whose process is gone; return how many (R30)."""
+        """The writer: clear the pins (and announced sleeps) of readers whose
+        process is gone; return how many pins (R30)."""
         if not self._writer.held():
             return 0
-        n = 0
-        me = self._writer.owner
-        for i in range(self.max_readers):
-            off = L.HEADER_SIZE + i * L.ST_ENTRY
-            if not self.load_u64(off + L.ST_ENTRY_PIN):                 # R30, R22: seq_cst load
-                continue
-            owner = self.load_u64(off + L.ST_ENTRY_OWNER)                # R30, R22: seq_cst load
-            # R30: only a dead owner's pin is ours to clear.  Owner 0 is a free
-            # entry: its pin is garbage that a reader claiming the entry clears
-            # (it can only make us avoid a slot); clearing it here could erase
-            # the pin of a reader that claims the entry meanwhile.
-            if owner == 0 or owner == me or alive(*L.split_owner(owner)):
-                continue
-            # R30: the one deciding transition, from the dead word we judged to
-            # ours (live: no reader claims the entry meanwhile).  A failed CAS
-            # means the entry changed hands: a reader claimed it; leave it.
-            if not self.cas_u64(off + L.ST_ENTRY_OWNER, owner, me):
-                continue
-            self.store_u64(off + L.ST_ENTRY_PIN, 0)                       # R30: the entry is ours
-            self.cas_u64(off + L.ST_ENTRY_OWNER, me, 0)                   # R30: free it
-            self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED, 1)
-            n += 1
-        return n
+        return self._free_dead_readers(pinned_only=True)
 
     def _acquire_slot(self, timeout) -> int:
         """A slot that is neither current nor pinned by a live reader, waiting if every spare one is."""

@@ -237,6 +237,8 @@ void lease_finish(Lease *l);
 void lease_forget(Lease *l);
 PyObject *Lease_release(Lease *l, PyObject *unused);
 void Lease_dealloc(Lease *l);
+int Lease_traverse(Lease *l, visitproc visit, void *arg);
+int Lease_clear(Lease *l);
 PyObject *Lease_get_nbytes(Lease *l, void *c);
 PyObject *make_message(Consumer *c, Rec *r);
 

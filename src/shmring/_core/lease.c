@@ -234,11 +234,11 @@ PyObject *make_message(Consumer *c, Rec *r) {
     return (PyObject *)m;
 }
 
-/* Garbage collection.  Messages are GC-tracked: one kept in a reference
- * cycle with its consumer (cons.last = msg) is collected and its ring space
- * given back.  (These serve any lease; Snapshot and plain leases are not
- * tracked yet: Snapshot is allocated untracked in state.c.) */
-static int Lease_traverse(Lease *l, visitproc visit, void *arg) {
+/* Garbage collection.  Messages and Snapshots are GC-tracked: one kept in a
+ * reference cycle with its handle (cons.last = msg, reader.last = snap) is
+ * collected and its ring space or pin given back.  (Plain leases, made from
+ * Python for record batches, are not tracked.) */
+int Lease_traverse(Lease *l, visitproc visit, void *arg) {
     Py_VISIT(l->owner);
     Py_VISIT(l->on_finish);
     Py_VISIT(l->warning);
@@ -248,7 +248,7 @@ static int Lease_traverse(Lease *l, visitproc visit, void *arg) {
 /* The collector found the lease unreachable: give the window back now.  A
  * live export (a view in the same cycle) keeps the owner, so the window stays
  * mapped until that view is cleared; its buffer release then finishes. */
-static int Lease_clear(Lease *l) {
+int Lease_clear(Lease *l) {
     if (l->exports == 0) {
         if (l->state != LEASE_RELEASED) lease_finish(l);
         else Py_CLEAR(l->owner);

@@ -141,12 +141,13 @@ static int snapshot_warn(Lease *l) {
 static const LeaseOps snapshot_ops = { "snapshot", snapshot_finish, snapshot_warn };
 
 static Snapshot *snapshot_new(StateCore *s, int own, uint64_t v, uint32_t k, int type, uint64_t len, int writable) {
-    Snapshot *m = PyObject_New(Snapshot, &SnapshotType);
+    Snapshot *m = PyObject_GC_New(Snapshot, &SnapshotType);
     if (!m) return NULL;
     m->off = (Py_ssize_t)(s->first_slot + (uint64_t)k * s->slot_size + SHMR_ST_SLOT_HDR);
     lease_init(&m->l, &snapshot_ops, (PyObject *)s, s->r.base + m->off, (Py_ssize_t)len, !writable);
     m->own = own; m->version = v; m->slot = k; m->type = type;
     m->fork_gen = fork_generation;
+    PyObject_GC_Track(m);
     return m;
 }
 
@@ -275,7 +276,17 @@ static PyObject *StateCore_wait_newer(StateCore *self, PyObject *const *args, Py
     if (st_usable(self) < 0) return NULL;
     unsigned long long than = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
     struct newer_ctx c = { self, than };
-    return wait_slice(self->r.base + SHMR_ST_OFF_VERSION_WAKE, newer_cond, &c, args[1], args[2], NULL);
+    /* R29: the sleep is announced in one of our reader entries too, so whoever
+     * takes the entry over if we die asleep withdraws it.  No entry to be had
+     * (the table is full of live readers): sleep unannounced there. */
+    if (self->n_own == 0) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self, str_claim_reader);
+        if (r) Py_DECREF(r);
+        else if (PyErr_ExceptionMatches(ShmringError)) PyErr_Clear();
+        else return NULL;
+    }
+    char *mine = self->n_own ? st_entry(self, (uint32_t)self->own[0]) + SHMR_ST_ENTRY_WAITING : NULL;
+    return wait_slice(self->r.base + SHMR_ST_OFF_VERSION_WAKE, newer_cond, &c, args[1], args[2], mine);
 }
 
 static int st_slot_arg(StateCore *s, PyObject *o, uint32_t *k) {
@@ -526,7 +537,7 @@ PyTypeObject SnapshotType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmring.Snapshot",
     .tp_basicsize = sizeof(Snapshot),
-    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A pinned version of a SharedState: a zero-copy window on shared memory.\n\n"
               "Lifetime: snap.value and every view derived from it point into the version's slot "
               "and are valid until snap.release() (called when the `with state.read()` block "
@@ -536,6 +547,9 @@ PyTypeObject SnapshotType = {
     .tp_base = &LeaseType,
     .tp_new = NULL,
     .tp_dealloc = (destructor)Lease_dealloc,
+    .tp_traverse = (traverseproc)Lease_traverse,
+    .tp_clear = (inquiry)Lease_clear,
+    .tp_free = PyObject_GC_Del,
     .tp_methods = Snapshot_methods,
     .tp_getset = Snapshot_getset,
     .tp_repr = (reprfunc)Snapshot_repr,
