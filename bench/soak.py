@@ -102,6 +102,14 @@ def _complain(book, kind, msg):
     print(f"[soak pid {os.getpid()}] {msg}", file=sys.stderr, flush=True)
 
 
+def _kill(p) -> None:
+    """SIGKILL child ``p`` unless it already exited and was reaped."""
+    try:
+        os.kill(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _attach(where):
     name, path = where
     return shmring.Ring.attach(name, path=path)
@@ -597,7 +605,7 @@ class Joins:
                         cid = self.rng.choice(victims)
                         slot, role, p = self.procs[cid]
                         self.killed.add(cid)        # before the kill: its redeliveries may be read at once
-                        os.kill(p.pid, signal.SIGKILL)
+                        _kill(p)
                         p.join()
                         if p.exitcode != -signal.SIGKILL:
                             self.killed.discard(cid)    # it had just left on its own (the churn counts it)
@@ -718,7 +726,7 @@ class Joins:
         for cid, (slot, role, p) in list(self.procs.items()):
             p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():
-                os.kill(p.pid, signal.SIGKILL)
+                _kill(p)
                 p.join()
                 bad += 1
                 print(f"--joins: child {cid} ({role}) did not finish within 60 s of the end", file=sys.stderr)
@@ -864,7 +872,7 @@ class Soak:
                 i, role = self.rng.randrange(len(self.rings)), self.rng.choice(["producer", "consumer"])
                 p = self.procs[(i, role)]
                 if p.is_alive():
-                    os.kill(p.pid, signal.SIGKILL)
+                    _kill(p)
                     p.join()
                     self.kills[role] += 1
                 self.start(i, role)
