@@ -9,6 +9,7 @@ import shmring
 from shmring import _core
 from shmring import layout as L
 from shmring._proc import my_start_time
+from shmring.roles import my_owner_word
 
 
 def test_c_constants_equal_python_constants_exactly():
@@ -54,7 +55,7 @@ def test_header_written_by_create_decodes_with_the_python_reader(ring_name):
 def test_cursors_and_roles_written_by_c_decode_with_the_python_reader(ring_name):
     with shmring.Ring.create(ring_name, 1 << 12) as ring, ring.producer() as p, ring.consumer() as c:
         buf = ring._seg.buf
-        me = L.owner_word(os.getpid(), my_start_time())
+        me = my_owner_word()
         assert L.read_u64(buf, L.OFF_PROD_ROLE + L.ROLE_OWNER) == me
         assert L.read_u64(buf, L.OFF_CONS_ROLE + L.ROLE_OWNER) == me
         assert L.read_u64(buf, L.OFF_PROD_ROLE + L.ROLE_SESSIONS) == 1

@@ -139,23 +139,40 @@ def test_a_zombie_role_holder_counts_as_dead(ring_name):
             os.waitpid(pid, 0)
 
 
-def test_a_reused_pid_with_another_start_time_counts_as_dead(ring_name):
-    """The owner word records pid and start time: a live process that merely has
-    the recorded pid (here: our parent) is not the holder."""
+def test_a_live_process_with_the_recorded_pid_is_not_the_holder(ring_name):
+    """Liveness is the role's lock (shmring.liveness), not the pid: an owner
+    word naming a live process (here: our parent, with its real start time)
+    whose lock nobody holds is a dead holder (the pid was reused, or the word
+    was planted), taken over; a role whose lock a live process holds is not."""
     from shmring import layout as L
     from shmring._proc import start_time
     ppid = os.getppid()
     with shmring.Ring.create(ring_name, 1 << 12) as ring:
-        ring._region.store_u64(L.OFF_PROD_ROLE + L.ROLE_OWNER, L.owner_word(ppid, start_time(ppid) + 1))
+        ring._region.store_u64(L.OFF_PROD_ROLE + L.ROLE_OWNER, L.owner_word(ppid, start_time(ppid)))
         assert ring.stats()["producer"] == {"pid": ppid, "alive": False, "sessions": 0}
         with ring.consumer() as c, pytest.raises(shmring.PeerGone):
             c.recv(timeout=5)
         with ring.producer():
             assert ring.stats()["producer"]["pid"] == os.getpid()
-        ring._region.store_u64(L.OFF_CONS_ROLE + L.ROLE_OWNER, L.owner_word(ppid, start_time(ppid)))
-        with pytest.raises(shmring.RoleTaken) as ei:     # the real start time: a live holder
-            ring.consumer()
-        assert ei.value.pid == ppid
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:                                   # a live holder in another process
+            try:
+                with shmring.Ring.attach(ring_name).consumer():
+                    os.write(w, b"x")
+                    time.sleep(30)
+            finally:
+                os._exit(0)
+        try:
+            assert os.read(r, 1) == b"x"
+            with pytest.raises(shmring.RoleTaken) as ei:
+                ring.consumer()
+            assert ei.value.pid == pid
+        finally:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        with ring.consumer():                          # its lock went with it
+            pass
 
 
 # --------------------------------------------------------------------------- crashes

@@ -13,6 +13,7 @@ import shmring
 from shmring import _core
 from shmring import layout as L
 from shmring._proc import my_start_time
+from shmring.roles import my_owner_word
 
 
 @pytest.fixture
@@ -256,10 +257,10 @@ def test_the_header_and_slots_written_by_c_decode_with_the_python_reader(ring_na
         assert struct.unpack_from("<QIIQ", buf, slot) == (2, L.T_ARRAY, 0, s._current()[3])
         with s.read() as snap:
             assert L.read_u64(buf, L.HEADER_SIZE + L.ST_ENTRY_PIN) == cur
-            assert L.read_u64(buf, L.HEADER_SIZE + L.ST_ENTRY_OWNER) == L.owner_word(os.getpid(), my_start_time())
+            assert L.read_u64(buf, L.HEADER_SIZE + L.ST_ENTRY_OWNER) == my_owner_word()
             assert snap._offset == slot + L.ST_SLOT_HDR
         assert L.read_u64(buf, L.HEADER_SIZE + L.ST_ENTRY_PIN) == 0
-        assert L.read_u64(buf, L.ST_OFF_WRITER + L.ROLE_OWNER) == L.owner_word(os.getpid(), my_start_time())
+        assert L.read_u64(buf, L.ST_OFF_WRITER + L.ROLE_OWNER) == my_owner_word()
 
 
 # ------------------------------------------------------------------ corrupt shared memory

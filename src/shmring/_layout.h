@@ -127,6 +127,7 @@
 #define SHMR_CE_WAITING          48   /* u32: the entry's share of the data wake word's waiters */
 #define SHMR_MP_ENTRY           128
 #define SHMR_MP_MAX_PARTIES    1024
+#define SHMR_LOCK_BASE         (1ULL << 50)   /* liveness locks: byte LOCK_BASE + a role line (shmring.liveness) */
 #define SHMR_INTENT_BIT         (1ULL << 63)
 #define SHMR_POS_FREE           (~0ULL)
 #define SHMR_POS_EVICTED        (1ULL << 63)

@@ -10,7 +10,7 @@ import time
 from . import layout as L
 from ._proc import alive
 from .errors import ShmringError
-from .segment import PREFIX, SHM_DIR, list_segments
+from .segment import PREFIX, SHM_DIR, in_use, list_segments
 
 
 def _size(text: str) -> int:
@@ -83,6 +83,7 @@ def _describe(name: str) -> dict:
         st = obj.stats()
     finally:
         obj.close()
+        del obj                 # its mapping, and with it its attach lock, goes now (gc tests the lock)
     st["creator"] = _creator(h)
     st["age_s"] = round(time.time() - st["created_ns"] / 1e9, 1)
     st["size"] = h["segment_size"]
@@ -275,44 +276,47 @@ def gc_plan(names=None, *, force=False, grace=GRACE) -> list[dict]:
         if not os.path.exists(os.path.join(SHM_DIR, PREFIX + name)):
             plan.append({"name": name, "kind": "?", "action": "missing", "why": "no such segment"})
             continue
+        used = in_use(name)
         r = _describe(name)
-        creator = r.get("creator") or {"pid": None, "alive": False}
-        if "error" in r:
-            if creator["alive"]:
-                act, why = "keep", f"unreadable, but its creator (pid {creator['pid']}) is alive: {r['error']}"
-            elif r.get("age_s") is not None and r["age_s"] < grace:
+        if used:
+            pids = r.get("live_users") or []
+            act, why = "keep", ("in use: attached by live process(es)"
+                                + (" incl. pid(s) " + ", ".join(map(str, pids)) if pids else ""))
+        elif used is None:
+            act, why = "keep", "cannot tell whether it is in use (no write access to it)"
+        elif "error" in r:
+            if r.get("age_s") is not None and r["age_s"] < grace:
                 act, why = "keep", f"unreadable and younger than {grace:g} s (may be being created): {r['error']}"
             elif force:
-                act, why = "remove", f"foreign or corrupt (--force): {r['error']}"
+                act, why = "remove", f"foreign or corrupt, attached by nobody (--force): {r['error']}"
             else:
                 act, why = "keep", f"foreign or corrupt; remove with --force: {r['error']}"
-        elif r["live_users"]:
-            act, why = "keep", "in use by live pid(s) " + ", ".join(map(str, r["live_users"]))
-        elif r["kind"] == "state" and r["readers"]:
-            act, why = "keep", f"{r['readers']} live reader(s)"
-        elif creator["alive"]:
-            act, why = "keep", f"its creator (pid {creator['pid']}) is alive"
         else:
-            act, why = "remove", "every registered process and its creator are dead"
+            act, why = "remove", "no process has it attached"
         plan.append({"name": name, "kind": r.get("kind", "?"), "action": act, "why": why})
     return plan
 
 
 def cmd_gc(args) -> int:
-    from .segment import unlink
+    from .segment import remove_if_unused
     plan = gc_plan(args.names or None, force=args.force, grace=args.grace)
     rc = 0
     for i, item in enumerate(plan):
         if item["action"] == "remove" and not args.dry_run:
-            # Re-check just before removing: a process may have attached meanwhile.
-            plan[i] = item = gc_plan([item["name"]], force=args.force, grace=args.grace)[0]
-            if item["action"] == "remove":
-                try:
-                    unlink(item["name"])
-                    item["action"] = "removed"
-                except ShmringError as e:
-                    item["action"], item["why"] = "failed", str(e)
-                    rc = 1
+            # Decided again, and removed, under the attach lock: a process that
+            # attached meanwhile keeps it (shmring.liveness).
+            try:
+                done = remove_if_unused(item["name"])
+            except ShmringError as e:
+                done, item["why"] = "failed", str(e)
+            if done is True:
+                item["action"] = "removed"
+            elif done is False:
+                item["action"], item["why"] = "keep", "in use: a process attached meanwhile"
+            else:
+                item["action"] = "failed"
+                item["why"] = item["why"] if done == "failed" else "it vanished, or cannot be locked"
+                rc = 1
     if args.json:
         print(json.dumps(plan, indent=2))
         return rc

@@ -17,7 +17,7 @@ import time
 from . import layout as L
 from .errors import CorruptSegmentError, HandleClosed
 from .pausepoints import pause
-from .roles import claim_entry, holder_alive, my_owner_word, release, withdraw_waits
+from .roles import claim_entry, give_back, holder_alive, release, take_over, withdraw_waits
 
 GRACE = 0.5        # seconds a claim stays unstamped (its producer dead) before it is skipped
 DEFAULT_PARTIES = 64
@@ -76,8 +76,9 @@ def check_multi_header(h: dict, buf, what: str) -> dict:
 class Tables:
     """The producer and consumer tables of one mapped multi-party ring."""
 
-    def __init__(self, region, header: dict, label: str):
+    def __init__(self, region, header: dict, label: str, locks):
         self.region = region
+        self.locks = locks                  # this process's liveness locks on the segment
         self.kind = header["kind"]
         self.maxp = header["max_producers"]
         self.maxc = header["max_consumers"]
@@ -87,6 +88,17 @@ class Tables:
         self.evict_after = header["evict_after_ns"] / 1e9
         self.capacity = header["capacity"]
         self.evicting = header["policy"] == L.POLICIES["evict"]
+
+    def alive(self, line: int, word: int) -> bool:
+        """Whether ``word``, the owner of the entry at ``line``, is a live holder."""
+        return holder_alive(self.locks, line, word)
+
+    def take(self, line: int, word: int) -> bool:
+        """Take the entry at ``line`` over from ``word`` (its lock, then its owner word)."""
+        return take_over(self.region, self.locks, line, word)
+
+    def give(self, line: int) -> None:
+        give_back(self.region, self.locks, line)
 
     def pline(self, i: int) -> int:
         return self.ptab + i * L.MP_ENTRY
@@ -114,7 +126,7 @@ class Tables:
     def join_producer(self) -> int:
         r, pline = self.region, self.pline
         pause("producer_claim")
-        slot = claim_entry(r, [pline(i) for i in range(self.maxp)], "producer", self.label,
+        slot = claim_entry(r, self.locks, [pline(i) for i in range(self.maxp)], "producer", self.label,
                            L.KIND_NAMES[self.kind], self.reclaim_producer)
         # R25: the entry is ours now; an intent left in it by a dead holder would
         # make that holder's abandoned claim look live forever.
@@ -126,7 +138,7 @@ class Tables:
             st = r.load_u64(word)                          # R37: ... then counted, unless sealed
             if st & L.MP_STATE_ENDED:
                 self._session(slot, False)
-                release(r, pline(slot))
+                release(r, self.locks, pline(slot))
                 raise HandleClosed(f"the stream of {self.label} has ended (every producer closed it); "
                                    "create a new ring for a new stream")
             if r.cas_u64(word, st, st + 1):
@@ -139,15 +151,15 @@ class Tables:
         its announced sleeps off the space wake word (R29), count its session
         dead if it was joined (R36), free it.  Its claim, if it held one, is
         skipped by the consumer that reaches it."""
-        r, line, me = self.region, self.pline(i), my_owner_word()
-        if not r.cas_u64(line + L.PE_OWNER, word, me):
+        r, line = self.region, self.pline(i)
+        if not self.take(line, word):
             return False
         self._withdraw_waits(line + L.PE_WAITING, L.OFF_SPACE_WAKE)
         if r.load_u64(line + L.PE_SESSION) & L.PE_JOINED:
             r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_DEAD, 1)     # R11: before the end it makes
             self._session(i, False, 1)
             r.wake(L.OFF_DATA_WAKE)
-        r.cas_u64(line + L.PE_OWNER, me, 0)
+        self.give(line)
         return True
 
     def _withdraw_waits(self, waiting: int, wake: int) -> None:
@@ -156,7 +168,7 @@ class Tables:
     def reap_producers(self) -> None:
         for i in range(self.maxp):
             w = self.region.load_u64(self.pline(i))
-            if w and not holder_alive(w):
+            if w and not self.alive(self.pline(i), w):
                 self.reclaim_producer(i, w)
 
     def end_producer(self, slot: int, aborted: bool) -> None:
@@ -168,7 +180,7 @@ class Tables:
         self._session(slot, False, 1)                      # R36: the end, one store
         r.wake(L.OFF_DATA_WAKE)
         pause("producer_counted")
-        release(r, self.pline(slot))
+        release(r, self.locks, self.pline(slot))
 
     def leave_producer(self, slot: int) -> None:
         r = self.region
@@ -176,7 +188,7 @@ class Tables:
         self._session(slot, False)                         # R36: no longer joined, nothing counted
         r.wake(L.OFF_DATA_WAKE)
         pause("producer_counted")
-        release(r, self.pline(slot))
+        release(r, self.locks, self.pline(slot))
 
     def skip_abandoned(self, consumer, stuck_since: dict) -> None:
         """If the reader has waited at one unstamped claim for GRACE seconds
@@ -203,7 +215,7 @@ class Tables:
             if not intent & L.INTENT_BIT:
                 continue
             at = intent & ~L.INTENT_BIT
-            if at == pos and holder_alive(r.load_u64(self.pline(i))):
+            if at == pos and self.alive(self.pline(i), r.load_u64(self.pline(i))):
                 return                              # a live producer is writing it
             if at > pos and (nxt == 0 or at < nxt):
                 nxt = at
@@ -218,13 +230,13 @@ class Tables:
         R27: one CAS from ``word`` to our own word decides it; the position
         word is freed only while the entry is ours (nobody can join it), then
         the entry is given back.  A dropper that loses the CAS touches nothing."""
-        r, line, me = self.region, self.cline(i), my_owner_word()
-        if not r.cas_u64(line + L.CE_OWNER, word, me):
+        r, line = self.region, self.cline(i)
+        if not self.take(line, word):
             return False
         pause("drop_subscriber")
         self._withdraw_waits(line + L.CE_WAITING, L.OFF_DATA_WAKE)
         r.store_u64(line + L.CE_POS, L.POS_FREE)
-        r.cas_u64(line + L.CE_OWNER, me, 0)
+        self.give(line)
         r.fetch_add_u64(L.MP_OFF_COUNTERS + L.MP_DROPPED, 1)
         r.wake(L.OFF_SPACE_WAKE)
         return True
@@ -277,7 +289,7 @@ class Tables:
             w = r.load_u64(line + L.CE_POS)
             if w == L.POS_FREE or w & L.POS_EVICTED:
                 continue
-            if owner and not holder_alive(owner):
+            if owner and not self.alive(line, owner):
                 self.drop_subscriber(i, owner)
                 continue
             positions[i] = w
@@ -320,17 +332,17 @@ class Tables:
         records still name), and only then are the records naming it requeued.
         While the entry is ours nobody can join it, so a record naming it is
         never a newcomer's.  It is freed after a whole walk."""
-        r, me = self.region, my_owner_word()
+        r = self.region
         taken = set()
 
         def take(i, word):
-            if r.cas_u64(self.cline(i) + L.CE_OWNER, word, me):
+            if self.take(self.cline(i), word):
                 taken.add(i)
                 self._withdraw_waits(self.cline(i) + L.CE_WAITING, L.OFF_DATA_WAKE)
 
         for i in range(self.maxc):
             w = r.load_u64(self.cline(i) + L.CE_OWNER)
-            if w and w != me and not holder_alive(w):
+            if w and not self.alive(self.cline(i), w):
                 take(i, w)
         records, complete = consumer._inflight()
         orphans = {s - 1 for _, s in records if 1 <= s <= self.maxc and s - 1 not in taken}
@@ -345,7 +357,7 @@ class Tables:
             if complete or not taken:
                 break
         for i in taken:
-            r.cas_u64(self.cline(i) + L.CE_OWNER, me, 0)
+            self.give(self.cline(i))
         return settled
 
     def adopt_consumer(self, i: int, word: int) -> bool:
@@ -353,7 +365,7 @@ class Tables:
         ourselves (one CAS, R26), its announced sleeps withdrawn (R29).  The
         joiner then hands back what the dead one held (requeue_adopted)
         before it takes anything, so no record naming the entry is ours."""
-        if not self.region.cas_u64(self.cline(i) + L.CE_OWNER, word, my_owner_word()):
+        if not self.take(self.cline(i), word):
             return False
         self._withdraw_waits(self.cline(i) + L.CE_WAITING, L.OFF_DATA_WAKE)
         return True
@@ -405,7 +417,7 @@ class Tables:
         for i in range(self.maxc):
             w = self.region.load_u64(self.cline(i))
             if w:
-                if holder_alive(w):
+                if self.alive(self.cline(i), w):
                     live += 1
                 else:
                     dead = L.split_owner(w)[0]
@@ -421,7 +433,7 @@ class Tables:
             w, sent = r.load_u64(line), r.load_u64(line + L.PE_SENT)
             if w or sent:
                 pid = L.split_owner(w)[0]
-                producers.append({"slot": i, "pid": pid or None, "alive": holder_alive(w),
+                producers.append({"slot": i, "pid": pid or None, "alive": self.alive(line, w),
                                   "sent": sent, "bytes": r.load_u64(line + L.PE_BYTES)})
         cursor = r.load_u64(L.MP_OFF_CURSOR)
         consumers = []
@@ -433,7 +445,7 @@ class Tables:
                 received = r.load_u64(line + L.CE_RECEIVED)
                 if not w and not received:
                     continue
-                c = {"slot": i, "pid": L.split_owner(w)[0] or None, "alive": holder_alive(w), "received": received}
+                c = {"slot": i, "pid": L.split_owner(w)[0] or None, "alive": self.alive(line, w), "received": received}
                 if self.kind == L.KIND_BROADCAST:
                     c["evicted"] = bool(pos != L.POS_FREE and pos & L.POS_EVICTED)
                     c["lag"] = cursor - (pos & L.POS_MASK) if pos != L.POS_FREE else None

@@ -224,7 +224,7 @@ class RecordProducer(_Handle):
                 k = waiting.wait_until(
                     lambda: self._room() or None,
                     lambda t: self._region.wait_change(L.OFF_READ_POS, self._rp, L.OFF_SPACE_WAKE, -1, t, self.spin),
-                    lambda: roles.dead_holder(self._region, L.OFF_CONS_ROLE), timeout,
+                    lambda: roles.dead_holder(self._region, L.OFF_CONS_ROLE, self._role._locks), timeout,
                     lambda: f"record ring {self._label} stayed full for {timeout} s",
                     lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full")
                 k = min(len(a) - done, k)
@@ -413,7 +413,7 @@ class RecordConsumer(_Handle):
                 lambda: self._take(max_n),
                 lambda t: self._region.wait_change(L.OFF_WRITE_POS, self._next, L.OFF_DATA_WAKE,
                                                    L.OFF_PROD_ROLE + L.ROLE_CLOSED, t, self.spin),
-                lambda: roles.dead_holder(self._region, L.OFF_PROD_ROLE), timeout,
+                lambda: roles.dead_holder(self._region, L.OFF_PROD_ROLE, self._role._locks), timeout,
                 lambda: f"no records arrived on {self._label} within {timeout} s",
                 lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
                             "every record it sent was received")

@@ -49,7 +49,6 @@ import numpy as np
 from . import _core, codec, parties, records, roles, waiting
 from . import layout as L
 from .pausepoints import pause
-from ._proc import alive
 from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, Timeout
 from .segment import Segment, SegmentHandle, validate_header, write_header
 from .waiting import DEFAULT_SPIN
@@ -73,7 +72,8 @@ class Ring(SegmentHandle):
         self._created = created
         self._region = _core.Region(seg.buf)
         self._identity = seg.identity
-        self._tables = parties.Tables(self._region, header, seg.label) if header["kind"] in L.MULTI_KINDS else None
+        self._tables = (parties.Tables(self._region, header, seg.label, seg.locks)
+                        if header["kind"] in L.MULTI_KINDS else None)
         if header["kind"] == L.KIND_RECORDS:
             header.update(records.read_fields(seg.buf, header, seg.label))
 
@@ -261,8 +261,8 @@ class Ring(SegmentHandle):
         wp, rp = r.load_u64(L.OFF_WRITE_POS), r.load_u64(L.OFF_READ_POS)
 
         def role(line):
-            pid, st = L.split_owner(r.load_u64(line + L.ROLE_OWNER))
-            return {"pid": pid or None, "alive": bool(pid) and alive(pid, st),
+            w = r.load_u64(line + L.ROLE_OWNER)
+            return {"pid": L.split_owner(w)[0] or None, "alive": roles.holder_alive(self._seg.locks, line, w),
                     "sessions": r.load_u64(line + L.ROLE_SESSIONS)}
         base = {"name": self.name, "path": self.path, "kind": self.kind, "capacity": self.capacity,
                 "write_pos": wp, "creator_pid": self._header["creator_pid"],
@@ -382,6 +382,7 @@ class Producer(_core.ProducerCore):
 
     def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN):
         self._region = region = ring._live_region()      # ours too: it must work after ring.close()
+        self._locks = ring._seg.locks
         self._tables = tables = ring._tables
         self._role = None
         if tables is not None:                 # multi-party: an entry of the producer table
@@ -500,7 +501,7 @@ class Producer(_core.ProducerCore):
         nobody to make room, else 0.  Broadcast: drops dead subscribers and
         evicts laggards (policy evict) instead, which makes room."""
         if self._tables is None or self._kind == "mpsc":
-            return roles.dead_holder(self._region, L.OFF_CONS_ROLE)
+            return roles.dead_holder(self._region, L.OFF_CONS_ROLE, self._locks)
         if self._kind == "broadcast":
             self._tables.police_subscribers(self._lagging)
             return 0
@@ -709,6 +710,7 @@ class Consumer(_core.ConsumerCore):
 
     def __init__(self, ring: Ring, spin: float = DEFAULT_SPIN, *, start: str = "oldest"):
         self._region = region = ring._live_region()      # ours too: it must work after ring.close()
+        self._locks = ring._seg.locks
         self._tables = tables = ring._tables
         self._kind = ring.kind
         self._role = None
@@ -720,7 +722,7 @@ class Consumer(_core.ConsumerCore):
         else:
             broadcast = self._kind == "broadcast"
             adopted = []                # mpmc: a dead consumer's entry we took over (nothing free)
-            self._slot = roles.claim_entry(region, [tables.cline(i) for i in range(tables.maxc)],
+            self._slot = roles.claim_entry(region, tables.locks, [tables.cline(i) for i in range(tables.maxc)],
                                            "subscriber" if broadcast else "consumer", ring._seg.label, self._kind,
                                            tables.drop_subscriber if broadcast else (lambda i, w: False),
                                            None if broadcast else
@@ -729,6 +731,7 @@ class Consumer(_core.ConsumerCore):
                 if broadcast:
                     tables.join_position(self._slot, start)
                 super().__init__(ring._seg.buf, self._slot)
+                self._set_lock_fd(tables.locks.fd)     # the C leave (R35) unlocks the entry too (R38)
                 if adopted:
                     tables.requeue_adopted(self, self._slot)
             except BaseException:
@@ -753,7 +756,7 @@ class Consumer(_core.ConsumerCore):
         if self._kind == "broadcast":
             self._region.store_u64(line + L.CE_POS, L.POS_FREE)
             self._region.wake(L.OFF_SPACE_WAKE)
-        roles.release(self._region, line)
+        roles.release(self._region, self._tables.locks, line)
 
     def _recv_copy(self, timeout):
         with _core.ConsumerCore.recv(self, timeout=timeout) as msg:
@@ -778,7 +781,7 @@ class Consumer(_core.ConsumerCore):
         mpmc: what dead consumers held is requeued)."""
         t = self._tables
         if t is None:
-            return roles.dead_holder(self._region, L.OFF_PROD_ROLE)
+            return roles.dead_holder(self._region, L.OFF_PROD_ROLE, self._locks)
         t.reap_producers()
         t.skip_abandoned(self, self._stuck_since)
         if self._kind == "mpmc":

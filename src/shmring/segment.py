@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import time
+import weakref
 
 import resource
 
@@ -29,6 +30,7 @@ import posix_ipc
 from . import _core
 from . import layout as L
 from ._proc import my_start_time
+from .liveness import Locks, probe
 from .errors import (CorruptSegmentError, IncompatibleSegment, NoSpace, PermissionDenied,
                      ResourceLimit, SegmentExists, SegmentNotFound, ShmringError)
 
@@ -114,12 +116,19 @@ def _os_error(exc: OSError, what: str) -> ShmringError:
 class Segment:
     """A mapped segment.  ``buf`` is the writable mmap of the whole segment."""
 
-    def __init__(self, name: str | None, path: str | None, buf: mmap.mmap, size: int, identity=None):
+    def __init__(self, name: str | None, path: str | None, buf: mmap.mmap, size: int, identity=None,
+                 locks: Locks | None = None):
         self.identity = identity          # (st_dev, st_ino): the same object under any name
         self.name = name
         self.path = path
         self.buf = buf
         self.size = size
+        # This process's file description of the segment, holding the attach
+        # lock and its roles' locks (shmring.liveness), for as long as the
+        # mapping lives: views may outlive close(), and so does the lock.
+        self.locks = locks
+        if locks is not None:
+            weakref.finalize(buf, locks.close)
 
     @property
     def label(self) -> str:
@@ -150,6 +159,7 @@ class Segment:
             raise _os_error(e, what) from None
         try:
             os.fchmod(fd, mode)           # exactly the mode asked for, whatever the umask
+            locks = _attach_lock(fd, what)
             try:
                 os.posix_fallocate(fd, 0, size)
             except OSError as e:
@@ -165,8 +175,7 @@ class Segment:
             os.close(fd)
             _unlink(name, path)
             raise
-        os.close(fd)
-        return cls(name, path, buf, size, (st.st_dev, st.st_ino))
+        return cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
 
     # -- attach -------------------------------------------------------------
     @classmethod
@@ -207,7 +216,10 @@ class Segment:
         except OSError as e:
             raise _os_error(e, what) from None
         try:
+            locks = _attach_lock(fd, what)
             st = os.fstat(fd)
+            if st.st_nlink == 0:
+                raise SegmentNotFound(f"{what} was removed (by shmring gc or an unlink) while attaching")
             if path is not None and not stat.S_ISREG(st.st_mode):
                 raise CorruptSegmentError(f"{what} is not a regular file")
             if path is not None and st.st_uid != os.geteuid() and not allow_foreign_owner:
@@ -223,9 +235,10 @@ class Segment:
                 raise CorruptSegmentError(f"{what} is {size} bytes, smaller than the {L.HEADER_SIZE}-byte "
                                           "shmring header: truncated, still being created, or not a shmring segment")
             buf = _map(fd, size, what)
-        finally:
+        except BaseException:
             os.close(fd)
-        return cls(name, path, buf, size, (st.st_dev, st.st_ino))
+            raise
+        return cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
 
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
@@ -236,11 +249,26 @@ class Segment:
             try:
                 buf.close()
             except BufferError:
-                pass              # exported to a handle or a view: unmapped when the last one dies
+                return            # exported to a handle or a view: unmapped (and unlocked) when the last one dies
+            if self.locks is not None:
+                self.locks.close()
 
     def unlink(self) -> None:
         """Remove the name (or file).  Mappings stay valid until closed."""
         _unlink(self.name, self.path, missing_ok=False)
+
+
+def _attach_lock(fd: int, what: str) -> Locks:
+    """The shared attach lock on a new file description of the segment
+    (shmring.liveness).  ``gc`` holds it exclusively only while it removes
+    the segment: wait a little for that, never forever."""
+    locks = Locks(fd)
+    deadline = time.monotonic() + 2.0
+    while not locks.share_attach():
+        if time.monotonic() >= deadline:
+            raise ShmringError(f"{what} is locked exclusively by another process (shmring gc removing it?)")
+        time.sleep(0.005)
+    return locks
 
 
 def _unlink(name, path, missing_ok=True) -> None:
@@ -254,6 +282,45 @@ def _unlink(name, path, missing_ok=True) -> None:
             raise SegmentNotFound(f"{_label(name, path)} does not exist (already unlinked?)") from None
     except posix_ipc.PermissionsError as e:
         raise PermissionDenied(f"{_label(name, path)}: permission denied ({e})") from None
+
+
+def _open_for_probe(name, path):
+    where = path if path is not None else os.path.join(SHM_DIR, PREFIX + validate_name(name))
+    return os.open(where, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+
+
+def in_use(name: str | None = None, *, path=None) -> bool | None:
+    """Whether any process has the segment mapped (holds its attach lock,
+    :mod:`shmring.liveness`); None if it cannot be told (no write access)."""
+    try:
+        fd = _open_for_probe(name, path)
+    except OSError:
+        return None
+    try:
+        return not probe(fd).attach_exclusive()
+    finally:
+        os.close(fd)
+
+
+def remove_if_unused(name: str | None = None, *, path=None) -> bool | None:
+    """Unlink the segment if no process has it mapped, deciding and
+    unlinking while holding its attach lock exclusively, so nobody can attach
+    in between (an attacher that raced us finds it removed).  True: removed;
+    False: in use; None: it cannot be told (no write access) or it is gone."""
+    try:
+        fd = _open_for_probe(name, path)
+    except OSError:
+        return None
+    try:
+        if not probe(fd).attach_exclusive():
+            return False
+        try:
+            _unlink(name, path, missing_ok=False)
+        except SegmentNotFound:
+            return None
+        return True
+    finally:
+        os.close(fd)
 
 
 def unlink(name: str | None = None, *, path=None, missing_ok: bool = False) -> None:

@@ -52,7 +52,7 @@ import numpy as np
 
 from . import _core, codec, roles, waiting
 from . import layout as L
-from ._proc import alive, my_start_time
+from ._proc import my_start_time
 from .errors import CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge, ShmringError, Timeout
 from .segment import Segment, SegmentHandle, read_common_header
 from .waiting import DEFAULT_SPIN
@@ -198,7 +198,7 @@ class SharedState(_core.StateCore, SegmentHandle):
         # (a reader claiming it, the writer reclaiming pins, a handle
         # attaching) withdraws them.
         self._writer = roles.Role(seg.identity, L.ST_OFF_WRITER, L.ST_OFF_SLOT_WAKE, seg.label, "writer",
-                                  "a shared state has one writer", here="is held")
+                                  "a shared state has one writer", seg.locks, here="is held")
         self._array_cache = None
         self.spin = DEFAULT_SPIN
         # One writing thread at a time per handle (publish / update): the slot a
@@ -285,26 +285,26 @@ class SharedState(_core.StateCore, SegmentHandle):
     def _claim_reader(self) -> None:
         """Called from C when this handle needs one more reader table entry."""
         self._live()
-        me = roles.my_owner_word()
         mine = {i for i, _ in self._own_entries()}
+        locks = self._seg.locks
         for i in range(self.max_readers):
             if i in mine:
                 continue
             off = L.HEADER_SIZE + i * L.ST_ENTRY
             cur = self.load_u64(off + L.ST_ENTRY_OWNER)
-            if (cur == 0 or not alive(*L.split_owner(cur))) and self._take_over_reader(off, cur, me):
+            if not roles.holder_alive(locks, off, cur) and self._take_over_reader(off, cur):
                 self._add_entry(i)
                 return
         raise ShmringError(f"all {self.max_readers} reader entries of {self._seg.label} are held by live "
                            "processes; create the state with a larger max_readers")
 
-    def _take_over_reader(self, off: int, owner: int, me: int) -> bool:
+    def _take_over_reader(self, off: int, owner: int) -> bool:
         """Take reader entry ``off`` from ``owner`` (0: free, else a dead
-        reader): R30, the one deciding CAS from the word we judged, then, the
-        entry ours (no reader can claim it meanwhile), a dead reader's
-        announced sleeps (R29) and its pin are cleared.  False if the CAS
-        lost: the entry changed hands, leave it."""
-        if not self.cas_u64(off + L.ST_ENTRY_OWNER, owner, me):
+        reader): R30, its lock and the one deciding CAS from the word we
+        judged (R38), then, the entry ours (no reader can claim it meanwhile),
+        a dead reader's announced sleeps (R29) and its pin are cleared.  False
+        if that failed: the entry is held or changed hands, leave it."""
+        if not roles.take_over(self, self._seg.locks, off, owner):
             return False
         roles.withdraw_waits(self, off + L.ST_ENTRY_WAITING, L.ST_OFF_VERSION_WAKE)
         if self.load_u64(off + L.ST_ENTRY_PIN):
@@ -317,7 +317,7 @@ class SharedState(_core.StateCore, SegmentHandle):
         """Free the entries of readers whose process is gone (each taken over
         first, R30); ``pinned_only``: only those holding a pin or a sleep.
         Returns how many held a pin."""
-        me, n = roles.my_owner_word(), 0
+        locks, n = self._seg.locks, 0
         for i in range(self.max_readers):
             off = L.HEADER_SIZE + i * L.ST_ENTRY
             pinned = self.load_u64(off + L.ST_ENTRY_PIN)                     # R30, R22: seq_cst load
@@ -328,10 +328,10 @@ class SharedState(_core.StateCore, SegmentHandle):
             # entry: its pin is garbage that a reader claiming the entry clears
             # (it can only make the writer avoid a slot); clearing it here could
             # erase the pin of a reader that claims the entry meanwhile.
-            if owner == 0 or owner == me or alive(*L.split_owner(owner)):
+            if owner == 0 or roles.holder_alive(locks, off, owner):
                 continue
-            if self._take_over_reader(off, owner, me):
-                self.cas_u64(off + L.ST_ENTRY_OWNER, me, 0)                  # R30: free it
+            if self._take_over_reader(off, owner):
+                roles.give_back(self, locks, off)                            # R30: free it
                 n += bool(pinned)
         return n
 
@@ -368,7 +368,7 @@ class SharedState(_core.StateCore, SegmentHandle):
                 return self._newest()
             return None
         return wait_until(
-            newer, lambda t: self._wait_newer(than, t, self.spin), lambda: roles.dead_holder(self, L.ST_OFF_WRITER),
+            newer, lambda t: self._wait_newer(than, t, self.spin), lambda: roles.dead_holder(self, L.ST_OFF_WRITER, self._seg.locks),
             timeout, lambda: f"no version newer than {than} was published to {self._seg.label} within {timeout} s",
             lambda pid: f"the writer (pid {pid}) of {self._seg.label} died; the last version is {self.version}. "
                         "A new writer may take over.")
@@ -528,12 +528,13 @@ class SharedState(_core.StateCore, SegmentHandle):
         for i in range(self.max_readers):
             off = L.HEADER_SIZE + i * L.ST_ENTRY
             owner = self.load_u64(off + L.ST_ENTRY_OWNER)
-            if owner and alive(*L.split_owner(owner)):
+            if roles.holder_alive(self._seg.locks, off, owner):
                 readers += 1
             pin = self.load_u64(off + L.ST_ENTRY_PIN)
             if pin and (pin & 0xFF) < self.slots:
                 pinned[pin & 0xFF] += 1
-        pid, st = L.split_owner(self.load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER))
+        w = self.load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER)
+        pid = L.split_owner(w)[0]
         return {"name": self.name, "path": self.path, "slots": self.slots, "nbytes": self.nbytes,
                 "version": cur >> 8, "versions_published": cur >> 8,
                 "current_slot": (cur & 0xFF) if cur else None,
@@ -541,7 +542,7 @@ class SharedState(_core.StateCore, SegmentHandle):
                 "reclaimed_pins": self.load_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED),
                 "writer_waits": self.load_u64(L.ST_OFF_COUNTERS + L.ST_WRITER_WAITS),
                 "readers": readers, "max_readers": self.max_readers,
-                "writer": {"pid": pid or None, "alive": bool(pid) and alive(pid, st),
+                "writer": {"pid": pid or None, "alive": roles.holder_alive(self._seg.locks, L.ST_OFF_WRITER, w),
                            "sessions": self.load_u64(L.ST_OFF_WRITER + L.ROLE_SESSIONS)},
                 "creator_pid": self._header["creator_pid"], "created_ns": self._header["created_ns"]}
 
@@ -551,10 +552,9 @@ class SharedState(_core.StateCore, SegmentHandle):
         if self._seg.buf is None:
             return
         self._writer.give_back(self)
-        me = roles.my_owner_word()
         for i, busy in self._own_entries():    # empty in a forked child: the entries are the parent's
             if not busy:                       # a busy entry stays ours until its snapshot is released
-                self.cas_u64(L.HEADER_SIZE + i * L.ST_ENTRY + L.ST_ENTRY_OWNER, me, 0)
+                roles.give_back(self, self._seg.locks, L.HEADER_SIZE + i * L.ST_ENTRY)
         self._mark_closed()
         try:
             self._wmv.release()

@@ -7,6 +7,7 @@
 #include "core.h"
 
 static int Consumer_init(Consumer *self, PyObject *args, PyObject *kw) {
+    self->lock_fd = -1;
     if (Region_init(&self->r, args, kw) < 0) return -1;
     Region *r = &self->r;
     if (r->kind == SHMR_KIND_RECORDS) {
@@ -76,7 +77,24 @@ static int consumer_leave_if_done(Consumer *c) {
         wake_always(c->r.base + SHMR_OFF_SPACE_WAKE);
     }
     (void)cas_seq_cst64(c->entry, c->own_word, 0);   /* R35, gives the entry back (owner word at +0) */
+    /* R38: then its lock, with the GIL held throughout (no other handle of this
+     * process can claim the entry between the two steps) */
+    if (c->lock_fd >= 0 && c->r.fork_gen == fork_generation) {
+        struct flock fl = { .l_type = F_UNLCK, .l_whence = SEEK_SET,
+                            .l_start = (off_t)(SHMR_LOCK_BASE + (uint64_t)(c->entry - c->r.base)), .l_len = 1 };
+        (void)fcntl(c->lock_fd, F_OFD_SETLK, &fl);
+    }
     return 0;
+}
+
+/* _set_lock_fd(fd): the file description that holds our table entry's lock
+ * (shmring.liveness); the C leave (R35) gives the lock back after the entry. */
+static PyObject *Consumer_set_lock_fd(Consumer *self, PyObject *fd) {
+    long v = PyLong_AsLong(fd);
+    if (v == -1 && PyErr_Occurred()) return NULL;
+    if (v < -1 || v > INT32_MAX) { PyErr_SetString(PyExc_ValueError, "bad lock fd"); return NULL; }
+    self->lock_fd = (int)v;
+    Py_RETURN_NONE;
 }
 
 static int consumer_track(Consumer *c, uint64_t start, uint64_t end, int done) {
@@ -428,6 +446,7 @@ static PyObject *Consumer_get_read_pos(Consumer *self, void *c) { return PyLong_
 static PyObject *Consumer_get_received(Consumer *self, void *c) { return PyLong_FromUnsignedLongLong(self->received); }
 
 static PyMethodDef Consumer_methods[] = {
+    {"_set_lock_fd", (PyCFunction)Consumer_set_lock_fd, METH_O, NULL},
     {"recv", (PyCFunction)(void (*)(void))Consumer_recv, METH_FASTCALL | METH_KEYWORDS,
      "recv(*, timeout=None) -> Message: the next message, zero-copy; use it as a context manager"},
     {"try_recv", (PyCFunction)Consumer_try_recv, METH_NOARGS, "try_recv() -> Message | None: never blocks"},

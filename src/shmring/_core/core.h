@@ -23,6 +23,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <fcntl.h>
 
 #include "../_layout.h"
 #include "atomics.h"
@@ -154,6 +155,7 @@ typedef struct {
     uint64_t requeued_seen; /* mpmc: the requeued counter when a whole walk of ours last found nothing */
     unsigned long user;     /* the thread inside a call of this handle, 0: none (one thread at a time) */
     uint64_t own_word;      /* broadcast / mpmc: our table entry's owner word, for leaving it (R35) */
+    int lock_fd;            /* the file description holding our entry's lock (shmring.liveness), -1: none */
 } Consumer;
 
 /* A record found by a peek. */
