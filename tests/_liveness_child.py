@@ -2,13 +2,14 @@
 role, print "ready", then hold it until killed (or, with "main-exits", let the
 main thread exit while a worker thread holds the role).
 
-    python _liveness_child.py NAME WHAT [main-exits]
+    python _liveness_child.py NAME WHAT [main-exits | forks]
 
 WHAT: attach (no role), spsc-consumer, spsc-producer, mpmc-consumer,
 subscriber, state-reader (blocked in wait_newer), state-writer, view (holds
 only a Message view: the ring and consumer closed).
 """
 import ctypes
+import os
 import sys
 import threading
 import time
@@ -56,6 +57,19 @@ def hold(name, what):
 
 def main():
     name, what = sys.argv[1], sys.argv[2]
+    if sys.argv[3:] == ["forks"]:
+        # take the role, then fork a child that outlives us (it prints its pid
+        # first): its inherited descriptors must not keep our role "alive"
+        ring = shmring.Ring.attach(name)
+        keep = ring.consumer()
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(600)
+            os._exit(0)
+        print(pid, flush=True)
+        print("ready", flush=True)
+        time.sleep(600)
+        del keep
     if sys.argv[3:] == ["main-exits"]:
         t = threading.Thread(target=hold, args=(name, what))
         t.start()

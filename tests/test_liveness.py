@@ -38,14 +38,18 @@ class Child:
     """A process holding one role of segment ``name`` (tests/_liveness_child.py),
     in its own pid namespace if ``ns``."""
 
-    def __init__(self, name, what, *, ns=False, main_exits=False):
-        cmd = [sys.executable, CHILD, name, what] + (["main-exits"] if main_exits else [])
+    def __init__(self, name, what, *, ns=False, main_exits=False, forks=False):
+        cmd = [sys.executable, CHILD, name, what] + (["main-exits"] if main_exits else []) + \
+            (["forks"] if forks else [])
         if ns:
             cmd = ["unshare", "-p", "-f", "--mount-proc", "--kill-child"] + cmd
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                   start_new_session=True)
         line = self.p.stdout.readline()
+        if forks:
+            self.grandchild = int(line)
+            line = self.p.stdout.readline()
         assert line == "ready\n", (line, self.p.stderr.read() if self.p.poll() is not None else "")
 
     def kill(self):
@@ -142,6 +146,24 @@ def test_a_process_whose_main_thread_exited_still_holds_its_role(ring_name, chil
         child.kill()
         with ring.consumer():                         # now it is gone
             pass
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_role_alive(ring_name, children):
+    """A forked child inherits its parent's descriptors, and with them the
+    file description that holds the parent's role lock: it replaces it with
+    a fresh one at fork (register_at_fork), so the parent's death frees the
+    role although the child lives on."""
+    with shmring.Ring.create(ring_name, 1 << 12) as ring:
+        parent = children(ring_name, "spsc-consumer", forks=True)
+        try:
+            with pytest.raises(shmring.RoleTaken):
+                ring.consumer()
+            os.kill(parent.p.pid, signal.SIGKILL)
+            parent.p.wait(30)
+            os.kill(parent.grandchild, 0)                 # the child still runs
+            eventually(ring.consumer).close()
+        finally:
+            os.kill(parent.grandchild, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------ case 3: pid namespaces

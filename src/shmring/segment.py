@@ -157,6 +157,7 @@ class Segment:
             raise PermissionDenied(f"{what}: permission denied ({e})") from None
         except OSError as e:
             raise _os_error(e, what) from None
+        locks = None
         try:
             os.fchmod(fd, mode)           # exactly the mode asked for, whatever the umask
             locks = _attach_lock(fd, what)
@@ -173,8 +174,11 @@ class Segment:
             st = os.fstat(fd)
         except BaseException:
             os.close(fd)
+            if locks is not None:
+                locks.close()
             _unlink(name, path)
             raise
+        os.close(fd)                      # the mapping keeps its own descriptor (no locks on it)
         return cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
 
     # -- attach -------------------------------------------------------------
@@ -215,6 +219,7 @@ class Segment:
             raise PermissionDenied(f"{what}: permission denied ({e})") from None
         except OSError as e:
             raise _os_error(e, what) from None
+        locks = None
         try:
             locks = _attach_lock(fd, what)
             st = os.fstat(fd)
@@ -236,8 +241,11 @@ class Segment:
                                           "shmring header: truncated, still being created, or not a shmring segment")
             buf = _map(fd, size, what)
         except BaseException:
-            os.close(fd)
+            if locks is not None:
+                locks.close()
             raise
+        finally:
+            os.close(fd)                  # the mapping keeps its own descriptor (no locks on it)
         return cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
 
     # -- lifetime -----------------------------------------------------------
@@ -259,13 +267,21 @@ class Segment:
 
 
 def _attach_lock(fd: int, what: str) -> Locks:
-    """The shared attach lock on a new file description of the segment
-    (shmring.liveness).  ``gc`` holds it exclusively only while it removes
-    the segment: wait a little for that, never forever."""
-    locks = Locks(fd)
+    """The shared attach lock on a new file description of the segment open
+    at ``fd`` (shmring.liveness).  A description of its own: the mapping
+    keeps a duplicate of ``fd`` for its lifetime, which a forked child
+    inherits, and a lock on that description would outlive us there.  ``gc``
+    holds the attach lock exclusively only while it removes the segment: wait
+    a little for that, never forever."""
+    try:
+        lfd = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise _os_error(e, f"{what} (a second descriptor for its liveness locks, via /proc/self/fd)") from None
+    locks = Locks(lfd)
     deadline = time.monotonic() + 2.0
     while not locks.share_attach():
         if time.monotonic() >= deadline:
+            locks.close()
             raise ShmringError(f"{what} is locked exclusively by another process (shmring gc removing it?)")
         time.sleep(0.005)
     return locks
