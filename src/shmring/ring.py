@@ -71,6 +71,7 @@ class Ring(SegmentHandle):
         self._seg = seg
         self._header = header
         self._created = created
+        self._gen = _core.fork_generation()      # a Ring made before a fork is the parent's (its unlink-on-exit)
         self._region = _core.Region(seg.buf)
         self._identity = seg.identity
         self._tables = parties.Tables(self._region, header, seg.label) if header["kind"] in L.MULTI_KINDS else None
@@ -326,6 +327,14 @@ class Ring(SegmentHandle):
         self._region = None
         self._seg.close()
 
+    def __exit__(self, *exc) -> None:
+        # A forked child leaving the parent's `with Ring.create(...)` block only
+        # detaches its own mapping: the name is the creator's to remove.
+        if self._gen != _core.fork_generation():
+            self.close()
+            return
+        super().__exit__(*exc)
+
     def __repr__(self) -> str:
         return f"<shmring.Ring {self.kind} {self._seg.label} capacity={self.capacity}>"
 
@@ -342,14 +351,18 @@ def _no_pickle(handle):
 
 def _exclusive(method):
     """A multi-step method holds its handle, as the C calls do: another
-    thread's call meanwhile raises ShmringError ("in use by another thread")."""
+    thread's call meanwhile raises ShmringError ("in use by another thread").
+    The holder before the call is read first (an attribute load: no
+    interrupt can land between it and the ``try``), so a KeyboardInterrupt
+    right after ``_use()`` still restores it."""
     @functools.wraps(method)
     def held(self, *args, **kwargs):
-        token = self._use()
+        prev = self._user
         try:
+            self._use()
             return method(self, *args, **kwargs)
         finally:
-            self._unuse(token)
+            self._unuse(prev)
     return held
 
 
@@ -449,23 +462,33 @@ class Producer(_core.ProducerCore):
         self._block(lambda: self.try_send(data) or None, len(data), timeout)
 
     # -- reserve / commit --------------------------------------------------------
+    # Interrupts (KeyboardInterrupt) may land between any two Python steps:
+    # every path that opens a reservation runs, from before the C reserve to
+    # the hand-over of the Reservation (or the commit), inside one try whose
+    # handler aborts exactly the reservation this call opened (its number,
+    # ``_res_seq``), so no interrupt leaves one open that nobody can close.
     def _write(self, enc: codec.Encoded, timeout, blocking=True):
-        written = self._reserve_written(enc, timeout, blocking)
-        if written is None:
-            return False
-        self._commit(written[0])
-        return True
-
-    def _reserve_written(self, enc: codec.Encoded, timeout, blocking=True):
-        """Reserve room for ``enc`` and lay it out (arrays copied in, placeholders
-        left to fill): (payload length, array views), or None if full and not blocking."""
-        off = self._reserve_blocking(enc.max_payload, enc.type, timeout, blocking)
-        if off is None:
-            return None
+        seq = self._res_seq + 1
         try:
-            return codec.write(self._wmv, off, enc)
+            off = self._reserve_blocking(enc.max_payload, enc.type, timeout, blocking)
+            if off is None:
+                return False
+            self._commit(codec.write(self._wmv, off, enc)[0], seq)
+            return True
         except BaseException:
-            self._abort()
+            self._abort(seq)
+            raise
+
+    def _reserve_open(self, enc: codec.Encoded, timeout, pick) -> "Reservation":
+        """Reserve room for ``enc``, lay it out (arrays copied in, placeholders
+        left to fill) and return its Reservation (``pick(views)`` the view)."""
+        seq = self._res_seq + 1
+        try:
+            off = self._reserve_blocking(enc.max_payload, enc.type, timeout)
+            n, views = codec.write(self._wmv, off, enc)
+            return Reservation(self, pick(views), n, seq)
+        except BaseException:
+            self._abort(seq)
             raise
 
     def _reserve_blocking(self, nbytes, type_, timeout, blocking=True):
@@ -514,8 +537,13 @@ class Producer(_core.ProducerCore):
         nbytes = int(nbytes)
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        off = self._reserve_blocking(nbytes, L.T_BYTES, timeout)
-        return Reservation(self, self._wmv[off:off + nbytes], None)
+        seq = self._res_seq + 1
+        try:
+            off = self._reserve_blocking(nbytes, L.T_BYTES, timeout)
+            return Reservation(self, self._wmv[off:off + nbytes], None, seq)
+        except BaseException:
+            self._abort(seq)                  # an interrupt before the caller got it: nothing stays open
+            raise
 
     @_exclusive
     def reserve_array(self, shape, dtype, *, order: str = "C", timeout=None) -> "Reservation":
@@ -527,8 +555,7 @@ class Producer(_core.ProducerCore):
         writing through it after commit would change a message the consumer
         may be reading); on an exception it is aborted and nothing is sent.
         """
-        n, views = self._reserve_written(codec.array_encoding(shape, dtype, order), timeout)
-        return Reservation(self, views[0], n)
+        return self._reserve_open(codec.array_encoding(shape, dtype, order), timeout, lambda views: views[0])
 
     @_exclusive
     def reserve_value(self, template, *, timeout=None) -> "Reservation":
@@ -541,8 +568,7 @@ class Producer(_core.ProducerCore):
 
         The same lifetime rules as :meth:`reserve_array`."""
         enc = codec.encode(template)
-        n, views = self._reserve_written(enc, timeout)
-        return Reservation(self, [v for v, b in zip(views, enc.blocks) if b[0] is None], n)
+        return self._reserve_open(enc, timeout, lambda views: [v for v, b in zip(views, enc.blocks) if b[0] is None])
 
     # -- lifetime ------------------------------------------------------------------
     def _abort_open(self) -> None:
@@ -563,6 +589,9 @@ class Producer(_core.ProducerCore):
         open reservation is aborted."""
         if self.closed:
             return
+        if self._inherited:                   # a forked child: the parent's stream; only this copy is dropped
+            self._mark_closed()
+            return
         self._abort_open()
         if self._tables is not None:
             self._mark_closed()
@@ -577,6 +606,9 @@ class Producer(_core.ProducerCore):
         """Give up the producer role without ending the stream (another
         producer may attach and continue it)."""
         if self.closed:
+            return
+        if self._inherited:                   # a forked child: the role is the parent's
+            self._mark_closed()
             return
         self._abort_open()
         self._mark_closed()
@@ -628,11 +660,15 @@ class Reservation:
 
     A context manager: ``__enter__`` returns the writable view (memoryview or
     ndarray); normal exit commits, an exception aborts.  ``commit()`` and
-    ``abort()`` may also be called directly, once.
+    ``abort()`` may also be called directly, once.  A reservation dropped
+    open (an interrupt before its ``with`` block began, or forgotten) is
+    aborted, so the producer stays usable.  It is numbered (``seq``): an
+    abort or commit reaches only this reservation, never a later one.
     """
 
-    def __init__(self, producer: Producer, view, nbytes):
+    def __init__(self, producer: Producer, view, nbytes, seq):
         self._producer = producer
+        self._seq = seq
         self.view = view
         self._nbytes = nbytes
         self._done = False
@@ -644,10 +680,17 @@ class Reservation:
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._done:
             return
+        if self._producer._inherited:         # a forked child: the parent's reservation; drop our copy only
+            self._finish()
+            return
         if exc_type is None:
             self.commit()
         else:
             self.abort()
+
+    def __del__(self):
+        if not self.__dict__.get("_done", True) and not self._producer._inherited:
+            self._producer._abort(self._seq)  # a no-op unless this very reservation is still open
 
     def _finish(self):
         if self._done:
@@ -667,23 +710,19 @@ class Reservation:
     def commit(self) -> None:
         """Publish the message."""
         pause("reserved")                         # reserved and filled, not yet published
-        p = self._producer
-        token = p._use()                          # refused while another thread is inside a producer call
-        try:
-            self._finish()
-            p._commit(self._nbytes)
-        finally:
-            p._unuse(token)
+        if self._done:
+            raise HandleClosed("reservation already committed or aborted")
+        # one C step (refused while another thread is inside a producer call,
+        # or in a forked child); then the views are disarmed
+        self._producer._commit(self._nbytes, self._seq)
+        self._finish()
 
     def abort(self) -> None:
         """Forget the reservation: nothing is sent."""
-        p = self._producer
-        token = p._use()
-        try:
-            self._finish()
-            p._abort()
-        finally:
-            p._unuse(token)
+        if self._done:
+            raise HandleClosed("reservation already committed or aborted")
+        self._producer._abort(self._seq)
+        self._finish()
 
 
 def _is_bytes_like(data) -> bool:
@@ -756,8 +795,9 @@ class Consumer(_core.ConsumerCore):
         roles.release(self._region, line)
 
     def _recv_copy(self, timeout):
-        with _core.ConsumerCore.recv(self, timeout=timeout) as msg:
-            return msg.copy()
+        # _take_copy copies and releases in one C step; an interrupt before it
+        # drops the message unread: it is handed out again (R38)
+        return _core.ConsumerCore.recv(self, timeout=timeout)._take_copy()
 
     # -- slow path called from C ---------------------------------------------------------
     def _recv_wait(self, timeout, want_bytes):
@@ -837,8 +877,7 @@ class Consumer(_core.ConsumerCore):
             if m is None:
                 break
             if copy:
-                with m:
-                    m = m.copy()
+                m = m._take_copy()
             out.append(m)
         return out
 
@@ -884,6 +923,9 @@ class Consumer(_core.ConsumerCore):
         broadcast / mpmc: messages still held stay valid and this handle
         leaves the table when the last of them is released.  Idempotent."""
         if self.closed:
+            return
+        if self._inherited:                   # a forked child: the role or entry is the parent's
+            self._mark_closed()
             return
         if self._tables is None or self._kind == "mpsc":
             self._mark_closed()
@@ -947,10 +989,7 @@ def wait(readables, timeout=None) -> list:
 
 def _take_copy(cons):
     m = cons.try_recv()
-    if m is None:
-        return None
-    with m:
-        return m.copy()
+    return None if m is None else m._take_copy()
 
 
 def _size_hint(data) -> int:

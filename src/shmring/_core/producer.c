@@ -75,7 +75,7 @@ static PyObject *Producer_use(Producer *self, PyObject *unused) {
 static PyObject *Producer_unuse(Producer *self, PyObject *token) {
     unsigned long prev = PyLong_AsUnsignedLong(token);
     if (PyErr_Occurred()) return NULL;
-    self->user = prev;
+    if (self->user == PyThread_get_thread_ident()) self->user = prev;   /* only if the _use() was ours */
     Py_RETURN_NONE;
 }
 
@@ -193,6 +193,7 @@ static PyObject *Producer_reserve(Producer *self, PyObject *const *args, Py_ssiz
     if (r == PEEK_CORRUPT) return NULL;
     if (r == PEEK_EMPTY) Py_RETURN_NONE;
     self->reserved = 1;
+    self->res_seq++;
     self->res_start = start;
     self->res_len = len;
     self->res_prev = prev;
@@ -202,27 +203,50 @@ static PyObject *Producer_reserve(Producer *self, PyObject *const *args, Py_ssiz
     return PyLong_FromUnsignedLongLong(payload_offset(&self->r, start));
 }
 
-/* _commit(nbytes=-1): publish the open reservation, optionally shrunk to nbytes. */
+/* Is reservation number `seq` (None: whichever) the open one? */
+static int res_open(Producer *p, PyObject *seq) {
+    if (!p->reserved) return 0;
+    if (seq == NULL || seq == Py_None) return 1;
+    unsigned long long v = PyLong_AsUnsignedLongLong(seq);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    return v == p->res_seq;
+}
+
+/* _commit(nbytes=None, seq=None): publish the open reservation (number seq),
+ * optionally shrunk to nbytes.  One C step: an interrupt cannot split it. */
 static PyObject *Producer_commit(Producer *self, PyObject *const *args, Py_ssize_t n) {
-    if (!self->reserved) { PyErr_SetString(ShmringError, "no open reservation"); return NULL; }
+    if (check_owner(&self->r) < 0) return NULL;
+    int open = res_open(self, n >= 2 ? args[1] : NULL);
+    if (open < 0) return NULL;
+    if (!open) { PyErr_SetString(ShmringError, "no open reservation (it was committed, aborted, or aborted by close())"); return NULL; }
     uint64_t len = self->res_len;
     if (n >= 1 && args[0] != Py_None) {
         unsigned long long l = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
         if (l > len) { PyErr_Format(PyExc_ValueError, "cannot commit %llu bytes of a %llu-byte reservation", l, (unsigned long long)len); return NULL; }
         len = l;
     }
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
     self->reserved = 0;
     producer_finish(self, self->res_start, self->res_len, len, self->res_type);
+    self->user = prev;
     Py_RETURN_NONE;
 }
 
-/* Forget an open reservation.  spsc: nothing was published, rewind.  Multi-
- * party: others may have claimed after it, so it is committed as a T_SKIP. */
-static PyObject *Producer_abort(Producer *self, PyObject *unused) {
-    if (!self->reserved) Py_RETURN_NONE;
+/* _abort(seq=None): forget the open reservation (number seq; another one is
+ * left alone).  spsc: nothing was published, rewind.  Multi-party: others may
+ * have claimed after it, so it is committed as a T_SKIP.  In a forked child
+ * the reservation is the parent's: only this copy of the handle forgets it. */
+static PyObject *Producer_abort(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    int open = res_open(self, n >= 1 ? args[0] : NULL);
+    if (open <= 0) return open < 0 ? NULL : Py_NewRef(Py_None);
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
     self->reserved = 0;
-    if (is_multi(&self->r)) mp_commit(self, self->res_start, self->res_len, self->res_len, SHMR_T_SKIP);
+    if (inherited(&self->r)) ;
+    else if (is_multi(&self->r)) mp_commit(self, self->res_start, self->res_len, self->res_len, SHMR_T_SKIP);
     else self->write_pos = self->res_prev;
+    self->user = prev;
     Py_RETURN_NONE;
 }
 
@@ -267,6 +291,8 @@ static PyObject *Producer_get_write_pos(Producer *self, void *c) {
     return PyLong_FromUnsignedLongLong(self->write_pos);
 }
 static PyObject *Producer_get_reserved(Producer *self, void *c) { return PyBool_FromLong(self->reserved); }
+static PyObject *Producer_get_res_seq(Producer *self, void *c) { return PyLong_FromUnsignedLongLong(self->res_seq); }
+static PyObject *Producer_get_user(Producer *self, void *c) { return PyLong_FromUnsignedLong(self->user); }
 
 static PyMethodDef Producer_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Producer_send, METH_FASTCALL | METH_KEYWORDS,
@@ -277,7 +303,7 @@ static PyMethodDef Producer_methods[] = {
     {"_reserve", (PyCFunction)(void (*)(void))Producer_reserve, METH_FASTCALL, NULL},
     {"_push_array", (PyCFunction)(void (*)(void))Producer_push_array, METH_FASTCALL, NULL},
     {"_commit", (PyCFunction)(void (*)(void))Producer_commit, METH_FASTCALL, NULL},
-    {"_abort", (PyCFunction)Producer_abort, METH_NOARGS, NULL},
+    {"_abort", (PyCFunction)(void (*)(void))Producer_abort, METH_FASTCALL, NULL},
     {"_wait_space", (PyCFunction)(void (*)(void))Producer_wait_space, METH_FASTCALL, NULL},
     {"_mark_closed", (PyCFunction)Producer_mark_closed, METH_NOARGS, NULL},
     {"_use", (PyCFunction)Producer_use, METH_NOARGS, NULL},
@@ -287,6 +313,8 @@ static PyMethodDef Producer_methods[] = {
 static PyGetSetDef Producer_getset[] = {
     {"position", (getter)Producer_get_write_pos, NULL, "bytes committed so far (the write position)", NULL},
     {"_reserved", (getter)Producer_get_reserved, NULL, NULL, NULL},
+    {"_res_seq", (getter)Producer_get_res_seq, NULL, "reservations opened so far (the open one's number)", NULL},
+    {"_user", (getter)Producer_get_user, NULL, NULL, NULL},
     {"closed", (getter)Region_get_closed, NULL, "True once close() was called", NULL},
     {NULL}
 };
