@@ -462,40 +462,41 @@ class Producer(_core.ProducerCore):
         self._block(lambda: self.try_send(data) or None, len(data), timeout)
 
     # -- reserve / commit --------------------------------------------------------
-    # Interrupts (KeyboardInterrupt) may land between any two Python steps:
-    # every path that opens a reservation runs, from before the C reserve to
-    # the hand-over of the Reservation (or the commit), inside one try whose
-    # handler aborts exactly the reservation this call opened (its number,
-    # ``_res_seq``), so no interrupt leaves one open that nobody can close.
+    # Interrupts (KeyboardInterrupt) may land between any two Python steps,
+    # even at the first line of an except clause or a __del__.  So an open
+    # reservation is a C object from the C call that opens it (a Ticket):
+    # whatever frame holds it, when it is dropped open (an interrupt anywhere
+    # in this glue, a Reservation never entered) its deallocator aborts it, in
+    # C.  The explicit aborts below only make that immediate while a handled
+    # exception still keeps the frames alive.
     def _write(self, enc: codec.Encoded, timeout, blocking=True):
-        seq = self._res_seq + 1
+        t = self._reserve_blocking(enc.max_payload, enc.type, timeout, blocking)
+        if t is None:
+            return False
         try:
-            off = self._reserve_blocking(enc.max_payload, enc.type, timeout, blocking)
-            if off is None:
-                return False
-            self._commit(codec.write(self._wmv, off, enc)[0], seq)
-            return True
+            t.commit(codec.write(self._wmv, t.offset, enc)[0])
         except BaseException:
-            self._abort(seq)
+            t.abort()
             raise
+        return True
 
     def _reserve_open(self, enc: codec.Encoded, timeout, pick) -> "Reservation":
         """Reserve room for ``enc``, lay it out (arrays copied in, placeholders
         left to fill) and return its Reservation (``pick(views)`` the view)."""
-        seq = self._res_seq + 1
+        t = self._reserve_blocking(enc.max_payload, enc.type, timeout)
         try:
-            off = self._reserve_blocking(enc.max_payload, enc.type, timeout)
-            n, views = codec.write(self._wmv, off, enc)
-            return Reservation(self, pick(views), n, seq)
+            n, views = codec.write(self._wmv, t.offset, enc)
+            return Reservation(self, t, pick(views), n)
         except BaseException:
-            self._abort(seq)
+            t.abort()
             raise
 
     def _reserve_blocking(self, nbytes, type_, timeout, blocking=True):
-        off = self._reserve(nbytes, type_)
-        if off is None and blocking:
-            off = self._block(lambda: self._reserve(nbytes, type_), nbytes, timeout)
-        return off
+        """A Ticket for ``nbytes`` of payload, or None (full, not blocking)."""
+        t = self._reserve_ticket(nbytes, type_)
+        if t is None and blocking:
+            t = self._block(lambda: self._reserve_ticket(nbytes, type_), nbytes, timeout)
+        return t
 
     def _block(self, attempt, nbytes, timeout):
         """Retry ``attempt`` (None = full) until it succeeds, waiting for room between tries."""
@@ -537,12 +538,11 @@ class Producer(_core.ProducerCore):
         nbytes = int(nbytes)
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        seq = self._res_seq + 1
+        t = self._reserve_blocking(nbytes, L.T_BYTES, timeout)
         try:
-            off = self._reserve_blocking(nbytes, L.T_BYTES, timeout)
-            return Reservation(self, self._wmv[off:off + nbytes], None, seq)
+            return Reservation(self, t, self._wmv[t.offset:t.offset + nbytes], None)
         except BaseException:
-            self._abort(seq)                  # an interrupt before the caller got it: nothing stays open
+            t.abort()
             raise
 
     @_exclusive
@@ -662,13 +662,13 @@ class Reservation:
     ndarray); normal exit commits, an exception aborts.  ``commit()`` and
     ``abort()`` may also be called directly, once.  A reservation dropped
     open (an interrupt before its ``with`` block began, or forgotten) is
-    aborted, so the producer stays usable.  It is numbered (``seq``): an
-    abort or commit reaches only this reservation, never a later one.
+    aborted (by its C ticket's deallocator), so the producer stays usable;
+    the ticket names its reservation, so it never reaches a later one.
     """
 
-    def __init__(self, producer: Producer, view, nbytes, seq):
+    def __init__(self, producer: Producer, ticket, view, nbytes):
         self._producer = producer
-        self._seq = seq
+        self._ticket = ticket
         self.view = view
         self._nbytes = nbytes
         self._done = False
@@ -687,10 +687,6 @@ class Reservation:
             self.commit()
         else:
             self.abort()
-
-    def __del__(self):
-        if not self.__dict__.get("_done", True) and not self._producer._inherited:
-            self._producer._abort(self._seq)  # a no-op unless this very reservation is still open
 
     def _finish(self):
         if self._done:
@@ -714,14 +710,14 @@ class Reservation:
             raise HandleClosed("reservation already committed or aborted")
         # one C step (refused while another thread is inside a producer call,
         # or in a forked child); then the views are disarmed
-        self._producer._commit(self._nbytes, self._seq)
+        self._ticket.commit(self._nbytes)
         self._finish()
 
     def abort(self) -> None:
         """Forget the reservation: nothing is sent."""
         if self._done:
             raise HandleClosed("reservation already committed or aborted")
-        self._producer._abort(self._seq)
+        self._ticket.abort()
         self._finish()
 
 

@@ -250,6 +250,98 @@ static PyObject *Producer_abort(Producer *self, PyObject *const *args, Py_ssize_
     Py_RETURN_NONE;
 }
 
+/* ------------------------------------------------------------ Ticket
+ * The open reservation as an object: made by the same C call that reserves,
+ * so from the first instant some object stands for it; when the last
+ * reference goes (a with block never entered, an interrupt anywhere in the
+ * Python glue, a reservation forgotten) its deallocator aborts the
+ * reservation, in C, where no signal handler can run in between.  It names
+ * its reservation by number: it never touches a later one. */
+typedef struct {
+    PyObject_HEAD
+    Producer *p;
+    uint64_t seq, offset;
+} Ticket;
+
+static PyTypeObject TicketType;
+
+static void ticket_abort(Ticket *t) {
+    Producer *p = t->p;
+    if (!p || !p->reserved || p->res_seq != t->seq) return;
+    if (p->user && p->user != PyThread_get_thread_ident()) return;   /* another thread is inside a call: close() aborts it */
+    p->reserved = 0;
+    if (inherited(&p->r)) return;      /* a forked child: the parent's reservation */
+    if (is_multi(&p->r)) mp_commit(p, p->res_start, p->res_len, p->res_len, SHMR_T_SKIP);
+    else p->write_pos = p->res_prev;
+}
+
+static void Ticket_dealloc(Ticket *t) {
+    ticket_abort(t);
+    Py_CLEAR(t->p);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyObject *Ticket_commit(Ticket *t, PyObject *const *args, Py_ssize_t n) {
+    if (n > 1) { PyErr_SetString(PyExc_TypeError, "commit(nbytes=None)"); return NULL; }
+    PyObject *seq = PyLong_FromUnsignedLongLong(t->seq);
+    if (!seq) return NULL;
+    PyObject *a[2] = { n ? args[0] : Py_None, seq };
+    PyObject *r = Producer_commit(t->p, a, 2);
+    Py_DECREF(seq);
+    return r;
+}
+
+static PyObject *Ticket_abort(Ticket *t, PyObject *unused) {
+    if (t->p->user && t->p->user != PyThread_get_thread_ident()) {
+        PyErr_SetString(ShmringError, "this producer handle is in use by another thread inside a call of it");
+        return NULL;
+    }
+    ticket_abort(t);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ticket_get_offset(Ticket *t, void *c) { return PyLong_FromUnsignedLongLong(t->offset); }
+static PyObject *Ticket_get_open(Ticket *t, void *c) {
+    return PyBool_FromLong(t->p->reserved && t->p->res_seq == t->seq);
+}
+
+static PyMethodDef Ticket_methods[] = {
+    {"commit", (PyCFunction)(void (*)(void))Ticket_commit, METH_FASTCALL, "commit(nbytes=None): publish this reservation"},
+    {"abort", (PyCFunction)Ticket_abort, METH_NOARGS, "abort(): forget this reservation (a no-op once it is not open)"},
+    {NULL}
+};
+static PyGetSetDef Ticket_getset[] = {
+    {"offset", (getter)Ticket_get_offset, NULL, "payload offset in the region", NULL},
+    {"open", (getter)Ticket_get_open, NULL, "this reservation is still open", NULL},
+    {NULL}
+};
+static PyTypeObject TicketType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.Ticket",
+    .tp_basicsize = sizeof(Ticket),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "an open reservation of a producer; aborted when dropped open",
+    .tp_dealloc = (destructor)Ticket_dealloc,
+    .tp_methods = Ticket_methods,
+    .tp_getset = Ticket_getset,
+};
+
+/* _reserve_ticket(payload_len, type) -> Ticket, or None if full. */
+static PyObject *Producer_reserve_ticket(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (PyType_Ready(&TicketType) < 0) return NULL;
+    Ticket *t = PyObject_New(Ticket, &TicketType);     /* first: no failure after the claim */
+    if (!t) return NULL;
+    t->p = NULL;
+    PyObject *off = Producer_reserve(self, args, n);
+    if (!off || off == Py_None) { Py_DECREF(t); return off; }
+    t->offset = PyLong_AsUnsignedLongLong(off);
+    Py_DECREF(off);
+    Py_INCREF(self);
+    t->p = self;
+    t->seq = self->res_seq;
+    return (PyObject *)t;
+}
+
 struct space_ctx { Producer *p; uint64_t len, total; };
 
 /* Room for the record now (the seq_cst condition loads of R4). */
@@ -301,6 +393,7 @@ static PyMethodDef Producer_methods[] = {
     {"try_send", (PyCFunction)Producer_try_send, METH_O, "try_send(data) -> bool: send if there is room now"},
     {"_push", (PyCFunction)(void (*)(void))Producer_push, METH_FASTCALL, NULL},
     {"_reserve", (PyCFunction)(void (*)(void))Producer_reserve, METH_FASTCALL, NULL},
+    {"_reserve_ticket", (PyCFunction)(void (*)(void))Producer_reserve_ticket, METH_FASTCALL, NULL},
     {"_push_array", (PyCFunction)(void (*)(void))Producer_push_array, METH_FASTCALL, NULL},
     {"_commit", (PyCFunction)(void (*)(void))Producer_commit, METH_FASTCALL, NULL},
     {"_abort", (PyCFunction)(void (*)(void))Producer_abort, METH_FASTCALL, NULL},
