@@ -234,3 +234,53 @@ def test_interrupted_sends_never_wedge_the_producer(ring_name, kind, procs):
     seqs = seqs[:-1]
     assert seqs == sorted(set(seqs)), "a message arrived twice or out of order"
     assert set(sure) <= set(seqs), f"sends that returned never arrived: {sorted(set(sure) - set(seqs))[:5]}"
+
+
+# ------------------------------------------------------------- R38, deterministically
+
+@pytest.mark.parametrize("kind", ["spsc", "mpsc", "broadcast", "mpmc"])
+def test_the_redelivery_rule(ring_name, kind):
+    """Dropped unread, or its with block left by KeyboardInterrupt / SystemExit
+    unread: handed out again.  Read, released, or left by an ordinary
+    exception: gone."""
+    with shmring.Ring.create(ring_name, 1 << 12, kind=kind) as ring, ring.producer() as p, ring.consumer() as c:
+        for i in range(6):
+            p.send(b"m%d" % i)
+        c.recv()                                         # dropped unread
+        for exc in (KeyboardInterrupt, SystemExit):
+            with pytest.raises(exc):
+                with c.recv():
+                    raise exc                            # interrupted before the body read it
+        m = c.recv()
+        assert m.tobytes() == b"m0"                      # the same message, all three times
+        del m                                            # read, then dropped: released
+        with pytest.raises(ValueError):
+            with c.recv() as m:
+                raise ValueError                         # the body's own error: released
+        m = c.recv()
+        assert m.kind == "bytes"                         # metadata seen: handed over
+        del m
+        with c.recv() as m:
+            assert bytes(m.value) == b"m3"
+        msgs = c.recv_many(8, timeout=1)                 # m4, m5
+        del msgs                                         # dropped unread: both again, in order
+        assert [c.recv_bytes(timeout=1) for _ in range(2)] == [b"m4", b"m5"]
+        assert c.try_recv() is None and c.pending == 0
+        assert c.received == 6
+        p.send(b"after")
+        with c.recv() as m:
+            assert m.tobytes() == b"after"
+
+
+@pytest.mark.parametrize("kind", ["spsc", "mpmc"])
+def test_a_loop_that_drops_every_message_unread_still_ends(ring_name, kind):
+    """`for msg in cons: pass` reads nothing: after a bounded number of
+    redeliveries a drop releases, so the loop ends."""
+    with shmring.Ring.create(ring_name, 1 << 14, kind=kind) as ring, ring.consumer() as c:
+        with ring.producer() as p:
+            for i in range(200):
+                p.send(b"%d" % i)
+        t = time.monotonic()
+        n = sum(1 for _ in c)
+        assert time.monotonic() - t < 10
+        assert 200 <= n <= 200 + 64 + 1

@@ -161,6 +161,7 @@ typedef struct {
     unsigned long user;     /* the thread inside a call of this handle, 0: none (one thread at a time) */
     uint64_t own_word;      /* broadcast / mpmc: our table entry's owner word, for leaving it (R35) */
     size_t nreturned;       /* spsc / mpsc / broadcast: entries given back unread, handed out again first (R38) */
+    unsigned unread_drops;  /* messages dropped unread and given back since one was released after use (R38) */
 } Consumer;
 
 /* A record found by a peek. */
@@ -218,6 +219,11 @@ typedef struct {
 } LeaseOps;
 
 enum lease_state { LEASE_LIVE = 0, LEASE_DEFERRED = 1, LEASE_RELEASED = 2 };
+/* Lease.give_back (R38): why an unread message is given back instead of released */
+enum { GIVE_NO = 0, GIVE_DROPPED = 1, GIVE_INTERRUPTED = 2 };
+/* Drops of unread messages given back in a row before a drop releases again: a loop
+ * that drops every message unread (`for msg in cons: pass`) must still make progress. */
+#define UNREAD_DROPS_MAX 64
 
 struct Lease {
     PyObject_HEAD
@@ -232,7 +238,7 @@ struct Lease {
     PyObject *warning;      /* plain leases: the EscapedViewWarning text */
     unsigned long fork_gen; /* fork_generation when made: a lease inherited through fork is the parent's */
     int touched;            /* the payload was handed to user code (value, copy, tobytes, a buffer export) */
-    int give_back;          /* set just before finishing: dropped unread, so redeliver instead of release */
+    int give_back;          /* set just before finishing: GIVE_DROPPED / GIVE_INTERRUPTED: redeliver, not release */
 };
 
 extern PyTypeObject LeaseType, MessageType;

@@ -113,7 +113,7 @@ static PyObject *Lease_enter(PyObject *l, PyObject *unused) { Py_INCREF(l); retu
 static PyObject *Lease_exit(Lease *l, PyObject *const *args, Py_ssize_t n) {
     if (n >= 1 && args[0] != Py_None && !l->touched && l->state == LEASE_LIVE && PyType_Check(args[0]) &&
         !PyType_IsSubtype((PyTypeObject *)args[0], (PyTypeObject *)PyExc_Exception)) {
-        l->give_back = 1;
+        l->give_back = GIVE_INTERRUPTED;
         lease_finish(l);
         Py_RETURN_FALSE;
     }
@@ -132,7 +132,7 @@ void Lease_dealloc(Lease *l) {
      * references to it, whose release must not deallocate it again. */
     if (l->state == LEASE_LIVE) {
         Py_SET_REFCNT(l, 1);
-        l->give_back = !l->touched;     /* R38: dropped unread: handed out again */
+        l->give_back = l->touched ? GIVE_NO : GIVE_DROPPED;     /* R38: dropped unread: handed out again */
         lease_finish(l);
         Py_SET_REFCNT(l, Py_REFCNT(l) - 1);
         if (Py_REFCNT(l) > 0) {        /* something kept it (an unraisable hook): it lives on, released */
@@ -226,7 +226,11 @@ static const char *kind_names[] = {"?", "bytes", "array", "object"};
 static void message_finish(Lease *l) {
     Message *m = (Message *)l;
     Consumer *c = (Consumer *)l->owner;
-    if ((l->give_back ? consumer_return(c, m->start, m->end) : consumer_finish(c, m->start, m->end)) < 0)
+    int give = l->give_back;
+    if (give == GIVE_DROPPED && c->unread_drops >= UNREAD_DROPS_MAX) give = GIVE_NO;   /* R38's bound: release */
+    else if (give == GIVE_DROPPED) c->unread_drops++;
+    else if (give == GIVE_NO && l->touched) c->unread_drops = 0;
+    if ((give ? consumer_return(c, m->start, m->end) : consumer_finish(c, m->start, m->end)) < 0)
         PyErr_WriteUnraisable((PyObject *)m);
 }
 
@@ -267,7 +271,7 @@ int Lease_traverse(Lease *l, visitproc visit, void *arg) {
  * mapped until that view is cleared; its buffer release then finishes. */
 int Lease_clear(Lease *l) {
     if (l->exports == 0) {
-        if (l->state == LEASE_LIVE) l->give_back = !l->touched;   /* R38: collected unread */
+        if (l->state == LEASE_LIVE) l->give_back = l->touched ? GIVE_NO : GIVE_DROPPED;   /* R38: collected unread */
         if (l->state != LEASE_RELEASED) lease_finish(l);
         else Py_CLEAR(l->owner);
         Py_CLEAR(l->on_finish);
@@ -309,7 +313,7 @@ static PyObject *Message_take_copy(Message *m, PyObject *unused) {
                                           : PyObject_CallOneArg(copy_func, (PyObject *)m);
     if (v && PyErr_CheckSignals() < 0) Py_CLEAR(v);
     if (!v) {
-        if (m->l.state == LEASE_LIVE && m->l.exports == 0) { m->l.give_back = 1; lease_finish(&m->l); }
+        if (m->l.state == LEASE_LIVE && m->l.exports == 0) { m->l.give_back = GIVE_INTERRUPTED; lease_finish(&m->l); }
         return NULL;
     }
     PyObject *r = Lease_release(&m->l, NULL);
@@ -318,10 +322,13 @@ static PyObject *Message_take_copy(Message *m, PyObject *unused) {
     return v;
 }
 
-static PyObject *Message_get_kind(Message *m, void *c) { return PyUnicode_FromString(kind_names[m->type]); }
-static PyObject *Message_get_type(Message *m, void *c) { return PyLong_FromLong(m->type); }
+/* Looking at a message's metadata hands it to user code too (R38): code that
+ * skips messages by kind or size has seen them. */
+static PyObject *Message_get_kind(Message *m, void *c) { m->l.touched = 1; return PyUnicode_FromString(kind_names[m->type]); }
+static PyObject *Message_get_type(Message *m, void *c) { m->l.touched = 1; return PyLong_FromLong(m->type); }
+static PyObject *Message_get_nbytes(Message *m, void *c) { m->l.touched = 1; return PyLong_FromSsize_t(m->l.len); }
 static PyObject *Message_get_offset(Message *m, void *c) { return PyLong_FromSsize_t(m->off); }
-static PyObject *Message_get_position(Message *m, void *c) { return PyLong_FromUnsignedLongLong(m->start); }
+static PyObject *Message_get_position(Message *m, void *c) { m->l.touched = 1; return PyLong_FromUnsignedLongLong(m->start); }
 
 static PyObject *Message_repr(Message *m) {
     return PyUnicode_FromFormat("<shmring.Message %s, %zd bytes at position %llu%s>", kind_names[m->type],
@@ -344,7 +351,7 @@ static PyGetSetDef Message_getset[] = {
      "(msgpack, arrays inside are read-only views). Built anew on each access; valid until release().", NULL},
     {"kind", (getter)Message_get_kind, NULL, "'bytes', 'array' or 'object'", NULL},
     {"type", (getter)Message_get_type, NULL, "record type code (shmring.layout.T_*)", NULL},
-    {"nbytes", (getter)Lease_get_nbytes, NULL, "payload size in bytes", NULL},
+    {"nbytes", (getter)Message_get_nbytes, NULL, "payload size in bytes", NULL},
     {"_offset", (getter)Message_get_offset, NULL, "payload offset in the region", NULL},
     {"position", (getter)Message_get_position, NULL, "ring position of the record", NULL},
     {NULL}

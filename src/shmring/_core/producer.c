@@ -268,6 +268,8 @@ static PyTypeObject TicketType;
 static void ticket_abort(Ticket *t) {
     Producer *p = t->p;
     if (!p || !p->reserved || p->res_seq != t->seq) return;
+    if (p->r.closed) return;           /* close() / detach() aborted what they meant to; a handle marked
+                                        * closed by other means stands for a gone process: leave its claim */
     if (p->user && p->user != PyThread_get_thread_ident()) return;   /* another thread is inside a call: close() aborts it */
     p->reserved = 0;
     if (inherited(&p->r)) return;      /* a forked child: the parent's reservation */
