@@ -112,6 +112,9 @@ def test_last_release_of_a_closed_handle_during_an_exception_keeps_the_exception
         if kind == "broadcast":
             assert pos == L.POS_FREE
         if kind == "mpmc":
+            if drop == "finalizer":                     # dropped unread by a live handle: requeued (R39)
+                with ring.consumer() as c2:
+                    assert c2.recv_bytes(timeout=5) == b"hello"
             st = ring.stats()
             assert st["read_pos"] == st["take_pos"]   # everything taken was released
 
@@ -382,6 +385,7 @@ def test_a_message_in_a_list_that_contains_itself_is_collected(ring_name):
     with shmring.Ring.create(ring_name, 1 << 12) as ring, ring.producer() as p, ring.consumer() as c:
         p.send(b"B" * 1000)
         lst = [c.recv()]
+        assert lst[0].tobytes() == b"B" * 1000           # read (a message dropped unread is redelivered)
         lst.append(lst)
         del lst
         gc.collect()

@@ -197,7 +197,7 @@ def test_a_dead_producers_intent_does_not_outlive_its_entry(ring_name):
     with shmring.Ring.create(ring_name, 1 << 14, kind="mpsc", max_producers=1, producers=2) as ring:
         c = ring.consumer()
         dead = ring.producer()
-        dead.reserve(40)
+        hole = dead.reserve(40)                 # kept: a reservation dropped open is aborted  # noqa: F841
         _abandon(ring, dead)
         dead._mark_closed()                     # this handle is "gone" with its process
         heir = ring.producer()                  # takes over the one entry

@@ -480,14 +480,19 @@ def test_recv_bytes_behind_an_outstanding_message_does_not_free_its_space(pc, ri
     assert used(ring) == 0
 
 
-def test_a_dropped_message_is_released_automatically(pc, ring):
+def test_a_dropped_message_is_released_automatically_once_read(pc, ring):
     p, c = pc
     p.send(b"x" * 100)
-    c.recv()                                            # never bound: dropped at once
+    c.recv()                                            # never bound, never read: handed out again (R39)
+    assert used(ring) == 112 and c.pending == 0
+    m = c.recv()
+    assert m.tobytes() == b"x" * 100                    # read: now a drop releases it
+    del m
     assert used(ring) == 0
     p.send(b"y" * 100)
     m = c.recv()
     assert used(ring) == 112
+    assert bytes(m.value) == b"y" * 100
     del m
     assert used(ring) == 0
 

@@ -32,15 +32,11 @@ from .errors import CorruptSegmentError, EndOfStream, HandleClosed, PeerGone, Sh
 
 CLOSED_EOS, CLOSED_ABORTED = 1, 2
 
-_fork_gen = 0           # bumped in every forked child: a handle made before a fork is the parent's
-
-
-def _forked() -> None:
-    global _fork_gen
-    _fork_gen += 1
-
-
-os.register_at_fork(after_in_child=_forked)
+def _inherited(handle) -> bool:
+    """Made before a fork (the C core's fork generation, the one ownership
+    test of every handle): in a forked child it is the parent's, and may only
+    be dropped there, never change the parent's shared state."""
+    return handle._gen != _core.fork_generation()
 
 
 def _exclusive(method):
@@ -67,7 +63,7 @@ def _dropped(handle, what: str, _finalizing=sys.is_finalizing) -> bool:
     ResourceWarning) if it still holds something of this process: open,
     made in this process (not inherited through fork), and not at
     interpreter exit (the process's roles are then recovered as a dead one's)."""
-    if _finalizing() or handle.__dict__.get("_closed", True) or handle._gen != _fork_gen:
+    if _finalizing() or handle.__dict__.get("_closed", True) or _inherited(handle):
         return False
     try:
         warnings.warn(f"{handle!r} was garbage-collected without close(): {what}; use it in a with block "
@@ -123,14 +119,14 @@ class _Handle:
         self._arr = np.frombuffer(ring._seg.buf, self.dtype, count=self.slots, offset=L.HEADER_SIZE)
         self.spin = float(spin)
         self._label = ring._seg.label
-        self._pid, self._gen = os.getpid(), _fork_gen
+        self._pid, self._gen = os.getpid(), _core.fork_generation()
         self._use_lock = threading.RLock()          # held by the thread inside a call (_exclusive)
         self._closed = False
 
     def _usable(self):
         if self._closed:
             raise HandleClosed(f"this handle of {self._label} is closed")
-        if self._gen != _fork_gen:
+        if _inherited(self):
             raise ShmringError("this handle was created before fork(); a forked child must take its own "
                                "handle (ring.producer() / ring.consumer())")
 
@@ -247,11 +243,13 @@ class RecordProducer(_Handle):
         """End the stream: the consumer drains what was sent, then gets EndOfStream."""
         if self._closed:
             return
+        if _inherited(self):          # a forked child: the parent's stream; only this copy is dropped
+            self._closed = True
+            return
         self._region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, _status)
         self._region.wake(L.OFF_DATA_WAKE)
         self._closed = True
-        if self._gen == _fork_gen:
-            self._role.give_back(self._region)
+        self._role.give_back(self._region)
 
     @_exclusive
     def detach(self) -> None:
@@ -260,7 +258,7 @@ class RecordProducer(_Handle):
         if self._closed:
             return
         self._closed = True
-        if self._gen == _fork_gen:
+        if not _inherited(self):
             self._role.give_back(self._region)
 
     def __del__(self):
@@ -353,7 +351,7 @@ class RecordConsumer(_Handle):
             rp = self._rp
             while self._out and self._out[0][2]:
                 rp = self._out.pop(0)[1]
-            if rp > self._rp and not self._closed:
+            if rp > self._rp and not self._closed and not _inherited(self):
                 self._rp = rp
                 self._region.publish_u64(L.OFF_READ_POS, rp, L.OFF_SPACE_WAKE)   # after our last read
 
@@ -443,7 +441,7 @@ class RecordConsumer(_Handle):
         if self._closed:
             return
         self._closed = True
-        if self._gen == _fork_gen:
+        if not _inherited(self):
             self._role.give_back(self._region)
 
     def __del__(self):

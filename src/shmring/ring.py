@@ -342,14 +342,18 @@ def _no_pickle(handle):
 
 def _exclusive(method):
     """A multi-step method holds its handle, as the C calls do: another
-    thread's call meanwhile raises ShmringError ("in use by another thread")."""
+    thread's call meanwhile raises ShmringError ("in use by another thread").
+    The holder before the call is read first (an attribute load: no
+    interrupt can land between it and the ``try``), so a KeyboardInterrupt
+    right after ``_use()`` still restores it."""
     @functools.wraps(method)
     def held(self, *args, **kwargs):
-        token = self._use()
+        prev = self._user
         try:
+            self._use()
             return method(self, *args, **kwargs)
         finally:
-            self._unuse(token)
+            self._unuse(prev)
     return held
 
 
@@ -450,30 +454,41 @@ class Producer(_core.ProducerCore):
         self._block(lambda: self.try_send(data) or None, len(data), timeout)
 
     # -- reserve / commit --------------------------------------------------------
+    # Interrupts (KeyboardInterrupt) may land between any two Python steps,
+    # even at the first line of an except clause or a __del__.  So an open
+    # reservation is a C object from the C call that opens it (a Ticket):
+    # whatever frame holds it, when it is dropped open (an interrupt anywhere
+    # in this glue, a Reservation never entered) its deallocator aborts it, in
+    # C.  The explicit aborts below only make that immediate while a handled
+    # exception still keeps the frames alive.
     def _write(self, enc: codec.Encoded, timeout, blocking=True):
-        written = self._reserve_written(enc, timeout, blocking)
-        if written is None:
+        t = self._reserve_blocking(enc.max_payload, enc.type, timeout, blocking)
+        if t is None:
             return False
-        self._commit(written[0])
+        try:
+            t.commit(codec.write(self._wmv, t.offset, enc)[0])
+        except BaseException:
+            t.abort()
+            raise
         return True
 
-    def _reserve_written(self, enc: codec.Encoded, timeout, blocking=True):
-        """Reserve room for ``enc`` and lay it out (arrays copied in, placeholders
-        left to fill): (payload length, array views), or None if full and not blocking."""
-        off = self._reserve_blocking(enc.max_payload, enc.type, timeout, blocking)
-        if off is None:
-            return None
+    def _reserve_open(self, enc: codec.Encoded, timeout, pick) -> "Reservation":
+        """Reserve room for ``enc``, lay it out (arrays copied in, placeholders
+        left to fill) and return its Reservation (``pick(views)`` the view)."""
+        t = self._reserve_blocking(enc.max_payload, enc.type, timeout)
         try:
-            return codec.write(self._wmv, off, enc)
+            n, views = codec.write(self._wmv, t.offset, enc)
+            return Reservation(self, t, pick(views), n)
         except BaseException:
-            self._abort()
+            t.abort()
             raise
 
     def _reserve_blocking(self, nbytes, type_, timeout, blocking=True):
-        off = self._reserve(nbytes, type_)
-        if off is None and blocking:
-            off = self._block(lambda: self._reserve(nbytes, type_), nbytes, timeout)
-        return off
+        """A Ticket for ``nbytes`` of payload, or None (full, not blocking)."""
+        t = self._reserve_ticket(nbytes, type_)
+        if t is None and blocking:
+            t = self._block(lambda: self._reserve_ticket(nbytes, type_), nbytes, timeout)
+        return t
 
     def _block(self, attempt, nbytes, timeout):
         """Retry ``attempt`` (None = full) until it succeeds, waiting for room between tries."""
@@ -515,8 +530,12 @@ class Producer(_core.ProducerCore):
         nbytes = int(nbytes)
         if nbytes < 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-        off = self._reserve_blocking(nbytes, L.T_BYTES, timeout)
-        return Reservation(self, self._wmv[off:off + nbytes], None)
+        t = self._reserve_blocking(nbytes, L.T_BYTES, timeout)
+        try:
+            return Reservation(self, t, self._wmv[t.offset:t.offset + nbytes], None)
+        except BaseException:
+            t.abort()
+            raise
 
     @_exclusive
     def reserve_array(self, shape, dtype, *, order: str = "C", timeout=None) -> "Reservation":
@@ -528,8 +547,7 @@ class Producer(_core.ProducerCore):
         writing through it after commit would change a message the consumer
         may be reading); on an exception it is aborted and nothing is sent.
         """
-        n, views = self._reserve_written(codec.array_encoding(shape, dtype, order), timeout)
-        return Reservation(self, views[0], n)
+        return self._reserve_open(codec.array_encoding(shape, dtype, order), timeout, lambda views: views[0])
 
     @_exclusive
     def reserve_value(self, template, *, timeout=None) -> "Reservation":
@@ -542,8 +560,7 @@ class Producer(_core.ProducerCore):
 
         The same lifetime rules as :meth:`reserve_array`."""
         enc = codec.encode(template)
-        n, views = self._reserve_written(enc, timeout)
-        return Reservation(self, [v for v, b in zip(views, enc.blocks) if b[0] is None], n)
+        return self._reserve_open(enc, timeout, lambda views: [v for v, b in zip(views, enc.blocks) if b[0] is None])
 
     # -- lifetime ------------------------------------------------------------------
     def _abort_open(self) -> None:
@@ -564,6 +581,9 @@ class Producer(_core.ProducerCore):
         open reservation is aborted."""
         if self.closed:
             return
+        if self._inherited:                   # a forked child: the parent's stream; only this copy is dropped
+            self._mark_closed()
+            return
         self._abort_open()
         if self._tables is not None:
             self._mark_closed()
@@ -578,6 +598,9 @@ class Producer(_core.ProducerCore):
         """Give up the producer role without ending the stream (another
         producer may attach and continue it)."""
         if self.closed:
+            return
+        if self._inherited:                   # a forked child: the role is the parent's
+            self._mark_closed()
             return
         self._abort_open()
         self._mark_closed()
@@ -629,11 +652,15 @@ class Reservation:
 
     A context manager: ``__enter__`` returns the writable view (memoryview or
     ndarray); normal exit commits, an exception aborts.  ``commit()`` and
-    ``abort()`` may also be called directly, once.
+    ``abort()`` may also be called directly, once.  A reservation dropped
+    open (an interrupt before its ``with`` block began, or forgotten) is
+    aborted (by its C ticket's deallocator), so the producer stays usable;
+    the ticket names its reservation, so it never reaches a later one.
     """
 
-    def __init__(self, producer: Producer, view, nbytes):
+    def __init__(self, producer: Producer, ticket, view, nbytes):
         self._producer = producer
+        self._ticket = ticket
         self.view = view
         self._nbytes = nbytes
         self._done = False
@@ -644,6 +671,9 @@ class Reservation:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if self._done:
+            return
+        if self._producer._inherited:         # a forked child: the parent's reservation; drop our copy only
+            self._finish()
             return
         if exc_type is None:
             self.commit()
@@ -668,23 +698,19 @@ class Reservation:
     def commit(self) -> None:
         """Publish the message."""
         pause("reserved")                         # reserved and filled, not yet published
-        p = self._producer
-        token = p._use()                          # refused while another thread is inside a producer call
-        try:
-            self._finish()
-            p._commit(self._nbytes)
-        finally:
-            p._unuse(token)
+        if self._done:
+            raise HandleClosed("reservation already committed or aborted")
+        # one C step (refused while another thread is inside a producer call,
+        # or in a forked child); then the views are disarmed
+        self._ticket.commit(self._nbytes)
+        self._finish()
 
     def abort(self) -> None:
         """Forget the reservation: nothing is sent."""
-        p = self._producer
-        token = p._use()
-        try:
-            self._finish()
-            p._abort()
-        finally:
-            p._unuse(token)
+        if self._done:
+            raise HandleClosed("reservation already committed or aborted")
+        self._ticket.abort()
+        self._finish()
 
 
 def _is_bytes_like(data) -> bool:
@@ -759,8 +785,9 @@ class Consumer(_core.ConsumerCore):
         roles.release(self._region, self._tables.locks, line)
 
     def _recv_copy(self, timeout):
-        with _core.ConsumerCore.recv(self, timeout=timeout) as msg:
-            return msg.copy()
+        # _take_copy copies and releases in one C step; an interrupt before it
+        # drops the message unread: it is handed out again (R39)
+        return _core.ConsumerCore.recv(self, timeout=timeout)._take_copy()
 
     # -- slow path called from C ---------------------------------------------------------
     def _recv_wait(self, timeout, want_bytes):
@@ -840,8 +867,7 @@ class Consumer(_core.ConsumerCore):
             if m is None:
                 break
             if copy:
-                with m:
-                    m = m.copy()
+                m = m._take_copy()
             out.append(m)
         return out
 
@@ -887,6 +913,9 @@ class Consumer(_core.ConsumerCore):
         broadcast / mpmc: messages still held stay valid and this handle
         leaves the table when the last of them is released.  Idempotent."""
         if self.closed:
+            return
+        if self._inherited:                   # a forked child: the role or entry is the parent's
+            self._mark_closed()
             return
         if self._tables is None or self._kind == "mpsc":
             self._mark_closed()
@@ -950,10 +979,7 @@ def wait(readables, timeout=None) -> list:
 
 def _take_copy(cons):
     m = cons.try_recv()
-    if m is None:
-        return None
-    with m:
-        return m.copy()
+    return None if m is None else m._take_copy()
 
 
 def _size_hint(data) -> int:

@@ -123,6 +123,7 @@ class Segment:
         self.path = path
         self.buf = buf
         self.size = size
+        self.gen = _core.fork_generation()   # a segment mapped before a fork is the parent's to unlink
         # This process's file description of the segment, holding the attach
         # lock and its roles' locks (shmring.liveness), for as long as the
         # mapping lives: views may outlive close(), and so does the lock.
@@ -444,7 +445,9 @@ class SegmentHandle:
 
     def __exit__(self, *exc) -> None:
         self.close()
-        if self._created and self._seg.path is None:
+        # A forked child leaving the parent's `with ...create(...)` block only
+        # detaches its own mapping: the name is the creator's to remove.
+        if self._created and self._seg.path is None and self._seg.gen == _core.fork_generation():
             try:
                 self.unlink()
             except ShmringError:

@@ -97,7 +97,7 @@ static PyObject *Consumer_set_lock_fd(Consumer *self, PyObject *fd) {
     Py_RETURN_NONE;
 }
 
-static int consumer_track(Consumer *c, uint64_t start, uint64_t end, int done) {
+static int consumer_track(Consumer *c, Rec *r, int done) {
     if (c->qlen == c->qcap) {
         size_t ncap = c->qcap ? c->qcap * 2 : 16;
         Entry *nq = PyMem_Malloc(ncap * sizeof(Entry));
@@ -107,9 +107,84 @@ static int consumer_track(Consumer *c, uint64_t start, uint64_t end, int done) {
         c->q = nq; c->qcap = ncap; c->qhead = 0;
     }
     Entry *e = &c->q[(c->qhead + c->qlen) % c->qcap];
-    e->start = start; e->end = end; e->done = done;
+    e->start = r->start; e->end = r->end; e->done = done;
+    e->off = r->off; e->len = r->len; e->type = r->type;
     c->qlen++;
     return 0;
+}
+
+/* Give space back over the finished prefix of the outstanding records. */
+static void consumer_advance(Consumer *c) {
+    uint64_t rp = c->read_pos;
+    while (c->qlen && c->q[c->qhead].done == ENTRY_DONE) {
+        rp = c->q[c->qhead].end;
+        c->qhead = (c->qhead + 1) % c->qcap;
+        c->qlen--;
+    }
+    if (rp != c->read_pos) consumer_store_read(c, rp);
+}
+
+static Entry *consumer_entry(Consumer *c, uint64_t start) {
+    for (size_t i = 0; i < c->qlen; i++) {
+        Entry *e = &c->q[(c->qhead + i) % c->qcap];
+        if (e->start == start) return e;
+    }
+    PyErr_SetString(PyExc_SystemError, "shmring: release of an unknown record");
+    return NULL;
+}
+
+static inline void uncount_received(Consumer *c) {
+    c->received--;
+    if (c->recvword) store_relaxed64(c->recvword, load_relaxed64(c->recvword) - 1);   /* R18, our own counter */
+}
+
+/* R39: a message dropped unread (never handed to user code) is handed out
+ * again: spsc / mpsc / broadcast keep its entry outstanding (the release
+ * position stays before it) and the next receive returns it first; mpmc
+ * requeues it (R16), for this or any consumer.  A closed handle receives
+ * nothing more: then it is released (spsc / mpsc: the next consumer gets it,
+ * as everything after the release position). */
+int consumer_return(Consumer *c, uint64_t start, uint64_t end) {
+    if (c->r.closed || c->detached) return consumer_finish(c, start, end);
+    if (c->r.kind == SHMR_KIND_MPMC) {
+        c->nheld--;
+        uncount_received(c);
+        if (!mpmc_give_back(c, start)) {   /* no longer marked ours: released as usual */
+            c->nheld++;
+            return consumer_finish(c, start, end);
+        }
+        return 0;
+    }
+    Entry *e = consumer_entry(c, start);
+    if (!e) return -1;
+    e->done = ENTRY_RETURNED;
+    c->nreturned++;
+    uncount_received(c);
+    return 0;
+}
+
+/* Entries given back are not waited for any more (the handle leaves or starts over). */
+static void consumer_drop_returned(Consumer *c) {
+    if (!c->nreturned) return;
+    for (size_t i = 0; i < c->qlen; i++) {
+        Entry *e = &c->q[(c->qhead + i) % c->qcap];
+        if (e->done == ENTRY_RETURNED) e->done = ENTRY_DONE;
+    }
+    c->nreturned = 0;
+    consumer_advance(c);
+}
+
+/* The first entry given back, handed out again (R39): PEEK_FOUND. */
+static int consumer_redeliver(Consumer *c, Rec *out) {
+    for (size_t i = 0; i < c->qlen; i++) {
+        Entry *e = &c->q[(c->qhead + i) % c->qcap];
+        if (e->done != ENTRY_RETURNED) continue;
+        out->start = e->start; out->end = e->end; out->off = e->off; out->len = e->len; out->type = e->type;
+        out->again = 1;
+        return PEEK_FOUND;
+    }
+    c->nreturned = 0;                  /* (not reached: the count says one is there) */
+    return PEEK_EMPTY;
 }
 
 /* Record [start, end) is finished with. */
@@ -119,19 +194,11 @@ int consumer_finish(Consumer *c, uint64_t start, uint64_t end) {
         c->nheld--;
         return consumer_leave_if_done(c);
     }
-    size_t i;
-    for (i = 0; i < c->qlen; i++) {
-        Entry *e = &c->q[(c->qhead + i) % c->qcap];
-        if (e->start == start) { e->done = 1; break; }
-    }
-    if (i == c->qlen) { PyErr_SetString(PyExc_SystemError, "shmring: release of an unknown record"); return -1; }
-    uint64_t rp = c->read_pos;
-    while (c->qlen && c->q[c->qhead].done) {
-        rp = c->q[c->qhead].end;
-        c->qhead = (c->qhead + 1) % c->qcap;
-        c->qlen--;
-    }
-    if (rp != c->read_pos) consumer_store_read(c, rp);
+    Entry *e = consumer_entry(c, start);
+    if (!e) return -1;
+    if (e->done == ENTRY_RETURNED) c->nreturned--;
+    e->done = ENTRY_DONE;
+    consumer_advance(c);
     bc_unhold_if_idle(c);
     return consumer_leave_if_done(c);
 }
@@ -140,11 +207,14 @@ int consumer_finish(Consumer *c, uint64_t start, uint64_t end) {
 int consumer_skip(Consumer *c, uint64_t start, uint64_t end) {
     c->next_pos = end;
     if (c->qlen == 0 && c->read_pos == start) { consumer_store_read(c, end); return 0; }
-    return consumer_track(c, start, end, 1);
+    Rec r = { start, end, 0, 0, 0, 0 };
+    return consumer_track(c, &r, 1);
 }
 
 /* Find the next record: a peek_status. */
 static int consumer_peek(Consumer *c, Rec *out) {
+    out->again = 0;
+    if (__builtin_expect(c->nreturned != 0, 0)) return consumer_redeliver(c, out);
     switch (c->r.kind) {
     case SHMR_KIND_SPSC: return spsc_peek(c, out);
     case SHMR_KIND_MPMC: return mpmc_peek(c, out);
@@ -212,8 +282,13 @@ static PyObject *consumer_message(Consumer *c, Rec *r) {
     PyObject *m = make_message(c, r);
     if (!m) return NULL;
     if (c->r.kind == SHMR_KIND_MPMC) c->nheld++;
-    else {
-        if (consumer_track(c, r->start, r->end, 0) < 0) { lease_forget((Lease *)m); Py_DECREF(m); return NULL; }
+    else if (r->again) {               /* R39: its entry is outstanding again */
+        Entry *e = consumer_entry(c, r->start);
+        if (!e) { lease_forget((Lease *)m); Py_DECREF(m); return NULL; }
+        e->done = ENTRY_HELD;
+        c->nreturned--;
+    } else {
+        if (consumer_track(c, r, 0) < 0) { lease_forget((Lease *)m); Py_DECREF(m); return NULL; }
         c->next_pos = r->end;
     }
     count_received(c);
@@ -231,7 +306,7 @@ static PyObject *Consumer_use(Consumer *self, PyObject *unused) {
 static PyObject *Consumer_unuse(Consumer *self, PyObject *token) {
     unsigned long prev = PyLong_AsUnsignedLong(token);
     if (PyErr_Occurred()) return NULL;
-    self->user = prev;
+    if (self->user == PyThread_get_thread_ident()) self->user = prev;   /* only if the _use() was ours */
     Py_RETURN_NONE;
 }
 
@@ -263,6 +338,7 @@ bad:
  * condition loads of R4. */
 int consumer_ready(Consumer *c) {
     Region *r = &c->r;
+    if (c->nreturned) return 1;        /* R39: a message given back is there to take */
     if (r->kind != SHMR_KIND_SPSC) return mp_ready(c);
     return load_seq_cst64(r->base + SHMR_OFF_WRITE_POS) != c->next_pos ||   /* R4, pairs with the producer's exchange of write_pos */
            load_seq_cst32(r->base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED) != 0;   /* R5, pairs with the producer's store_u32(closed) */
@@ -330,7 +406,10 @@ static int consumer_take_bytes(Consumer *self, PyObject **out) {
     int s = consumer_peek(self, &r);
     if (s != PEEK_FOUND) return s;
     if (r.type != SHMR_T_BYTES) {
-        if (self->r.kind == SHMR_KIND_MPMC) {     /* taken from the shared cursor: hand it back */
+        if (r.again) {                           /* still given back: it stays first in line */
+            PyErr_SetString(PyExc_TypeError, "the next message is not bytes (it is an array or an object); "
+                            "use recv() for it. It was not consumed.");
+        } else if (self->r.kind == SHMR_KIND_MPMC) {     /* taken from the shared cursor: hand it back */
             PyErr_SetString(PyExc_TypeError, "the next message is not bytes (it is an array or an object); "
                             "use recv() for it. It was taken and is given back for redelivery.");
             mpmc_give_back(self, r.start);
@@ -346,6 +425,8 @@ static int consumer_take_bytes(Consumer *self, PyObject **out) {
     if (self->r.kind == SHMR_KIND_MPMC) {
         self->nheld++;
         consumer_finish(self, r.start, r.end);
+    } else if (r.again) {
+        if (consumer_finish(self, r.start, r.end) < 0) { Py_DECREF(b); return PEEK_CORRUPT; }
     } else if (consumer_skip(self, r.start, r.end) < 0) { Py_DECREF(b); return PEEK_CORRUPT; }
     *out = b;
     return PEEK_FOUND;
@@ -399,7 +480,9 @@ static PyObject *Consumer_has_data(Consumer *self, PyObject *unused) {
 
 /* _reset(pos): start over at pos (a broadcast subscriber re-joining). */
 static PyObject *Consumer_reset(Consumer *self, PyObject *arg) {
+    if (check_owner(&self->r) < 0) return NULL;
     unsigned long long pos = PyLong_AsUnsignedLongLong(arg); if (PyErr_Occurred()) return NULL;
+    consumer_drop_returned(self);
     if (self->qlen || self->next_pos != self->read_pos) {
         PyErr_SetString(ShmringError, "release every message first");
         return NULL;
@@ -424,6 +507,7 @@ static PyObject *Consumer_mark_closed(Consumer *self, PyObject *unused) {
  * handle is closed for receiving and leaves the table at the last release (True). */
 static PyObject *Consumer_close_later(Consumer *self, PyObject *unused) {
     self->r.closed = 1;
+    consumer_drop_returned(self);      /* nothing is handed out again to a closed handle */
     if (self->nheld || self->qlen || self->next_pos != self->read_pos) {
         self->leave_pending = 1;
         Py_RETURN_TRUE;
@@ -437,11 +521,12 @@ static PyObject *Consumer_get_pending(Consumer *self, void *c) {
     if (self->r.kind == SHMR_KIND_MPMC) return PyLong_FromUnsignedLongLong(self->nheld);
     if (self->qlen) {
         size_t n = 0;
-        for (size_t i = 0; i < self->qlen; i++) if (!self->q[(self->qhead + i) % self->qcap].done) n++;
+        for (size_t i = 0; i < self->qlen; i++) if (self->q[(self->qhead + i) % self->qcap].done == ENTRY_HELD) n++;
         return PyLong_FromSize_t(n);
     }
     return PyLong_FromLong(self->next_pos != self->read_pos);
 }
+static PyObject *Consumer_get_user(Consumer *self, void *c) { return PyLong_FromUnsignedLong(self->user); }
 static PyObject *Consumer_get_read_pos(Consumer *self, void *c) { return PyLong_FromUnsignedLongLong(self->read_pos); }
 static PyObject *Consumer_get_received(Consumer *self, void *c) { return PyLong_FromUnsignedLongLong(self->received); }
 
@@ -471,6 +556,7 @@ static PyGetSetDef Consumer_getset[] = {
     {"position", (getter)Consumer_get_read_pos, NULL, "bytes released so far (the read position)", NULL},
     {"received", (getter)Consumer_get_received, NULL, "messages received through this handle", NULL},
     {"closed", (getter)Region_get_closed, NULL, "True once close() was called", NULL},
+    {"_user", (getter)Consumer_get_user, NULL, NULL, NULL},
     {NULL}
 };
 

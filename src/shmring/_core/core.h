@@ -92,6 +92,10 @@ int Region_init(Region *self, PyObject *args, PyObject *kw);
 void Region_dealloc(Region *self);
 PyObject *Region_get_closed(Region *self, void *c);
 int check_usable(Region *r);
+int check_owner(Region *r);
+/* A handle made before a fork() is the parent's (the one ownership test of the
+ * C core): in the child it may only be dropped, never change shared state. */
+static inline int inherited(Region *r) { return r->fork_gen != fork_generation; }
 int check_positions(Region *r, uint64_t rp, uint64_t wp);
 int read_positions(Region *r, uint64_t *rp, uint64_t *wp);
 int check_timeout(PyObject *timeout);
@@ -128,6 +132,7 @@ typedef struct {
     unsigned res_type;
     char *entry;            /* multi-party: our producer table line */
     unsigned long user;     /* the thread inside a call of this handle, 0: none (one thread at a time) */
+    uint64_t res_seq;       /* reservations opened so far: names the open one, so a stale abort misses */
 } Producer;
 
 extern PyTypeObject ProducerType;
@@ -136,7 +141,8 @@ extern PyTypeObject ProducerType;
 
 /* Records handed out and not yet released, in position order.  Space is
  * given back (read_pos advanced) only over a prefix of released records. */
-typedef struct { uint64_t start, end; int done; } Entry;
+typedef struct { uint64_t start, end; Py_ssize_t off, len; int done, type; } Entry;
+enum entry_state { ENTRY_HELD = 0, ENTRY_DONE = 1, ENTRY_RETURNED = 2 };   /* Entry.done */
 
 typedef struct {
     Region r;
@@ -156,14 +162,17 @@ typedef struct {
     unsigned long user;     /* the thread inside a call of this handle, 0: none (one thread at a time) */
     uint64_t own_word;      /* broadcast / mpmc: our table entry's owner word, for leaving it (R35) */
     int lock_fd;            /* the file description holding our entry's lock (shmring.liveness), -1: none */
+    size_t nreturned;       /* spsc / mpsc / broadcast: entries given back unread, handed out again first (R39) */
+    unsigned unread_drops;  /* messages dropped unread and given back since one was released after use (R39) */
 } Consumer;
 
 /* A record found by a peek. */
-typedef struct { uint64_t start, end; Py_ssize_t off, len; int type; } Rec;
+typedef struct { uint64_t start, end; Py_ssize_t off, len; int type; int again; } Rec;   /* again: a returned record handed out again */
 
 extern PyTypeObject ConsumerType;
 int consumer_skip(Consumer *c, uint64_t start, uint64_t end);
 int consumer_finish(Consumer *c, uint64_t start, uint64_t end);
+int consumer_return(Consumer *c, uint64_t start, uint64_t end);
 void consumer_store_read(Consumer *c, uint64_t rp);
 int consumer_ready(Consumer *c);
 
@@ -206,11 +215,17 @@ PyObject *Consumer_requeue(Consumer *self, PyObject *const *args, Py_ssize_t n);
 typedef struct Lease Lease;
 typedef struct {
     const char *what;                           /* "message", "snapshot", ... for errors */
-    void (*finish)(Lease *l);                   /* give the space back (called once, owner still set) */
+    void (*finish)(Lease *l);                   /* give the space back (called once, owner still set);
+                                                 * l->give_back: dropped unread, hand it out again (R39) */
     int (*warn)(Lease *l);                      /* EscapedViewWarning; -1 if it raised */
 } LeaseOps;
 
 enum lease_state { LEASE_LIVE = 0, LEASE_DEFERRED = 1, LEASE_RELEASED = 2 };
+/* Lease.give_back (R39): why an unread message is given back instead of released */
+enum { GIVE_NO = 0, GIVE_DROPPED = 1, GIVE_INTERRUPTED = 2 };
+/* Drops of unread messages given back in a row before a drop releases again: a loop
+ * that drops every message unread (`for msg in cons: pass`) must still make progress. */
+#define UNREAD_DROPS_MAX 64
 
 struct Lease {
     PyObject_HEAD
@@ -223,6 +238,9 @@ struct Lease {
     int state;              /* enum lease_state */
     PyObject *on_finish;    /* plain leases made in Python: called to give the window back */
     PyObject *warning;      /* plain leases: the EscapedViewWarning text */
+    unsigned long fork_gen; /* fork_generation when made: a lease inherited through fork is the parent's */
+    int touched;            /* the payload was handed to user code (value, copy, tobytes, a buffer export) */
+    int give_back;          /* set just before finishing: GIVE_DROPPED / GIVE_INTERRUPTED: redeliver, not release */
 };
 
 extern PyTypeObject LeaseType, MessageType;

@@ -29,6 +29,9 @@ void lease_init(Lease *l, const LeaseOps *ops, PyObject *owner, char *ptr, Py_ss
     l->state = LEASE_LIVE;
     l->on_finish = NULL;
     l->warning = NULL;
+    l->fork_gen = fork_generation;
+    l->touched = 0;
+    l->give_back = 0;
 }
 
 /* The caller's exception, kept aside while a lease is finished. */
@@ -52,6 +55,10 @@ static inline void exc_restore(saved_exc s) { PyErr_Restore(s.type, s.value, s.t
 void lease_finish(Lease *l) {
     l->state = LEASE_RELEASED;
     if (!l->owner) return;
+    if (l->fork_gen != fork_generation) {   /* made before a fork: the parent's to give back, not ours */
+        Py_CLEAR(l->owner);
+        return;
+    }
     int pending = PyErr_Occurred() != NULL;     /* (the common case, none, costs no fetch / restore) */
     saved_exc saved;
     if (pending) saved = exc_save();
@@ -74,6 +81,7 @@ static int Lease_getbuffer(Lease *l, Py_buffer *view, int flags) {
     }
     if (PyBuffer_FillInfo(view, (PyObject *)l, l->ptr, l->len, l->readonly, flags) < 0) return -1;
     l->exports++;
+    l->touched = 1;             /* a view of the payload is in user code's hands */
     return 0;
 }
 
@@ -99,7 +107,16 @@ PyObject *Lease_release(Lease *l, PyObject *unused) {
 }
 
 static PyObject *Lease_enter(PyObject *l, PyObject *unused) { Py_INCREF(l); return l; }
+/* R39: a with block left by an exception that is not an Exception (KeyboardInterrupt,
+ * SystemExit, a cancellation: an interrupt, not the body's verdict on the message)
+ * before the payload was read gives the message back for redelivery. */
 static PyObject *Lease_exit(Lease *l, PyObject *const *args, Py_ssize_t n) {
+    if (n >= 1 && args[0] != Py_None && !l->touched && l->state == LEASE_LIVE && PyType_Check(args[0]) &&
+        !PyType_IsSubtype((PyTypeObject *)args[0], (PyTypeObject *)PyExc_Exception)) {
+        l->give_back = GIVE_INTERRUPTED;
+        lease_finish(l);
+        Py_RETURN_FALSE;
+    }
     PyObject *r = Lease_release(l, NULL);
     if (!r) return NULL;
     Py_DECREF(r);
@@ -115,6 +132,7 @@ void Lease_dealloc(Lease *l) {
      * references to it, whose release must not deallocate it again. */
     if (l->state == LEASE_LIVE) {
         Py_SET_REFCNT(l, 1);
+        l->give_back = l->touched ? GIVE_NO : GIVE_DROPPED;     /* R39: dropped unread: handed out again */
         lease_finish(l);
         Py_SET_REFCNT(l, Py_REFCNT(l) - 1);
         if (Py_REFCNT(l) > 0) {        /* something kept it (an unraisable hook): it lives on, released */
@@ -208,8 +226,11 @@ static const char *kind_names[] = {"?", "bytes", "array", "object"};
 static void message_finish(Lease *l) {
     Message *m = (Message *)l;
     Consumer *c = (Consumer *)l->owner;
-    /* A message inherited by a forked child is the parent's: only the parent releases it. */
-    if (c->r.fork_gen == fork_generation && consumer_finish(c, m->start, m->end) < 0)
+    int give = l->give_back;
+    if (give == GIVE_DROPPED && c->unread_drops >= UNREAD_DROPS_MAX) give = GIVE_NO;   /* R39's bound: release */
+    else if (give == GIVE_DROPPED) c->unread_drops++;
+    else if (give == GIVE_NO && l->touched) c->unread_drops = 0;
+    if ((give ? consumer_return(c, m->start, m->end) : consumer_finish(c, m->start, m->end)) < 0)
         PyErr_WriteUnraisable((PyObject *)m);
 }
 
@@ -250,6 +271,7 @@ int Lease_traverse(Lease *l, visitproc visit, void *arg) {
  * mapped until that view is cleared; its buffer release then finishes. */
 int Lease_clear(Lease *l) {
     if (l->exports == 0) {
+        if (l->state == LEASE_LIVE) l->give_back = l->touched ? GIVE_NO : GIVE_DROPPED;   /* R39: collected unread */
         if (l->state != LEASE_RELEASED) lease_finish(l);
         else Py_CLEAR(l->owner);
         Py_CLEAR(l->on_finish);
@@ -260,25 +282,53 @@ int Lease_clear(Lease *l) {
 
 static PyObject *Message_get_value(Message *m, void *c) {
     if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "message was released; keep msg.copy() to use data after release"); return NULL; }
-    if (m->type == SHMR_T_BYTES) return PyMemoryView_FromObject((PyObject *)m);
-    return PyObject_CallOneArg(decode_func, (PyObject *)m);
+    PyObject *v = m->type == SHMR_T_BYTES ? PyMemoryView_FromObject((PyObject *)m)
+                                          : PyObject_CallOneArg(decode_func, (PyObject *)m);
+    m->l.touched = v != NULL;       /* handed to user code only if it got the value */
+    return v;
 }
 
 static PyObject *Message_tobytes(Message *m, PyObject *unused) {
     if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "message was released"); return NULL; }
-    return PyBytes_FromStringAndSize(m->l.ptr, m->l.len);
+    PyObject *b = PyBytes_FromStringAndSize(m->l.ptr, m->l.len);
+    if (b) m->l.touched = 1;
+    return b;
 }
 
 static PyObject *Message_copy(Message *m, PyObject *unused) {
     if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "message was released"); return NULL; }
     if (m->type == SHMR_T_BYTES) return Message_tobytes(m, NULL);
-    return PyObject_CallOneArg(copy_func, (PyObject *)m);
+    int was = m->l.touched;
+    PyObject *v = PyObject_CallOneArg(copy_func, (PyObject *)m);
+    m->l.touched = v ? 1 : was;     /* the codec's own views of it do not count: only a value returned */
+    return v;
 }
 
-static PyObject *Message_get_kind(Message *m, void *c) { return PyUnicode_FromString(kind_names[m->type]); }
-static PyObject *Message_get_type(Message *m, void *c) { return PyLong_FromLong(m->type); }
+/* _take_copy() -> the value copied out, then the message released, in one C step: an
+ * interrupt (KeyboardInterrupt) while copying, or pending when the copy is done, gives
+ * the message back for redelivery instead (R39).  recv(copy=True) is built on it. */
+static PyObject *Message_take_copy(Message *m, PyObject *unused) {
+    if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "message was released"); return NULL; }
+    PyObject *v = m->type == SHMR_T_BYTES ? PyBytes_FromStringAndSize(m->l.ptr, m->l.len)
+                                          : PyObject_CallOneArg(copy_func, (PyObject *)m);
+    if (v && PyErr_CheckSignals() < 0) Py_CLEAR(v);
+    if (!v) {
+        if (m->l.state == LEASE_LIVE && m->l.exports == 0) { m->l.give_back = GIVE_INTERRUPTED; lease_finish(&m->l); }
+        return NULL;
+    }
+    PyObject *r = Lease_release(&m->l, NULL);
+    if (!r) { Py_DECREF(v); return NULL; }
+    Py_DECREF(r);
+    return v;
+}
+
+/* Looking at a message's metadata hands it to user code too (R39): code that
+ * skips messages by kind or size has seen them. */
+static PyObject *Message_get_kind(Message *m, void *c) { m->l.touched = 1; return PyUnicode_FromString(kind_names[m->type]); }
+static PyObject *Message_get_type(Message *m, void *c) { m->l.touched = 1; return PyLong_FromLong(m->type); }
+static PyObject *Message_get_nbytes(Message *m, void *c) { m->l.touched = 1; return PyLong_FromSsize_t(m->l.len); }
 static PyObject *Message_get_offset(Message *m, void *c) { return PyLong_FromSsize_t(m->off); }
-static PyObject *Message_get_position(Message *m, void *c) { return PyLong_FromUnsignedLongLong(m->start); }
+static PyObject *Message_get_position(Message *m, void *c) { m->l.touched = 1; return PyLong_FromUnsignedLongLong(m->start); }
 
 static PyObject *Message_repr(Message *m) {
     return PyUnicode_FromFormat("<shmring.Message %s, %zd bytes at position %llu%s>", kind_names[m->type],
@@ -292,6 +342,7 @@ static PyMethodDef Message_methods[] = {
      "space is held until that view is garbage-collected, and EscapedViewWarning is issued."},
     {"copy", (PyCFunction)Message_copy, METH_NOARGS, "copy(): the value, detached from the ring (owns its memory)"},
     {"tobytes", (PyCFunction)Message_tobytes, METH_NOARGS, "tobytes(): a copy of the raw payload bytes"},
+    {"_take_copy", (PyCFunction)Message_take_copy, METH_NOARGS, NULL},
     {NULL}
 };
 static PyGetSetDef Message_getset[] = {
@@ -300,7 +351,7 @@ static PyGetSetDef Message_getset[] = {
      "(msgpack, arrays inside are read-only views). Built anew on each access; valid until release().", NULL},
     {"kind", (getter)Message_get_kind, NULL, "'bytes', 'array' or 'object'", NULL},
     {"type", (getter)Message_get_type, NULL, "record type code (shmring.layout.T_*)", NULL},
-    {"nbytes", (getter)Lease_get_nbytes, NULL, "payload size in bytes", NULL},
+    {"nbytes", (getter)Message_get_nbytes, NULL, "payload size in bytes", NULL},
     {"_offset", (getter)Message_get_offset, NULL, "payload offset in the region", NULL},
     {"position", (getter)Message_get_position, NULL, "ring position of the record", NULL},
     {NULL}

@@ -137,7 +137,13 @@ static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
     return d;
 }
 
+/* fork_generation() -> int: how many forks this process is from the one that imported the core
+ * (0 there); a handle that remembers another value was made before a fork (the parent's). */
+static PyObject *get_fork_generation(PyObject *mod, PyObject *unused) { return PyLong_FromUnsignedLong(fork_generation); }
+
 static PyMethodDef module_methods[] = {
+    {"fork_generation", (PyCFunction)get_fork_generation, METH_NOARGS,
+     "fork_generation() -> int: bumped in every forked child; handles made before a fork are the parent's"},
     {"wait_counters", (PyCFunction)wait_counters, METH_NOARGS,
      "wait_counters() -> {'sleeps': futex sleeps, 'late_wakeups': sleeps that timed out although "
      "their condition held (a missed wake-up if slices are long)} for this process"},

@@ -75,7 +75,7 @@ static PyObject *Producer_use(Producer *self, PyObject *unused) {
 static PyObject *Producer_unuse(Producer *self, PyObject *token) {
     unsigned long prev = PyLong_AsUnsignedLong(token);
     if (PyErr_Occurred()) return NULL;
-    self->user = prev;
+    if (self->user == PyThread_get_thread_ident()) self->user = prev;   /* only if the _use() was ours */
     Py_RETURN_NONE;
 }
 
@@ -193,6 +193,7 @@ static PyObject *Producer_reserve(Producer *self, PyObject *const *args, Py_ssiz
     if (r == PEEK_CORRUPT) return NULL;
     if (r == PEEK_EMPTY) Py_RETURN_NONE;
     self->reserved = 1;
+    self->res_seq++;
     self->res_start = start;
     self->res_len = len;
     self->res_prev = prev;
@@ -202,28 +203,145 @@ static PyObject *Producer_reserve(Producer *self, PyObject *const *args, Py_ssiz
     return PyLong_FromUnsignedLongLong(payload_offset(&self->r, start));
 }
 
-/* _commit(nbytes=-1): publish the open reservation, optionally shrunk to nbytes. */
+/* Is reservation number `seq` (None: whichever) the open one? */
+static int res_open(Producer *p, PyObject *seq) {
+    if (!p->reserved) return 0;
+    if (seq == NULL || seq == Py_None) return 1;
+    unsigned long long v = PyLong_AsUnsignedLongLong(seq);
+    if (v == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    return v == p->res_seq;
+}
+
+/* _commit(nbytes=None, seq=None): publish the open reservation (number seq),
+ * optionally shrunk to nbytes.  One C step: an interrupt cannot split it. */
 static PyObject *Producer_commit(Producer *self, PyObject *const *args, Py_ssize_t n) {
-    if (!self->reserved) { PyErr_SetString(ShmringError, "no open reservation"); return NULL; }
+    if (check_owner(&self->r) < 0) return NULL;
+    int open = res_open(self, n >= 2 ? args[1] : NULL);
+    if (open < 0) return NULL;
+    if (!open) { PyErr_SetString(ShmringError, "no open reservation (it was committed, aborted, or aborted by close())"); return NULL; }
     uint64_t len = self->res_len;
     if (n >= 1 && args[0] != Py_None) {
         unsigned long long l = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
         if (l > len) { PyErr_Format(PyExc_ValueError, "cannot commit %llu bytes of a %llu-byte reservation", l, (unsigned long long)len); return NULL; }
         len = l;
     }
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
     self->reserved = 0;
     producer_finish(self, self->res_start, self->res_len, len, self->res_type);
+    self->user = prev;
     Py_RETURN_NONE;
 }
 
-/* Forget an open reservation.  spsc: nothing was published, rewind.  Multi-
- * party: others may have claimed after it, so it is committed as a T_SKIP. */
-static PyObject *Producer_abort(Producer *self, PyObject *unused) {
-    if (!self->reserved) Py_RETURN_NONE;
+/* _abort(seq=None): forget the open reservation (number seq; another one is
+ * left alone).  spsc: nothing was published, rewind.  Multi-party: others may
+ * have claimed after it, so it is committed as a T_SKIP.  In a forked child
+ * the reservation is the parent's: only this copy of the handle forgets it. */
+static PyObject *Producer_abort(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    int open = res_open(self, n >= 1 ? args[0] : NULL);
+    if (open <= 0) return open < 0 ? NULL : Py_NewRef(Py_None);
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
     self->reserved = 0;
-    if (is_multi(&self->r)) mp_commit(self, self->res_start, self->res_len, self->res_len, SHMR_T_SKIP);
+    if (inherited(&self->r)) ;
+    else if (is_multi(&self->r)) mp_commit(self, self->res_start, self->res_len, self->res_len, SHMR_T_SKIP);
     else self->write_pos = self->res_prev;
+    self->user = prev;
     Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------ Ticket
+ * The open reservation as an object: made by the same C call that reserves,
+ * so from the first instant some object stands for it; when the last
+ * reference goes (a with block never entered, an interrupt anywhere in the
+ * Python glue, a reservation forgotten) its deallocator aborts the
+ * reservation, in C, where no signal handler can run in between.  It names
+ * its reservation by number: it never touches a later one. */
+typedef struct {
+    PyObject_HEAD
+    Producer *p;
+    uint64_t seq, offset;
+} Ticket;
+
+static PyTypeObject TicketType;
+
+static void ticket_abort(Ticket *t) {
+    Producer *p = t->p;
+    if (!p || !p->reserved || p->res_seq != t->seq) return;
+    if (p->r.closed) return;           /* close() / detach() aborted what they meant to; a handle marked
+                                        * closed by other means stands for a gone process: leave its claim */
+    if (p->user && p->user != PyThread_get_thread_ident()) return;   /* another thread is inside a call: close() aborts it */
+    p->reserved = 0;
+    if (inherited(&p->r)) return;      /* a forked child: the parent's reservation */
+    if (is_multi(&p->r)) mp_commit(p, p->res_start, p->res_len, p->res_len, SHMR_T_SKIP);
+    else p->write_pos = p->res_prev;
+}
+
+static void Ticket_dealloc(Ticket *t) {
+    ticket_abort(t);
+    Py_CLEAR(t->p);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+static PyObject *Ticket_commit(Ticket *t, PyObject *const *args, Py_ssize_t n) {
+    if (n > 1) { PyErr_SetString(PyExc_TypeError, "commit(nbytes=None)"); return NULL; }
+    PyObject *seq = PyLong_FromUnsignedLongLong(t->seq);
+    if (!seq) return NULL;
+    PyObject *a[2] = { n ? args[0] : Py_None, seq };
+    PyObject *r = Producer_commit(t->p, a, 2);
+    Py_DECREF(seq);
+    return r;
+}
+
+static PyObject *Ticket_abort(Ticket *t, PyObject *unused) {
+    if (t->p->user && t->p->user != PyThread_get_thread_ident()) {
+        PyErr_SetString(ShmringError, "this producer handle is in use by another thread inside a call of it");
+        return NULL;
+    }
+    ticket_abort(t);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ticket_get_offset(Ticket *t, void *c) { return PyLong_FromUnsignedLongLong(t->offset); }
+static PyObject *Ticket_get_open(Ticket *t, void *c) {
+    return PyBool_FromLong(t->p->reserved && t->p->res_seq == t->seq);
+}
+
+static PyMethodDef Ticket_methods[] = {
+    {"commit", (PyCFunction)(void (*)(void))Ticket_commit, METH_FASTCALL, "commit(nbytes=None): publish this reservation"},
+    {"abort", (PyCFunction)Ticket_abort, METH_NOARGS, "abort(): forget this reservation (a no-op once it is not open)"},
+    {NULL}
+};
+static PyGetSetDef Ticket_getset[] = {
+    {"offset", (getter)Ticket_get_offset, NULL, "payload offset in the region", NULL},
+    {"open", (getter)Ticket_get_open, NULL, "this reservation is still open", NULL},
+    {NULL}
+};
+static PyTypeObject TicketType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.Ticket",
+    .tp_basicsize = sizeof(Ticket),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "an open reservation of a producer; aborted when dropped open",
+    .tp_dealloc = (destructor)Ticket_dealloc,
+    .tp_methods = Ticket_methods,
+    .tp_getset = Ticket_getset,
+};
+
+/* _reserve_ticket(payload_len, type) -> Ticket, or None if full. */
+static PyObject *Producer_reserve_ticket(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (PyType_Ready(&TicketType) < 0) return NULL;
+    Ticket *t = PyObject_New(Ticket, &TicketType);     /* first: no failure after the claim */
+    if (!t) return NULL;
+    t->p = NULL;
+    PyObject *off = Producer_reserve(self, args, n);
+    if (!off || off == Py_None) { Py_DECREF(t); return off; }
+    t->offset = PyLong_AsUnsignedLongLong(off);
+    Py_DECREF(off);
+    Py_INCREF(self);
+    t->p = self;
+    t->seq = self->res_seq;
+    return (PyObject *)t;
 }
 
 struct space_ctx { Producer *p; uint64_t len, total; };
@@ -267,6 +385,8 @@ static PyObject *Producer_get_write_pos(Producer *self, void *c) {
     return PyLong_FromUnsignedLongLong(self->write_pos);
 }
 static PyObject *Producer_get_reserved(Producer *self, void *c) { return PyBool_FromLong(self->reserved); }
+static PyObject *Producer_get_res_seq(Producer *self, void *c) { return PyLong_FromUnsignedLongLong(self->res_seq); }
+static PyObject *Producer_get_user(Producer *self, void *c) { return PyLong_FromUnsignedLong(self->user); }
 
 static PyMethodDef Producer_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Producer_send, METH_FASTCALL | METH_KEYWORDS,
@@ -275,9 +395,10 @@ static PyMethodDef Producer_methods[] = {
     {"try_send", (PyCFunction)Producer_try_send, METH_O, "try_send(data) -> bool: send if there is room now"},
     {"_push", (PyCFunction)(void (*)(void))Producer_push, METH_FASTCALL, NULL},
     {"_reserve", (PyCFunction)(void (*)(void))Producer_reserve, METH_FASTCALL, NULL},
+    {"_reserve_ticket", (PyCFunction)(void (*)(void))Producer_reserve_ticket, METH_FASTCALL, NULL},
     {"_push_array", (PyCFunction)(void (*)(void))Producer_push_array, METH_FASTCALL, NULL},
     {"_commit", (PyCFunction)(void (*)(void))Producer_commit, METH_FASTCALL, NULL},
-    {"_abort", (PyCFunction)Producer_abort, METH_NOARGS, NULL},
+    {"_abort", (PyCFunction)(void (*)(void))Producer_abort, METH_FASTCALL, NULL},
     {"_wait_space", (PyCFunction)(void (*)(void))Producer_wait_space, METH_FASTCALL, NULL},
     {"_mark_closed", (PyCFunction)Producer_mark_closed, METH_NOARGS, NULL},
     {"_use", (PyCFunction)Producer_use, METH_NOARGS, NULL},
@@ -287,6 +408,8 @@ static PyMethodDef Producer_methods[] = {
 static PyGetSetDef Producer_getset[] = {
     {"position", (getter)Producer_get_write_pos, NULL, "bytes committed so far (the write position)", NULL},
     {"_reserved", (getter)Producer_get_reserved, NULL, NULL, NULL},
+    {"_res_seq", (getter)Producer_get_res_seq, NULL, "reservations opened so far (the open one's number)", NULL},
+    {"_user", (getter)Producer_get_user, NULL, NULL, NULL},
     {"closed", (getter)Region_get_closed, NULL, "True once close() was called", NULL},
     {NULL}
 };

@@ -83,14 +83,17 @@ void Region_dealloc(Region *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* The refusal of an explicit effect on a handle inherited through fork. */
+int check_owner(Region *r) {
+    if (!inherited(r)) return 0;
+    PyErr_SetString(ShmringError, "this handle was created before fork(); a forked child must "
+                                  "take its own handle (ring.producer() / ring.consumer())");
+    return -1;
+}
+
 int check_usable(Region *r) {
     if (r->closed || !r->has_view) { PyErr_SetString(HandleClosed, "handle is closed"); return -1; }
-    if (r->fork_gen != fork_generation) {
-        PyErr_SetString(ShmringError, "this handle was created before fork(); a forked child must "
-                                      "take its own handle (ring.producer() / ring.consumer())");
-        return -1;
-    }
-    return 0;
+    return check_owner(r);
 }
 
 /* The position invariant: rp <= wp <= rp + capacity, both aligned to the
@@ -260,6 +263,13 @@ static PyObject *Region_producers_ended(Region *self, PyObject *seal) {
 }
 
 PyObject *Region_get_closed(Region *self, void *c) { return PyBool_FromLong(self->closed); }
+PyObject *Region_get_inherited(Region *self, void *c) { return PyBool_FromLong(inherited(self)); }
+
+static PyGetSetDef Region_getset[] = {
+    {"_inherited", (getter)Region_get_inherited, NULL,
+     "True in a forked child for a handle made before the fork (the parent's: only dropped here)", NULL},
+    {NULL}
+};
 
 static PyMethodDef Region_methods[] = {
     {"publish_u64", (PyCFunction)(void (*)(void))Region_publish_u64, METH_FASTCALL, "publish_u64(offset, value, wake_offset)"},
@@ -293,4 +303,5 @@ PyTypeObject RegionType = {
     .tp_dealloc = (destructor)Region_dealloc,
     .tp_methods = Region_methods,
     .tp_members = Region_members,
+    .tp_getset = Region_getset,
 };
