@@ -602,3 +602,27 @@ def test_a_snapshot_in_a_reference_cycle_with_its_reader_is_collected_and_unpinn
         assert sum(st.stats()["pins"]) == 0
         for i in range(6):                                   # every slot usable again, without a wait
             st.publish(b"v%d" % (i + 2), timeout=0)
+
+
+def test_handles_alive_at_interpreter_exit_print_nothing(ring_name):
+    """Handles still referenced by module globals at interpreter exit (closed
+    by their with blocks, or never closed): their finalizers run while the
+    modules' globals are being torn down, and printed 'Exception ignored in
+    __del__: TypeError: NoneType object is not callable' (record handles)."""
+    import subprocess
+    import sys
+    script = f"""
+import numpy as np, shmring
+dt = np.dtype([("a", "<u8")])
+with shmring.Ring.create({ring_name!r} + "r", 1 << 12, dtype=dt) as r, r.producer() as p, r.consumer() as c:
+    p.send_many(np.zeros(3, dt))
+rr = shmring.Ring.create({ring_name!r} + "r2", 1 << 12, dtype=dt)
+p2, c2 = rr.producer(), rr.consumer()                  # never closed
+with shmring.Ring.create({ring_name!r}, 1 << 12, kind="mpmc") as ring, ring.producer() as prod, ring.consumer() as cons:
+    prod.send(b"x")
+ring2 = shmring.Ring.create({ring_name!r} + "b", 1 << 12, kind="broadcast")
+sub = ring2.subscribe()                                # never closed
+shmring.unlink({ring_name!r} + "r2"); shmring.unlink({ring_name!r} + "b")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stderr == "", r.stderr

@@ -174,19 +174,32 @@ def test_ctrl_c_stops_everything_within_a_second(tmp_path):
     name = f"pc{os.getpid()}"
     script = tmp_path / "endless.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pids = stage_pids(proc)                    # source, 2 workers, sink
-    time.sleep(0.3)
-    t0 = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=10)
-    elapsed = time.monotonic() - t0
-    assert "INTERRUPTED" in out and "KeyboardInterrupt" in err
-    assert elapsed < 1.0, elapsed
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-    assert segments(name) == []
+    proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        pids = stage_pids(proc)                    # source, 2 workers, sink
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=10)
+        elapsed = time.monotonic() - t0
+        assert "INTERRUPTED" in out and "KeyboardInterrupt" in err
+        assert elapsed < 1.0, elapsed
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert segments(name) == []
+    finally:
+        _kill_session(proc)
+
+
+def _kill_session(proc):
+    """A failed test leaves no endless pipeline behind (its stages share its session)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(10)
 
 
 def test_the_graph_is_checked_before_anything_starts():
@@ -235,7 +248,8 @@ def test_stage_processes_die_with_a_killed_parent(tmp_path):
     name = f"pd{os.getpid()}"
     script = tmp_path / "endless.py"
     script.write_text(SCRIPT)
-    proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
     try:
         pids = stage_pids(proc)
         proc.kill()
@@ -247,6 +261,7 @@ def test_stage_processes_die_with_a_killed_parent(tmp_path):
             alive = [p for p in alive if shmring._proc.alive(p)]           # zombies count as dead
         assert not alive
     finally:
+        _kill_session(proc)
         for seg in segments(name):                    # the parent could not unlink them
             shmring.unlink(seg[len("shmring."):], missing_ok=True)
 

@@ -46,7 +46,7 @@ def _exclusive(method):
     @functools.wraps(method)
     def held(self, *args, **kwargs):
         lock = self._use_lock
-        if not lock.acquire(blocking=False):
+        if not lock.acquire(False):              # (positional: the keyword costs ~0.35 us per call)
             raise ShmringError(f"this {type(self).__name__} of {self._label} is in use by another thread "
                                "inside a call of it; a handle is not thread-safe: give each thread its own "
                                "handle, or serialize its calls with a lock (releasing a batch from any "
@@ -261,7 +261,7 @@ class RecordProducer(_Handle):
         if not _inherited(self):
             self._role.give_back(self._region)
 
-    def __del__(self):
+    def __del__(self, _dropped=_dropped):      # (bound now: at interpreter exit the module's globals are gone)
         # Dropped without close(): give the role back, leave the stream open (as Producer)
         if _dropped(self, "it was detached (role given back, stream left open)"):
             self.detach()
@@ -444,7 +444,7 @@ class RecordConsumer(_Handle):
         if not _inherited(self):
             self._role.give_back(self._region)
 
-    def __del__(self):
+    def __del__(self, _dropped=_dropped):      # (bound now: at interpreter exit the module's globals are gone)
         if _dropped(self, "its role was given back"):
             self.close()
 

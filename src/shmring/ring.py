@@ -410,7 +410,7 @@ class Producer(_core.ProducerCore):
         self._kind = ring.kind
         self._pid = os.getpid()               # last: a handle whose __init__ failed is never finalized
 
-    def __del__(self):
+    def __del__(self, _finalizable=_finalizable, _warn_dropped=_warn_dropped):   # (bound: globals go at exit)
         # Dropped without close() (README, "Handles, threads and garbage
         # collection"): detached.  Its role or table slot is given back (an
         # open reservation aborted), so another producer, of any process, can
@@ -767,7 +767,7 @@ class Consumer(_core.ConsumerCore):
         self._label = ring._seg.label
         self._pid = os.getpid()               # last: a handle whose __init__ failed is never finalized
 
-    def __del__(self):
+    def __del__(self, _finalizable=_finalizable, _warn_dropped=_warn_dropped):   # (bound: globals go at exit)
         # Dropped without close(): close it (give the role back / leave the
         # table).  In a reference cycle with messages it still holds, those are
         # collected with it and the last one's release leaves the table (C).
