@@ -327,6 +327,10 @@ class RecordBatch:
         return f"<shmring.RecordBatch of {self._n} records{' released' if self._lease is None else ''}>"
 
 
+_ESCAPED = ("a view of a record batch outlived the batch; the ring space is held until the view is "
+            "garbage-collected (use batch.copy() to keep records)")
+
+
 class RecordConsumer(_Handle):
     """The consumer of a record ring (a context manager; exiting detaches)."""
 
@@ -381,8 +385,7 @@ class RecordConsumer(_Handle):
         first = min(n, self.slots - o)
         dt, isz = self.dtype, self.dtype.itemsize
         lease = _core.Lease(self._region, L.HEADER_SIZE, self.slots * isz, functools.partial(self._finish, start),
-                            f"a view of {n} records outlived its batch; the ring space is held until the view "
-                            "is garbage-collected (use batch.copy() to keep records)")
+                            _ESCAPED)
         arrays = [np.frombuffer(lease, dt, first, o * isz)]
         if first < n:
             arrays.append(np.frombuffer(lease, dt, n - first, 0))
