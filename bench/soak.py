@@ -42,6 +42,7 @@ Exit status 0 only if losses, torn and violations are all zero.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import mmap
 import os
@@ -100,6 +101,17 @@ class Book:
 def _complain(book, kind, msg):
     book.add(kind)
     print(f"[soak pid {os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+def _dump_stuck(p, what: str) -> None:
+    """A child that did not finish: print where each of its threads is (its
+    faulthandler, inherited from us, dumps them to stderr on SIGUSR1)."""
+    print(f"{what}: its stacks follow", file=sys.stderr, flush=True)
+    try:
+        os.kill(p.pid, signal.SIGUSR1)
+    except ProcessLookupError:
+        return
+    time.sleep(0.5)
 
 
 def _kill(p) -> None:
@@ -726,10 +738,10 @@ class Joins:
         for cid, (slot, role, p) in list(self.procs.items()):
             p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():
+                _dump_stuck(p, f"--joins: child {cid} ({role}) did not finish within 60 s of the end")
                 _kill(p)
                 p.join()
                 bad += 1
-                print(f"--joins: child {cid} ({role}) did not finish within 60 s of the end", file=sys.stderr)
             elif cid not in self.killed and p.exitcode != 0:
                 bad += 1
                 print(f"--joins: child {cid} ({role}) exited with code {p.exitcode}", file=sys.stderr)
@@ -910,6 +922,8 @@ class Soak:
             bad_exit = 0
             for (i, role), p in self.procs.items():
                 p.join(60)
+                if p.is_alive():
+                    _dump_stuck(p, f"ring {i} {role} did not finish within 60 s of the end")
                 if p.is_alive() or p.exitcode != 0:
                     bad_exit += 1
                     print(f"ring {i} {role} ended with exit code {p.exitcode}", file=sys.stderr)
@@ -960,6 +974,7 @@ class Soak:
 
 
 def main(argv=None) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)    # inherited by every child (fork)
     ap = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=3.0, help="how long to run (default 3)")
     ap.add_argument("--rings", type=int, default=2, help="rings, each with a producer and a consumer (default 2)")
