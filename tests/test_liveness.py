@@ -215,3 +215,27 @@ def test_a_producer_killed_in_another_pid_namespace_is_seen_dead(ring_name, chil
         child.kill()
         with pytest.raises(shmring.PeerGone):
             c.recv(timeout=10)                         # slices of 0.1 s: it sees the death when it happens
+
+
+def test_a_fork_while_another_thread_claims_a_role_leaves_the_child_able_to_claim(ring_name):
+    """The mutex that serializes this process's role transitions is made anew
+    in a forked child: a thread of the parent holding it at the fork would
+    leave the child's copy locked, and the child's first claim would hang."""
+    import threading
+    from shmring import roles
+    with shmring.Ring.create(ring_name, 1 << 12, kind="mpmc") as ring:
+        roles._mutex.acquire()                     # "another thread" is inside a transition
+        try:
+            pid = os.fork()
+            if pid == 0:
+                code = 1
+                try:
+                    t = threading.Thread(target=lambda: ring.consumer().close(), daemon=True)
+                    t.start()
+                    t.join(10)
+                    code = 0 if not t.is_alive() else 2
+                finally:
+                    os._exit(code)
+        finally:
+            roles._mutex.release()
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0

@@ -49,6 +49,15 @@ _me = (0, 0)                    # (pid, owner word): a fresh nonce in every proc
 _mutex = threading.RLock()      # role transitions of this process (see the module docstring)
 
 
+def _fresh_mutex_after_fork() -> None:
+    # a thread of the parent may have held it at the fork: the child's copy would stay locked
+    global _mutex
+    _mutex = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_mutex_after_fork)
+
+
 def my_owner_word() -> int:
     """This process's owner word: its pid and a random nonce (per process)."""
     global _me
