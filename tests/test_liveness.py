@@ -31,7 +31,7 @@ def _unshare_works() -> bool:
 
 
 UNSHARE = _unshare_works()
-NAMESPACES = [False, pytest.param(True, marks=pytest.mark.skipif(not UNSHARE, reason="needs root and unshare(1)"))]
+NAMESPACES = [False, pytest.param(True, marks=pytest.mark.skipif(not UNSHARE, reason="creating a pid namespace (unshare -p) needs root and util-linux unshare(1); CI here runs as root"))]
 
 
 class Child:

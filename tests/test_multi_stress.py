@@ -306,6 +306,20 @@ def test_mpmc_consumers_join_leave_and_die_during_a_100k_stream(ring_name, procs
 
 # --------------------------------------------------------------------------- mpsc
 
+def _consumer_and_anchor(run, ctx, ring, rng, sessions: int, anchor_arg: int):
+    """Start the one consumer (id 0) and the anchor producer (id 1000, open until
+    ``stop[0]`` is set) of an mpsc/mpmc producer-churn test; returns the
+    shared (committed per tag, stop) arrays once both have joined."""
+    committed, stop = ctx.RawArray("q", sessions + 1), ctx.RawArray("q", 1)
+    for i in range(len(committed)):
+        committed[i] = -1
+    run.start(0, "consumer", W.mpsc_consumer, ring, run.col.writer, 0, 3, rng.randrange(1 << 30))
+    run.start(1000, "anchor", W.mpsc_producer, ring, run.col.writer, 1000, 0, "anchor", 1 << 40,
+              committed, stop, anchor_arg)
+    run.wait_info([0, 1000], "joined")
+    return committed, stop
+
+
 def test_mpsc_producers_join_detach_close_and_die_while_one_consumer_drains(ring_name, procs):
     """An anchor producer streams for the whole run (paced) while 24 producer
     sessions join, up to 3 at a time: 8 send and close, 6 send and detach
@@ -323,13 +337,7 @@ def test_mpsc_producers_join_detach_close_and_die_while_one_consumer_drains(ring
     with shmring.Ring.create(ring_name, 1 << 15, kind="mpsc", producers=expected) as ring:
         run = Run(procs, ctx, ring, "mpsc stress")
         try:
-            committed, stop = ctx.RawArray("q", len(plan) + 1), ctx.RawArray("q", 1)
-            for i in range(len(committed)):
-                committed[i] = -1
-            run.start(0, "consumer", W.mpsc_consumer, ring, run.col.writer, 0, 3, rng.randrange(1 << 30))
-            run.start(1000, "anchor", W.mpsc_producer, ring, run.col.writer, 1000, 0, "anchor", 1 << 40,
-                      committed, stop, 3)
-            run.wait_info([0, 1000], "joined")
+            committed, stop = _consumer_and_anchor(run, ctx, ring, rng, len(plan), 3)
             sessions, n_of, kill_at, kill_when = {}, {}, {}, {}
             last_start = 0.0
             tag = 0
@@ -424,13 +432,7 @@ def test_producers_killed_at_a_step_of_joining_or_leaving_do_not_end_the_stream(
     with shmring.Ring.create(ring_name, 1 << 15, kind=kind) as ring:
         run = Run(procs, ctx, ring, f"{kind} producers killed at {point}")
         try:
-            committed, stop = ctx.RawArray("q", len(plan) + 1), ctx.RawArray("q", 1)
-            for i in range(len(committed)):
-                committed[i] = -1
-            run.start(0, "consumer", W.mpsc_consumer, ring, run.col.writer, 0, 3, rng.randrange(1 << 30))
-            run.start(1000, "anchor", W.mpsc_producer, ring, run.col.writer, 1000, 0, "anchor", 1 << 40,
-                      committed, stop, 2)
-            run.wait_info([0, 1000], "joined")
+            committed, stop = _consumer_and_anchor(run, ctx, ring, rng, len(plan), 2)
             sessions, n_of, history = {}, {}, []
             tag = 0
             while plan or any(run.alive(c) for c in sessions):

@@ -154,16 +154,13 @@ class Tables:
         r, line = self.region, self.pline(i)
         if not self.take(line, word):
             return False
-        self._withdraw_waits(line + L.PE_WAITING, L.OFF_SPACE_WAKE)
+        withdraw_waits(self.region, line + L.PE_WAITING, L.OFF_SPACE_WAKE)
         if r.load_u64(line + L.PE_SESSION) & L.PE_JOINED:
             r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_DEAD, 1)     # R11: before the end it makes
             self._session(i, False, 1)
             r.wake(L.OFF_DATA_WAKE)
         self.give(line)
         return True
-
-    def _withdraw_waits(self, waiting: int, wake: int) -> None:
-        withdraw_waits(self.region, waiting, wake)
 
     def reap_producers(self) -> None:
         for i in range(self.maxp):
@@ -234,7 +231,7 @@ class Tables:
         if not self.take(line, word):
             return False
         pause("drop_subscriber")
-        self._withdraw_waits(line + L.CE_WAITING, L.OFF_DATA_WAKE)
+        withdraw_waits(self.region, line + L.CE_WAITING, L.OFF_DATA_WAKE)
         r.store_u64(line + L.CE_POS, L.POS_FREE)
         self.give(line)
         r.fetch_add_u64(L.MP_OFF_COUNTERS + L.MP_DROPPED, 1)
@@ -338,7 +335,7 @@ class Tables:
         def take(i, word):
             if self.take(self.cline(i), word):
                 taken.add(i)
-                self._withdraw_waits(self.cline(i) + L.CE_WAITING, L.OFF_DATA_WAKE)
+                withdraw_waits(self.region, self.cline(i) + L.CE_WAITING, L.OFF_DATA_WAKE)
 
         for i in range(self.maxc):
             w = r.load_u64(self.cline(i) + L.CE_OWNER)
@@ -367,7 +364,7 @@ class Tables:
         before it takes anything, so no record naming the entry is ours."""
         if not self.take(self.cline(i), word):
             return False
-        self._withdraw_waits(self.cline(i) + L.CE_WAITING, L.OFF_DATA_WAKE)
+        withdraw_waits(self.region, self.cline(i) + L.CE_WAITING, L.OFF_DATA_WAKE)
         return True
 
     def requeue_adopted(self, consumer, slot: int) -> None:
