@@ -3,6 +3,7 @@ SIGKILLs random roles and starts replacements; then every sequence is checked.
 
     python -m bench.soak --minutes 3            # opt-in; not part of the test suite
     python -m bench.soak --minutes 3 --joins    # also multi-party rings whose parties come and go
+    python -m bench.soak --minutes 3 --sigint   # also Ctrl-C (SIGINT) storms into every spsc role
 
 Each ring (``--rings``, POSIX segments and file-backed rings alternating) has
 one producer process and one consumer process.  Message ``seq`` is
@@ -34,6 +35,19 @@ page the supervisor owns):
 producers and subscribers join, leave and are killed all along, with the same
 exact accounting: no message lost, none torn, no duplicate beyond the counted
 redeliveries of what a killed mpmc consumer held (see "--joins" below).
+
+``--sigint`` also pelts the spsc producers and consumers with SIGINT (a
+mean of ``--sigint-every`` seconds apart per process).  A child's handler
+raises KeyboardInterrupt exactly where Python's default one would, but only
+inside shmring's own code or the one-line wrapper (``_lib``) the soak calls it
+through; in the soak's bookkeeping frames it is ignored, so the accounting
+itself is never interrupted (a user's code would lose what its own code
+dropped; that is not the library's to answer for).  On an interrupt the child
+retries what was interrupted: a ``recv`` (a message dropped unread must come
+again, R39), reading a message, a release, a send (committed or not is read
+from the ring's write position, which only this producer moves: a send is
+never repeated or skipped), taking a role, closing.  The accounting above then
+proves nothing was lost or duplicated.
 
 Prints messages delivered, bytes, kills survived per role, redeliveries (the
 at-least-once duplicates), losses, torn messages and contract violations.
@@ -77,7 +91,7 @@ def tagged(seq: int) -> bytes:
 
 # int64 slots of a ring's accounting page (anonymous shared mmap, inherited by fork)
 LAST_RECEIVED, LAST_RELEASED, COMMITTED, REDELIVERED, LOSSES, TORN, VIOLATIONS, STOP, DELIVERED, \
-    BYTES, PROD_STARTS, CONS_STARTS, DONE = range(13)
+    BYTES, PROD_STARTS, CONS_STARTS, DONE, INTERRUPTS = range(14)
 NSLOTS = 16
 
 
@@ -107,6 +121,15 @@ def _dump_stuck(p, what: str) -> None:
     """A child that did not finish: print where each of its threads is (its
     faulthandler, inherited from us, dumps them to stderr on SIGUSR1)."""
     print(f"{what}: its stacks follow", file=sys.stderr, flush=True)
+    for f in ("status", "wchan", "stack"):       # what the kernel says (a child that cannot dump)
+        try:
+            with open(f"/proc/{p.pid}/{f}") as fh:
+                text = fh.read()
+        except OSError as e:
+            text = repr(e)
+        if f == "status":
+            text = "".join(l for l in text.splitlines(True) if l.startswith(("State", "Sig", "Shd", "Threads")))
+        print(f"  /proc/{p.pid}/{f}: {text.strip()}", file=sys.stderr, flush=True)
     try:
         os.kill(p.pid, signal.SIGUSR1)
     except ProcessLookupError:
@@ -124,7 +147,45 @@ def _kill(p) -> None:
 
 def _attach(where):
     name, path = where
-    return shmring.Ring.attach(name, path=path)
+    return _retry(shmring.Ring.attach, name, path=path)
+
+
+# --------------------------------------------------------------------------- --sigint
+
+_SHMRING_DIR = os.path.dirname(shmring.__file__)
+_interrupts = [None]                       # this child's Book while interrupts are armed
+SIGINT_JOINS = [False]                     # --sigint with --joins: arm the multi-party consumers too
+
+
+def _lib(fn, *args, **kwargs):
+    """Every library call of a soak child goes through here: an interrupt may land in this frame or inside shmring."""
+    return fn(*args, **kwargs)
+
+
+def _arm_sigint(book) -> None:
+    """Raise KeyboardInterrupt as Python's default handler does, but only in
+    shmring's frames or _lib's (a C call checks signals in its caller's frame:
+    _lib's); ignored in the soak's bookkeeping."""
+    loud = _lib.__code__
+
+    def on_int(sig, frame):
+        if frame is not None and (frame.f_code is loud or frame.f_code.co_filename.startswith(_SHMRING_DIR)):
+            raise KeyboardInterrupt
+    _interrupts[0] = book
+    signal.signal(signal.SIGINT, on_int)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})    # blocked since the fork (Soak.start)
+
+
+def _retry(fn, *args, **kwargs):
+    """_lib(fn, ...) again after each interrupt (for calls that may simply be
+    repeated: attach, recv, reading a message, release, close)."""
+    while True:
+        try:
+            return _lib(fn, *args, **kwargs)
+        except KeyboardInterrupt:
+            if _interrupts[0] is None:     # not ours: a real Ctrl-C
+                raise
+            _interrupts[0].add(INTERRUPTS)
 
 
 # --------------------------------------------------------------------------- roles
@@ -134,7 +195,7 @@ def _take(ring, role):
     deadline = time.monotonic() + 30
     while True:
         try:
-            return getattr(ring, role)(spin=20e-6)
+            return _retry(getattr(ring, role), spin=20e-6)
         except shmring.RoleTaken:
             if time.monotonic() > deadline:
                 raise
@@ -161,34 +222,44 @@ def _resume_point(ring, book) -> int:
     return last + 1
 
 
-def producer_main(where, book, inject_loss=False):
+def producer_main(where, book, inject_loss=False, sigint=False):
     try:
+        if sigint:
+            _arm_sigint(book)
         ring = _attach(where)
         p = _take(ring, "producer")
         book.add(PROD_STARTS)
-        seq = _resume_point(ring, book)
+        seq = _retry(_resume_point, ring, book)      # (reads only: an interrupt in its layout calls is redone)
         c = book.get(COMMITTED)
         if seq <= c:                                  # COMMITTED is written after each commit: never ahead
             _complain(book, VIOLATIONS, f"producer resumes at {seq} but {c} was committed already")
+        region = ring._region
         while not book.get(STOP):
+            wp = region.load_u64(L.OFF_WRITE_POS)     # only this producer moves it
             try:
-                p.send(tagged(seq), timeout=0.5)
+                _lib(p.send, tagged(seq), timeout=0.5)
             except (shmring.Timeout, shmring.PeerGone):
                 continue                              # consumer slow or being replaced
+            except KeyboardInterrupt:
+                book.add(INTERRUPTS)
+                if region.load_u64(L.OFF_WRITE_POS) == wp:
+                    continue                          # interrupted before its commit: send it again
             book.set(COMMITTED, seq)
             seq += 1
             if inject_loss and seq == 1000:
                 seq += 1                              # --inject-loss: prove the checker sees a gap
-        p.close()
+        _retry(p.close)
     except Exception:
         traceback.print_exc()
         os._exit(3)
     os._exit(0)
 
 
-def consumer_main(where, book, seed):
+def consumer_main(where, book, seed, sigint=False):
     rng = random.Random(seed)
     try:
+        if sigint:
+            _arm_sigint(book)
         ring = _attach(where)
         c = _take(ring, "consumer")
         book.add(CONS_STARTS)
@@ -197,12 +268,15 @@ def consumer_main(where, book, seed):
         held = []
         while True:
             try:
-                m = c.recv(timeout=0.5)
+                m = _lib(c.recv, timeout=0.5)
             except (shmring.Timeout, shmring.PeerGone):
                 continue                              # producer being replaced
             except shmring.EndOfStream:
                 break
-            data = m.tobytes()
+            except KeyboardInterrupt:
+                book.add(INTERRUPTS)                  # a message dropped unread comes again (R39)
+                continue
+            data = _retry(m.tobytes)
             seq = int.from_bytes(data[:8], "little")
             if data != tagged(seq):
                 _complain(book, TORN, f"message {seq} is not byte-identical")
@@ -224,12 +298,12 @@ def consumer_main(where, book, seed):
             if len(held) > rng.randrange(0, 4):
                 while held:
                     s, hm = held.pop(0)
-                    hm.release()
+                    _retry(hm.release)
                     book.set(LAST_RELEASED, s)        # after release (may be stale by one if killed here)
         for s, hm in held:
-            hm.release()
+            _retry(hm.release)
             book.set(LAST_RELEASED, s)
-        c.close()
+        _retry(c.close)
         book.set(DONE, 1)
     except Exception:
         traceback.print_exc()
@@ -353,19 +427,59 @@ def j_producer(where, conn, cid, tag, n, fate, jb):
     _jrun(rep, body)
 
 
+def _start_blocked(p) -> None:
+    """Start child ``p`` with SIGINT blocked (the mask is inherited through
+    fork): --sigint storms reach it only once its handler is armed, which
+    unblocks it (_arm_sigint)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        p.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def _jtake(cons, held, rep, timeout=0.5):
     """The next message; holding some, only one that is there now (release them
-    before blocking: a holder asleep would hold up the end of the stream)."""
+    before blocking: a holder asleep would hold up the end of the stream).
+    --sigint: an interrupted receive raises KeyboardInterrupt (the message, never
+    seen, comes again: R39); the caller goes round again."""
     if held:
-        m = cons.try_recv()
+        m = _lib(cons.try_recv)
         if m is not None:
             return m
         while held:
             tag, seq, hm = held.pop(0)
-            hm.release()
+            _retry(hm.release)
             if rep is not None:
                 rep.frame(J_RELEASED, tag, seq)
-    return cons.recv(timeout=timeout)
+    return _lib(cons.recv, timeout=timeout)
+
+
+class _Interrupts:
+    """--sigint in a --joins child: interrupts counted here, reported when it finishes."""
+
+    def __init__(self):
+        self.n = 0
+
+    def add(self, _slot) -> None:
+        self.n += 1
+
+
+def _jarm(rep):
+    """Arm SIGINT in a --joins consumer or subscriber (--sigint); returns the
+    counter to report, or None.  Producers are not interrupted there: whether an
+    interrupted multi-producer send committed cannot be read back exactly (the
+    spsc rings and tests/test_interrupts.py cover interrupted sends)."""
+    if not SIGINT_JOINS[0]:
+        return None
+    counter = _Interrupts()
+    _arm_sigint(counter)
+    return counter
+
+
+def _jdone(rep, counter) -> None:
+    if counter is not None:
+        rep.info(what="interrupts", n=counter.n)
 
 
 def j_mpmc_consumer(where, conn, cid, limit, seed, lose_at, jb):
@@ -375,20 +489,21 @@ def j_mpmc_consumer(where, conn, cid, limit, seed, lose_at, jb):
     rng = random.Random(seed)
 
     def body():
+        counter = _jarm(rep)
         ring = _attach(where)
-        c = ring.consumer(spin=20e-6)
+        c = _retry(ring.consumer, spin=20e-6)
         held, n = [], 0
         while n < limit:
             try:
                 m = _jtake(c, held, rep)
-            except shmring.Timeout:
+            except (shmring.Timeout, KeyboardInterrupt):
                 continue
             except (shmring.EndOfStream, shmring.PeerGone) as e:
                 if not jb.get(J_STOP):
                     rep.info(what="violation", detail=f"mpmc: the stream ended while the anchor producer was "
                                                       f"open ({type(e).__name__}: {e})")
                 break
-            tag, seq, ok = _jread(m.tobytes())
+            tag, seq, ok = _jread(_retry(m.tobytes))
             if not ok:
                 rep.info(what="torn", detail=f"mpmc consumer {cid}: message {tag}/{seq} is not byte-identical")
             n += 1
@@ -400,13 +515,14 @@ def j_mpmc_consumer(where, conn, cid, limit, seed, lose_at, jb):
             if len(held) > rng.randrange(0, 4):
                 while held:
                     t, s, hm = held.pop(0)
-                    hm.release()
+                    _retry(hm.release)
                     rep.frame(J_RELEASED, t, s)
         while held:
             t, s, hm = held.pop(0)
-            hm.release()
+            _retry(hm.release)
             rep.frame(J_RELEASED, t, s)
-        c.close()
+        _retry(c.close)
+        _jdone(rep, counter)
     _jrun(rep, body)
 
 
@@ -415,29 +531,34 @@ def j_mpsc_consumer(where, conn, cid, jb):
     rep = _JReport(conn, cid)
 
     def body():
+        counter = _jarm(rep)
         ring = _attach(where)
         last = {}
         end = None
-        with ring.consumer(spin=20e-6) as c:
+        c = _retry(ring.consumer, spin=20e-6)
+        try:
             while end is None:
                 try:
-                    m = c.recv(timeout=0.5)
-                except shmring.Timeout:
+                    m = _lib(c.recv, timeout=0.5)
+                except (shmring.Timeout, KeyboardInterrupt):
                     continue
                 except (shmring.EndOfStream, shmring.PeerGone) as e:
                     end = f"{type(e).__name__}: {e}"
                     break
-                with m:
-                    tag, seq, ok = _jread(m.tobytes())
+                tag, seq, ok = _jread(_retry(m.tobytes))
+                _retry(m.release)
                 if not ok:
                     rep.info(what="torn", detail=f"mpsc: message {tag}/{seq} is not byte-identical")
                 if seq != last.get(tag, -1) + 1:
                     rep.info(what="loss" if seq > last.get(tag, -1) + 1 else "violation",
                              detail=f"mpsc: producer {tag} message {seq} arrived after {last.get(tag, -1)}")
                 last[tag] = max(seq, last.get(tag, -1))
+        finally:
+            _retry(c.close)
         for tag, seq in last.items():
             rep.frame(J_LAST, tag, seq)
         rep.info(what="mpsc-end", end=end, early=not jb.get(J_STOP))
+        _jdone(rep, counter)
     _jrun(rep, body)
 
 
@@ -447,19 +568,20 @@ def j_subscriber(where, conn, cid, start, limit, seed):
     rng = random.Random(seed)
 
     def body():
+        counter = _jarm(rep)
         ring = _attach(where)
-        sub = ring.subscribe(start, spin=20e-6)
+        sub = _retry(ring.subscribe, start, spin=20e-6)
         rep.info(what="joined")
         held, first, last, count, end = [], None, None, 0, None
         while count < limit:
             try:
                 m = _jtake(sub, held, None)
-            except shmring.Timeout:
+            except (shmring.Timeout, KeyboardInterrupt):
                 continue
             except shmring.EndOfStream:
                 end = "EndOfStream"
                 break
-            tag, seq, ok = _jread(m.tobytes())
+            tag, seq, ok = _jread(_retry(m.tobytes))
             if not ok:
                 rep.info(what="torn", detail=f"subscriber {cid}: message {seq} is not byte-identical")
             if last is not None and seq != last + 1:
@@ -470,12 +592,13 @@ def j_subscriber(where, conn, cid, start, limit, seed):
             held.append((tag, seq, m))
             if len(held) > rng.randrange(0, 3):
                 for _, _, hm in held:
-                    hm.release()
+                    _retry(hm.release)
                 held.clear()
         for _, _, hm in held:
-            hm.release()
-        sub.close()
+            _retry(hm.release)
+        _retry(sub.close)
         rep.info(what="sub-done", first=first, last=last, count=count, end=end)
+        _jdone(rep, counter)
     _jrun(rep, body)
 
 
@@ -514,6 +637,7 @@ class Joins:
                                       "mpsc producers closed", "mpsc producers detached", "mpsc producers killed",
                                       "subscribers joined", "subscribers left", "subscribers killed")}
         self.stopping = False
+        self.interrupts = 0                  # --sigint: landed in consumers that finished (killed ones do not report)
         self.buf = bytearray()
 
     # -- processes ----------------------------------------------------------------
@@ -521,7 +645,7 @@ class Joins:
         cid = self.next_cid
         self.next_cid += 1
         p = self.ctx.Process(target=target, args=(self.where[slot[0]], self.writer, cid) + args, daemon=True)
-        p.start()
+        _start_blocked(p)
         self.procs[cid] = (slot, role, p)
         return cid
 
@@ -708,6 +832,8 @@ class Joins:
             self._problem("violations", info["detail"])
         elif what == "error":
             self._problem("violations", f"child {info['cid']} failed: {info['error']}")
+        elif what == "interrupts":
+            self.interrupts += info["n"]
         else:
             if what == "joined":
                 self.joined.add(info["cid"])
@@ -867,15 +993,17 @@ class Soak:
             self.rings.append(where)
             self.books.append(Book())
         self.joins = Joins(self) if args.joins else None
+        SIGINT_JOINS[0] = args.sigint                # inherited by the --joins children
 
     def start(self, i, role):
         if role == "producer":
-            p = self.ctx.Process(target=producer_main, args=(self.rings[i], self.books[i], self.args.inject_loss),
-                                 daemon=True)
+            p = self.ctx.Process(target=producer_main, args=(self.rings[i], self.books[i], self.args.inject_loss,
+                                                             self.args.sigint), daemon=True)
         else:
             p = self.ctx.Process(target=consumer_main, args=(self.rings[i], self.books[i],
-                                                             self.rng.randrange(1 << 30)), daemon=True)
-        p.start()
+                                                             self.rng.randrange(1 << 30), self.args.sigint),
+                                 daemon=True)
+        _start_blocked(p)
         self.procs[(i, role)] = p
 
     def chaos(self, stop: threading.Event):
@@ -889,6 +1017,28 @@ class Soak:
                     self.kills[role] += 1
                 self.start(i, role)
 
+    def pelt(self, stop: threading.Event):
+        """--sigint: SIGINT to a random target (spsc producers and consumers;
+        with --joins also the multi-party consumers and subscribers), each
+        about every sigint_every seconds."""
+        rng = random.Random(self.args.seed + 11)
+        while True:
+            with self.lock:
+                targets = list(self.procs.values())
+                if self.joins:
+                    with self.joins.lock:
+                        targets += [p for slot, role, p in self.joins.procs.values()
+                                    if role in ("consumer", "full", "sub")]
+                if stop.wait(rng.uniform(0, 2 * self.args.sigint_every / len(targets))):
+                    return
+                p = rng.choice(targets)
+                if p.exitcode is None:               # not reaped: the pid is still this child's
+                    try:
+                        os.kill(p.pid, signal.SIGINT)
+                        self.sigints += 1
+                    except ProcessLookupError:
+                        pass
+
     def run(self) -> int:
         a = self.args
         t0 = time.monotonic()
@@ -900,6 +1050,10 @@ class Soak:
         stop = threading.Event()
         th = threading.Thread(target=self.chaos, args=(stop,), daemon=True)
         th.start()
+        self.sigints = 0
+        if a.sigint:
+            pelter = threading.Thread(target=self.pelt, args=(stop,), daemon=True)
+            pelter.start()
         end = t0 + a.minutes * 60
         while time.monotonic() < end:
             time.sleep(min(a.report_every, max(0.0, end - time.monotonic())))
@@ -913,6 +1067,8 @@ class Soak:
                   + (f"  {self.joins.progress()}" if self.joins else ""), flush=True)
         stop.set()
         th.join()
+        if a.sigint:
+            pelter.join()
         with self.lock:                        # replace whatever is dead, then end every stream
             for (i, role), p in list(self.procs.items()):
                 if not p.is_alive():
@@ -948,6 +1104,7 @@ class Soak:
             tot["losses"] += b.get(LOSSES)
             tot["torn"] += b.get(TORN)
             tot["violations"] += b.get(VIOLATIONS)
+            tot["interrupts"] = tot.get("interrupts", 0) + b.get(INTERRUPTS)
         for where in self.rings:
             shmring.unlink(where[0], path=where[1], missing_ok=True)
         self.tmp.cleanup()
@@ -962,6 +1119,14 @@ class Soak:
               f"{tot['delivered'] / elapsed:,.0f} msg/s)")
         print(f"  kills survived       {kills:>14,}  (producer {self.kills['producer']:,}, "
               f"consumer {self.kills['consumer']:,})")
+        if self.args.sigint:
+            print(f"  SIGINTs sent         {self.sigints:>14,}  (to spsc producers and consumers"
+                  + (", --joins consumers and subscribers)" if self.joins else ")"))
+            if self.joins:
+                print(f"  --joins interrupts   {self.joins.interrupts:>14,}  (landed in consumers and subscribers "
+                      "that finished; killed ones do not report)")
+            print(f"  interrupts landed    {tot['interrupts']:>14,}  (KeyboardInterrupts raised in shmring calls, "
+                  "each retried)")
         print(f"  redelivered          {tot['redelivered']:>14,}  (unreleased when their consumer was killed)")
         print(f"  receipts             {tot['receipts']:>14,}  (every recv, redeliveries included)")
         print(f"  losses               {tot['losses']:>14,}")
@@ -985,6 +1150,11 @@ def main(argv=None) -> int:
     ap.add_argument("--joins", action="store_true",
                     help="add an mpmc, an mpsc and a broadcast ring whose consumers, producers and subscribers "
                          "join, leave and are killed all along, with the same exact accounting")
+    ap.add_argument("--sigint", action="store_true",
+                    help="also send SIGINT (Ctrl-C) storms to the spsc producers and consumers; each "
+                         "KeyboardInterrupt raised inside shmring is retried and the accounting must still be exact")
+    ap.add_argument("--sigint-every", type=float, default=0.005,
+                    help="mean seconds between SIGINTs to each spsc process (default 0.005)")
     ap.add_argument("--inject-loss", action="store_true",
                     help="self-test: producers skip sequence 1000 (--joins: every mpmc consumer leaves its "
                          "500th message unreported); the run must then FAIL with losses")
