@@ -284,3 +284,123 @@ def test_a_loop_that_drops_every_message_unread_still_ends(ring_name, kind):
         n = sum(1 for _ in c)
         assert time.monotonic() - t < 10
         assert 200 <= n <= 200 + 64 + 1
+
+
+# ------------------------------------------------------------- R50: an interrupted clean-up is finished
+
+class _InterruptOnce:
+    """Raise KeyboardInterrupt the first ``times`` times ``point`` is reached
+    (as a Ctrl-C landing exactly there would), then let it go on."""
+
+    def __init__(self, monkeypatch, target, attr, times=1):
+        self.left, real = times, getattr(target, attr)
+
+        def hit(*a, **kw):
+            if self.left:
+                self.left -= 1
+                raise KeyboardInterrupt
+            return real(*a, **kw)
+        monkeypatch.setattr(target, attr, hit)
+
+
+def _role_is_free(ring, role):
+    h = getattr(ring, role)()
+    h.detach() if role == "producer" else h.close()
+    return True
+
+
+@pytest.mark.parametrize("role", ["producer", "consumer"])
+def test_an_interrupt_inside_close_is_finished_and_reraised(ring_name, role, monkeypatch):
+    """KeyboardInterrupt lands inside close() (a producer: detach()), after the
+    handle stopped taking calls and before the role was given back: the call
+    finishes the give-back, then raises the KeyboardInterrupt; the role is
+    free at once."""
+    with shmring.Ring.create(ring_name, 1 << 12) as ring:
+        h = getattr(ring, role)()
+        _InterruptOnce(monkeypatch, shmring.roles, "give_back")
+        with pytest.raises(KeyboardInterrupt):
+            h.detach() if role == "producer" else h.close()
+        assert h.closed
+        monkeypatch.undo()
+        assert _role_is_free(ring, role)
+
+
+@pytest.mark.parametrize("role", ["producer", "consumer"])
+def test_an_interrupt_inside_a_dropped_handles_finalizer_is_finished(ring_name, role, monkeypatch):
+    """A handle dropped without close() gives its role back in __del__; a
+    KeyboardInterrupt landing in there (which Python would print and swallow)
+    does not leave the role held by this live process; the interrupt is
+    delivered again afterwards, not lost."""
+    with shmring.Ring.create(ring_name, 1 << 12) as ring:
+        h = getattr(ring, role)()
+        _InterruptOnce(monkeypatch, shmring.roles, "give_back")
+        with pytest.warns(ResourceWarning):
+            with pytest.raises(KeyboardInterrupt):
+                del h
+                for _ in range(1000):           # the re-delivered interrupt lands at the next check
+                    time.sleep(0)
+        monkeypatch.undo()
+        assert _role_is_free(ring, role)
+
+
+@pytest.mark.parametrize("kind", ["mpsc", "mpmc"])
+def test_an_interrupt_inside_a_multi_producer_close_still_ends_its_part(ring_name, kind, monkeypatch):
+    """KeyboardInterrupt lands inside a producer's close() after its counters
+    moved and before its end was stored (pause point producer_ended): the
+    close is finished, so the stream ends (EndOfStream, not a wait forever)
+    and the table entry is free."""
+    from shmring import pausepoints
+
+    with shmring.Ring.create(ring_name, 1 << 12, kind=kind) as ring, ring.consumer() as c:
+        p = ring.producer()
+        p.send(b"last")
+        hits = []
+
+        def hook(point):
+            if point == "producer_ended" and not hits:
+                hits.append(point)
+                raise KeyboardInterrupt
+        monkeypatch.setattr(pausepoints, "hook", hook)
+        with pytest.raises(KeyboardInterrupt):
+            p.close()
+        monkeypatch.setattr(pausepoints, "hook", None)
+        assert hits and p.closed
+        assert c.recv_bytes(timeout=5) == b"last"
+        with pytest.raises(shmring.EndOfStream):
+            c.recv(timeout=5)
+        st = ring.stats()
+        assert [e["pid"] for e in st["producers"]] == [None]          # the entry is free
+        assert st["producers_ended"] == 2      # counted again by the redo (a statistic only: R50)
+
+
+DT = np.dtype([("seq", "<u8"), ("x", "<f4")])
+
+
+@pytest.mark.parametrize("role", ["producer", "consumer"])
+@pytest.mark.parametrize("how", ["close", "finalizer"])
+def test_an_interrupted_record_ring_close_is_finished(ring_name, role, how, monkeypatch):
+    with shmring.Ring.create(ring_name, 1 << 12, dtype=DT) as ring:
+        h = getattr(ring, role)()
+        _InterruptOnce(monkeypatch, shmring.roles, "give_back")
+        with pytest.raises(KeyboardInterrupt):
+            if how == "close":
+                h.detach() if role == "producer" else h.close()
+            else:
+                with pytest.warns(ResourceWarning):
+                    del h
+                    for _ in range(1000):
+                        time.sleep(0)
+        monkeypatch.undo()
+        assert _role_is_free(ring, role)
+
+
+def test_an_interrupted_shared_state_close_gives_the_writer_role_back(ring_name, monkeypatch):
+    with shmring.SharedState.create(ring_name, 1 << 12, slots=3) as s:
+        s.publish(1)
+        _InterruptOnce(monkeypatch, shmring.roles, "give_back")
+        with pytest.raises(KeyboardInterrupt):
+            s.close()
+        monkeypatch.undo()
+        assert s.closed
+        with shmring.SharedState.attach(ring_name) as other:
+            assert other.publish(2) == 2                  # the writer role was given back

@@ -101,6 +101,9 @@ class Locks:
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
+        # Re-doable (R50): no check for signals between taking the fd and
+        # closing it (no call, no loop), so an interrupt lands before (a redo
+        # closes it) or after (a redo finds -1).
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)

@@ -169,20 +169,26 @@ class Tables:
                 self.reclaim_producer(i, w)
 
     def end_producer(self, slot: int, aborted: bool) -> None:
+        # R50: re-doable.  A redo after an interrupt finds the session ended
+        # (JOINED clear) and only gives the entry back; one interrupted
+        # between the counters and the end counts them twice (only the
+        # "aborted" count has a meaning, and it was already non-zero).
         r = self.region
-        if aborted:
-            r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_ABORTED, 1)   # R11: before the end it makes
-        r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_ENDED, 1)
-        pause("producer_ended")
-        self._session(slot, False, 1)                      # R36: the end, one store
+        if r.load_u64(self.pline(slot) + L.PE_SESSION) & L.PE_JOINED:
+            if aborted:
+                r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_ABORTED, 1)   # R11: before the end it makes
+            r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_ENDED, 1)
+            pause("producer_ended")
+            self._session(slot, False, 1)                  # R36: the end, one store
         r.wake(L.OFF_DATA_WAKE)
         pause("producer_counted")
         release(r, self.locks, self.pline(slot))
 
     def leave_producer(self, slot: int) -> None:
-        r = self.region
-        r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, (1 << 64) - 1)
-        self._session(slot, False)                         # R36: no longer joined, nothing counted
+        r = self.region                                    # R50: re-doable, as end_producer
+        if r.load_u64(self.pline(slot) + L.PE_SESSION) & L.PE_JOINED:
+            r.fetch_add_u64(L.MP_OFF_PRODUCERS + L.MP_SESSIONS, (1 << 64) - 1)
+            self._session(slot, False)                     # R36: no longer joined, nothing counted
         r.wake(L.OFF_DATA_WAKE)
         pause("producer_counted")
         release(r, self.locks, self.pline(slot))

@@ -60,10 +60,11 @@ def _exclusive(method):
 
 def _dropped(handle, what: str, _finalizing=sys.is_finalizing) -> bool:
     """A handle being garbage-collected without close(): True (after a
-    ResourceWarning) if it still holds something of this process: open,
+    ResourceWarning) if it still holds something of this process: open (or
+    its close cut short by an interrupt: R50),
     made in this process (not inherited through fork), and not at
     interpreter exit (the process's roles are then recovered as a dead one's)."""
-    if _finalizing() or handle.__dict__.get("_closed", True) or _inherited(handle):
+    if _finalizing() or handle.__dict__.get("_done", True) or _inherited(handle):
         return False
     try:
         warnings.warn(f"{handle!r} was garbage-collected without close(): {what}; use it in a with block "
@@ -121,7 +122,7 @@ class _Handle:
         self._label = ring._seg.label
         self._pid, self._gen = os.getpid(), _core.fork_generation()
         self._use_lock = threading.RLock()          # held by the thread inside a call (_exclusive)
-        self._closed = False
+        self._closed = self._done = False       # _done: its close ran to the end (R50)
 
     def _usable(self):
         if self._closed:
@@ -241,30 +242,33 @@ class RecordProducer(_Handle):
     @_exclusive
     def close(self, *, _status: int = CLOSED_EOS) -> None:
         """End the stream: the consumer drains what was sent, then gets EndOfStream."""
-        if self._closed:
-            return
-        if _inherited(self):          # a forked child: the parent's stream; only this copy is dropped
-            self._closed = True
-            return
-        self._region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, _status)
-        self._region.wake(L.OFF_DATA_WAKE)
-        self._closed = True
-        self._role.give_back(self._region)
+        if not self._done:
+            _core.finish(self._close_steps, _status)
+
+    def _close_steps(self, status: int) -> None:
+        # R50: each step re-doable (core.finish redoes them after an interrupt)
+        if not _inherited(self):      # a forked child: the parent's stream; only this copy is dropped
+            self._region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, status)
+            self._region.wake(L.OFF_DATA_WAKE)
+        self._detach_steps()
 
     @_exclusive
     def detach(self) -> None:
         """Give up the producer role without ending the stream (another
         producer may attach and continue it)."""
-        if self._closed:
-            return
+        if not self._done:
+            _core.finish(self._detach_steps)
+
+    def _detach_steps(self) -> None:
         self._closed = True
         if not _inherited(self):
             self._role.give_back(self._region)
+        self._done = True
 
     def __del__(self, _dropped=_dropped):      # (bound now: at interpreter exit the module's globals are gone)
         # Dropped without close(): give the role back, leave the stream open (as Producer)
         if _dropped(self, "it was detached (role given back, stream left open)"):
-            self.detach()
+            _core.finish_quietly(self._detach_steps)   # R50: an interrupt in here is delivered again, after
 
     def __repr__(self):
         return f"<shmring.RecordProducer of {self._label} at record {self._wp}{' closed' if self._closed else ''}>"
@@ -441,15 +445,19 @@ class RecordConsumer(_Handle):
     @_exclusive
     def close(self) -> None:
         """Give up the consumer role (records not released are delivered again)."""
-        if self._closed:
-            return
+        if not self._done:
+            _core.finish(self._close_steps)
+
+    def _close_steps(self) -> None:
+        # R50: each step re-doable (core.finish redoes them after an interrupt)
         self._closed = True
         if not _inherited(self):
             self._role.give_back(self._region)
+        self._done = True
 
     def __del__(self, _dropped=_dropped):      # (bound now: at interpreter exit the module's globals are gone)
         if _dropped(self, "its role was given back"):
-            self.close()
+            _core.finish_quietly(self._close_steps)    # R50: an interrupt in here is delivered again, after
 
     def __repr__(self):
         return f"<shmring.RecordConsumer of {self._label} at record {self._rp}{' closed' if self._closed else ''}>"

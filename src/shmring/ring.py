@@ -359,10 +359,12 @@ def _exclusive(method):
 
 def _finalizable(handle, _getpid=os.getpid, _finalizing=sys.is_finalizing) -> bool:
     """Whether a handle being garbage-collected still holds something of this
-    process: made here (not inherited through fork), open, and not at
+    process: made here (not inherited through fork), not finished closing
+    (never closed, or a close an interrupt cut short: R50), and not at
     interpreter exit (then the process is going away: its roles are
     recovered as a dead process's, with no Python run in a torn-down interpreter)."""
-    return not _finalizing() and handle.__dict__.get("_pid") == _getpid() and not handle.closed
+    d = handle.__dict__
+    return not _finalizing() and d.get("_pid") == _getpid() and not d.get("_done")
 
 
 def _warn_dropped(handle, what: str) -> None:
@@ -380,6 +382,8 @@ class Producer(_core.ProducerCore):
     ``send(data, *, timeout=None)`` and ``try_send(data)`` are implemented in C
     for bytes and bytearray; arrays and objects go through :mod:`shmring.codec`.
     """
+
+    _done = False                 # its close (or detach) ran to the end (R50)
 
     # Called from C by name (see the callback table in src/shmring/_core/module.c):
     # _send_obj, _try_send_obj, _send_wait.  Keep their names and signatures.
@@ -419,7 +423,7 @@ class Producer(_core.ProducerCore):
         # that is said explicitly, by close() or a with block.
         if _finalizable(self):
             _warn_dropped(self, "it was detached (role given back, stream left open)")
-            self.detach()
+            _core.finish_quietly(self._detach_steps)   # R50: an interrupt in here is delivered again, after
 
     # -- slow paths called from C ------------------------------------------------
     def _send_obj(self, data, timeout):
@@ -579,35 +583,41 @@ class Producer(_core.ProducerCore):
         (mpsc, mpmc: the stream ends when every producer has closed):
         consumers drain what was sent, then get EndOfStream.  Idempotent.  An
         open reservation is aborted."""
-        if self.closed:
-            return
-        if self._inherited:                   # a forked child: the parent's stream; only this copy is dropped
-            self._mark_closed()
-            return
-        self._abort_open()
-        if self._tables is not None:
-            self._mark_closed()
-            self._tables.end_producer(self._slot, aborted=_status != CLOSED_EOS)
-            return
-        self._region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, _status)  # pairs with the consumer's acquire load in peek
-        self._region.wake(L.OFF_DATA_WAKE)
-        self.detach()
+        if not self._done:
+            _core.finish(self._close_steps, _status)
+
+    def _close_steps(self, status: int) -> None:
+        # R50: each step re-doable (core.finish redoes them after an interrupt)
+        if not self._inherited:               # a forked child: the parent's stream; only this copy is dropped
+            self._abort_open()
+            if self._tables is not None:
+                self._mark_closed()
+                self._tables.end_producer(self._slot, aborted=status != CLOSED_EOS)
+            else:
+                self._region.store_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED, status)  # pairs with the consumer's acquire load in peek
+                self._region.wake(L.OFF_DATA_WAKE)
+                self._detach_steps()
+        self._mark_closed()
+        self._done = True
 
     @_exclusive
     def detach(self) -> None:
         """Give up the producer role without ending the stream (another
         producer may attach and continue it)."""
-        if self.closed:
-            return
-        if self._inherited:                   # a forked child: the role is the parent's
+        if not self._done:
+            _core.finish(self._detach_steps)
+
+    def _detach_steps(self) -> None:
+        # R50: each step re-doable
+        if not self._inherited:               # a forked child: the role is the parent's
+            self._abort_open()
             self._mark_closed()
-            return
-        self._abort_open()
+            if self._tables is not None:
+                self._tables.leave_producer(self._slot)
+            else:
+                self._role.give_back(self._region)
         self._mark_closed()
-        if self._tables is not None:
-            self._tables.leave_producer(self._slot)
-        else:
-            self._role.give_back(self._region)
+        self._done = True
 
     async def send_async(self, data, *, timeout=None) -> None:
         """``await prod.send_async(data)``: send without blocking the event loop;
@@ -729,6 +739,8 @@ class Consumer(_core.ConsumerCore):
     it at once; iteration yields messages until the producer closes.
     """
 
+    _done = False                 # its close (or detach) ran to the end (R50)
+
     # Called from C by name (see the callback table in src/shmring/_core/module.c):
     # _recv_wait, _recv_copy, _lagged, _eos_ready.  Keep their names and
     # signatures.  (_leave_table is no longer called from C: the last release
@@ -773,13 +785,13 @@ class Consumer(_core.ConsumerCore):
         # collected with it and the last one's release leaves the table (C).
         if _finalizable(self):
             _warn_dropped(self, "its role was given back")
-            self.close()
+            _core.finish_quietly(self._close_steps)    # R50: an interrupt in here is delivered again, after
 
     def _leave_table(self):
         # R35: position FREE while the entry is ours, then the owner CAS (the C
         # core takes the same steps at the last release of a closed handle)
         line = self._tables.cline(self._slot)
-        if self._kind == "broadcast":
+        if self._kind == "broadcast" and self._region.load_u64(line) == roles.my_owner_word():   # (a redo: R50)
             self._region.store_u64(line + L.CE_POS, L.POS_FREE)
             self._region.wake(L.OFF_SPACE_WAKE)
         roles.release(self._region, self._tables.locks, line)
@@ -912,21 +924,22 @@ class Consumer(_core.ConsumerCore):
         will be delivered again to the next consumer (at-least-once).
         broadcast / mpmc: messages still held stay valid and this handle
         leaves the table when the last of them is released.  Idempotent."""
-        if self.closed:
-            return
-        if self._inherited:                   # a forked child: the role or entry is the parent's
+        if not self._done:
+            _core.finish(self._close_steps)
+
+    def _close_steps(self) -> None:
+        # R50: each step re-doable (core.finish redoes them after an interrupt)
+        if self._inherited or self._tables is None or self._kind == "mpsc":
             self._mark_closed()
-            return
-        if self._tables is None or self._kind == "mpsc":
-            self._mark_closed()
-            self._role.give_back(self._region)
-            return
+            if not self._inherited:           # a forked child: the role or entry is the parent's
+                self._role.give_back(self._region)
         # Messages still held keep their space (broadcast: our position gates
         # the producer; mpmc: the records stay ours) until they are released:
-        # then the entry is given back.  A holder that dies instead is
+        # then the entry is given back (C, R35).  A holder that dies instead is
         # recovered as dead (mpmc: its records are redelivered).
-        if not self._close_later():
+        elif not self._close_later():
             self._leave_table()
+        self._done = True
 
     __reduce__ = _no_pickle
 

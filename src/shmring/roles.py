@@ -95,10 +95,13 @@ def take_over(mem, locks, line: int, word: int) -> bool:
 
 
 def give_back(mem, locks, line: int) -> None:
-    """Give back an entry this process holds: owner word 0, then the lock."""
+    """Give back an entry this process holds: owner word 0, then the lock.
+    Re-doable (R50): a redo after an interrupt between the two finds the word
+    0 and gives the lock back."""
     with _mutex:
-        if mem.cas_u64(line, my_owner_word(), 0):
-            locks.unlock(line)
+        w = mem.load_u64(line)
+        if w == 0 or (w == my_owner_word() and mem.cas_u64(line, w, 0)):
+            locks.unlock(line)          # (a lock this process does not hold: nothing happens)
 
 
 class Role:

@@ -129,7 +129,7 @@ class Segment:
         # mapping lives: views may outlive close(), and so does the lock.
         self.locks = locks
         if locks is not None:
-            weakref.finalize(buf, locks.close)
+            weakref.finalize(buf, _core.finish_quietly, locks.close)   # R50: interrupted, it is finished
 
     @property
     def label(self) -> str:

@@ -549,8 +549,11 @@ class SharedState(_core.StateCore, SegmentHandle):
     def close(self) -> None:
         """Give back the writer role and the reader entries, and detach.  Never
         unmaps under a live snapshot or view.  Idempotent."""
-        if self._seg.buf is None:
-            return
+        if self._seg.buf is not None:
+            _core.finish(self._close_steps)
+
+    def _close_steps(self) -> None:
+        # R50: each step re-doable (core.finish redoes them after an interrupt)
         self._writer.give_back(self)
         for i, busy in self._own_entries():    # empty in a forked child: the entries are the parent's
             if not busy:                       # a busy entry stays ours until its snapshot is released

@@ -137,6 +137,42 @@ static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
     return d;
 }
 
+/* finish(fn, *args) / finish_quietly(fn, *args): R50, an interrupted
+ * clean-up is finished.  Calls fn(*args) again each time a KeyboardInterrupt
+ * comes out of it (fn's steps are each re-doable), until it returns; then
+ * raises one KeyboardInterrupt (finish) or delivers it again as a new SIGINT
+ * (finish_quietly, for a finalizer, where Python would print and swallow it),
+ * after the finalizer has returned.
+ * The loop is C: no signal handler runs between two tries, so an interrupt
+ * can land only inside fn (redone) or before or after this call, when the
+ * clean-up has not started or is complete.  Other exceptions propagate. */
+/* The interrupt a finalizer swallowed, delivered again once it has returned:
+ * a pending call runs at the next check of the eval loop (still in the
+ * finalizer's frame), after that check's signals, so the SIGINT it raises is
+ * handled at the check after: in the code the finalizer interrupted. */
+static int redeliver_interrupt(void *unused) { PyErr_SetInterrupt(); return 0; }
+
+static PyObject *finish_impl(PyObject *const *args, Py_ssize_t n, int quietly) {
+    if (n < 1) { PyErr_SetString(PyExc_TypeError, "finish(fn, *args)"); return NULL; }
+    int interrupted = 0;
+    for (int tries = 0;; tries++) {
+        PyObject *r = PyObject_Vectorcall(args[0], args + 1, (size_t)(n - 1), NULL);
+        if (r) { Py_DECREF(r); break; }
+        if (!PyErr_ExceptionMatches(PyExc_KeyboardInterrupt) || tries >= 10000) return NULL;
+        PyErr_Clear();
+        interrupted = 1;
+    }
+    if (!interrupted) Py_RETURN_NONE;
+    if (quietly) {
+        if (Py_AddPendingCall(redeliver_interrupt, NULL) < 0) PyErr_SetInterrupt();
+        Py_RETURN_NONE;
+    }
+    PyErr_SetNone(PyExc_KeyboardInterrupt);
+    return NULL;
+}
+static PyObject *finish(PyObject *mod, PyObject *const *args, Py_ssize_t n) { return finish_impl(args, n, 0); }
+static PyObject *finish_quietly(PyObject *mod, PyObject *const *args, Py_ssize_t n) { return finish_impl(args, n, 1); }
+
 /* fork_generation() -> int: how many forks this process is from the one that imported the core
  * (0 there); a handle that remembers another value was made before a fork (the parent's). */
 static PyObject *get_fork_generation(PyObject *mod, PyObject *unused) { return PyLong_FromUnsignedLong(fork_generation); }
@@ -144,6 +180,10 @@ static PyObject *get_fork_generation(PyObject *mod, PyObject *unused) { return P
 static PyMethodDef module_methods[] = {
     {"fork_generation", (PyCFunction)get_fork_generation, METH_NOARGS,
      "fork_generation() -> int: bumped in every forked child; handles made before a fork are the parent's"},
+    {"finish", (PyCFunction)(void (*)(void))finish, METH_FASTCALL,
+     "finish(fn, *args): call fn(*args) again while a KeyboardInterrupt comes out of it, then raise it (R50)"},
+    {"finish_quietly", (PyCFunction)(void (*)(void))finish_quietly, METH_FASTCALL,
+     "finish_quietly(fn, *args): as finish, but deliver the interrupt again as a SIGINT (for finalizers)"},
     {"wait_counters", (PyCFunction)wait_counters, METH_NOARGS,
      "wait_counters() -> {'sleeps': futex sleeps, 'late_wakeups': sleeps that timed out although "
      "their condition held (a missed wake-up if slices are long)} for this process"},
