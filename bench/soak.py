@@ -233,6 +233,11 @@ def producer_main(where, book, inject_loss=False, sigint=False):
         c = book.get(COMMITTED)
         if seq <= c:                                  # COMMITTED is written after each commit: never ahead
             _complain(book, VIOLATIONS, f"producer resumes at {seq} but {c} was committed already")
+        elif seq > c + 2:                             # one kill between commit and record: c + 2 at most
+            r = ring._region
+            _complain(book, VIOLATIONS, f"producer resumes at {seq} but only {c} was recorded committed "
+                      f"(read_pos {r.load_u64(L.OFF_READ_POS)}, write_pos {r.load_u64(L.OFF_WRITE_POS)}, "
+                      f"book {[book.get(i) for i in range(NSLOTS)]})")
         region = ring._region
         while not book.get(STOP):
             wp = region.load_u64(L.OFF_WRITE_POS)     # only this producer moves it
@@ -282,7 +287,11 @@ def consumer_main(where, book, seed, sigint=False):
                 _complain(book, TORN, f"message {seq} is not byte-identical")
             if expect is None:                        # first message of this incarnation
                 if seq > prev_recv + 1:
-                    _complain(book, LOSSES, f"gap: previous consumer got up to {prev_recv}, this one starts at {seq}")
+                    r = ring._region
+                    _complain(book, LOSSES, f"gap: previous consumer got up to {prev_recv}, this one starts at {seq} "
+                              f"(ring {where}: read_pos {r.load_u64(L.OFF_READ_POS)}, write_pos "
+                              f"{r.load_u64(L.OFF_WRITE_POS)}, message at {m.position}; book "
+                              f"{[book.get(i) for i in range(NSLOTS)]}; this consumer's first message)")
                 if seq <= prev_rel:
                     _complain(book, VIOLATIONS, f"redelivered {seq} although {prev_rel} had been released")
                 if seq <= prev_recv:

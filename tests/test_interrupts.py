@@ -124,7 +124,7 @@ def test_interrupted_receives_lose_no_message(ring_name, kind, procs):
         assert child.exitcode == 0
     got = np.frombuffer(log, "<u8").tolist()
     print(f"{kind}: {n} messages, {counter[0]} SIGINTs sent, {kis} KeyboardInterrupts in the loop")
-    assert kis > 300, f"only {kis} interrupts landed"
+    assert kis > 150, f"only {kis} interrupts landed"
     if kind == "mpmc":
         assert len(got) == len(set(got)), "a message was read twice"
         assert sorted(got) == list(range(n)), f"{n - len(set(got))} messages lost"
@@ -228,7 +228,7 @@ def test_interrupted_sends_never_wedge_the_producer(ring_name, kind, procs):
     print(f"{kind}: {len(seqs)} messages, {counter[0]} SIGINTs sent, {kis} KeyboardInterrupts in the loop")
     assert err is None, f"the producer was left unusable: {err}"
     assert child.exitcode == 0
-    assert kis > 300, f"only {kis} interrupts landed"
+    assert kis > 150, f"only {kis} interrupts landed"
     assert torn == [], f"torn messages {torn[:5]}"
     assert seqs[-1] == 10**9
     seqs = seqs[:-1]

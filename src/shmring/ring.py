@@ -414,7 +414,9 @@ class Producer(_core.ProducerCore):
         self._kind = ring.kind
         self._pid = os.getpid()               # last: a handle whose __init__ failed is never finalized
 
-    def __del__(self, _finalizable=_finalizable, _warn_dropped=_warn_dropped):   # (bound: globals go at exit)
+    def _finalize(self, _finalizable=_finalizable, _warn_dropped=_warn_dropped):   # (bound: globals go at exit)
+        # The C core's tp_finalize calls this (there is no __del__: one could be
+        # interrupted at its first line; R50), redoing it after an interrupt.
         # Dropped without close() (README, "Handles, threads and garbage
         # collection"): detached.  Its role or table slot is given back (an
         # open reservation aborted), so another producer, of any process, can
@@ -423,7 +425,7 @@ class Producer(_core.ProducerCore):
         # that is said explicitly, by close() or a with block.
         if _finalizable(self):
             _warn_dropped(self, "it was detached (role given back, stream left open)")
-            _core.finish_quietly(self._detach_steps)   # R50: an interrupt in here is delivered again, after
+            self._detach_steps()
 
     # -- slow paths called from C ------------------------------------------------
     def _send_obj(self, data, timeout):
@@ -779,13 +781,14 @@ class Consumer(_core.ConsumerCore):
         self._label = ring._seg.label
         self._pid = os.getpid()               # last: a handle whose __init__ failed is never finalized
 
-    def __del__(self, _finalizable=_finalizable, _warn_dropped=_warn_dropped):   # (bound: globals go at exit)
+    def _finalize(self, _finalizable=_finalizable, _warn_dropped=_warn_dropped):   # (bound: globals go at exit)
+        # Called by the C core's tp_finalize (R50, as Producer._finalize).
         # Dropped without close(): close it (give the role back / leave the
         # table).  In a reference cycle with messages it still holds, those are
         # collected with it and the last one's release leaves the table (C).
         if _finalizable(self):
             _warn_dropped(self, "its role was given back")
-            _core.finish_quietly(self._close_steps)    # R50: an interrupt in here is delivered again, after
+            self._close_steps()
 
     def _leave_table(self):
         # R35: position FREE while the entry is ours, then the owner CAS (the C

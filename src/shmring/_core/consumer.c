@@ -569,6 +569,7 @@ PyTypeObject ConsumerType = {
     .tp_base = &RegionType,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Consumer_init,
+    .tp_finalize = finalize_by_method,
     .tp_dealloc = (destructor)Consumer_dealloc,
     .tp_methods = Consumer_methods,
     .tp_getset = Consumer_getset,

@@ -51,6 +51,7 @@ static inline uint64_t align16(uint64_t n) { return (n + 15u) & ~(uint64_t)15u; 
 extern PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *EscapedViewWarning;
 extern unsigned long fork_generation;      /* bumped in every forked child */
 
+void finalize_by_method(PyObject *self);   /* tp_finalize: the class's _finalize(), interrupt-proof (R50) */
 int pause_point(PyObject *handle, const char *where);   /* tests only; 0 (or -1: the hook raised) */
 extern PyObject *pause_hook;
 /* A pause point on a per-message path: one predicted branch on a global. */

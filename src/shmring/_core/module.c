@@ -170,6 +170,29 @@ static PyObject *finish_impl(PyObject *const *args, Py_ssize_t n, int quietly) {
     PyErr_SetNone(PyExc_KeyboardInterrupt);
     return NULL;
 }
+/* tp_finalize of ProducerCore and ConsumerCore: the Python class's
+ * _finalize() (a handle dropped without close()), as finish_quietly runs it.
+ * A Python __del__ would itself be interruptible at its first line, before
+ * it could start; this is C up to the method's own steps (R50). */
+static PyObject *str_finalize;
+void finalize_by_method(PyObject *self) {
+    PyObject *et, *ev, *etb;
+    PyErr_Fetch(&et, &ev, &etb);
+    PyObject *meth = PyObject_GetAttr(self, str_finalize);
+    if (!meth) PyErr_Clear();           /* the bare C type: nothing to finalize */
+    int interrupted = 0;
+    for (int tries = 0; meth && tries < 10000; tries++) {
+        PyObject *r = PyObject_CallNoArgs(meth);
+        if (r) { Py_DECREF(r); break; }
+        if (!PyErr_ExceptionMatches(PyExc_KeyboardInterrupt)) { PyErr_WriteUnraisable(self); break; }
+        PyErr_Clear();
+        interrupted = 1;
+    }
+    Py_XDECREF(meth);
+    if (interrupted && Py_AddPendingCall(redeliver_interrupt, NULL) < 0) PyErr_SetInterrupt();
+    PyErr_Restore(et, ev, etb);
+}
+
 static PyObject *finish(PyObject *mod, PyObject *const *args, Py_ssize_t n) { return finish_impl(args, n, 0); }
 static PyObject *finish_quietly(PyObject *mod, PyObject *const *args, Py_ssize_t n) { return finish_impl(args, n, 1); }
 
@@ -217,6 +240,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (load_errors() < 0) return NULL;
     for (size_t i = 0; i < ntypes; i++)
         if (PyType_Ready(types[i].type) < 0) return NULL;
+    if (!(str_finalize = PyUnicode_InternFromString("_finalize"))) return NULL;
     for (size_t i = 0; i < sizeof callbacks / sizeof callbacks[0]; i++)
         if (!(*callbacks[i].name = PyUnicode_InternFromString(callbacks[i].method))) return NULL;
     if (pthread_atfork(NULL, NULL, at_fork_child) != 0) {

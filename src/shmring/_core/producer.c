@@ -423,6 +423,7 @@ PyTypeObject ProducerType = {
     .tp_base = &RegionType,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Producer_init,
+    .tp_finalize = finalize_by_method,
     .tp_methods = Producer_methods,
     .tp_getset = Producer_getset,
 };
