@@ -134,7 +134,7 @@ def test_broadcast_killed_subscriber_is_dropped_and_the_rest_go_on(ring_name, pr
 
 def test_broadcast_evicts_a_subscriber_that_stays_behind(ring_name, procs, mp):
     n = 20_000
-    with shmring.Ring.create(ring_name, 1 << 14, kind="broadcast", policy="evict", evict_after=0.3) as ring:
+    with shmring.Ring.create(ring_name, 1 << 14, kind="broadcast", policy="evict", evict_after=1.0) as ring:   # the slow one stalls 3 s
         q, slow_q = mp.Queue(), mp.Queue()
         slow_ready, fast_ready = mp.Event(), mp.Event()
         fast = start(procs, mp, M.subscribe_then_report, ring, q, [3], n, fast_ready)
