@@ -404,3 +404,38 @@ def test_an_interrupted_shared_state_close_gives_the_writer_role_back(ring_name,
         assert s.closed
         with shmring.SharedState.attach(ring_name) as other:
             assert other.publish(2) == 2                  # the writer role was given back
+
+
+# ------------------------------------------------------------- R51: taking a role is one step for Ctrl-C
+
+@pytest.mark.parametrize("kind,role", [("spsc", "producer"), ("spsc", "consumer"), ("mpsc", "producer"),
+                                       ("mpmc", "producer"), ("mpmc", "consumer"), ("broadcast", "consumer")])
+def test_ctrl_c_while_a_role_is_taken_leaves_nothing_held(ring_name, kind, role, monkeypatch):
+    """A real SIGINT arrives right after the role's owner word was written
+    (inside roles.take_over), before the handle that records it exists: the
+    call raises KeyboardInterrupt and the role or table entry is free again
+    (not held by this live process until it exits)."""
+    real = shmring.roles.take_over
+
+    def take_over(*a, **kw):
+        got = real(*a, **kw)
+        if got:
+            signal.raise_signal(signal.SIGINT)     # Ctrl-C, now: its handler runs at the next check
+        return got
+    with shmring.Ring.create(ring_name, 1 << 12, kind=kind) as ring:
+        monkeypatch.setattr(shmring.roles, "take_over", take_over)
+        with pytest.raises(KeyboardInterrupt):
+            getattr(ring, role)()
+        monkeypatch.undo()
+        st = ring.stats()
+        if kind == "spsc":
+            assert st[role]["pid"] is None
+        else:
+            table = st["producers" if role == "producer" else "consumers"]
+            assert all(e["pid"] is None for e in table), table
+        h = getattr(ring, role)()                  # and it can be taken again
+        h.close()
+        if role == "producer" and kind != "spsc":
+            with ring.consumer() if kind == "mpsc" else ring.consumer() as c:
+                with pytest.raises(shmring.EndOfStream):
+                    c.recv(timeout=5)               # both sessions ended: the stream is over

@@ -152,9 +152,13 @@ class RecordProducer(_Handle):
         if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
             raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer")
         self._role = roles.ring_role(ring, L.OFF_PROD_ROLE)
-        self._role.claim(region)
-        self._region = _core.Region(ring._seg.buf)     # our own: usable after a fork made the ring's stale
-        self._setup(ring, spin)
+        held = roles.hold_interrupts()        # R51: the claim and the handle that records it, one step
+        try:
+            self._role.claim(region)
+            self._region = _core.Region(ring._seg.buf)     # our own: usable after a fork made the ring's stale
+            self._setup(ring, spin)
+        finally:
+            roles.resume_interrupts(held)
         self._wp, self._rp = self._positions()
         # copies go through bytes: numpy copies a structured dtype field by field (~15x slower)
         self._bytes = np.frombuffer(ring._seg.buf, np.uint8, count=self.slots * self.dtype.itemsize,
@@ -340,9 +344,13 @@ class RecordConsumer(_Handle):
 
     def __init__(self, ring, spin):
         self._role = roles.ring_role(ring, L.OFF_CONS_ROLE)
-        self._role.claim(ring._live_region())
-        self._region = _core.Region(ring._seg.buf)
-        self._setup(ring, spin)
+        held = roles.hold_interrupts()        # R51: the claim and the handle that records it, one step
+        try:
+            self._role.claim(ring._live_region())
+            self._region = _core.Region(ring._seg.buf)
+            self._setup(ring, spin)
+        finally:
+            roles.resume_interrupts(held)
         wp, rp = self._positions()
         self._next = self._rp = rp
         self._wp = wp

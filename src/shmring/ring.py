@@ -393,26 +393,30 @@ class Producer(_core.ProducerCore):
         self._locks = ring._seg.locks
         self._tables = tables = ring._tables
         self._role = None
-        if tables is not None:                 # multi-party: an entry of the producer table
-            self._slot = tables.join_producer()
-            try:
-                super().__init__(ring._seg.buf, self._slot)
-            except BaseException:
-                tables.leave_producer(self._slot)
-                raise
-            self._lagging, self._policed = {}, 0.0
-        else:
-            if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
-                raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer; "
-                                   "create a new ring for a new stream")
-            self._role = roles.ring_role(ring, L.OFF_PROD_ROLE)
-            with self._role.claimed(region):
-                super().__init__(ring._seg.buf)
         self.spin = float(spin)
         self._wmv = memoryview(ring._seg.buf)
         self._label = ring._seg.label
         self._kind = ring.kind
-        self._pid = os.getpid()               # last: a handle whose __init__ failed is never finalized
+        self._lagging, self._policed = {}, 0.0
+        held = roles.hold_interrupts()        # R51: from the claim to _pid, one step for Ctrl-C
+        try:
+            if tables is not None:             # multi-party: an entry of the producer table
+                self._slot = tables.join_producer()
+                try:
+                    super().__init__(ring._seg.buf, self._slot)
+                except BaseException:
+                    _core.finish(tables.leave_producer, self._slot)
+                    raise
+            else:
+                if region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED):
+                    raise HandleClosed(f"the stream of {ring._seg.label} was closed by its producer; "
+                                       "create a new ring for a new stream")
+                self._role = roles.ring_role(ring, L.OFF_PROD_ROLE)
+                with self._role.claimed(region):
+                    super().__init__(ring._seg.buf)
+            self._pid = os.getpid()           # last: a handle whose __init__ failed is never finalized
+        finally:
+            roles.resume_interrupts(held)     # a Ctrl-C meanwhile is raised here: the handle is finalized
 
     def _finalize(self, _finalizable=_finalizable, _warn_dropped=_warn_dropped):   # (bound: globals go at exit)
         # The C core's tp_finalize calls this (there is no __del__: one could be
@@ -755,31 +759,35 @@ class Consumer(_core.ConsumerCore):
         self._kind = ring.kind
         self._role = None
         self._stuck_since, self._zero_seen = {}, {}
-        if tables is None or self._kind == "mpsc":
-            self._role = roles.ring_role(ring, L.OFF_CONS_ROLE)
-            with self._role.claimed(region):
-                super().__init__(ring._seg.buf)
-        else:
-            broadcast = self._kind == "broadcast"
-            adopted = []                # mpmc: a dead consumer's entry we took over (nothing free)
-            self._slot = roles.claim_entry(region, tables.locks, [tables.cline(i) for i in range(tables.maxc)],
-                                           "subscriber" if broadcast else "consumer", ring._seg.label, self._kind,
-                                           tables.drop_subscriber if broadcast else (lambda i, w: False),
-                                           None if broadcast else
-                                           lambda i, w: tables.adopt_consumer(i, w) and not adopted.append(i))
-            try:
-                if broadcast:
-                    tables.join_position(self._slot, start)
-                super().__init__(ring._seg.buf, self._slot)
-                self._set_lock_fd(tables.locks.fd)     # the C leave (R35) unlocks the entry too (R38)
-                if adopted:
-                    tables.requeue_adopted(self, self._slot)
-            except BaseException:
-                self._leave_table()
-                raise
         self.spin = float(spin)
         self._label = ring._seg.label
-        self._pid = os.getpid()               # last: a handle whose __init__ failed is never finalized
+        held = roles.hold_interrupts()        # R51: from the claim to _pid, one step for Ctrl-C
+        try:
+            if tables is None or self._kind == "mpsc":
+                self._role = roles.ring_role(ring, L.OFF_CONS_ROLE)
+                with self._role.claimed(region):
+                    super().__init__(ring._seg.buf)
+            else:
+                broadcast = self._kind == "broadcast"
+                adopted = []            # mpmc: a dead consumer's entry we took over (nothing free)
+                self._slot = roles.claim_entry(region, tables.locks, [tables.cline(i) for i in range(tables.maxc)],
+                                               "subscriber" if broadcast else "consumer", ring._seg.label,
+                                               self._kind, tables.drop_subscriber if broadcast else (lambda i, w: False),
+                                               None if broadcast else
+                                               lambda i, w: tables.adopt_consumer(i, w) and not adopted.append(i))
+                try:
+                    if broadcast:
+                        tables.join_position(self._slot, start)
+                    super().__init__(ring._seg.buf, self._slot)
+                    self._set_lock_fd(tables.locks.fd)     # the C leave (R35) unlocks the entry too (R38)
+                    if adopted:
+                        tables.requeue_adopted(self, self._slot)
+                except BaseException:
+                    _core.finish(self._leave_table)
+                    raise
+            self._pid = os.getpid()           # last: a handle whose __init__ failed is never finalized
+        finally:
+            roles.resume_interrupts(held)     # a Ctrl-C meanwhile is raised here: the handle is finalized
 
     def _finalize(self, _finalizable=_finalizable, _warn_dropped=_warn_dropped):   # (bound: globals go at exit)
         # Called by the C core's tp_finalize (R50, as Producer._finalize).

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import threading
 import time
 import weakref
@@ -56,6 +57,35 @@ def _fresh_mutex_after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_fresh_mutex_after_fork)
+
+
+def hold_interrupts():
+    """R51: from here to resume_interrupts(token), a SIGINT in this (main)
+    thread is recorded, not raised, so taking a role and making the handle
+    that records it is one step for Ctrl-C.  Python runs signal handlers only
+    in the main thread, so elsewhere there is nothing to hold (None); nor
+    when SIGINT has no Python handler (SIG_DFL, SIG_IGN, or one set from C)."""
+    if threading.get_ident() != threading.main_thread().ident:
+        return None
+    old = signal.getsignal(signal.SIGINT)
+    if not callable(old):
+        return None
+    hit = []
+    try:
+        signal.signal(signal.SIGINT, lambda sig, frame: hit.append(sig))
+    except ValueError:                  # not the main interpreter
+        return None
+    return old, hit
+
+
+def resume_interrupts(token) -> None:
+    """The end of hold_interrupts(): the handler is put back, and a SIGINT
+    that came meanwhile is raised again now (its handler runs at once)."""
+    if token is not None:
+        old, hit = token
+        signal.signal(signal.SIGINT, old)
+        if hit:
+            signal.raise_signal(signal.SIGINT)
 
 
 def my_owner_word() -> int:
