@@ -1086,7 +1086,10 @@ class Soak:
                 b.set(STOP, 1)
             bad_exit = 0
             for (i, role), p in self.procs.items():
-                p.join(60)
+                p.join(15)
+                if p.is_alive():                  # slow: show where it is while it still is
+                    _dump_stuck(p, f"ring {i} {role} has not finished 15 s after the end")
+                    p.join(45)
                 if p.is_alive():
                     _dump_stuck(p, f"ring {i} {role} did not finish within 60 s of the end")
                 if p.is_alive() or p.exitcode != 0:
