@@ -35,9 +35,9 @@ SCENARIOS = {
     **{f"stream-{k}": (k, 1 << 16, [W.consumer, W.producer]) for k in RING},
     **{f"blocked-recv-{k}": (k, 1 << 16, [W.blocked_consumer]) for k in RING},
     **{f"numpy-view-{k}": (k, 1 << 23, [W.view_holder, W.view_sender]) for k in ("spsc", "mpmc")},
-    "state-writer": ("state", 1 << 17, [W.state_writer]),
+    "state-writer": ("state", 1 << 20, [W.state_writer]),
     "state-snapshot-reader": ("state", 1 << 20, [W.state_reader, W.state_publish_once]),
-    "state-wait-newer": ("state", 1 << 17, [W.state_waiter, W.state_publish_once]),
+    "state-wait-newer": ("state", 1 << 20, [W.state_waiter, W.state_publish_once]),
 }
 
 
