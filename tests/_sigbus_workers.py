@@ -28,13 +28,17 @@ def _payload(seq: int) -> bytes:
     return seq.to_bytes(8, "little") * 16          # 128 bytes, a function of seq
 
 
-def _finish(q, detail, fn):
+def _finish(q, detail, fn, then=None):
+    """Run fn(), then ``then()`` (a call made once the guard noticed), then report."""
     try:
         fn()
+        outcome = ("no error", detail)
     except BaseException as e:                     # noqa: BLE001  the outcome is what the test checks
-        q.put((type(e).__name__, {**detail, "message": str(e)}))
-        return
-    q.put(("no error", detail))
+        outcome = (type(e).__name__, {**detail, "message": str(e)})
+    if then is not None:
+        then()
+    outcome[1].update(detail)
+    q.put(outcome)
 
 
 def _after(call, detail, key="after"):
@@ -83,8 +87,7 @@ def consumer(q, ready, kind, name, path):
             seq = 0
             while True:
                 if ring.dtype is not None:
-                    with cons.recv_many(1000, timeout=BOUND) as batch:
-                        got = batch.contiguous()["seq"].copy()
+                    got = cons.recv_many(1000, timeout=BOUND, copy=True)["seq"]   # a copy is never zeros
                     if len(got) == 0:
                         raise TimeoutError("no records")
                     if not np.array_equal(got, np.arange(seq, seq + len(got))):
@@ -99,8 +102,7 @@ def consumer(q, ready, kind, name, path):
                 if seq >= 256:
                     ready.set()
     try:
-        _finish(q, detail, run)
-        _after(lambda: ring.consumer(), detail, "after_close")
+        _finish(q, detail, run, lambda: _after(lambda: ring.consumer(), detail, "after_close"))
     finally:
         ring.close()
 
@@ -184,8 +186,7 @@ def state_writer(q, ready, kind, name, path):
             if i >= 50:
                 ready.set()
     try:
-        _finish(q, detail, run)
-        _after(lambda: st.publish(np.zeros(4)), detail)
+        _finish(q, detail, run, lambda: _after(lambda: st.publish(np.zeros(4)), detail))
     finally:
         st.close()
 
