@@ -144,10 +144,18 @@ def test_a_truncation_seen_by_one_thread_ends_another_threads_wait(ring_name):
 
 FOREIGN = """
 import faulthandler, mmap, os, sys, shmring
+ring = shmring.Ring.create(path={ring!r}, capacity=1 << 16)   # shmring's guard is installed, a ring mapped
 if {late_faulthandler}:
-    faulthandler.enable()
-ring = shmring.Ring.create({name!r}, 1 << 16)          # shmring's guard is installed, a ring mapped
+    faulthandler.enable()                               # in front of shmring's handler now...
+    print("guard in front", shmring._core.guard_installed())
+    shmring.Ring.create(path={ring!r} + "2", capacity=1 << 12).close()   # ...until shmring maps again
+print("guard in front", shmring._core.guard_installed())
 cons = ring.consumer()
+os.truncate({ring!r}, 0)                                # our own ring: survived
+try:
+    cons.try_recv()
+except shmring.SegmentTruncated:
+    print("SegmentTruncated", flush=True)
 fd = os.open({file!r}, os.O_RDWR | os.O_CREAT, 0o600)
 os.ftruncate(fd, 1 << 16)
 m = mmap.mmap(fd, 1 << 16)                              # a mapping of our own, not shmring's
@@ -160,15 +168,19 @@ print("survived", flush=True)
 
 
 @pytest.mark.parametrize("how", ["-X faulthandler", "faulthandler enabled after shmring", "no faulthandler"])
-def test_a_sigbus_outside_shmring_mappings_still_kills_and_faulthandler_still_reports_it(
-        how, ring_name, tmp_path):
-    code = FOREIGN.format(name=ring_name, file=str(tmp_path / "own.bin"), late_faulthandler=how.endswith("shmring"))
+def test_a_sigbus_outside_shmring_mappings_still_kills_and_faulthandler_still_reports_it(how, tmp_path):
+    late = how.endswith("shmring")
+    code = FOREIGN.format(ring=str(tmp_path / "r.ring"), file=str(tmp_path / "own.bin"), late_faulthandler=late)
     args = [sys.executable] + (["-X", "faulthandler"] if how.startswith("-X") else []) + ["-c", code]
     r = subprocess.run(args, capture_output=True, text=True, timeout=60)
     assert r.returncode == -signal.SIGBUS, (r.returncode, r.stdout, r.stderr)
-    assert "survived" not in r.stdout
+    lines = r.stdout.splitlines()
+    assert "survived" not in lines and "SegmentTruncated" in lines, r.stdout
+    fronts = [x for x in lines if x.startswith("guard in front")]
+    assert fronts == (["guard in front False", "guard in front True"] if late else ["guard in front True"]), lines
     if how == "no faulthandler":
-        assert "faulthandler False" in r.stdout
+        assert "faulthandler False" in lines and "Fatal Python error" not in r.stderr
     else:
-        assert "faulthandler True" in r.stdout
-        assert "Fatal Python error: Bus error" in r.stderr and "line 13" in r.stderr, r.stderr
+        assert "faulthandler True" in lines
+        line = code.splitlines().index(next(x for x in code.splitlines() if x.startswith("m[40000]  "))) + 1
+        assert "Fatal Python error: Bus error" in r.stderr and f"line {line}" in r.stderr, r.stderr
