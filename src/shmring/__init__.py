@@ -9,8 +9,8 @@ protocol.
 from ._core import Message, Snapshot
 from .errors import (CorruptSegmentError, EndOfStream, EscapedViewWarning, HandleClosed,
                      IncompatibleSegment, Lagged, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
-                     ResourceLimit, RoleTaken, SegmentExists, SegmentNotFound, ShmringError, Timeout,
-                     UnsupportedType)
+                     ResourceLimit, RoleTaken, SegmentExists, SegmentNotFound, SegmentTruncated, ShmringError,
+                     Timeout, UnsupportedType)
 from .codec import InPlace
 from .pipeline import Pipeline, PipelineError
 from .ring import Consumer, Producer, Reservation, Ring, wait
@@ -25,5 +25,6 @@ __all__ = [
     "SharedState", "Snapshot",
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
     "SegmentExists", "PermissionDenied", "NoSpace", "ResourceLimit", "CorruptSegmentError", "IncompatibleSegment",
+    "SegmentTruncated",
     "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning",
 ]

@@ -69,6 +69,15 @@ class CorruptSegmentError(ShmringError):
     """A value read from shared memory is impossible: foreign, truncated or corrupt segment."""
 
 
+class SegmentTruncated(CorruptSegmentError):
+    """The segment's backing was truncated (``ftruncate`` of the /dev/shm
+    segment or the file) while this process had it mapped.  The pages that
+    vanished would have killed the process with SIGBUS; shmring's guard
+    mapped zeros over the whole mapping instead (views still held read
+    zeros), and every later call on a handle of it raises this error.  What
+    the segment held is lost: close its handles and create it again."""
+
+
 class IncompatibleSegment(CorruptSegmentError):
     """The segment was written by another shmring layout version."""
 

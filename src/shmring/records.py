@@ -117,7 +117,7 @@ class _Handle:
     def _setup(self, ring, spin):
         h = ring._header
         self.dtype, self.slots = h["dtype"], h["slots"]
-        self._arr = np.frombuffer(ring._seg.buf, self.dtype, count=self.slots, offset=L.HEADER_SIZE)
+        self._arr = np.frombuffer(ring._seg.view(), self.dtype, count=self.slots, offset=L.HEADER_SIZE)
         self.spin = float(spin)
         self._label = ring._seg.label
         self._pid, self._gen = os.getpid(), _core.fork_generation()
@@ -130,10 +130,12 @@ class _Handle:
         if _inherited(self):
             raise ShmringError("this handle was created before fork(); a forked child must take its own "
                                "handle (ring.producer() / ring.consumer())")
+        self._region._guard_check()                 # R47: a truncated backing
 
     def _positions(self):
         r = self._region
         wp, rp = r.load_u64(L.OFF_WRITE_POS), r.load_u64(L.OFF_READ_POS)
+        r._guard_check()                            # R47: zeros from a vanished page are not positions
         if rp > wp or wp - rp > self.slots:
             raise CorruptSegmentError(f"{self._label}: record positions out of order (read {rp}, write {wp}, "
                                       f"{self.slots} slots)")
@@ -161,7 +163,7 @@ class RecordProducer(_Handle):
             roles.resume_interrupts(held)
         self._wp, self._rp = self._positions()
         # copies go through bytes: numpy copies a structured dtype field by field (~15x slower)
-        self._bytes = np.frombuffer(ring._seg.buf, np.uint8, count=self.slots * self.dtype.itemsize,
+        self._bytes = np.frombuffer(ring._seg.view(), np.uint8, count=self.slots * self.dtype.itemsize,
                                     offset=L.HEADER_SIZE)
 
     def _as_records(self, records) -> np.ndarray:
@@ -373,6 +375,7 @@ class RecordConsumer(_Handle):
 
     def _available(self) -> int:
         wp = self._region.load_u64(L.OFF_WRITE_POS)    # pairs with the producer's publish_u64
+        self._region._guard_check()                     # R47: zeros from a vanished page are no position
         if wp < self._next or wp - self._rp > self.slots:
             raise CorruptSegmentError(f"{self._label}: producer position {wp} out of range")
         self._wp = wp
@@ -432,7 +435,9 @@ class RecordConsumer(_Handle):
                             "every record it sent was received")
         if copy:
             with b:
-                return b.copy()
+                out = b.copy()
+            self._region._guard_check()                 # R47: a copy of vanished pages is zeros, not records
+            return out
         return b
 
     def __iter__(self):

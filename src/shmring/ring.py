@@ -258,6 +258,7 @@ class Ring(SegmentHandle):
         subscribers, ``redelivered`` messages a dead consumer held.
         """
         r = self._live_region()
+        r._guard_check()
         wp, rp = r.load_u64(L.OFF_WRITE_POS), r.load_u64(L.OFF_READ_POS)
 
         def role(line):
@@ -316,7 +317,7 @@ class Ring(SegmentHandle):
         * POSIX (``/dev/shm``) ring: there is no disk; ``flush()`` is a no-op
           in effect, and the ring does not survive a reboot.
         """
-        self._live_region()
+        self._live_region()._guard_check()
         self._seg.buf.flush()
 
     # -- lifetime -------------------------------------------------------------
@@ -394,7 +395,7 @@ class Producer(_core.ProducerCore):
         self._tables = tables = ring._tables
         self._role = None
         self.spin = float(spin)
-        self._wmv = memoryview(ring._seg.buf)
+        self._wmv = ring._seg.view()         # reservation views keep the mapping guarded (R45)
         self._label = ring._seg.label
         self._kind = ring.kind
         self._lagging, self._policed = {}, 0.0

@@ -32,7 +32,7 @@ from . import layout as L
 from ._proc import my_start_time
 from .liveness import Locks, probe
 from .errors import (CorruptSegmentError, IncompatibleSegment, NoSpace, PermissionDenied,
-                     ResourceLimit, SegmentExists, SegmentNotFound, ShmringError)
+                     ResourceLimit, SegmentExists, SegmentNotFound, SegmentTruncated, ShmringError)
 
 PREFIX = "shmring."
 SHM_DIR = "/dev/shm"
@@ -130,6 +130,14 @@ class Segment:
         self.locks = locks
         if locks is not None:
             weakref.finalize(buf, _core.finish_quietly, locks.close)   # R50: interrupted, it is finished
+        # The SIGBUS guard (docs/design.md, R45): registered from here until
+        # close(), and while any view made by view() lives.
+        self.guard = _core.Guard(buf, self.label)
+
+    def view(self) -> memoryview:
+        """A writable memoryview of the whole mapping that keeps it guarded
+        (R45) for as long as it, or anything made from it, lives."""
+        return memoryview(self.guard)
 
     @property
     def label(self) -> str:
@@ -255,6 +263,7 @@ class Segment:
         until they are gone (it is never unmapped under a live view)."""
         buf, self.buf = self.buf, None
         if buf is not None:
+            self.guard.close()            # R45: unregistered before any munmap (now, or after the last view)
             try:
                 buf.close()
             except BufferError:
@@ -405,13 +414,16 @@ def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
         from .parties import check_multi_header
         check_multi_header(h, seg.buf, what)
         if seg.size < h["segment_size"]:
-            raise CorruptSegmentError(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,}: "
-                                      "truncated or corrupt")
+            raise SegmentTruncated(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,}: "
+                                   "it was truncated")
         return h
     if h["data_offset"] != L.HEADER_SIZE or h["max_message"] != L.max_message(cap):
         raise CorruptSegmentError(f"{what} has inconsistent header fields: data offset "
                                   f"{h['data_offset']}, max message {h['max_message']} for capacity {cap}")
     expect = L.segment_size(cap)
+    if h["segment_size"] == expect and seg.size < expect:
+        raise SegmentTruncated(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,} "
+                               f"(capacity {cap:,} needs {expect:,}): it was truncated")
     if h["segment_size"] != expect or seg.size < expect:
         raise CorruptSegmentError(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,} "
                                   f"(capacity {cap:,} needs {expect:,}): truncated or corrupt")

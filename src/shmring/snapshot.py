@@ -53,7 +53,8 @@ import numpy as np
 from . import _core, codec, roles, waiting
 from . import layout as L
 from ._proc import my_start_time
-from .errors import CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge, ShmringError, Timeout
+from .errors import (CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge, SegmentTruncated,
+                     ShmringError, Timeout)
 from .segment import Segment, SegmentHandle, read_common_header
 from .waiting import DEFAULT_SPIN
 
@@ -120,6 +121,9 @@ def _validate_state_header(seg: Segment, wait_ready: float = 1.0) -> dict:
         if h[k] != g[k]:
             raise CorruptSegmentError(f"{what} has inconsistent header field {k}: {h[k]}, expected {g[k]} "
                                       f"for {slots} slots of {nbytes} bytes and {readers} readers")
+    if h["capacity"] == g["capacity"] and h["data_offset"] == g["first_slot"] and seg.size < g["segment_size"]:
+        raise SegmentTruncated(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,}: "
+                               "it was truncated")
     if h["capacity"] != g["capacity"] or h["data_offset"] != g["first_slot"] or seg.size < g["segment_size"]:
         raise CorruptSegmentError(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,}: "
                                   "truncated or corrupt")
@@ -190,7 +194,7 @@ class SharedState(_core.StateCore, SegmentHandle):
         self._seg = seg
         self._header = header
         self._created = created
-        self._wmv = memoryview(seg.buf)
+        self._wmv = seg.view()                # drafts' views keep the mapping guarded (R45)
         # A writer that takes over a dead one's role clears the waiters count of
         # the slot wake word, where only the writer sleeps.  The version wake
         # word is shared by all readers: each announces its sleeps in its

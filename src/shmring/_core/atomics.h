@@ -67,6 +67,9 @@ static inline uint64_t xchg_seq_cst64(void *p, uint64_t v) {
 static inline int cas_seq_cst16(void *p, uint16_t expect, uint16_t desired) {
     return __atomic_compare_exchange_n((uint16_t *)p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }
+static inline int cas_seq_cst32(void *p, uint32_t expect, uint32_t desired) {
+    return __atomic_compare_exchange_n((uint32_t *)p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
 static inline int cas_seq_cst64(void *p, uint64_t expect, uint64_t desired) {
     return __atomic_compare_exchange_n((uint64_t *)p, &expect, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
 }

@@ -338,7 +338,7 @@ bad:
  * condition loads of R4. */
 int consumer_ready(Consumer *c) {
     Region *r = &c->r;
-    if (c->nreturned) return 1;        /* R39: a message given back is there to take */
+    if (c->nreturned || truncated(r)) return 1;   /* R39: a message given back is there to take; R47: the call raises */
     if (r->kind != SHMR_KIND_SPSC) return mp_ready(c);
     return load_seq_cst64(r->base + SHMR_OFF_WRITE_POS) != c->next_pos ||   /* R4, pairs with the producer's exchange of write_pos */
            load_seq_cst32(r->base + SHMR_OFF_PROD_ROLE + SHMR_ROLE_CLOSED) != 0;   /* R5, pairs with the producer's store_u32(closed) */
@@ -360,7 +360,7 @@ static int consumer_spin_for_data(Consumer *c) {
 static PyObject *Consumer_try_recv(Consumer *self, PyObject *unused) {
     unsigned long prev;
     if (use_begin(&self->user, &prev, "consumer", CONSUMER_HINT) < 0) return NULL;
-    PyObject *res = consumer_try_recv(self);
+    PyObject *res = guard_exit(&self->r, consumer_try_recv(self));
     self->user = prev;
     return res;
 }
@@ -395,7 +395,7 @@ bad:
 static PyObject *Consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     unsigned long prev;
     if (use_begin(&self->user, &prev, "consumer", CONSUMER_HINT) < 0) return NULL;
-    PyObject *res = consumer_recv(self, args, nargs, kwnames);
+    PyObject *res = guard_exit(&self->r, consumer_recv(self, args, nargs, kwnames));
     self->user = prev;
     return res;
 }
@@ -448,7 +448,7 @@ static PyObject *consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_s
 static PyObject *Consumer_recv_bytes(Consumer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     unsigned long prev;
     if (use_begin(&self->user, &prev, "consumer", CONSUMER_HINT) < 0) return NULL;
-    PyObject *res = consumer_recv_bytes(self, args, nargs, kwnames);
+    PyObject *res = guard_exit(&self->r, consumer_recv_bytes(self, args, nargs, kwnames));
     self->user = prev;
     return res;
 }
@@ -459,8 +459,7 @@ static PyObject *Consumer_try_recv_bytes(Consumer *self, PyObject *unused) {
     PyObject *b = NULL;
     int s = consumer_take_bytes(self, &b);
     bc_unhold_if_idle(self);
-    if (s == PEEK_FOUND) return b;
-    return peek_status(self, s);
+    return guard_exit(&self->r, s == PEEK_FOUND ? b : peek_status(self, s));
 }
 
 static int data_cond(void *vctx) { return consumer_ready((Consumer *)vctx); }
@@ -469,7 +468,7 @@ static int data_cond(void *vctx) { return consumer_ready((Consumer *)vctx); }
 static PyObject *Consumer_wait_data(Consumer *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 2) { PyErr_SetString(PyExc_TypeError, "_wait_data(slice, spin)"); return NULL; }
     if (check_usable(&self->r) < 0) return NULL;
-    return wait_slice(self->r.base + SHMR_OFF_DATA_WAKE, data_cond, self, args[0], args[1],
+    return wait_slice(&self->r, self->r.base + SHMR_OFF_DATA_WAKE, data_cond, self, args[0], args[1],
                       self->entry ? self->entry + SHMR_CE_WAITING : NULL);
 }
 

@@ -11,6 +11,7 @@
  *   lease.c    Lease: the one buffer exporter with the escaped-view check,
  *              under Message, Snapshot and record batches
  *   state.c    StateCore: copy-on-write shared state
+ *   guard.c    the SIGBUS guard: a truncated backing reads zeros, never kills
  *   module.c   the module, its constants and the Python callbacks
  *
  * The protocol these files obey is docs/design.md, "The protocol as rules":
@@ -48,6 +49,7 @@ static inline uint64_t align16(uint64_t n) { return (n + 15u) & ~(uint64_t)15u; 
 
 /* ------------------------------------------------------------- the module */
 
+extern PyObject *SegmentTruncated;
 extern PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *EscapedViewWarning;
 extern unsigned long fork_generation;      /* bumped in every forked child */
 
@@ -85,6 +87,8 @@ typedef struct {
     char *ptab, *ctab;      /* multi-party: producer and consumer tables */
     uint32_t maxp, maxc, policy;
     int slot;               /* this handle's table entry (-1: none) */
+    int guard_slot;         /* our entry in the SIGBUS guard's table (guard.c), -1: unguarded */
+    const uint32_t *trunc;  /* that entry's flag: non-zero once the backing was truncated (R47) */
 } Region;
 
 extern PyTypeObject RegionType;
@@ -107,6 +111,31 @@ static inline uint64_t payload_offset(Region *r, uint64_t start) {
     return r->data_off + (start & r->mask) + r->hdr;   /* relative to the region base */
 }
 
+/* ---------------------------------------------------------------- guard.c */
+
+extern PyTypeObject GuardType;
+int guard_hold(char *base, Py_ssize_t len, PyObject *label);
+void guard_release(int slot);
+const uint32_t *guard_flag(int slot);
+void guard_after_fork(void);
+int guard_probe(Region *r);
+PyObject *raise_truncated(Region *r);
+PyObject *guard_installed(PyObject *mod, PyObject *unused);
+/* Was this region's backing truncated under it?  One relaxed load: the flag
+ * is written by the SIGBUS handler of this process, maybe in another thread,
+ * and only ever set (R47). */
+static inline int truncated(Region *r) {
+    return __builtin_expect(r->trunc != NULL && load_relaxed32(r->trunc) != 0, 0);   /* R47, pairs with the handler's store_release */
+}
+/* The end of a C call that touched the segment: if a page of it vanished
+ * meanwhile (here or in another thread), its result is not to be trusted:
+ * SegmentTruncated instead (R47; an interrupt's exception is kept). */
+static inline PyObject *guard_exit(Region *r, PyObject *res) {
+    if (__builtin_expect(!truncated(r), 1)) return res;
+    Py_XDECREF(res);
+    return raise_truncated(r);
+}
+
 /* ----------------------------------------------------------------- wait.c */
 
 typedef int (*cond_fn)(void *ctx);
@@ -115,7 +144,7 @@ void publish_and_wake(void *pos, uint64_t value, char *wake_line);
 void wake_always(char *wake_line);
 void wake_if_waiters(char *wake_line);
 int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns, uint64_t spin_ns, char *mine);
-PyObject *wait_slice(char *wake_line, cond_fn cond, void *ctx, PyObject *slice, PyObject *spin, char *mine);
+PyObject *wait_slice(Region *r, char *wake_line, cond_fn cond, void *ctx, PyObject *slice, PyObject *spin, char *mine);
 uint64_t seconds_to_ns(double s);
 PyObject *wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t n);
 PyObject *wait_counters(PyObject *mod, PyObject *unused);
@@ -262,6 +291,7 @@ int Lease_traverse(Lease *l, visitproc visit, void *arg);
 int Lease_clear(Lease *l);
 PyObject *Lease_get_nbytes(Lease *l, void *c);
 PyObject *make_message(Consumer *c, Rec *r);
+PyObject *lease_guard_exit(Lease *l, PyObject *res);
 
 /* ---------------------------------------------------------------- state.c */
 

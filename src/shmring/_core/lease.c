@@ -280,19 +280,24 @@ int Lease_clear(Lease *l) {
     return 0;
 }
 
+/* A lease's owner is always a Region (a consumer, a state handle, a record ring's region). */
+PyObject *lease_guard_exit(Lease *l, PyObject *res) {
+    return l->owner ? guard_exit((Region *)l->owner, res) : res;
+}
+
 static PyObject *Message_get_value(Message *m, void *c) {
     if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "message was released; keep msg.copy() to use data after release"); return NULL; }
     PyObject *v = m->type == SHMR_T_BYTES ? PyMemoryView_FromObject((PyObject *)m)
                                           : PyObject_CallOneArg(decode_func, (PyObject *)m);
     m->l.touched = v != NULL;       /* handed to user code only if it got the value */
-    return v;
+    return lease_guard_exit(&m->l, v);
 }
 
 static PyObject *Message_tobytes(Message *m, PyObject *unused) {
     if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "message was released"); return NULL; }
     PyObject *b = PyBytes_FromStringAndSize(m->l.ptr, m->l.len);
     if (b) m->l.touched = 1;
-    return b;
+    return lease_guard_exit(&m->l, b);
 }
 
 static PyObject *Message_copy(Message *m, PyObject *unused) {
@@ -301,7 +306,7 @@ static PyObject *Message_copy(Message *m, PyObject *unused) {
     int was = m->l.touched;
     PyObject *v = PyObject_CallOneArg(copy_func, (PyObject *)m);
     m->l.touched = v ? 1 : was;     /* the codec's own views of it do not count: only a value returned */
-    return v;
+    return lease_guard_exit(&m->l, v);
 }
 
 /* _take_copy() -> the value copied out, then the message released, in one C step: an
@@ -316,9 +321,12 @@ static PyObject *Message_take_copy(Message *m, PyObject *unused) {
         if (m->l.state == LEASE_LIVE && m->l.exports == 0) { m->l.give_back = GIVE_INTERRUPTED; lease_finish(&m->l); }
         return NULL;
     }
+    PyObject *owner = Py_NewRef(m->l.owner);     /* the release lets go of it */
     PyObject *r = Lease_release(&m->l, NULL);
-    if (!r) { Py_DECREF(v); return NULL; }
+    if (!r) { Py_DECREF(v); Py_DECREF(owner); return NULL; }
     Py_DECREF(r);
+    v = guard_exit((Region *)owner, v);       /* a copy of vanished pages is zeros: not a value */
+    Py_DECREF(owner);
     return v;
 }
 

@@ -10,7 +10,7 @@ PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *
 unsigned long fork_generation;
 PyObject *decode_func, *copy_func, *state_decode_func;
 
-static void at_fork_child(void) { fork_generation++; }
+static void at_fork_child(void) { fork_generation++; guard_after_fork(); }
 
 /* Test-only pause points of the C slow paths (attach, wait_newer's check):
  * tests set a callable with _core._set_pause_hook(fn); pause_point calls
@@ -69,8 +69,10 @@ static int load_errors(void) {
     HandleClosed = PyObject_GetAttrString(m, "HandleClosed");
     ShmringError = PyObject_GetAttrString(m, "ShmringError");
     EscapedViewWarning = PyObject_GetAttrString(m, "EscapedViewWarning");
+    SegmentTruncated = PyObject_GetAttrString(m, "SegmentTruncated");
     Py_DECREF(m);
-    return (CorruptSegmentError && MessageTooLarge && HandleClosed && ShmringError && EscapedViewWarning) ? 0 : -1;
+    return (CorruptSegmentError && MessageTooLarge && HandleClosed && ShmringError && EscapedViewWarning &&
+            SegmentTruncated) ? 0 : -1;
 }
 
 static PyObject *set_codec(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
@@ -216,6 +218,8 @@ static PyMethodDef module_methods[] = {
     {"header_ready", (PyCFunction)header_ready, METH_O, "header_ready(buffer) -> the ready word (acquire load)"},
     {"layout_constants", (PyCFunction)layout_constants, METH_NOARGS, "the constants of _layout.h, by name"},
     {"wait_any", (PyCFunction)(void (*)(void))wait_any, METH_FASTCALL, "wait_any(consumers, slice) -> bool"},
+    {"guard_installed", (PyCFunction)guard_installed, METH_NOARGS,
+     "guard_installed() -> bool: the SIGBUS handler in force is shmring's guard (guard.c)"},
     {NULL}
 };
 
@@ -234,7 +238,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     static const struct { const char *name; PyTypeObject *type; } types[] = {
         {"Region", &RegionType}, {"ProducerCore", &ProducerType}, {"ConsumerCore", &ConsumerType},
         {"Lease", &LeaseType}, {"Message", &MessageType}, {"StateCore", &StateCoreType},
-        {"Snapshot", &SnapshotType},
+        {"Snapshot", &SnapshotType}, {"Guard", &GuardType},
     };
     const size_t ntypes = sizeof types / sizeof types[0];
     if (load_errors() < 0) return NULL;

@@ -103,7 +103,7 @@ static PyObject *producer_send(Producer *self, PyObject *const *args, Py_ssize_t
 static PyObject *Producer_send(Producer *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     unsigned long prev;
     if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
-    PyObject *res = producer_send(self, args, nargs, kwnames);
+    PyObject *res = guard_exit(&self->r, producer_send(self, args, nargs, kwnames));
     self->user = prev;
     return res;
 }
@@ -120,7 +120,7 @@ static PyObject *producer_try_send(Producer *self, PyObject *data) {
 static PyObject *Producer_try_send(Producer *self, PyObject *data) {
     unsigned long prev;
     if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
-    PyObject *res = producer_try_send(self, data);
+    PyObject *res = guard_exit(&self->r, producer_try_send(self, data));
     self->user = prev;
     return res;
 }
@@ -134,8 +134,7 @@ static PyObject *Producer_push(Producer *self, PyObject *const *args, Py_ssize_t
     if (PyObject_GetBuffer(args[0], &b, PyBUF_C_CONTIGUOUS) < 0) return NULL;
     int r = producer_push(self, (const char *)b.buf, (uint64_t)b.len, (unsigned)type);
     PyBuffer_Release(&b);
-    if (r < 0) return NULL;
-    return PyBool_FromLong(r);
+    return guard_exit(&self->r, r < 0 ? NULL : PyBool_FromLong(r));
 }
 
 /* _push_array(meta, data, type) -> bool: one record holding
@@ -173,7 +172,7 @@ static PyObject *Producer_push_array(Producer *self, PyObject *const *args, Py_s
     Py_INCREF(Py_True); result = Py_True;
 done:
     PyBuffer_Release(&b);
-    return result;
+    return guard_exit(&self->r, result);
 }
 
 /* _reserve(payload_len, type) -> offset of the payload in the region, or None if full. */
@@ -199,7 +198,9 @@ static PyObject *Producer_reserve(Producer *self, PyObject *const *args, Py_ssiz
     self->res_prev = prev;
     self->res_type = (unsigned)type;
     /* spsc: the claim may have written a padding record: write_pos stays
-     * before it until commit, so abort forgets both. */
+     * before it until commit, so abort forgets both.  A reservation on a
+     * truncated ring is aborted at once (nothing can be sent there). */
+    if (truncated(&self->r)) { self->reserved = 0; self->write_pos = prev; return raise_truncated(&self->r); }
     return PyLong_FromUnsignedLongLong(payload_offset(&self->r, start));
 }
 
@@ -230,7 +231,7 @@ static PyObject *Producer_commit(Producer *self, PyObject *const *args, Py_ssize
     self->reserved = 0;
     producer_finish(self, self->res_start, self->res_len, len, self->res_type);
     self->user = prev;
-    Py_RETURN_NONE;
+    return guard_exit(&self->r, Py_NewRef(Py_None));
 }
 
 /* _abort(seq=None): forget the open reservation (number seq; another one is
@@ -370,7 +371,7 @@ static PyObject *Producer_wait_space(Producer *self, PyObject *const *args, Py_s
     unsigned long long len = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
     uint64_t need = align8(SHMR_REC_HDR + len), tail = self->r.capacity - (self->write_pos & self->r.mask);
     struct space_ctx c = { self, len, need <= tail ? need : tail + need };
-    return wait_slice(self->r.base + SHMR_OFF_SPACE_WAKE, space_cond, &c, args[1], args[2],
+    return wait_slice(&self->r, self->r.base + SHMR_OFF_SPACE_WAKE, space_cond, &c, args[1], args[2],
                       is_multi(&self->r) ? self->entry + SHMR_PE_WAITING : NULL);
 }
 

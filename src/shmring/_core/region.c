@@ -18,6 +18,10 @@ int region_map(Region *self, PyObject *args) {
     if (PyObject_GetBuffer(buf, &self->view, PyBUF_WRITABLE | PyBUF_SIMPLE) < 0) return -1;
     self->has_view = 1;
     self->base = (char *)self->view.buf;
+    /* R45: held while we hold the export; a mapping already truncated takes no new handle */
+    self->guard_slot = guard_hold(self->base, self->view.len, NULL);
+    self->trunc = guard_flag(self->guard_slot);
+    if (truncated(self)) { raise_truncated(self); return -1; }
     self->fork_gen = fork_generation;
     self->words_end = SHMR_HEADER_SIZE;
     if ((uintptr_t)self->base % 4096 != 0 || self->view.len < (Py_ssize_t)SHMR_HEADER_SIZE) {
@@ -79,7 +83,13 @@ int Region_init(Region *self, PyObject *args, PyObject *kw) {
 }
 
 void Region_dealloc(Region *self) {
-    if (self->has_view) { PyBuffer_Release(&self->view); self->has_view = 0; }
+    if (self->has_view) {
+        guard_release(self->guard_slot);         /* R45: before the export goes, so before any munmap */
+        self->guard_slot = -1;
+        self->trunc = NULL;
+        PyBuffer_Release(&self->view);
+        self->has_view = 0;
+    }
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -93,6 +103,7 @@ int check_owner(Region *r) {
 
 int check_usable(Region *r) {
     if (r->closed || !r->has_view) { PyErr_SetString(HandleClosed, "handle is closed"); return -1; }
+    if (truncated(r)) { raise_truncated(r); return -1; }
     return check_owner(r);
 }
 
@@ -251,7 +262,7 @@ static PyObject *Region_wait_change(Region *self, PyObject *const *args, Py_ssiz
     c.stop = NULL;
     if (PyLong_AsLong(args[3]) >= 0) { c.stop = header_word(self, args[3], 4); if (!c.stop) return NULL; }
     if (PyErr_Occurred()) return NULL;
-    return wait_slice(w, change_cond, &c, args[4], args[5], NULL);
+    return wait_slice(self, w, change_cond, &c, args[4], args[5], NULL);
 }
 
 /* producers_ended(seal) -> bool: multi-party: has the stream ended (mp_ended_ex)? */
@@ -262,12 +273,22 @@ static PyObject *Region_producers_ended(Region *self, PyObject *seal) {
     return PyBool_FromLong(mp_ended_ex(self, s));
 }
 
+/* _guard_check(): SegmentTruncated if the backing was truncated under this
+ * mapping (R47), for the Python paths (record rings, stats, flush). */
+static PyObject *Region_guard_check(Region *self, PyObject *unused) {
+    if (truncated(self)) return raise_truncated(self);
+    Py_RETURN_NONE;
+}
+
 PyObject *Region_get_closed(Region *self, void *c) { return PyBool_FromLong(self->closed); }
+static PyObject *Region_get_truncated(Region *self, void *c) { return PyBool_FromLong(truncated(self)); }
 PyObject *Region_get_inherited(Region *self, void *c) { return PyBool_FromLong(inherited(self)); }
 
 static PyGetSetDef Region_getset[] = {
     {"_inherited", (getter)Region_get_inherited, NULL,
      "True in a forked child for a handle made before the fork (the parent's: only dropped here)", NULL},
+    {"truncated", (getter)Region_get_truncated, NULL,
+     "the backing was truncated under this mapping (it reads zeros now; calls raise SegmentTruncated)", NULL},
     {NULL}
 };
 
@@ -280,6 +301,7 @@ static PyMethodDef Region_methods[] = {
     {"store_u64", (PyCFunction)(void (*)(void))Region_store_u64, METH_FASTCALL, "store_u64(offset, value): seq_cst store"},
     {"cas_u64", (PyCFunction)(void (*)(void))Region_cas_u64, METH_FASTCALL, "cas_u64(offset, expected, desired) -> bool"},
     {"fetch_add_u64", (PyCFunction)(void (*)(void))Region_fetch_add_u64, METH_FASTCALL, "fetch_add_u64(offset, delta) -> old"},
+    {"_guard_check", (PyCFunction)Region_guard_check, METH_NOARGS, "raise SegmentTruncated if truncated"},
     {"wake", (PyCFunction)Region_wake, METH_O, "wake(offset): wake every sleeper on that wake word"},
     {"producers_ended", (PyCFunction)Region_producers_ended, METH_O,
      "producers_ended(seal) -> bool: every producer ended or died (seal: record it, R37)"},

@@ -77,6 +77,7 @@ static int StateCore_init(StateCore *self, PyObject *args, PyObject *kw) {
 
 static int st_usable(StateCore *s) {
     if (s->r.closed || !s->r.has_view) { PyErr_SetString(HandleClosed, "shared state handle is closed"); return -1; }
+    if (truncated(&s->r)) { raise_truncated(&s->r); return -1; }
     if (s->r.fork_gen != fork_generation) {
         /* a forked child starts with none of the parent's pins or entries */
         s->n_own = 0;
@@ -189,7 +190,7 @@ static inline void st_unpin_unread(StateCore *self, int j) {
 }
 
 /* read() -> Snapshot: pin the current version (R19). */
-static PyObject *StateCore_read(StateCore *self, PyObject *unused) {
+static PyObject *statecore_read(StateCore *self, PyObject *unused) {
     if (st_usable(self) < 0) return NULL;
     int j; uint64_t c;
     int got = st_pin(self, &j, &c);
@@ -206,12 +207,15 @@ static PyObject *StateCore_read(StateCore *self, PyObject *unused) {
     if (!m) { st_unpin_unread(self, j); return NULL; }
     return (PyObject *)m;
 }
+static PyObject *StateCore_read(StateCore *self, PyObject *unused) {
+    return guard_exit(&self->r, statecore_read(self, unused));   /* the segment may have vanished under it */
+}
 
 /* _newest() -> the current version, checked under a pin (R19), or None before
  * the first publish.  wait_newer()'s check: the slot header of an unpinned
  * version may be rewritten by a writer that published twice meanwhile, so it
  * is only looked at while pinned (the writer then uses other slots). */
-static PyObject *StateCore_newest(StateCore *self, PyObject *unused) {
+static PyObject *statecore_newest(StateCore *self, PyObject *unused) {
     if (st_usable(self) < 0) return NULL;
     int j; uint64_t c;
     int got = st_pin(self, &j, &c);
@@ -225,6 +229,9 @@ static PyObject *StateCore_newest(StateCore *self, PyObject *unused) {
     publish_and_wake(st_entry(self, (uint32_t)self->own[j]) + SHMR_ST_ENTRY_PIN, 0, self->r.base + SHMR_ST_OFF_SLOT_WAKE);
     self->busy[j] = 0;
     return PyLong_FromUnsignedLongLong(v);
+}
+static PyObject *StateCore_newest(StateCore *self, PyObject *unused) {
+    return guard_exit(&self->r, statecore_newest(self, unused));   /* the segment may have vanished under it */
 }
 
 /* Which slots are pinned by any reader: a bitmap over 256 slots. */
@@ -249,11 +256,14 @@ static int st_free_slot(StateCore *s) {
     return -1;
 }
 
-static PyObject *StateCore_free_slot(StateCore *self, PyObject *unused) {
+static PyObject *statecore_free_slot(StateCore *self, PyObject *unused) {
     if (st_usable(self) < 0) return NULL;
     int k = st_free_slot(self);
     if (k >= 0) self->next_slot = ((uint32_t)k + 1) % self->nslots;
     return PyLong_FromLong(k);
+}
+static PyObject *StateCore_free_slot(StateCore *self, PyObject *unused) {
+    return guard_exit(&self->r, statecore_free_slot(self, unused));   /* the segment may have vanished under it */
 }
 
 static int slot_cond(void *ctx) { return st_free_slot((StateCore *)ctx) >= 0; }
@@ -268,7 +278,7 @@ static int newer_cond(void *vctx) {
 static PyObject *StateCore_wait_slot(StateCore *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 2) { PyErr_SetString(PyExc_TypeError, "_wait_slot(slice, spin)"); return NULL; }
     if (st_usable(self) < 0) return NULL;
-    return wait_slice(self->r.base + SHMR_ST_OFF_SLOT_WAKE, slot_cond, self, args[0], args[1], NULL);
+    return wait_slice(&self->r, self->r.base + SHMR_ST_OFF_SLOT_WAKE, slot_cond, self, args[0], args[1], NULL);
 }
 
 static PyObject *StateCore_wait_newer(StateCore *self, PyObject *const *args, Py_ssize_t n) {
@@ -286,7 +296,7 @@ static PyObject *StateCore_wait_newer(StateCore *self, PyObject *const *args, Py
         else return NULL;
     }
     char *mine = self->n_own ? st_entry(self, (uint32_t)self->own[0]) + SHMR_ST_ENTRY_WAITING : NULL;
-    return wait_slice(self->r.base + SHMR_ST_OFF_VERSION_WAKE, newer_cond, &c, args[1], args[2], mine);
+    return wait_slice(&self->r, self->r.base + SHMR_ST_OFF_VERSION_WAKE, newer_cond, &c, args[1], args[2], mine);
 }
 
 static int st_slot_arg(StateCore *s, PyObject *o, uint32_t *k) {
@@ -300,7 +310,7 @@ static int st_slot_arg(StateCore *s, PyObject *o, uint32_t *k) {
 /* _current() -> (version, slot, type, length) or None; checked.  For the
  * writer (update()): only it rewrites slots, so its current slot's header is
  * stable unpinned.  Readers check under a pin (read(), _newest()). */
-static PyObject *StateCore_current(StateCore *self, PyObject *unused) {
+static PyObject *statecore_current(StateCore *self, PyObject *unused) {
     if (st_usable(self) < 0) return NULL;
     uint64_t c = load_acquire64(st_current(self));   /* R19, pairs with the writer's publish exchange */
     if (c == 0) Py_RETURN_NONE;
@@ -308,6 +318,9 @@ static PyObject *StateCore_current(StateCore *self, PyObject *unused) {
     if (st_check(self, c, &k, &v, &t, &n) < 0) return NULL;
     self->last_version = v;
     return Py_BuildValue("KIiK", (unsigned long long)v, k, t, (unsigned long long)n);
+}
+static PyObject *StateCore_current(StateCore *self, PyObject *unused) {
+    return guard_exit(&self->r, statecore_current(self, unused));   /* the segment may have vanished under it */
 }
 
 /* Make slot k (filled) the current version: the one publication store (R21).
@@ -336,7 +349,7 @@ static uint64_t st_publish(StateCore *self, uint32_t k, uint32_t t, uint64_t len
 }
 
 /* _publish(slot, type, length) -> version.  The writer has filled the slot's payload. */
-static PyObject *StateCore_publish(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+static PyObject *statecore_publish(StateCore *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 3) { PyErr_SetString(PyExc_TypeError, "_publish(slot, type, length)"); return NULL; }
     if (st_usable(self) < 0) return NULL;
     uint32_t k;
@@ -347,13 +360,16 @@ static PyObject *StateCore_publish(StateCore *self, PyObject *const *args, Py_ss
     unsigned long long v = st_publish(self, k, (uint32_t)t, len);
     return v ? PyLong_FromUnsignedLongLong(v) : NULL;
 }
+static PyObject *StateCore_publish(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    return guard_exit(&self->r, statecore_publish(self, args, n));   /* the segment may have vanished under it */
+}
 
 /* _publish_array(meta, array) -> version, or None when no slot is free right
  * now or the value does not fit (the Python path then waits or raises).  The
  * fast path of publish() for a contiguous array: pick a free slot, write the
  * T_ARRAY payload (prefix, meta, one memcpy of the array at the first 64-aligned
  * offset, as codec.write lays it out), publish. */
-static PyObject *StateCore_publish_array(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+static PyObject *statecore_publish_array(StateCore *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 2 || !PyBytes_Check(args[0])) { PyErr_SetString(PyExc_TypeError, "_publish_array(meta: bytes, array)"); return NULL; }
     if (st_usable(self) < 0) return NULL;
     Py_buffer b;
@@ -380,9 +396,12 @@ static PyObject *StateCore_publish_array(StateCore *self, PyObject *const *args,
     uint64_t v = st_publish(self, (uint32_t)k, SHMR_T_ARRAY, total);
     return v ? PyLong_FromUnsignedLongLong(v) : NULL;
 }
+static PyObject *StateCore_publish_array(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    return guard_exit(&self->r, statecore_publish_array(self, args, n));   /* the segment may have vanished under it */
+}
 
 /* _copy_slot(src, dst, length): the copy of copy-on-write (GIL released). */
-static PyObject *StateCore_copy_slot(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+static PyObject *statecore_copy_slot(StateCore *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 3) { PyErr_SetString(PyExc_TypeError, "_copy_slot(src, dst, length)"); return NULL; }
     if (st_usable(self) < 0) return NULL;
     uint32_t a, b;
@@ -395,9 +414,12 @@ static PyObject *StateCore_copy_slot(StateCore *self, PyObject *const *args, Py_
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
+static PyObject *StateCore_copy_slot(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    return guard_exit(&self->r, statecore_copy_slot(self, args, n));   /* the segment may have vanished under it */
+}
 
 /* _draft(slot, type, length) -> writable Snapshot of a slot the writer owns (no pin). */
-static PyObject *StateCore_draft(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+static PyObject *statecore_draft(StateCore *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 3) { PyErr_SetString(PyExc_TypeError, "_draft(slot, type, length)"); return NULL; }
     if (st_usable(self) < 0) return NULL;
     uint32_t k;
@@ -407,6 +429,9 @@ static PyObject *StateCore_draft(StateCore *self, PyObject *const *args, Py_ssiz
     if (len > self->slot_size - SHMR_ST_SLOT_HDR) { PyErr_SetString(PyExc_ValueError, "bad length"); return NULL; }
     uint64_t c = load_acquire64(st_current(self));   /* R21, our own last publish */
     return (PyObject *)snapshot_new(self, -1, (c >> 8) + 1, k, (int)t, len, 1);
+}
+static PyObject *StateCore_draft(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    return guard_exit(&self->r, statecore_draft(self, args, n));   /* the segment may have vanished under it */
 }
 
 /* _add_entry(i): the handle now owns reader table entry i (claimed by Python with a CAS). */
@@ -489,7 +514,7 @@ PyTypeObject StateCoreType = {
 
 static PyObject *Snapshot_get_value(Snapshot *m, void *c) {
     if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "snapshot was released; keep snap.copy() to use data after release"); return NULL; }
-    return PyObject_CallOneArg(state_decode_func ? state_decode_func : decode_func, (PyObject *)m);
+    return lease_guard_exit(&m->l, PyObject_CallOneArg(state_decode_func ? state_decode_func : decode_func, (PyObject *)m));
 }
 static PyObject *Snapshot_get_state(Snapshot *m, void *c) {
     if (!m->l.owner) Py_RETURN_NONE;
@@ -499,7 +524,7 @@ static PyObject *Snapshot_get_state(Snapshot *m, void *c) {
 static PyObject *Snapshot_get_writable(Snapshot *m, void *c) { return PyBool_FromLong(!m->l.readonly); }
 static PyObject *Snapshot_copy(Snapshot *m, PyObject *unused) {
     if (m->l.state != LEASE_LIVE) { PyErr_SetString(HandleClosed, "snapshot was released"); return NULL; }
-    return PyObject_CallOneArg(copy_func, (PyObject *)m);
+    return lease_guard_exit(&m->l, PyObject_CallOneArg(copy_func, (PyObject *)m));
 }
 static PyObject *Snapshot_get_version(Snapshot *m, void *c) { return PyLong_FromUnsignedLongLong(m->version); }
 static PyObject *Snapshot_get_slot(Snapshot *m, void *c) { return PyLong_FromUnsignedLong(m->slot); }

@@ -155,15 +155,20 @@ int wait_for(char *wake_line, cond_fn cond, void *ctx, uint64_t slice_ns, uint64
  * GIL released, then the signal check (Ctrl-C raises here).  The Python
  * side (shmring.waiting) loops over slices, checking its deadline and the
  * peers between them.  Returns True (condition holds) or False. */
-PyObject *wait_slice(char *wake_line, cond_fn cond, void *ctx, PyObject *slice_obj, PyObject *spin_obj, char *mine) {
+PyObject *wait_slice(Region *reg, char *wake_line, cond_fn cond, void *ctx, PyObject *slice_obj, PyObject *spin_obj, char *mine) {
     double slice = PyFloat_AsDouble(slice_obj); if (PyErr_Occurred()) return NULL;
     double spin = PyFloat_AsDouble(spin_obj); if (PyErr_Occurred()) return NULL;
     uint64_t slice_ns = seconds_to_ns(slice), spin_ns = seconds_to_ns(spin);
     int r;
     Py_BEGIN_ALLOW_THREADS
     r = wait_for(wake_line, cond, ctx, slice_ns, spin_ns, mine);
+    /* R48: a slice that ended without its condition may have slept on a word
+     * that vanished (nobody can wake it there): touch the mapping's last page,
+     * which faults (and marks it) if the backing shrank */
+    if (r != WAIT_READY) (void)guard_probe(reg);
     Py_END_ALLOW_THREADS
     if (PyErr_CheckSignals() < 0) return NULL;
+    if (truncated(reg)) return raise_truncated(reg);
     return PyBool_FromLong(r == WAIT_READY);
 }
 
@@ -241,6 +246,8 @@ PyObject *wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
         leave_all(cs, k);
         if (err == EINTR) break;
     }
+    /* R48: a quiet slice probes every mapping; a truncated one is "ready" (its call raises) */
+    for (Py_ssize_t i = 0; i < k && !ready; i++) ready = guard_probe(&cs[i]->r);
     Py_END_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < k; i++) Py_DECREF(cs[i]);
     if (PyErr_CheckSignals() < 0) return NULL;
