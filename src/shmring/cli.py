@@ -34,7 +34,7 @@ def _raw_header(name: str) -> tuple[dict | None, float | None, str | None]:
     without validating anything and without waiting for a creator."""
     from .segment import Segment
     try:
-        seg = Segment.open(name, wait_ready=0)
+        seg = Segment.open(name, wait_ready=0, allow_foreign_owner=True)    # read to report, any owner
     except ShmringError as e:
         try:
             mtime = os.stat(os.path.join(SHM_DIR, PREFIX + name)).st_mtime
@@ -75,12 +75,13 @@ def _describe(name: str) -> dict:
     else:
         opener = Ring.attach
     try:
-        obj = opener(name)
+        obj = opener(name, allow_foreign_owner=True)   # inspected, not used: any owner (shown as owner_uid)
     except ShmringError as e:
         return {"name": name, "kind": "?", "error": str(e), "age_s": _seg_age(name),
                 "creator": _creator(h if h["magic"] == L.MAGIC else None)}
     try:
         st = obj.stats()
+        st["owner_uid"] = obj._seg.owner_uid
     finally:
         obj.close()
         del obj                 # its mapping, and with it its attach lock, goes now (gc tests the lock)
@@ -166,10 +167,16 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def _owner(st: dict) -> str:
+    """', owner uid N' for a segment another user owns."""
+    uid = st.get("owner_uid")
+    return "" if uid is None or uid == os.geteuid() else f", owner uid {uid}"
+
+
 def _stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
     if st["kind"] == "state":
         lines = [f"{st['name']}  shared state, {st['slots']} slots of {_human(st['nbytes'])}, "
-                 f"age {_age(st['age_s'])}",
+                 f"age {_age(st['age_s'])}{_owner(st)}",
                  f"  version      {st['version']:,}",
                  f"  pinned slots {st['slots_pinned']}/{st['slots']}  pins {st['pins']}",
                  f"  writer       {_pid(st['writer'])}  sessions {st['writer']['sessions']}",
@@ -181,7 +188,7 @@ def _stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
     if "producers" in st:
         return _multi_stat_lines(st, prev, dt)
     lines = [f"{st['name'] or st['path']}  {st['kind']} ring, capacity {_human(st['capacity'])}, "
-             f"age {_age(st['age_s'])}" + (f", records of {st['dtype']}" if "dtype" in st else ""),
+             f"age {_age(st['age_s'])}{_owner(st)}" + (f", records of {st['dtype']}" if "dtype" in st else ""),
              (f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['slots']:,} records)"
               if "dtype" in st else
               f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['capacity']:,} bytes)"),
@@ -202,7 +209,7 @@ def _stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
 def _multi_stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
     """stat of an mpsc / broadcast / mpmc ring: tables and counters."""
     lines = [f"{st['name'] or st['path']}  {st['kind']} ring, capacity {_human(st['capacity'])}, "
-             f"age {_age(st['age_s'])}" + (f", policy {st['policy']}" if st["kind"] == "broadcast" else ""),
+             f"age {_age(st['age_s'])}{_owner(st)}" + (f", policy {st['policy']}" if st["kind"] == "broadcast" else ""),
              f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['capacity']:,} bytes)",
              f"  positions    claimed {st['write_pos']:,}  released {st['read_pos']:,}"
              + (f"  taken {st['take_pos']:,}" if "take_pos" in st else ""),

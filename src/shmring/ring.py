@@ -173,9 +173,11 @@ class Ring(SegmentHandle):
 
         ``wait``: seconds to wait for a ring that does not exist yet (its
         creator may start later); then ``SegmentNotFound``.
-        A ring file must be a regular file owned by this process's uid, reached
-        without following a symbolic link; ``allow_foreign_owner=True`` accepts
-        a file owned by another user (e.g. a shared group directory).
+        The segment (a POSIX name or a ring file) must be a regular file owned
+        by this process's uid, reached without following a symbolic link;
+        ``allow_foreign_owner=True`` accepts one owned by another user (a ring
+        that user shares with you on purpose, e.g. mode 0o666 or a group
+        directory): anyone can create a name in ``/dev/shm`` first.
         """
         if path is None and name is None:
             raise TypeError("Ring.attach() needs a name or path=")
@@ -188,7 +190,7 @@ class Ring(SegmentHandle):
             raise
 
     def __reduce__(self):
-        return (_attach, (self._seg.name, self._seg.path))
+        return (_attach, (self._seg.name, self._seg.path, self._seg.allow_foreign_owner))
 
     # -- roles --------------------------------------------------------------
     def producer(self, *, spin: float = DEFAULT_SPIN) -> "Producer":
@@ -330,8 +332,8 @@ class Ring(SegmentHandle):
         return f"<shmring.Ring {self.kind} {self._seg.label} capacity={self.capacity}>"
 
 
-def _attach(name, path):
-    return Ring.attach(name, path=path)
+def _attach(name, path, allow_foreign_owner=False):
+    return Ring.attach(name, path=path, allow_foreign_owner=allow_foreign_owner)
 
 
 def _no_pickle(handle):

@@ -116,6 +116,9 @@ def _os_error(exc: OSError, what: str) -> ShmringError:
 class Segment:
     """A mapped segment.  ``buf`` is the writable mmap of the whole segment."""
 
+    allow_foreign_owner = False   # as opened (open() sets it): handed on when a ring pickles
+    owner_uid = None              # the file's owner at open time (shown by the CLI)
+
     def __init__(self, name: str | None, path: str | None, buf: mmap.mmap, size: int, identity=None,
                  locks: Locks | None = None):
         self.identity = identity          # (st_dev, st_ino): the same object under any name
@@ -153,7 +156,8 @@ class Segment:
             else:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         except posix_ipc.ExistentialError:
-            raise SegmentExists(f"{what} exists already; attach to it, or unlink it first") from None
+            raise SegmentExists(f"{what} exists already; attach to it, or unlink it first"
+                                + _foreign_owner_note(name)) from None
         except posix_ipc.PermissionsError as e:
             raise PermissionDenied(f"{what}: permission denied ({e})") from None
         except OSError as e:
@@ -189,9 +193,10 @@ class Segment:
         """Map an existing segment (no validation beyond its size; see validate_header).
 
         ``wait``: seconds to keep retrying while it does not exist yet.
-        A file (``path``) must be a regular file, not a symbolic link, and owned
-        by this process's effective uid unless ``allow_foreign_owner`` is true:
-        a file another user planted could otherwise feed us data they control.
+        A segment (a POSIX name or a ``path``) must be a regular file, not a
+        symbolic link, and owned by this process's effective uid unless
+        ``allow_foreign_owner`` is true: a segment another user planted could
+        otherwise read what we send, or feed us data they control.
         """
         deadline = time.monotonic() + float(wait)
         while True:
@@ -228,9 +233,13 @@ class Segment:
                 raise SegmentNotFound(f"{what} was removed (by shmring gc or an unlink) while attaching")
             if path is not None and not stat.S_ISREG(st.st_mode):
                 raise CorruptSegmentError(f"{what} is not a regular file")
-            if path is not None and st.st_uid != os.geteuid() and not allow_foreign_owner:
+            if st.st_uid != os.geteuid() and not allow_foreign_owner:
+                # A POSIX name is as open to planting as a path: anyone may
+                # create /dev/shm/shmring.NAME first (squatting), then read
+                # what we send or feed us values.  Trust only our own.
                 raise PermissionDenied(f"{what} is owned by uid {st.st_uid}, not by this process's uid "
-                                       f"{os.geteuid()}; pass allow_foreign_owner=True to attach anyway")
+                                       f"{os.geteuid()}: another user created it; pass "
+                                       "allow_foreign_owner=True to attach anyway if you trust that user")
             # A creator sizes the segment right after creating it: give it a moment.
             deadline = time.monotonic() + wait_ready
             while st.st_size < L.HEADER_SIZE and time.monotonic() < deadline:
@@ -247,7 +256,9 @@ class Segment:
             raise
         finally:
             os.close(fd)                  # the mapping keeps its own descriptor (no locks on it)
-        return cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
+        seg = cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
+        seg.allow_foreign_owner, seg.owner_uid = allow_foreign_owner, st.st_uid
+        return seg
 
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
@@ -286,6 +297,26 @@ def _attach_lock(fd: int, what: str) -> Locks:
             raise ShmringError(f"{what} is locked exclusively by another process (shmring gc removing it?)")
         time.sleep(0.005)
     return locks
+
+
+def _foreign_owner_note(name) -> str:
+    """For SegmentExists on create: who owns an existing POSIX name, if not us."""
+    if name is None:
+        return ""
+    try:
+        uid = os.stat(os.path.join(SHM_DIR, PREFIX + name), follow_symlinks=False).st_uid
+    except OSError:
+        return ""
+    if uid == os.geteuid():
+        return ""
+    try:
+        import pwd
+        who = f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        who = f"uid {uid}"
+    return (f". It is owned by {who}, not by this process's uid {os.geteuid()}: another user "
+            f"created the name first (squatting, or a ring of theirs). Pick another name, or if it is "
+            f"not legitimately theirs, remove it (`shmring rm {name}`, as root or as its owner)")
 
 
 def _unlink(name, path, missing_ok=True) -> None:
