@@ -62,14 +62,19 @@ def _dtype_spec(dtype: np.dtype):
     return dtype.str
 
 
-def _dtype_from_spec(spec) -> np.dtype:
+MAX_DTYPE_DEPTH = 32       # nesting of subarray / structured dtype descriptions
+
+
+def _dtype_from_spec(spec, depth: int = 0) -> np.dtype:
     """Inverse of _dtype_spec, for untrusted input (any failure raises)."""
+    if depth > MAX_DTYPE_DEPTH:
+        raise ValueError(f"dtype description nested deeper than {MAX_DTYPE_DEPTH} levels")
     if isinstance(spec, str):
         dt = np.dtype(spec)
     elif isinstance(spec, dict) and "base" in spec:
-        dt = np.dtype((_dtype_from_spec(spec["base"]), tuple(spec["shape"])))
+        dt = np.dtype((_dtype_from_spec(spec["base"], depth + 1), tuple(spec["shape"])))
     elif isinstance(spec, dict):
-        d = {"names": spec["names"], "formats": [_dtype_from_spec(f) for f in spec["formats"]],
+        d = {"names": spec["names"], "formats": [_dtype_from_spec(f, depth + 1) for f in spec["formats"]],
              "offsets": spec["offsets"], "itemsize": spec["itemsize"]}
         if "titles" in spec:
             d["titles"] = spec["titles"]

@@ -99,7 +99,9 @@ class Ring(SegmentHandle):
           subscribers (``ring.subscribe()``), each of which sees every message.
           ``policy="block"`` gates the producer on the slowest live subscriber;
           ``policy="evict"`` evicts one that held the producer back for
-          ``evict_after`` seconds (it gets :class:`~shmring.Lagged`).
+          ``evict_after`` seconds (it gets :class:`~shmring.Lagged`);
+          ``evict_after=math.inf`` never evicts (the producer waits, as with
+          ``"block"``).
         * ``"mpmc"``: up to ``max_producers`` producers and ``max_consumers``
           consumers sharing the work: each message goes to one consumer.
 
@@ -184,7 +186,9 @@ class Ring(SegmentHandle):
         seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait)
         try:
             pause("attach")                       # mapped, nothing validated or taken yet
-            return cls(seg, validate_header(seg), created=False)
+            ring = cls(seg, validate_header(seg), created=False)
+            seg.reserve()                         # validated: now its space (holes of a copy) and pages
+            return ring
         except BaseException:
             seg.close()
             raise
@@ -297,7 +301,8 @@ class Ring(SegmentHandle):
             base["consumer"]["received"] = r.load_u64(L.OFF_CONS_ROLE + 24)
         base.update({"used": used, "fill": used / self.capacity,
                      "closed": "eos" if self._tables.producers_done() else None,
-                     "policy": "evict" if self._header["policy"] else "block"})
+                     "policy": "evict" if self._header["policy"] else "block",
+                     "evict_after": self._tables.evict_after})
         base.update(st)
         return base
 

@@ -39,6 +39,7 @@ SHM_DIR = "/dev/shm"
 MAX_NAME = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)     # Linux 5.14+
 
 
 def validate_name(name) -> str:
@@ -70,30 +71,139 @@ def _rlimit(which) -> int:
 
 def _fd_limit_error(what: str, exc) -> ResourceLimit:
     soft = _rlimit(resource.RLIMIT_NOFILE)
-    try:
-        used = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        used = -1
     if getattr(exc, "errno", None) == errno.ENFILE:
-        return ResourceLimit(f"cannot open {what}: the system-wide open-files limit is reached (ENFILE); "
-                             "asked for 1 more file descriptor", "ENFILE", 1, -1)
+        return ResourceLimit(f"cannot open {what}: the system-wide open-files limit is reached (ENFILE, "
+                             "/proc/sys/fs/file-max); asked for 1 more file descriptor", "ENFILE", 1, -1)
+    # Counted without opening anything (listing /proc/self/fd needs a descriptor too)
+    probe = min(soft, 1 << 16) if soft >= 0 else 1 << 16
+    used = sum(1 for fd in range(probe) if _fd_open(fd))
+    shown = f"{used} descriptors open" + ("" if probe == soft else f" below {probe}")
     return ResourceLimit(f"cannot open {what}: the open-files limit is reached (RLIMIT_NOFILE soft limit "
-                         f"{soft}, about {used} descriptors open); asked for 1 more file descriptor; "
+                         f"{soft}, {shown}); asked for 1 more file descriptor; "
                          "raise it with `ulimit -n` or resource.setrlimit", "RLIMIT_NOFILE", 1, soft)
 
 
-def _map(fd: int, size: int, what: str) -> mmap.mmap:
-    """mmap the whole segment; an exhausted address space becomes ResourceLimit."""
+def _fd_open(fd: int) -> bool:
     try:
-        return mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _map(fd: int, size: int, what: str, populate: bool = True) -> mmap.mmap:
+    """mmap ``size`` bytes of the segment; an exhausted address space becomes ResourceLimit."""
+    try:
+        return mmap.mmap(fd, size, flags=_MAP_FLAGS if populate else mmap.MAP_SHARED,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as e:
         if e.errno != errno.ENOMEM:
             raise _os_error(e, what) from None
-        lim = _rlimit(resource.RLIMIT_AS)
-        shown = "unlimited" if lim == resource.RLIM_INFINITY else f"{lim:,} bytes"
-        raise ResourceLimit(f"cannot map {what}: asked to map {size:,} bytes but the address space is "
-                            f"exhausted (RLIMIT_AS soft limit {shown}; ENOMEM from mmap)",
-                            "RLIMIT_AS", size, lim) from None
+        raise _map_enomem(size, what) from None
+
+
+def _proc_number(path: str, field: str | None = None) -> int | None:
+    """An integer from a /proc file: its whole text, or a ``Field: N kB`` line in bytes."""
+    try:
+        with open(path) as f:
+            if field is None:
+                return int(f.read())
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _map_enomem(size: int, what: str) -> ResourceLimit:
+    """Which limit an ENOMEM from mmap hit: the address space (RLIMIT_AS), the
+    kernel's count of mappings per process (vm.max_map_count), or memory."""
+    lim = _rlimit(resource.RLIMIT_AS)
+    mapped = _proc_number("/proc/self/status", "VmSize")
+    if lim != resource.RLIM_INFINITY and lim >= 0 and (mapped is None or mapped + size > lim):
+        return ResourceLimit(f"cannot map {what}: asked to map {size:,} bytes but the address space is "
+                             f"exhausted (RLIMIT_AS soft limit {lim:,} bytes; ENOMEM from mmap); raise it "
+                             "with `ulimit -v` or resource.setrlimit(RLIMIT_AS)", "RLIMIT_AS", size, lim)
+    max_maps = _proc_number("/proc/sys/vm/max_map_count")
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            maps = sum(1 for _ in f)
+    except OSError:
+        maps = None
+    if max_maps is not None and maps is not None and maps >= max_maps - 2:
+        return ResourceLimit(f"cannot map {what}: this process has {maps:,} memory mappings, the kernel's "
+                             f"limit per process (vm.max_map_count {max_maps:,}; ENOMEM from mmap); close rings "
+                             "and other mappings it no longer needs, or raise the limit "
+                             "(sysctl -w vm.max_map_count=N)", "vm.max_map_count", 1, max_maps)
+    shown = "unlimited" if lim == resource.RLIM_INFINITY else f"{lim:,} bytes"
+    return ResourceLimit(f"cannot map {what}: the kernel refused to map {size:,} bytes (ENOMEM from mmap) "
+                         f"although neither RLIMIT_AS ({shown}) nor vm.max_map_count ({maps} of {max_maps} "
+                         "mappings) is reached: the machine is short of memory, or overcommit "
+                         "(vm.overcommit_memory) refused it", "ENOMEM", size, -1)
+
+
+def _reserve_space(fd: int, size: int, doing: str, name, path) -> None:
+    """posix_fallocate the first ``size`` bytes; ``doing`` starts the message."""
+    fsize = _rlimit(resource.RLIMIT_FSIZE)
+    if fsize != resource.RLIM_INFINITY and 0 <= fsize < size and os.fstat(fd).st_size < size:
+        # Checked first: growing a file past RLIMIT_FSIZE raises SIGXFSZ,
+        # which kills a process that did not ignore it (Python ignores it).
+        raise ResourceLimit(f"{doing} it needs a file of {size:,} bytes but this process may write files "
+                            f"of at most {fsize:,} bytes (RLIMIT_FSIZE soft limit); raise it with `ulimit -f` "
+                            "or resource.setrlimit(RLIMIT_FSIZE)", "RLIMIT_FSIZE", size, fsize)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise NoSpace(f"{doing} it needs a file of {size:,} bytes, larger than the file system at "
+                          f"{SHM_DIR if path is None else os.path.abspath(path)} allows (EFBIG)") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
+            where = SHM_DIR if path is None else os.path.dirname(os.path.abspath(path))
+            free = _free_bytes(where)
+            raise NoSpace(f"{doing} it needs {size:,} bytes but {where} has {free:,} bytes free") from None
+        raise _os_error(e, _label(name, path)) from None
+
+
+def _claimed_size(hdr, wait_ready: float) -> int | None:
+    """The segment size a header page claims, once its creator marked it
+    ready; None if it never does (not a shmring segment, or never
+    initialized: the header validators say which)."""
+    deadline = time.monotonic() + wait_ready
+    while True:
+        ready = _core.header_ready(hdr)    # R1: acquire, before any other field
+        h = L.read_header(hdr)
+        if ready == 1 and h["magic"] == L.MAGIC:
+            return h["segment_size"] if h["version"] == L.LAYOUT_VERSION else None
+        if h["magic"] not in (0, L.MAGIC) or time.monotonic() >= deadline:
+            return None
+        time.sleep(0.005)
+
+
+_ENTRY_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a regular file"))
+
+
+def entry_kind(mode: int) -> str:
+    """What a file mode says an entry is ("a directory", "a FIFO", ...)."""
+    return next((kind for test, kind in _ENTRY_KINDS if test(mode)), "an unknown kind of file")
+
+
+def _not_a_file(name, path, mode=None) -> ShmringError:
+    """The error for a name or path that is not a regular file: it says what it is."""
+    entry = path if path is not None else os.path.join(SHM_DIR, PREFIX + name)
+    if mode is None:
+        try:
+            mode = os.lstat(entry).st_mode
+        except OSError:
+            return SegmentNotFound(f"{_label(name, path)} does not exist")
+    kind = entry_kind(mode)
+    if stat.S_ISLNK(mode):
+        return PermissionDenied(f"{_label(name, path)}: {entry} is a symbolic link; shmring refuses to follow it")
+    return CorruptSegmentError(f"{_label(name, path)}: {entry} is {kind}, not a shared-memory segment (a "
+                               "regular file); shmring leaves it alone: remove it if it is not wanted, or "
+                               "use another name")
 
 
 def _os_error(exc: OSError, what: str) -> ShmringError:
@@ -166,15 +276,7 @@ class Segment:
         try:
             os.fchmod(fd, mode)           # exactly the mode asked for, whatever the umask
             locks = _attach_lock(fd, what)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM):
-                    where = SHM_DIR if path is None else os.path.dirname(os.path.abspath(path))
-                    free = _free_bytes(where)
-                    raise NoSpace(f"cannot create {what}: it needs {size:,} bytes but {where} has "
-                                  f"{free:,} bytes free") from None
-                raise _os_error(e, what) from None
+            _reserve_space(fd, size, f"cannot create {what}:", name, path)
             buf = _map(fd, size, what)
             st = os.fstat(fd)
         except BaseException:
@@ -223,16 +325,19 @@ class Segment:
             raise SegmentNotFound(f"{what} does not exist") from None
         except posix_ipc.PermissionsError as e:
             raise PermissionDenied(f"{what}: permission denied ({e})") from None
-        except OSError as e:
+        except (OSError, ValueError) as e:     # posix_ipc: ValueError for a directory (EISDIR)
+            if isinstance(e, ValueError) or e.errno in (errno.EISDIR, errno.ELOOP, errno.ENXIO):
+                raise _not_a_file(name, path) from None
             raise _os_error(e, what) from None
         locks = None
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or a device; checked before we lock or map it
+                raise _not_a_file(name, path, st.st_mode)
             locks = _attach_lock(fd, what)
             st = os.fstat(fd)
             if st.st_nlink == 0:
                 raise SegmentNotFound(f"{what} was removed (by shmring gc or an unlink) while attaching")
-            if path is not None and not stat.S_ISREG(st.st_mode):
-                raise CorruptSegmentError(f"{what} is not a regular file")
             if st.st_uid != os.geteuid() and not allow_foreign_owner:
                 # A POSIX name is as open to planting as a path: anyone may
                 # create /dev/shm/shmring.NAME first (squatting), then read
@@ -249,7 +354,20 @@ class Segment:
             if size < L.HEADER_SIZE:
                 raise CorruptSegmentError(f"{what} is {size} bytes, smaller than the {L.HEADER_SIZE}-byte "
                                           "shmring header: truncated, still being created, or not a shmring segment")
-            buf = _map(fd, size, what)
+            # The header page first, validated, then only the size it claims
+            # (never the whole file, never prefaulted: a planted sparse giant
+            # is not allocated by looking at it).  Prefaulting and reserving
+            # space are reserve()'s, once the caller validated the header.
+            buf = _map(fd, L.HEADER_SIZE, what, populate=False)
+            claim = _claimed_size(buf, wait_ready)
+            if claim is not None and claim > size:
+                buf.close()
+                raise CorruptSegmentError(f"{what} is {size:,} bytes but its header says {claim:,}: "
+                                          "truncated or corrupt")
+            if claim is not None and claim > L.HEADER_SIZE:
+                buf.close()
+                buf = _map(fd, claim, what, populate=False)
+            size = len(buf)
         except BaseException:
             if locks is not None:
                 locks.close()
@@ -259,6 +377,25 @@ class Segment:
         seg = cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
         seg.allow_foreign_owner, seg.owner_uid = allow_foreign_owner, st.st_uid
         return seg
+
+    def reserve(self) -> None:
+        """Make the segment ready for use, after its header was validated:
+        reserve its space again if its file has holes (a sparse copy or a
+        restored backup: ``posix_fallocate``, so a full filesystem is
+        :class:`NoSpace` now, never a SIGBUS on a later write; nothing is done
+        when it is fully allocated), then prefault the mapping."""
+        fd = self.locks.fd
+        try:
+            holes = os.lseek(fd, 0, os.SEEK_HOLE) < self.size or os.fstat(fd).st_blocks * 512 < self.size
+        except OSError:
+            holes = True
+        if holes:
+            _reserve_space(fd, self.size, f"cannot attach to {self.label}: its file has holes (a sparse copy "
+                                          "or restore?) and", self.name, self.path)
+        try:
+            self.buf.madvise(_MADV_POPULATE_WRITE)      # what MAP_POPULATE does at create
+        except (OSError, ValueError, AttributeError):
+            pass                                        # before Linux 5.14: pages fault in on first use
 
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
@@ -485,10 +622,27 @@ class SegmentHandle:
                 pass
 
 
-def list_segments() -> list[str]:
-    """Names of the POSIX segments shmring created on this machine (by file name)."""
+def list_entries() -> list[tuple[str, str | None]]:
+    """``(name, None)`` for each ``shmring.*`` regular file in /dev/shm, and
+    ``(name, "a directory")`` (or a FIFO, a symbolic link...) for each entry
+    under the prefix that is not one, for ``shmring ls`` / ``gc`` to report."""
     try:
-        entries = os.listdir(SHM_DIR)
+        with os.scandir(SHM_DIR) as it:
+            found = []
+            for e in it:
+                if not e.name.startswith(PREFIX):
+                    continue
+                try:
+                    mode = e.stat(follow_symlinks=False).st_mode
+                except OSError:
+                    continue                       # gone meanwhile
+                found.append((e.name[len(PREFIX):], None if stat.S_ISREG(mode) else entry_kind(mode)))
     except OSError:
         return []
-    return sorted(e[len(PREFIX):] for e in entries if e.startswith(PREFIX))
+    return sorted(found)
+
+
+def list_segments() -> list[str]:
+    """Names of the POSIX segments shmring created on this machine (by file
+    name; entries under the prefix that are not regular files are not segments)."""
+    return [name for name, odd in list_entries() if odd is None]

@@ -261,6 +261,7 @@ class SharedState(_core.StateCore, SegmentHandle):
         seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait)
         try:
             st = cls(seg, _validate_state_header(seg), created=False)
+            seg.reserve()                    # validated: now its space (holes of a copy) and pages
         except BaseException:
             seg.close()
             raise
