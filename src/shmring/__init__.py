@@ -7,7 +7,7 @@ view of the shared pages), and share state through copy-on-write snapshots
 protocol.
 """
 from ._core import Message, Snapshot
-from .errors import (CorruptSegmentError, EndOfStream, EscapedViewWarning, HandleClosed,
+from .errors import (CorruptSegmentError, DecodeLimit, EndOfStream, EscapedViewWarning, HandleClosed,
                      IncompatibleSegment, Lagged, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
                      ResourceLimit, RoleTaken, SegmentExists, SegmentNotFound, ShmringError, Timeout,
                      UnsupportedType)
@@ -25,5 +25,5 @@ __all__ = [
     "SharedState", "Snapshot",
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
     "SegmentExists", "PermissionDenied", "NoSpace", "ResourceLimit", "CorruptSegmentError", "IncompatibleSegment",
-    "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning",
+    "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning", "DecodeLimit",
 ]

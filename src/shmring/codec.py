@@ -35,11 +35,47 @@ import numpy as np
 
 from . import _core
 from . import layout as L
-from .errors import CorruptSegmentError, UnsupportedType
+from .errors import CorruptSegmentError, DecodeLimit, UnsupportedType
 
 EXT_ARRAY = 1
 PREFIX = struct.Struct("<II")
 MAX_NDIM = 64
+
+# Decode limits: a msgpack meta of n bytes may cost a reader at most
+# DECODE_FACTOR * n + DECODE_SLACK bytes of Python objects, and nest at most
+# MAX_DEPTH containers deep (msgpack-python's own bound, made a typed error).
+# The cost is estimated before decoding by the C core's walk of the encoding
+# (msgscan.c), for metas over SCAN_ABOVE bytes only: below that, even the
+# costliest bytes stay under DECODE_SLACK, so the hot path pays nothing.
+DECODE_FACTOR = 16
+DECODE_SLACK = 4 << 20
+MAX_DEPTH = 1024
+SCAN_ABOVE = DECODE_SLACK // _core.MSGPACK_MAX_COST_PER_BYTE
+
+
+def check_decode_cost(meta: bytes, what: str) -> None:
+    """Raise DecodeLimit if decoding ``meta`` could cost more than the decode limits."""
+    n = len(meta)
+    if n <= SCAN_ABOVE:
+        return
+    limit = DECODE_FACTOR * n + DECODE_SLACK
+    cost, depth = _core.msgpack_cost(meta, limit, MAX_DEPTH)
+    if depth > MAX_DEPTH:
+        raise DecodeLimit(f"{what}: its msgpack meta nests containers deeper than {MAX_DEPTH} levels")
+    if cost > limit:
+        raise DecodeLimit(f"{what}: its {n:,}-byte msgpack meta would cost a reader more than {limit:,} bytes "
+                          f"of Python objects once decoded (the limit is {DECODE_FACTOR} x its size + "
+                          f"{DECODE_SLACK:,} bytes; many tiny objects cost ~10-100 bytes each); send bulk data "
+                          "as numpy arrays (they travel raw and arrive as views), or split it")
+
+
+def _unpack(meta: bytes, what: str, **kw):
+    """msgpack.unpackb within the decode limits (DecodeLimit past them)."""
+    check_decode_cost(meta, what)
+    try:
+        return msgpack.unpackb(meta, **kw)
+    except msgpack.StackError:
+        raise DecodeLimit(f"{what}: its msgpack meta nests containers deeper than {MAX_DEPTH} levels") from None
 
 
 def _dtype_spec(dtype: np.dtype):
@@ -164,6 +200,7 @@ def encode(value) -> Encoded:
         raise
     except (TypeError, ValueError, OverflowError) as e:
         raise UnsupportedType(f"cannot encode {type(value).__name__} with msgpack: {e}") from None
+    check_decode_cost(meta, f"this {type(value).__name__}")     # refused here, not by every reader
     return Encoded(L.T_OBJECT, meta, p.blocks, p.area)
 
 
@@ -297,10 +334,12 @@ def _decode(msg, copy: bool = False):
         except Exception as e:
             raise _corrupt(msg, f"bad array descriptor: {e}") from None
 
+    what = f"message at ring position {msg.position}"
+
     def ext_hook(code, data):
         if code != EXT_ARRAY:
             return msgpack.ExtType(code, data)
-        return make(parse(msgpack.unpackb(data)))
+        return make(parse(_unpack(data, what)))
 
     try:
         if msg.type == L.T_ARRAY:
@@ -308,13 +347,13 @@ def _decode(msg, copy: bool = False):
                 raise _corrupt(msg, f"an array message announces {narrays} arrays")
             parsed = _desc_cache.get(meta)
             if parsed is None:
-                parsed = parse(msgpack.unpackb(meta))
+                parsed = parse(_unpack(meta, what))
                 if len(_desc_cache) >= _CACHE_MAX:
                     _desc_cache.clear()
                 _desc_cache[meta] = parsed
             return make(parsed)
-        return msgpack.unpackb(meta, ext_hook=ext_hook, raw=False, strict_map_key=False)
-    except CorruptSegmentError:
+        return _unpack(meta, what, ext_hook=ext_hook, raw=False, strict_map_key=False)
+    except (CorruptSegmentError, DecodeLimit):
         raise
     except Exception as e:
         raise _corrupt(msg, f"undecodable meta ({type(e).__name__}: {e})") from None

@@ -11,6 +11,7 @@
  *   lease.c    Lease: the one buffer exporter with the escaped-view check,
  *              under Message, Snapshot and record batches
  *   state.c    StateCore: copy-on-write shared state
+ *   msgscan.c  what decoding a msgpack meta would cost, told before decoding
  *   module.c   the module, its constants and the Python callbacks
  *
  * The protocol these files obey is docs/design.md, "The protocol as rules":
@@ -261,6 +262,10 @@ int Lease_traverse(Lease *l, visitproc visit, void *arg);
 int Lease_clear(Lease *l);
 PyObject *Lease_get_nbytes(Lease *l, void *c);
 PyObject *make_message(Consumer *c, Rec *r);
+
+/* msgscan.c */
+PyObject *msgpack_cost(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+extern const unsigned long long msgscan_max_cost_per_byte;
 
 /* ---------------------------------------------------------------- state.c */
 
