@@ -69,13 +69,19 @@ def check_decode_cost(meta: bytes, what: str) -> None:
                           "as numpy arrays (they travel raw and arrive as views), or split it")
 
 
-def _unpack(meta: bytes, what: str, **kw):
-    """msgpack.unpackb within the decode limits (DecodeLimit past them)."""
-    check_decode_cost(meta, what)
+def _unpack(meta: bytes, msg, **kw):
+    """msgpack.unpackb of a message's meta within the decode limits (DecodeLimit past them)."""
+    if len(meta) > SCAN_ABOVE:
+        check_decode_cost(meta, _at(msg))
     try:
         return msgpack.unpackb(meta, **kw)
     except msgpack.StackError:
-        raise DecodeLimit(f"{what}: its msgpack meta nests containers deeper than {MAX_DEPTH} levels") from None
+        raise DecodeLimit(f"{_at(msg)}: its msgpack meta nests containers deeper than {MAX_DEPTH} "
+                          "levels") from None
+
+
+def _at(msg) -> str:
+    return f"message at ring position {msg.position}"
 
 
 def _dtype_spec(dtype: np.dtype):
@@ -200,7 +206,8 @@ def encode(value) -> Encoded:
         raise
     except (TypeError, ValueError, OverflowError) as e:
         raise UnsupportedType(f"cannot encode {type(value).__name__} with msgpack: {e}") from None
-    check_decode_cost(meta, f"this {type(value).__name__}")     # refused here, not by every reader
+    if len(meta) > SCAN_ABOVE:                                   # refused here, not by every reader
+        check_decode_cost(meta, f"this {type(value).__name__}")
     return Encoded(L.T_OBJECT, meta, p.blocks, p.area)
 
 
@@ -334,12 +341,11 @@ def _decode(msg, copy: bool = False):
         except Exception as e:
             raise _corrupt(msg, f"bad array descriptor: {e}") from None
 
-    what = f"message at ring position {msg.position}"
-
     def ext_hook(code, data):
         if code != EXT_ARRAY:
             return msgpack.ExtType(code, data)
-        return make(parse(_unpack(data, what)))
+        return make(parse(_unpack(data, msg)))
+
 
     try:
         if msg.type == L.T_ARRAY:
@@ -347,14 +353,19 @@ def _decode(msg, copy: bool = False):
                 raise _corrupt(msg, f"an array message announces {narrays} arrays")
             parsed = _desc_cache.get(meta)
             if parsed is None:
-                parsed = parse(_unpack(meta, what))
+                parsed = parse(_unpack(meta, msg))
                 if len(_desc_cache) >= _CACHE_MAX:
                     _desc_cache.clear()
                 _desc_cache[meta] = parsed
             return make(parsed)
-        return _unpack(meta, what, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        if len(meta) > SCAN_ABOVE:
+            check_decode_cost(meta, _at(msg))
+        return msgpack.unpackb(meta, ext_hook=ext_hook, raw=False, strict_map_key=False)
     except (CorruptSegmentError, DecodeLimit):
         raise
+    except msgpack.StackError:
+        raise DecodeLimit(f"{_at(msg)}: its msgpack meta nests containers deeper than {MAX_DEPTH} "
+                          "levels") from None
     except Exception as e:
         raise _corrupt(msg, f"undecodable meta ({type(e).__name__}: {e})") from None
 

@@ -165,18 +165,19 @@ def _reserve_space(fd: int, size: int, doing: str, name, path) -> None:
         raise _os_error(e, _label(name, path)) from None
 
 
-def _claimed_size(hdr, wait_ready: float) -> int | None:
-    """The segment size a header page claims, once its creator marked it
-    ready; None if it never does (not a shmring segment, or never
-    initialized: the header validators say which)."""
+def _claimed_size(hdr, wait_ready: float) -> tuple[bool, int | None]:
+    """(ready, the segment size the header page claims): ready once its
+    creator marked it so; the size only if it is this layout version too.
+    Not ready: not a shmring segment, or never initialized (the header
+    validators say which)."""
     deadline = time.monotonic() + wait_ready
     while True:
         ready = _core.header_ready(hdr)    # R1: acquire, before any other field
         h = L.read_header(hdr)
         if ready == 1 and h["magic"] == L.MAGIC:
-            return h["segment_size"] if h["version"] == L.LAYOUT_VERSION else None
+            return True, (h["segment_size"] if h["version"] == L.LAYOUT_VERSION else None)
         if h["magic"] not in (0, L.MAGIC) or time.monotonic() >= deadline:
-            return None
+            return False, None
         time.sleep(0.005)
 
 
@@ -228,6 +229,7 @@ class Segment:
 
     allow_foreign_owner = False   # as opened (open() sets it): handed on when a ring pickles
     owner_uid = None              # the file's owner at open time (shown by the CLI)
+    unready = False               # open() waited for its header in vain: only its page is mapped
 
     def __init__(self, name: str | None, path: str | None, buf: mmap.mmap, size: int, identity=None,
                  locks: Locks | None = None):
@@ -359,7 +361,7 @@ class Segment:
             # is not allocated by looking at it).  Prefaulting and reserving
             # space are reserve()'s, once the caller validated the header.
             buf = _map(fd, L.HEADER_SIZE, what, populate=False)
-            claim = _claimed_size(buf, wait_ready)
+            ready, claim = _claimed_size(buf, wait_ready)
             if claim is not None and claim > size:
                 buf.close()
                 raise CorruptSegmentError(f"{what} is {size:,} bytes but its header says {claim:,}: "
@@ -375,7 +377,7 @@ class Segment:
         finally:
             os.close(fd)                  # the mapping keeps its own descriptor (no locks on it)
         seg = cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
-        seg.allow_foreign_owner, seg.owner_uid = allow_foreign_owner, st.st_uid
+        seg.allow_foreign_owner, seg.owner_uid, seg.unready = allow_foreign_owner, st.st_uid, not ready
         return seg
 
     def reserve(self) -> None:
@@ -534,12 +536,13 @@ def read_common_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
     """The fixed header of a mapped segment of any kind, once its creator has
     finished it, with magic, layout version and layout hash checked."""
     what = seg.label
-    deadline = time.monotonic() + wait_ready
+    # open() already gave an unready header its grace (and mapped only its page)
+    deadline = time.monotonic() + (0 if seg.unready else wait_ready)
     while True:
         # R1 (docs/design.md): ready with acquire ordering before any other field
         ready = _core.header_ready(seg.buf) if len(seg.buf) >= L.HEADER_SIZE else 0
         h = L.read_header(seg.buf)
-        if h["magic"] == L.MAGIC and ready == 1:
+        if h["magic"] == L.MAGIC and ready == 1 and not seg.unready:   # (ready only since: still too late)
             break
         if h["magic"] not in (0, L.MAGIC):
             raise CorruptSegmentError(f"{what} is not a shmring segment: magic {h['magic']:#018x}, "
