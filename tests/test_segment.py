@@ -440,7 +440,7 @@ def test_a_grown_file_with_an_intact_header_still_attaches(tmp_path):
 
 # --------------------------------------------------------------------------- permissions and space
 
-def _attach_as_nobody(name):
+def _attach_as_nobody(name, **kw):
     """Exit code of a forked child that drops to uid 65534 and attaches: 0 =
     PermissionDenied (a PermissionError), 1 = attached, 2 = setuid failed, 3+ = other."""
     pid = os.fork()
@@ -455,7 +455,7 @@ def _attach_as_nobody(name):
                 code = 2
             else:
                 try:
-                    shmring.Ring.attach(name)
+                    shmring.Ring.attach(name, **kw)
                     code = 1
                 except shmring.PermissionDenied as e:
                     code = 0 if isinstance(e, PermissionError) and name in str(e) else 3
@@ -476,12 +476,14 @@ def test_attaching_without_permission_is_permission_denied(ring_name, mode):
     assert code == 0, {1: "a non-owner attached", 3: "wrong error text/type", 4: "another exception"}.get(code, code)
 
 
-def test_a_world_readable_and_writable_ring_is_attachable_by_another_user(ring_name):
+def test_a_world_readable_and_writable_ring_is_attachable_by_another_user_who_opts_in(ring_name):
     with shmring.Ring.create(ring_name, 4096, mode=0o666):
-        code = _attach_as_nobody(ring_name)
+        code = _attach_as_nobody(ring_name, allow_foreign_owner=True)
+        refused = _attach_as_nobody(ring_name)
     if code == 2:
         pytest.skip("cannot drop privileges to uid 65534 here (setuid failed)")
-    assert code == 1                                       # the control case: mode is what decides
+    assert code == 1                       # the control case: the mode lets them in once they opt in
+    assert refused == 0                    # without the opt-in the owner check refuses (squatting)
 
 
 @pytest.fixture

@@ -322,7 +322,8 @@ def test_a_corrupt_payload_is_corrupt_segment_error_on_decode(state):
 @pytest.mark.parametrize("off,fmt,value,match", [
     (L.ST_OFF_SLOTS, "<I", 2, "impossible geometry"),
     (L.ST_OFF_SLOT_SIZE, "<Q", 12345, "inconsistent header field slot_size"),
-    (L.OFF_SEGMENT_SIZE, "<Q", 1 << 40, "inconsistent header field segment_size"),
+    (L.OFF_SEGMENT_SIZE, "<Q", 1 << 40, "header says 1,099,511,627,776: truncated"),   # checked before mapping it
+    (L.OFF_SEGMENT_SIZE, "<Q", 8192, "inconsistent header field segment_size"),
     (L.OFF_MAGIC, "<Q", 0x1234, "not a shmring segment"),
 ])
 def test_a_corrupt_state_header_is_refused_at_attach(ring_name, off, fmt, value, match):

@@ -7,7 +7,7 @@ view of the shared pages), and share state through copy-on-write snapshots
 protocol.
 """
 from ._core import Message, Snapshot
-from .errors import (CorruptSegmentError, EndOfStream, EscapedViewWarning, HandleClosed,
+from .errors import (CorruptSegmentError, DecodeLimit, EndOfStream, EscapedViewWarning, HandleClosed,
                      IncompatibleSegment, Lagged, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
                      ResourceLimit, RoleTaken, SegmentExists, SegmentNotFound, SegmentTruncated, ShmringError,
                      Timeout, UnsupportedType)
@@ -26,5 +26,5 @@ __all__ = [
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
     "SegmentExists", "PermissionDenied", "NoSpace", "ResourceLimit", "CorruptSegmentError", "IncompatibleSegment",
     "SegmentTruncated",
-    "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning",
+    "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning", "DecodeLimit",
 ]

@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 
 from . import layout as L
 from ._proc import alive
 from .errors import ShmringError
-from .segment import PREFIX, SHM_DIR, in_use, list_segments
+from .segment import PREFIX, SHM_DIR, entry_kind, in_use, list_entries
 
 
 def _size(text: str) -> int:
@@ -34,10 +35,10 @@ def _raw_header(name: str) -> tuple[dict | None, float | None, str | None]:
     without validating anything and without waiting for a creator."""
     from .segment import Segment
     try:
-        seg = Segment.open(name, wait_ready=0)
+        seg = Segment.open(name, wait_ready=0, allow_foreign_owner=True)    # read to report, any owner
     except ShmringError as e:
         try:
-            mtime = os.stat(os.path.join(SHM_DIR, PREFIX + name)).st_mtime
+            mtime = os.stat(os.path.join(SHM_DIR, PREFIX + name), follow_symlinks=False).st_mtime
         except OSError:
             mtime = None
         return None, None if mtime is None else time.time() - mtime, str(e)
@@ -57,7 +58,6 @@ def _creator(h: dict | None) -> dict:
 def _describe(name: str) -> dict:
     """One segment as a dict: a ring's or a shared state's stats(), normalized
     with kind, size, fill, the live pids that use it and its age; or an error."""
-    from .ring import Ring
     h, age, err = _raw_header(name)
     if h is None:
         return {"name": name, "kind": "?", "error": err, "age_s": age, "creator": _creator(None)}
@@ -69,18 +69,14 @@ def _describe(name: str) -> dict:
             err = f"segment {name!r} is not a shmring segment: magic {h['magic']:#018x}"
         return {"name": name, "kind": "?", "error": err, "age_s": _seg_age(name),
                 "creator": _creator(h if h["magic"] == L.MAGIC else None)}
-    if h["kind"] == getattr(L, "KIND_STATE", None):
-        from .snapshot import SharedState
-        opener = SharedState.attach
-    else:
-        opener = Ring.attach
     try:
-        obj = opener(name)
+        obj = _inspect(name, h["kind"])
     except ShmringError as e:
         return {"name": name, "kind": "?", "error": str(e), "age_s": _seg_age(name),
                 "creator": _creator(h if h["magic"] == L.MAGIC else None)}
     try:
         st = obj.stats()
+        st["owner_uid"] = obj._seg.owner_uid
     finally:
         obj.close()
         del obj                 # its mapping, and with it its attach lock, goes now (gc tests the lock)
@@ -97,12 +93,47 @@ def _describe(name: str) -> dict:
         st["fill"] = st["slots_pinned"] / max(1, st["slots"])
         users = [st["writer"]["pid"]] if st["writer"]["pid"] and st["writer"]["alive"] else []
     st["live_users"] = users
+    if "write_pos" in st:
+        room = st.get("slots", st["capacity"])
+        if not 0 <= st["used"] <= room:         # positions are untrusted: never print them as a fill
+            st["fill"] = None
+            st["invalid"] = (f"positions write {st['write_pos']:,}, read {st['read_pos']:,} are impossible "
+                             f"for {room:,} {'records' if 'slots' in st else 'bytes'} (corrupt or forged header)")
     return st
+
+
+def _fill(st: dict) -> str:
+    unit = "records" if "dtype" in st else "bytes"
+    if st["fill"] is None:
+        return f"  fill         invalid: {st['invalid']}"
+    return f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st.get('slots', st['capacity']):,} {unit})"
+
+
+def _inspect(name: str, kind: int):
+    """A Ring or SharedState over the segment, validated but not made ready
+    for use: any owner's (shown as owner_uid), no space reserved, nothing
+    prefaulted, nothing recovered: looking at a segment never allocates it."""
+    from .segment import Segment, validate_header
+    seg = Segment.open(name, allow_foreign_owner=True)
+    try:
+        if kind == L.KIND_STATE:
+            from .snapshot import SharedState, _validate_state_header
+            return SharedState(seg, _validate_state_header(seg), created=False)
+        from .ring import Ring
+        return Ring(seg, validate_header(seg), created=False)
+    except BaseException:
+        seg.close()
+        raise
+
+
+def _skipped(name: str, entry: str) -> dict:
+    return {"name": name, "kind": "?", "skipped": True, "entry": entry, "age_s": _seg_age(name),
+            "error": f"{entry}, not a segment: skipped ({os.path.join(SHM_DIR, PREFIX + name)})"}
 
 
 def _seg_age(name):
     try:
-        return round(time.time() - os.stat(os.path.join(SHM_DIR, PREFIX + name)).st_mtime, 1)
+        return round(time.time() - os.stat(os.path.join(SHM_DIR, PREFIX + name), follow_symlinks=False).st_mtime, 1)
     except OSError:
         return None
 
@@ -148,12 +179,14 @@ def _ls_row(r: dict) -> str:
         cons = _pid(r["consumer"]) if r["kind"] == "mpsc" else f"{live(r['consumers'])} live"
     else:
         prod, cons = _pid(r["producer"]), _pid(r["consumer"])
+    if r.get("fill", 0) is None:
+        return f"{name:22} {r['kind']:9} {_human(r['size']):>7} " + _fit("invalid positions: corrupt or forged", 80 - 41)
     return (f"{name:22} {r['kind']:9} {_human(r['size']):>7} {r['fill'] * 100:5.1f}% "
             f"{_fit(prod, 12):>12} {_fit(cons, 12):>12} {_age(r['age_s']):>6}")
 
 
 def cmd_ls(args) -> int:
-    rows = [_describe(n) for n in list_segments()]
+    rows = [_describe(n) if odd is None else _skipped(n, odd) for n, odd in list_entries()]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -166,10 +199,16 @@ def cmd_ls(args) -> int:
     return 0
 
 
+def _owner(st: dict) -> str:
+    """', owner uid N' for a segment another user owns."""
+    uid = st.get("owner_uid")
+    return "" if uid is None or uid == os.geteuid() else f", owner uid {uid}"
+
+
 def _stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
     if st["kind"] == "state":
         lines = [f"{st['name']}  shared state, {st['slots']} slots of {_human(st['nbytes'])}, "
-                 f"age {_age(st['age_s'])}",
+                 f"age {_age(st['age_s'])}{_owner(st)}",
                  f"  version      {st['version']:,}",
                  f"  pinned slots {st['slots_pinned']}/{st['slots']}  pins {st['pins']}",
                  f"  writer       {_pid(st['writer'])}  sessions {st['writer']['sessions']}",
@@ -181,10 +220,8 @@ def _stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
     if "producers" in st:
         return _multi_stat_lines(st, prev, dt)
     lines = [f"{st['name'] or st['path']}  {st['kind']} ring, capacity {_human(st['capacity'])}, "
-             f"age {_age(st['age_s'])}" + (f", records of {st['dtype']}" if "dtype" in st else ""),
-             (f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['slots']:,} records)"
-              if "dtype" in st else
-              f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['capacity']:,} bytes)"),
+             f"age {_age(st['age_s'])}{_owner(st)}" + (f", records of {st['dtype']}" if "dtype" in st else ""),
+             _fill(st),
              f"  positions    write {st['write_pos']:,}  read {st['read_pos']:,}",
              f"  producer     {_pid(st['producer'])}  sessions {st['producer']['sessions']}",
              f"  consumer     {_pid(st['consumer'])}  sessions {st['consumer']['sessions']}",
@@ -202,8 +239,8 @@ def _stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
 def _multi_stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
     """stat of an mpsc / broadcast / mpmc ring: tables and counters."""
     lines = [f"{st['name'] or st['path']}  {st['kind']} ring, capacity {_human(st['capacity'])}, "
-             f"age {_age(st['age_s'])}" + (f", policy {st['policy']}" if st["kind"] == "broadcast" else ""),
-             f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st['capacity']:,} bytes)",
+             f"age {_age(st['age_s'])}{_owner(st)}" + (f", policy {st['policy']}" if st["kind"] == "broadcast" else ""),
+             _fill(st),
              f"  positions    claimed {st['write_pos']:,}  released {st['read_pos']:,}"
              + (f"  taken {st['take_pos']:,}" if "take_pos" in st else ""),
              f"  producers    {st['producer_sessions']} joined, {st['producers_ended']} ended "
@@ -272,9 +309,15 @@ def gc_plan(names=None, *, force=False, grace=GRACE) -> list[dict]:
     """What ``shmring gc`` would do: one dict per segment with ``action``
     (``remove`` / ``keep``) and ``why``."""
     plan = []
-    for name in (list_segments() if names is None else names):
-        if not os.path.exists(os.path.join(SHM_DIR, PREFIX + name)):
+    for name in ([n for n, _ in list_entries()] if names is None else names):
+        try:
+            mode = os.lstat(os.path.join(SHM_DIR, PREFIX + name)).st_mode
+        except OSError:
             plan.append({"name": name, "kind": "?", "action": "missing", "why": "no such segment"})
+            continue
+        if not stat.S_ISREG(mode):              # a directory, FIFO, link...: not ours to judge or remove
+            plan.append({"name": name, "kind": "?", "action": "skip",
+                         "why": f"{entry_kind(mode)}, not a segment: left alone (remove it by hand if unwanted)"})
             continue
         used = in_use(name)
         r = _describe(name)
@@ -323,7 +366,7 @@ def cmd_gc(args) -> int:
     if not plan:
         print(f"no shmring segments in {SHM_DIR}")
     verb = {"remove": "would remove" if args.dry_run else "remove", "removed": "removed", "keep": "kept",
-            "failed": "FAILED", "missing": "missing"}
+            "failed": "FAILED", "missing": "missing", "skip": "skipped"}
     for item in plan:
         print(_fit(f"{verb[item['action']]:12} {item['name']}: {item['why']}", 80))
     return rc

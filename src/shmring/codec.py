@@ -35,11 +35,53 @@ import numpy as np
 
 from . import _core
 from . import layout as L
-from .errors import CorruptSegmentError, UnsupportedType
+from .errors import CorruptSegmentError, DecodeLimit, UnsupportedType
 
 EXT_ARRAY = 1
 PREFIX = struct.Struct("<II")
 MAX_NDIM = 64
+
+# Decode limits: a msgpack meta of n bytes may cost a reader at most
+# DECODE_FACTOR * n + DECODE_SLACK bytes of Python objects, and nest at most
+# MAX_DEPTH containers deep (msgpack-python's own bound, made a typed error).
+# The cost is estimated before decoding by the C core's walk of the encoding
+# (msgscan.c), for metas over SCAN_ABOVE bytes only: below that, even the
+# costliest bytes stay under DECODE_SLACK, so the hot path pays nothing.
+DECODE_FACTOR = 16
+DECODE_SLACK = 4 << 20
+MAX_DEPTH = 1024
+SCAN_ABOVE = DECODE_SLACK // _core.MSGPACK_MAX_COST_PER_BYTE
+
+
+def check_decode_cost(meta: bytes, what: str) -> None:
+    """Raise DecodeLimit if decoding ``meta`` could cost more than the decode limits."""
+    n = len(meta)
+    if n <= SCAN_ABOVE:
+        return
+    limit = DECODE_FACTOR * n + DECODE_SLACK
+    cost, depth = _core.msgpack_cost(meta, limit, MAX_DEPTH)
+    if depth > MAX_DEPTH:
+        raise DecodeLimit(f"{what}: its msgpack meta nests containers deeper than {MAX_DEPTH} levels")
+    if cost > limit:
+        raise DecodeLimit(f"{what}: its {n:,}-byte msgpack meta would cost a reader more than {limit:,} bytes "
+                          f"of Python objects once decoded (the limit is {DECODE_FACTOR} x its size + "
+                          f"{DECODE_SLACK:,} bytes; many tiny objects cost ~10-100 bytes each); send bulk data "
+                          "as numpy arrays (they travel raw and arrive as views), or split it")
+
+
+def _unpack(meta: bytes, msg, **kw):
+    """msgpack.unpackb of a message's meta within the decode limits (DecodeLimit past them)."""
+    if len(meta) > SCAN_ABOVE:
+        check_decode_cost(meta, _at(msg))
+    try:
+        return msgpack.unpackb(meta, **kw)
+    except msgpack.StackError:
+        raise DecodeLimit(f"{_at(msg)}: its msgpack meta nests containers deeper than {MAX_DEPTH} "
+                          "levels") from None
+
+
+def _at(msg) -> str:
+    return f"message at ring position {msg.position}"
 
 
 def _dtype_spec(dtype: np.dtype):
@@ -62,14 +104,19 @@ def _dtype_spec(dtype: np.dtype):
     return dtype.str
 
 
-def _dtype_from_spec(spec) -> np.dtype:
+MAX_DTYPE_DEPTH = 32       # nesting of subarray / structured dtype descriptions
+
+
+def _dtype_from_spec(spec, depth: int = 0) -> np.dtype:
     """Inverse of _dtype_spec, for untrusted input (any failure raises)."""
+    if depth > MAX_DTYPE_DEPTH:
+        raise ValueError(f"dtype description nested deeper than {MAX_DTYPE_DEPTH} levels")
     if isinstance(spec, str):
         dt = np.dtype(spec)
     elif isinstance(spec, dict) and "base" in spec:
-        dt = np.dtype((_dtype_from_spec(spec["base"]), tuple(spec["shape"])))
+        dt = np.dtype((_dtype_from_spec(spec["base"], depth + 1), tuple(spec["shape"])))
     elif isinstance(spec, dict):
-        d = {"names": spec["names"], "formats": [_dtype_from_spec(f) for f in spec["formats"]],
+        d = {"names": spec["names"], "formats": [_dtype_from_spec(f, depth + 1) for f in spec["formats"]],
              "offsets": spec["offsets"], "itemsize": spec["itemsize"]}
         if "titles" in spec:
             d["titles"] = spec["titles"]
@@ -159,6 +206,8 @@ def encode(value) -> Encoded:
         raise
     except (TypeError, ValueError, OverflowError) as e:
         raise UnsupportedType(f"cannot encode {type(value).__name__} with msgpack: {e}") from None
+    if len(meta) > SCAN_ABOVE:                                   # refused here, not by every reader
+        check_decode_cost(meta, f"this {type(value).__name__}")
     return Encoded(L.T_OBJECT, meta, p.blocks, p.area)
 
 
@@ -295,7 +344,8 @@ def _decode(msg, copy: bool = False):
     def ext_hook(code, data):
         if code != EXT_ARRAY:
             return msgpack.ExtType(code, data)
-        return make(parse(msgpack.unpackb(data)))
+        return make(parse(_unpack(data, msg)))
+
 
     try:
         if msg.type == L.T_ARRAY:
@@ -303,14 +353,19 @@ def _decode(msg, copy: bool = False):
                 raise _corrupt(msg, f"an array message announces {narrays} arrays")
             parsed = _desc_cache.get(meta)
             if parsed is None:
-                parsed = parse(msgpack.unpackb(meta))
+                parsed = parse(_unpack(meta, msg))
                 if len(_desc_cache) >= _CACHE_MAX:
                     _desc_cache.clear()
                 _desc_cache[meta] = parsed
             return make(parsed)
+        if len(meta) > SCAN_ABOVE:
+            check_decode_cost(meta, _at(msg))
         return msgpack.unpackb(meta, ext_hook=ext_hook, raw=False, strict_map_key=False)
-    except CorruptSegmentError:
+    except (CorruptSegmentError, DecodeLimit):
         raise
+    except msgpack.StackError:
+        raise DecodeLimit(f"{_at(msg)}: its msgpack meta nests containers deeper than {MAX_DEPTH} "
+                          "levels") from None
     except Exception as e:
         raise _corrupt(msg, f"undecodable meta ({type(e).__name__}: {e})") from None
 

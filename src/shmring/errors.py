@@ -107,6 +107,13 @@ class Lagged(ShmringError):
         return self.args[0]
 
 
+class DecodeLimit(ShmringError, ValueError):
+    """A msgpack object would cost a reader far more memory than its size
+    (more than ``codec.DECODE_FACTOR`` x its meta + ``codec.DECODE_SLACK``
+    bytes of Python objects), or nests deeper than ``codec.MAX_DEPTH``: it
+    is refused, at send and at decode, rather than decoded."""
+
+
 class HandleClosed(ShmringError, ValueError):
     """The handle (ring, producer, consumer or message) was closed or released."""
 

@@ -10,6 +10,7 @@ held, evicting a lagging subscriber, and the ``stats()`` of these rings.
 """
 from __future__ import annotations
 
+import math
 import secrets
 import struct
 import time
@@ -43,12 +44,21 @@ def geometry_args(kind: int, max_producers, max_consumers) -> tuple[int, int]:
             check(max_consumers, "max_consumers", DEFAULT_PARTIES))
 
 
+NEVER_NS = (1 << 64) - 1       # evict_after_ns meaning "never" (evict_after=math.inf)
+
+
+def evict_after_ns(seconds: float) -> int:
+    """``evict_after`` in the header's u64 nanoseconds: inf, or anything past
+    what a u64 holds (584 years), is NEVER_NS."""
+    return NEVER_NS if seconds * 1e9 >= NEVER_NS else int(seconds * 1e9)
+
+
 def write_multi_header(buf, *, maxp: int, maxc: int, policy: int, expected: int, evict_after: float) -> None:
     """The multi-party fields of a fresh ring, written before anyone can attach
     (``ready`` is stored after them)."""
     key = secrets.randbits(64) & ~0xF or 0x5EED0
     g = L.multi_geometry(0, maxp, maxc)
-    L.MP_STRUCT.pack_into(buf, L.MP_OFF_KEY, key, maxp, maxc, policy, expected, int(evict_after * 1e9),
+    L.MP_STRUCT.pack_into(buf, L.MP_OFF_KEY, key, maxp, maxc, policy, expected, evict_after_ns(evict_after),
                           g["prod_table"], g["cons_table"])
     for i in range(maxc):
         struct.pack_into("<Q", buf, g["cons_table"] + i * L.MP_ENTRY + L.CE_POS, L.POS_FREE)
@@ -85,7 +95,8 @@ class Tables:
         self.ptab = header["prod_table"]
         self.ctab = header["cons_table"]
         self.label = label
-        self.evict_after = header["evict_after_ns"] / 1e9
+        ns = header["evict_after_ns"]
+        self.evict_after = math.inf if ns == NEVER_NS else ns / 1e9
         self.capacity = header["capacity"]
         self.evicting = header["policy"] == L.POLICIES["evict"]
 

@@ -81,6 +81,7 @@ def prepare(dtype, capacity: int) -> tuple[np.dtype, bytes, int]:
         raise TypeError(f"dtype {dt} holds Python objects; a record ring needs a fixed-size dtype")
     if dt.itemsize == 0:
         raise ValueError(f"dtype {dt} has itemsize 0")
+    np.empty(0, dt)             # what attach checks: numpy can make arrays of it
     descr = msgpack.packb(codec._dtype_spec(dt))
     if len(descr) > L.RC_MAX_DESCR:
         raise ValueError(f"dtype {dt} takes {len(descr)} bytes to describe; a record ring holds up to "
@@ -103,6 +104,7 @@ def read_fields(buf, h: dict, what: str) -> dict:
         if not (0 < n <= L.RC_MAX_DESCR):
             raise ValueError(f"description length {n}")
         dt = codec._dtype_from_spec(msgpack.unpackb(bytes(buf[L.RC_OFF_DESCR:L.RC_OFF_DESCR + n])))
+        np.empty(0, dt)         # numpy can make arrays of it (a subarray nested past 64 dimensions cannot)
     except Exception as e:
         raise CorruptSegmentError(f"{what} has a bad record dtype description: {e}") from None
     if dt.itemsize != itemsize or itemsize == 0 or slots != h["capacity"] // itemsize:

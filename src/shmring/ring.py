@@ -99,7 +99,9 @@ class Ring(SegmentHandle):
           subscribers (``ring.subscribe()``), each of which sees every message.
           ``policy="block"`` gates the producer on the slowest live subscriber;
           ``policy="evict"`` evicts one that held the producer back for
-          ``evict_after`` seconds (it gets :class:`~shmring.Lagged`).
+          ``evict_after`` seconds (it gets :class:`~shmring.Lagged`);
+          ``evict_after=math.inf`` never evicts (the producer waits, as with
+          ``"block"``).
         * ``"mpmc"``: up to ``max_producers`` producers and ``max_consumers``
           consumers sharing the work: each message goes to one consumer.
 
@@ -173,22 +175,26 @@ class Ring(SegmentHandle):
 
         ``wait``: seconds to wait for a ring that does not exist yet (its
         creator may start later); then ``SegmentNotFound``.
-        A ring file must be a regular file owned by this process's uid, reached
-        without following a symbolic link; ``allow_foreign_owner=True`` accepts
-        a file owned by another user (e.g. a shared group directory).
+        The segment (a POSIX name or a ring file) must be a regular file owned
+        by this process's uid, reached without following a symbolic link;
+        ``allow_foreign_owner=True`` accepts one owned by another user (a ring
+        that user shares with you on purpose, e.g. mode 0o666 or a group
+        directory): anyone can create a name in ``/dev/shm`` first.
         """
         if path is None and name is None:
             raise TypeError("Ring.attach() needs a name or path=")
         seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait)
         try:
             pause("attach")                       # mapped, nothing validated or taken yet
-            return cls(seg, validate_header(seg), created=False)
+            ring = cls(seg, validate_header(seg), created=False)
+            seg.reserve()                         # validated: now its space (holes of a copy) and pages
+            return ring
         except BaseException:
             seg.close()
             raise
 
     def __reduce__(self):
-        return (_attach, (self._seg.name, self._seg.path))
+        return (_attach, (self._seg.name, self._seg.path, self._seg.allow_foreign_owner))
 
     # -- roles --------------------------------------------------------------
     def producer(self, *, spin: float = DEFAULT_SPIN) -> "Producer":
@@ -296,7 +302,8 @@ class Ring(SegmentHandle):
             base["consumer"]["received"] = r.load_u64(L.OFF_CONS_ROLE + 24)
         base.update({"used": used, "fill": used / self.capacity,
                      "closed": "eos" if self._tables.producers_done() else None,
-                     "policy": "evict" if self._header["policy"] else "block"})
+                     "policy": "evict" if self._header["policy"] else "block",
+                     "evict_after": self._tables.evict_after})
         base.update(st)
         return base
 
@@ -331,8 +338,8 @@ class Ring(SegmentHandle):
         return f"<shmring.Ring {self.kind} {self._seg.label} capacity={self.capacity}>"
 
 
-def _attach(name, path):
-    return Ring.attach(name, path=path)
+def _attach(name, path, allow_foreign_owner=False):
+    return Ring.attach(name, path=path, allow_foreign_owner=allow_foreign_owner)
 
 
 def _no_pickle(handle):

@@ -39,6 +39,7 @@ SHM_DIR = "/dev/shm"
 MAX_NAME = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)     # Linux 5.14+
 
 
 def validate_name(name) -> str:
@@ -70,30 +71,140 @@ def _rlimit(which) -> int:
 
 def _fd_limit_error(what: str, exc) -> ResourceLimit:
     soft = _rlimit(resource.RLIMIT_NOFILE)
-    try:
-        used = len(os.listdir("/proc/self/fd"))
-    except OSError:
-        used = -1
     if getattr(exc, "errno", None) == errno.ENFILE:
-        return ResourceLimit(f"cannot open {what}: the system-wide open-files limit is reached (ENFILE); "
-                             "asked for 1 more file descriptor", "ENFILE", 1, -1)
+        return ResourceLimit(f"cannot open {what}: the system-wide open-files limit is reached (ENFILE, "
+                             "/proc/sys/fs/file-max); asked for 1 more file descriptor", "ENFILE", 1, -1)
+    # Counted without opening anything (listing /proc/self/fd needs a descriptor too)
+    probe = min(soft, 1 << 16) if soft >= 0 else 1 << 16
+    used = sum(1 for fd in range(probe) if _fd_open(fd))
+    shown = f"{used} descriptors open" + ("" if probe == soft else f" below {probe}")
     return ResourceLimit(f"cannot open {what}: the open-files limit is reached (RLIMIT_NOFILE soft limit "
-                         f"{soft}, about {used} descriptors open); asked for 1 more file descriptor; "
+                         f"{soft}, {shown}); asked for 1 more file descriptor; "
                          "raise it with `ulimit -n` or resource.setrlimit", "RLIMIT_NOFILE", 1, soft)
 
 
-def _map(fd: int, size: int, what: str) -> mmap.mmap:
-    """mmap the whole segment; an exhausted address space becomes ResourceLimit."""
+def _fd_open(fd: int) -> bool:
     try:
-        return mmap.mmap(fd, size, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _map(fd: int, size: int, what: str, populate: bool = True) -> mmap.mmap:
+    """mmap ``size`` bytes of the segment; an exhausted address space becomes ResourceLimit."""
+    try:
+        return mmap.mmap(fd, size, flags=_MAP_FLAGS if populate else mmap.MAP_SHARED,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except OSError as e:
         if e.errno != errno.ENOMEM:
             raise _os_error(e, what) from None
-        lim = _rlimit(resource.RLIMIT_AS)
-        shown = "unlimited" if lim == resource.RLIM_INFINITY else f"{lim:,} bytes"
-        raise ResourceLimit(f"cannot map {what}: asked to map {size:,} bytes but the address space is "
-                            f"exhausted (RLIMIT_AS soft limit {shown}; ENOMEM from mmap)",
-                            "RLIMIT_AS", size, lim) from None
+        raise _map_enomem(size, what) from None
+
+
+def _proc_number(path: str, field: str | None = None) -> int | None:
+    """An integer from a /proc file: its whole text, or a ``Field: N kB`` line in bytes."""
+    try:
+        with open(path) as f:
+            if field is None:
+                return int(f.read())
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _map_enomem(size: int, what: str) -> ResourceLimit:
+    """Which limit an ENOMEM from mmap hit: the address space (RLIMIT_AS), the
+    kernel's count of mappings per process (vm.max_map_count), or memory."""
+    lim = _rlimit(resource.RLIMIT_AS)
+    mapped = _proc_number("/proc/self/status", "VmSize")
+    if lim != resource.RLIM_INFINITY and lim >= 0 and (mapped is None or mapped + size > lim):
+        return ResourceLimit(f"cannot map {what}: asked to map {size:,} bytes but the address space is "
+                             f"exhausted (RLIMIT_AS soft limit {lim:,} bytes; ENOMEM from mmap); raise it "
+                             "with `ulimit -v` or resource.setrlimit(RLIMIT_AS)", "RLIMIT_AS", size, lim)
+    max_maps = _proc_number("/proc/sys/vm/max_map_count")
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            maps = sum(1 for _ in f)
+    except OSError:
+        maps = None
+    if max_maps is not None and maps is not None and maps >= max_maps - 2:
+        return ResourceLimit(f"cannot map {what}: this process has {maps:,} memory mappings, the kernel's "
+                             f"limit per process (vm.max_map_count {max_maps:,}; ENOMEM from mmap); close rings "
+                             "and other mappings it no longer needs, or raise the limit "
+                             "(sysctl -w vm.max_map_count=N)", "vm.max_map_count", 1, max_maps)
+    shown = "unlimited" if lim == resource.RLIM_INFINITY else f"{lim:,} bytes"
+    return ResourceLimit(f"cannot map {what}: the kernel refused to map {size:,} bytes (ENOMEM from mmap) "
+                         f"although neither RLIMIT_AS ({shown}) nor vm.max_map_count ({maps} of {max_maps} "
+                         "mappings) is reached: the machine is short of memory, or overcommit "
+                         "(vm.overcommit_memory) refused it", "ENOMEM", size, -1)
+
+
+def _reserve_space(fd: int, size: int, doing: str, name, path) -> None:
+    """posix_fallocate the first ``size`` bytes; ``doing`` starts the message."""
+    fsize = _rlimit(resource.RLIMIT_FSIZE)
+    if fsize != resource.RLIM_INFINITY and 0 <= fsize < size and os.fstat(fd).st_size < size:
+        # Checked first: growing a file past RLIMIT_FSIZE raises SIGXFSZ,
+        # which kills a process that did not ignore it (Python ignores it).
+        raise ResourceLimit(f"{doing} it needs a file of {size:,} bytes but this process may write files "
+                            f"of at most {fsize:,} bytes (RLIMIT_FSIZE soft limit); raise it with `ulimit -f` "
+                            "or resource.setrlimit(RLIMIT_FSIZE)", "RLIMIT_FSIZE", size, fsize)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise NoSpace(f"{doing} it needs a file of {size:,} bytes, larger than the file system at "
+                          f"{SHM_DIR if path is None else os.path.abspath(path)} allows (EFBIG)") from None
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.ENOMEM):
+            where = SHM_DIR if path is None else os.path.dirname(os.path.abspath(path))
+            free = _free_bytes(where)
+            raise NoSpace(f"{doing} it needs {size:,} bytes but {where} has {free:,} bytes free") from None
+        raise _os_error(e, _label(name, path)) from None
+
+
+def _claimed_size(hdr, wait_ready: float) -> tuple[bool, int | None]:
+    """(ready, the segment size the header page claims): ready once its
+    creator marked it so; the size only if it is this layout version too.
+    Not ready: not a shmring segment, or never initialized (the header
+    validators say which)."""
+    deadline = time.monotonic() + wait_ready
+    while True:
+        ready = _core.header_ready(hdr)    # R1: acquire, before any other field
+        h = L.read_header(hdr)
+        if ready == 1 and h["magic"] == L.MAGIC:
+            return True, (h["segment_size"] if h["version"] == L.LAYOUT_VERSION else None)
+        if h["magic"] not in (0, L.MAGIC) or time.monotonic() >= deadline:
+            return False, None
+        time.sleep(0.005)
+
+
+_ENTRY_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISREG, "a regular file"))
+
+
+def entry_kind(mode: int) -> str:
+    """What a file mode says an entry is ("a directory", "a FIFO", ...)."""
+    return next((kind for test, kind in _ENTRY_KINDS if test(mode)), "an unknown kind of file")
+
+
+def _not_a_file(name, path, mode=None) -> ShmringError:
+    """The error for a name or path that is not a regular file: it says what it is."""
+    entry = path if path is not None else os.path.join(SHM_DIR, PREFIX + name)
+    if mode is None:
+        try:
+            mode = os.lstat(entry).st_mode
+        except OSError:
+            return SegmentNotFound(f"{_label(name, path)} does not exist")
+    kind = entry_kind(mode)
+    if stat.S_ISLNK(mode):
+        return PermissionDenied(f"{_label(name, path)}: {entry} is a symbolic link; shmring refuses to follow it")
+    return CorruptSegmentError(f"{_label(name, path)}: {entry} is {kind}, not a shared-memory segment (a "
+                               "regular file); shmring leaves it alone: remove it if it is not wanted, or "
+                               "use another name")
 
 
 def _os_error(exc: OSError, what: str) -> ShmringError:
@@ -115,6 +226,10 @@ def _os_error(exc: OSError, what: str) -> ShmringError:
 
 class Segment:
     """A mapped segment.  ``buf`` is the writable mmap of the whole segment."""
+
+    allow_foreign_owner = False   # as opened (open() sets it): handed on when a ring pickles
+    owner_uid = None              # the file's owner at open time (shown by the CLI)
+    unready = False               # open() waited for its header in vain: only its page is mapped
 
     def __init__(self, name: str | None, path: str | None, buf: mmap.mmap, size: int, identity=None,
                  locks: Locks | None = None):
@@ -161,7 +276,8 @@ class Segment:
             else:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
         except posix_ipc.ExistentialError:
-            raise SegmentExists(f"{what} exists already; attach to it, or unlink it first") from None
+            raise SegmentExists(f"{what} exists already; attach to it, or unlink it first"
+                                + _foreign_owner_note(name)) from None
         except posix_ipc.PermissionsError as e:
             raise PermissionDenied(f"{what}: permission denied ({e})") from None
         except OSError as e:
@@ -170,15 +286,7 @@ class Segment:
         try:
             os.fchmod(fd, mode)           # exactly the mode asked for, whatever the umask
             locks = _attach_lock(fd, what)
-            try:
-                os.posix_fallocate(fd, 0, size)
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM):
-                    where = SHM_DIR if path is None else os.path.dirname(os.path.abspath(path))
-                    free = _free_bytes(where)
-                    raise NoSpace(f"cannot create {what}: it needs {size:,} bytes but {where} has "
-                                  f"{free:,} bytes free") from None
-                raise _os_error(e, what) from None
+            _reserve_space(fd, size, f"cannot create {what}:", name, path)
             buf = _map(fd, size, what)
             st = os.fstat(fd)
         except BaseException:
@@ -197,9 +305,10 @@ class Segment:
         """Map an existing segment (no validation beyond its size; see validate_header).
 
         ``wait``: seconds to keep retrying while it does not exist yet.
-        A file (``path``) must be a regular file, not a symbolic link, and owned
-        by this process's effective uid unless ``allow_foreign_owner`` is true:
-        a file another user planted could otherwise feed us data they control.
+        A segment (a POSIX name or a ``path``) must be a regular file, not a
+        symbolic link, and owned by this process's effective uid unless
+        ``allow_foreign_owner`` is true: a segment another user planted could
+        otherwise read what we send, or feed us data they control.
         """
         deadline = time.monotonic() + float(wait)
         while True:
@@ -226,19 +335,26 @@ class Segment:
             raise SegmentNotFound(f"{what} does not exist") from None
         except posix_ipc.PermissionsError as e:
             raise PermissionDenied(f"{what}: permission denied ({e})") from None
-        except OSError as e:
+        except (OSError, ValueError) as e:     # posix_ipc: ValueError for a directory (EISDIR)
+            if isinstance(e, ValueError) or e.errno in (errno.EISDIR, errno.ELOOP, errno.ENXIO):
+                raise _not_a_file(name, path) from None
             raise _os_error(e, what) from None
         locks = None
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or a device; checked before we lock or map it
+                raise _not_a_file(name, path, st.st_mode)
             locks = _attach_lock(fd, what)
             st = os.fstat(fd)
             if st.st_nlink == 0:
                 raise SegmentNotFound(f"{what} was removed (by shmring gc or an unlink) while attaching")
-            if path is not None and not stat.S_ISREG(st.st_mode):
-                raise CorruptSegmentError(f"{what} is not a regular file")
-            if path is not None and st.st_uid != os.geteuid() and not allow_foreign_owner:
+            if st.st_uid != os.geteuid() and not allow_foreign_owner:
+                # A POSIX name is as open to planting as a path: anyone may
+                # create /dev/shm/shmring.NAME first (squatting), then read
+                # what we send or feed us values.  Trust only our own.
                 raise PermissionDenied(f"{what} is owned by uid {st.st_uid}, not by this process's uid "
-                                       f"{os.geteuid()}; pass allow_foreign_owner=True to attach anyway")
+                                       f"{os.geteuid()}: another user created it; pass "
+                                       "allow_foreign_owner=True to attach anyway if you trust that user")
             # A creator sizes the segment right after creating it: give it a moment.
             deadline = time.monotonic() + wait_ready
             while st.st_size < L.HEADER_SIZE and time.monotonic() < deadline:
@@ -248,14 +364,48 @@ class Segment:
             if size < L.HEADER_SIZE:
                 raise CorruptSegmentError(f"{what} is {size} bytes, smaller than the {L.HEADER_SIZE}-byte "
                                           "shmring header: truncated, still being created, or not a shmring segment")
-            buf = _map(fd, size, what)
+            # The header page first, validated, then only the size it claims
+            # (never the whole file, never prefaulted: a planted sparse giant
+            # is not allocated by looking at it).  Prefaulting and reserving
+            # space are reserve()'s, once the caller validated the header.
+            buf = _map(fd, L.HEADER_SIZE, what, populate=False)
+            ready, claim = _claimed_size(buf, wait_ready)
+            if claim is not None and claim > size:
+                buf.close()
+                raise SegmentTruncated(f"{what} is {size:,} bytes but its header says {claim:,}: "
+                                       "truncated (or a corrupt header)")
+            if claim is not None and claim > L.HEADER_SIZE:
+                buf.close()
+                buf = _map(fd, claim, what, populate=False)
+            size = len(buf)
         except BaseException:
             if locks is not None:
                 locks.close()
             raise
         finally:
             os.close(fd)                  # the mapping keeps its own descriptor (no locks on it)
-        return cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
+        seg = cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
+        seg.allow_foreign_owner, seg.owner_uid, seg.unready = allow_foreign_owner, st.st_uid, not ready
+        return seg
+
+    def reserve(self) -> None:
+        """Make the segment ready for use, after its header was validated:
+        reserve its space again if its file has holes (a sparse copy or a
+        restored backup: ``posix_fallocate``, so a full filesystem is
+        :class:`NoSpace` now, never a SIGBUS on a later write; nothing is done
+        when it is fully allocated), then prefault the mapping."""
+        fd = self.locks.fd
+        try:
+            holes = os.lseek(fd, 0, os.SEEK_HOLE) < self.size or os.fstat(fd).st_blocks * 512 < self.size
+        except OSError:
+            holes = True
+        if holes:
+            _reserve_space(fd, self.size, f"cannot attach to {self.label}: its file has holes (a sparse copy "
+                                          "or restore?) and", self.name, self.path)
+        try:
+            self.buf.madvise(_MADV_POPULATE_WRITE)      # what MAP_POPULATE does at create
+        except (OSError, ValueError, AttributeError):
+            pass                                        # before Linux 5.14: pages fault in on first use
 
     # -- lifetime -----------------------------------------------------------
     def close(self) -> None:
@@ -295,6 +445,26 @@ def _attach_lock(fd: int, what: str) -> Locks:
             raise ShmringError(f"{what} is locked exclusively by another process (shmring gc removing it?)")
         time.sleep(0.005)
     return locks
+
+
+def _foreign_owner_note(name) -> str:
+    """For SegmentExists on create: who owns an existing POSIX name, if not us."""
+    if name is None:
+        return ""
+    try:
+        uid = os.stat(os.path.join(SHM_DIR, PREFIX + name), follow_symlinks=False).st_uid
+    except OSError:
+        return ""
+    if uid == os.geteuid():
+        return ""
+    try:
+        import pwd
+        who = f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except (ImportError, KeyError):
+        who = f"uid {uid}"
+    return (f". It is owned by {who}, not by this process's uid {os.geteuid()}: another user "
+            f"created the name first (squatting, or a ring of theirs). Pick another name, or if it is "
+            f"not legitimately theirs, remove it (`shmring rm {name}`, as root or as its owner)")
 
 
 def _unlink(name, path, missing_ok=True) -> None:
@@ -375,12 +545,13 @@ def read_common_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
     """The fixed header of a mapped segment of any kind, once its creator has
     finished it, with magic, layout version and layout hash checked."""
     what = seg.label
-    deadline = time.monotonic() + wait_ready
+    # open() already gave an unready header its grace (and mapped only its page)
+    deadline = time.monotonic() + (0 if seg.unready else wait_ready)
     while True:
         # R1 (docs/design.md): ready with acquire ordering before any other field
         ready = _core.header_ready(seg.buf) if len(seg.buf) >= L.HEADER_SIZE else 0
         h = L.read_header(seg.buf)
-        if h["magic"] == L.MAGIC and ready == 1:
+        if h["magic"] == L.MAGIC and ready == 1 and not seg.unready:   # (ready only since: still too late)
             break
         if h["magic"] not in (0, L.MAGIC):
             raise CorruptSegmentError(f"{what} is not a shmring segment: magic {h['magic']:#018x}, "
@@ -466,10 +637,27 @@ class SegmentHandle:
                 pass
 
 
-def list_segments() -> list[str]:
-    """Names of the POSIX segments shmring created on this machine (by file name)."""
+def list_entries() -> list[tuple[str, str | None]]:
+    """``(name, None)`` for each ``shmring.*`` regular file in /dev/shm, and
+    ``(name, "a directory")`` (or a FIFO, a symbolic link...) for each entry
+    under the prefix that is not one, for ``shmring ls`` / ``gc`` to report."""
     try:
-        entries = os.listdir(SHM_DIR)
+        with os.scandir(SHM_DIR) as it:
+            found = []
+            for e in it:
+                if not e.name.startswith(PREFIX):
+                    continue
+                try:
+                    mode = e.stat(follow_symlinks=False).st_mode
+                except OSError:
+                    continue                       # gone meanwhile
+                found.append((e.name[len(PREFIX):], None if stat.S_ISREG(mode) else entry_kind(mode)))
     except OSError:
         return []
-    return sorted(e[len(PREFIX):] for e in entries if e.startswith(PREFIX))
+    return sorted(found)
+
+
+def list_segments() -> list[str]:
+    """Names of the POSIX segments shmring created on this machine (by file
+    name; entries under the prefix that are not regular files are not segments)."""
+    return [name for name, odd in list_entries() if odd is None]

@@ -254,14 +254,18 @@ class SharedState(_core.StateCore, SegmentHandle):
             raise
 
     @classmethod
-    def attach(cls, name: str | None = None, *, path=None, wait: float = 0.0) -> "SharedState":
+    def attach(cls, name: str | None = None, *, path=None, allow_foreign_owner: bool = False,
+               wait: float = 0.0) -> "SharedState":
         """Attach to an existing shared state by name (or by path); ``wait``:
-        seconds to wait for one that does not exist yet."""
+        seconds to wait for one that does not exist yet.  As for
+        :meth:`Ring.attach`, the segment must be owned by this process's uid
+        unless ``allow_foreign_owner=True``."""
         if path is None and name is None:
             raise TypeError("SharedState.attach() needs a name or path=")
-        seg = Segment.open(name, path=path, wait=wait)
+        seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait)
         try:
             st = cls(seg, _validate_state_header(seg), created=False)
+            seg.reserve()                    # validated: now its space (holes of a copy) and pages
         except BaseException:
             seg.close()
             raise
@@ -269,7 +273,7 @@ class SharedState(_core.StateCore, SegmentHandle):
         return st
 
     def __reduce__(self):
-        return (_attach, (self._seg.name, self._seg.path))
+        return (_attach, (self._seg.name, self._seg.path, self._seg.allow_foreign_owner))
 
     # -- properties -------------------------------------------------------------
     @property
@@ -586,5 +590,5 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _attach(name, path):
-    return SharedState.attach(name, path=path)
+def _attach(name, path, allow_foreign_owner=False):
+    return SharedState.attach(name, path=path, allow_foreign_owner=allow_foreign_owner)

@@ -12,6 +12,7 @@
  *              under Message, Snapshot and record batches
  *   state.c    StateCore: copy-on-write shared state
  *   guard.c    the SIGBUS guard: a truncated backing reads zeros, never kills
+ *   msgscan.c  what decoding a msgpack meta would cost, told before decoding
  *   module.c   the module, its constants and the Python callbacks
  *
  * The protocol these files obey is docs/design.md, "The protocol as rules":
@@ -292,6 +293,10 @@ int Lease_clear(Lease *l);
 PyObject *Lease_get_nbytes(Lease *l, void *c);
 PyObject *make_message(Consumer *c, Rec *r);
 PyObject *lease_guard_exit(Lease *l, PyObject *res);
+
+/* msgscan.c */
+PyObject *msgpack_cost(PyObject *mod, PyObject *const *args, Py_ssize_t nargs);
+extern const unsigned long long msgscan_max_cost_per_byte;
 
 /* ---------------------------------------------------------------- state.c */
 

@@ -220,6 +220,8 @@ static PyMethodDef module_methods[] = {
     {"wait_any", (PyCFunction)(void (*)(void))wait_any, METH_FASTCALL, "wait_any(consumers, slice) -> bool"},
     {"guard_installed", (PyCFunction)guard_installed, METH_NOARGS,
      "guard_installed() -> bool: the SIGBUS handler in force is shmring's guard (guard.c)"},
+    {"msgpack_cost", (PyCFunction)(void (*)(void))msgpack_cost, METH_FASTCALL,
+     "msgpack_cost(meta, limit, max_depth) -> (estimated bytes once decoded, depth); see msgscan.c"},
     {NULL}
 };
 
@@ -255,5 +257,10 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (!m) return NULL;
     for (size_t i = 0; i < ntypes; i++)
         if (add_type(m, types[i].name, types[i].type) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddObject(m, "MSGPACK_MAX_COST_PER_BYTE",
+                           PyLong_FromUnsignedLongLong(msgscan_max_cost_per_byte)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }
