@@ -63,9 +63,9 @@ def test_non_string_names_are_type_errors(bad):
         shmring.Ring.attach(bad)
 
 
-def test_missing_name_and_path_is_a_type_error():
-    with pytest.raises(TypeError, match="name"):
-        shmring.Ring.create(None, 4096)
+def test_missing_name_and_path_is_a_type_error_for_attach_and_anonymous_for_create():
+    with shmring.Ring.create(None, 4096) as ring:            # no name, no path: an anonymous ring
+        assert ring.is_anonymous
     with pytest.raises(TypeError, match="name"):
         shmring.Ring.attach()
 

@@ -36,7 +36,6 @@ import signal
 import sys
 import time
 import traceback
-import uuid
 
 import multiprocess
 import multiprocess.connection
@@ -260,13 +259,15 @@ class Pipeline:
                 raise ValueError(f"the output of stage {s.name!r} is not read by any stage")
 
     def _make_rings(self):
-        tag = f"{self.name}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        for i, s in enumerate(self._stages):
+        # Anonymous (sealed memfd) rings: nothing in /dev/shm to leave behind
+        # if the whole process tree is killed, and not bounded by its size;
+        # the stages get them by fork or by pickling (descriptor passing).
+        for s in self._stages:
             if s.output is None:
                 continue
             readers = s.output.consumer.workers
             kind = "mpsc" if readers == 1 else "mpmc"
-            ring = Ring.create(f"{tag}-{i}", s.output.capacity, kind=kind, producers=s.workers,
+            ring = Ring.create(None, s.output.capacity, kind=kind, producers=s.workers,
                                max_producers=max(s.workers, 1),
                                **({} if kind == "mpsc" else {"max_consumers": readers}))
             s.output.ring = ring

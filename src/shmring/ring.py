@@ -50,7 +50,7 @@ from . import _core, codec, parties, records, roles, waiting
 from . import layout as L
 from .pausepoints import pause
 from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, Timeout
-from .segment import Segment, SegmentHandle, validate_header, write_header
+from .segment import Segment, SegmentHandle, fd_reference, open_fd_reference, validate_header, write_header
 from .waiting import DEFAULT_SPIN
 
 CLOSED_EOS = 1            # producer role "closed" word: closed normally
@@ -136,8 +136,6 @@ class Ring(SegmentHandle):
                 raise ValueError(f"a record ring (dtype=...) is spsc; kind={kind!r} carries framed messages")
         if k in L.MULTI_KINDS:
             maxp, maxc = parties.geometry_args(k, max_producers, max_consumers)
-        if path is None and name is None:
-            raise TypeError("Ring.create() needs a name (POSIX segment) or path= (file-backed ring)")
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)):
             raise TypeError(f"capacity must be an int, got {type(capacity).__name__}")
         capacity = int(capacity)
@@ -150,7 +148,8 @@ class Ring(SegmentHandle):
             k = L.KIND_RECORDS
         geometry = L.multi_geometry(capacity, maxp, maxc) if k in L.MULTI_KINDS else None
         size = geometry["segment_size"] if geometry else L.segment_size(capacity)
-        seg = Segment.create(name, size, path=path, mode=mode)
+        seg = (Segment.create_anonymous(size) if name is None and path is None
+               else Segment.create(name, size, path=path, mode=mode))
         try:
             pause("create")                       # the name exists, the header is not written
             write_header(seg.buf, kind=k, capacity=capacity, geometry=geometry)
@@ -182,8 +181,12 @@ class Ring(SegmentHandle):
         directory): anyone can create a name in ``/dev/shm`` first.
         """
         if path is None and name is None:
-            raise TypeError("Ring.attach() needs a name or path=")
-        seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait)
+            raise TypeError("Ring.attach() needs a name or path= (an anonymous ring has neither: pass the "
+                            "Ring object itself to the other process, or a descriptor: Ring.from_fd)")
+        return cls._attached(Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait))
+
+    @classmethod
+    def _attached(cls, seg: Segment) -> "Ring":
         try:
             pause("attach")                       # mapped, nothing validated or taken yet
             ring = cls(seg, validate_header(seg), created=False)
@@ -193,7 +196,29 @@ class Ring(SegmentHandle):
             seg.close()
             raise
 
+    @classmethod
+    def anonymous(cls, capacity: int = 1 << 20, **kwargs) -> "Ring":
+        """``Ring.create(None, capacity, **kwargs)``: a ring with no name in
+        ``/dev/shm`` or anywhere, in sealed anonymous shared memory (a memfd
+        whose size the kernel keeps from changing: nobody can truncate it).
+        Other processes get it by inheritance (fork) or by pickling the Ring
+        (a ``multiprocessing`` / ``multiprocess`` child, a ``Pipeline``
+        stage, a queue), or from a descriptor (:meth:`dup_fd`,
+        :meth:`from_fd`).  The kernel frees it when the last process using
+        it closes it or dies: it is never left behind after a crash, and is
+        not limited by the size of ``/dev/shm`` (Docker's 64 MB)."""
+        return cls.create(None, capacity, **kwargs)
+
+    @classmethod
+    def from_fd(cls, fd: int, *, allow_foreign_owner: bool = False) -> "Ring":
+        """Attach the anonymous ring open at descriptor ``fd`` (a duplicate is
+        taken: ``fd`` stays yours to close).  It must be a sealed anonymous
+        shmring segment (IncompatibleSegment otherwise)."""
+        return cls._attached(Segment.from_fd(os.dup(fd), allow_foreign_owner=allow_foreign_owner))
+
     def __reduce__(self):
+        if self._seg.anonymous:               # by descriptor (segment.fd_reference)
+            return (_attach_anonymous, (fd_reference(self._seg), self._seg.allow_foreign_owner))
         return (_attach, (self._seg.name, self._seg.path, self._seg.allow_foreign_owner))
 
     # -- roles --------------------------------------------------------------
@@ -336,6 +361,10 @@ class Ring(SegmentHandle):
 
     def __repr__(self) -> str:
         return f"<shmring.Ring {self.kind} {self._seg.label} capacity={self.capacity}>"
+
+
+def _attach_anonymous(ref, allow_foreign_owner=False):
+    return Ring._attached(Segment.from_fd(open_fd_reference(ref), allow_foreign_owner=allow_foreign_owner))
 
 
 def _attach(name, path, allow_foreign_owner=False):

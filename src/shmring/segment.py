@@ -16,10 +16,12 @@ a later write.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import re
 import stat
+import sys
 import time
 import weakref
 
@@ -31,7 +33,7 @@ from . import _core
 from . import layout as L
 from ._proc import my_start_time
 from .liveness import Locks, probe
-from .errors import (CorruptSegmentError, IncompatibleSegment, NoSpace, PermissionDenied,
+from .errors import (CorruptSegmentError, HandleClosed, IncompatibleSegment, NoSpace, PermissionDenied,
                      ResourceLimit, SegmentExists, SegmentNotFound, SegmentTruncated, ShmringError)
 
 PREFIX = "shmring."
@@ -40,6 +42,51 @@ MAX_NAME = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)     # Linux 5.14+
+
+
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW   # an anonymous segment's size can never change
+
+
+def fd_reference(seg: "Segment"):
+    """How a pickled anonymous segment reaches another process: while
+    ``multiprocessing`` (or ``multiprocess``) is starting a process by spawn or
+    forkserver, its own descriptor passing (the child gets a duplicate);
+    otherwise this process's pid and descriptor number, which the receiver
+    opens as /proc/PID/fd/N (the same file; this process must still be alive
+    then, and the receiver of the same uid), checked against the file's
+    identity."""
+    fd = seg.locks.fd if seg.locks is not None else -1
+    if fd < 0:
+        raise ShmringError(f"{seg.label} is closed in this process: it cannot be passed on")
+    for modname in ("multiprocessing.context", "multiprocess.context"):
+        ctx = sys.modules.get(modname)
+        popen = ctx.get_spawning_popen() if ctx is not None else None
+        if popen is not None and hasattr(popen, "DupFd"):
+            return ("dup", popen.DupFd(popen.duplicate_for_child(fd)), seg.identity)
+    return ("proc", os.getpid(), fd, seg.identity)
+
+
+def open_fd_reference(ref) -> int:
+    """The descriptor a fd_reference stands for, in this process (ours to close)."""
+    if ref[0] == "dup":
+        fd, ident = ref[1].detach(), ref[2]
+    else:
+        _, pid, num, ident = ref
+        try:
+            fd = os.open(f"/proc/{pid}/fd/{num}", os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SegmentNotFound(f"the anonymous segment passed by process {pid} is gone: that process "
+                                  "exited (or closed it) before this one attached; keep it alive until "
+                                  "the receiver has attached, or pass the ring to a process it starts") from None
+        except PermissionError:
+            raise PermissionDenied(f"cannot open the anonymous segment of process {pid} through /proc/{pid}/fd "
+                                   "(another user, or ptrace restrictions)") from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != tuple(ident):
+        os.close(fd)
+        raise SegmentNotFound("the anonymous segment passed on is gone: its descriptor number in the sending "
+                              "process now names another file")
+    return fd
 
 
 def validate_name(name) -> str:
@@ -59,7 +106,9 @@ def posix_name(name: str) -> str:
 
 
 def _label(name, path) -> str:
-    return f"file {path!r}" if path is not None else f"segment {name!r}"
+    if path is not None:
+        return f"file {path!r}"
+    return f"segment {name!r}" if name is not None else "an anonymous segment"
 
 
 def _rlimit(which) -> int:
@@ -155,6 +204,10 @@ def _reserve_space(fd: int, size: int, doing: str, name, path) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as e:
+        if name is None and path is None and e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise NoSpace(f"{doing} the kernel refused {size:,} bytes of anonymous shared memory "
+                          f"({errno.errorcode.get(e.errno, e.errno)}): the machine is short of memory "
+                          "(anonymous segments are memory, not files in /dev/shm)") from None
         if e.errno == errno.EFBIG:
             raise NoSpace(f"{doing} it needs a file of {size:,} bytes, larger than the file system at "
                           f"{SHM_DIR if path is None else os.path.abspath(path)} allows (EFBIG)") from None
@@ -298,7 +351,56 @@ class Segment:
         os.close(fd)                      # the mapping keeps its own descriptor (no locks on it)
         return cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
 
+    @classmethod
+    def create_anonymous(cls, size: int) -> "Segment":
+        """A segment with no name anywhere: a ``memfd`` (anonymous shared
+        memory), its space reserved, then sealed against any change of size
+        (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL: the kernel refuses
+        ftruncate, so nobody can make its pages vanish), handed to other
+        processes by descriptor (fork, or pickling: see fd_reference) and
+        freed by the kernel when the last process closes or dies."""
+        what = _label(None, None)
+        try:
+            fd = os.memfd_create("shmring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as e:
+            raise _os_error(e, what) from None
+        locks = None
+        try:
+            locks = _attach_lock(fd, what)
+            _reserve_space(fd, size, f"cannot create {what}:", None, None)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
+            buf = _map(fd, size, what)
+            st = os.fstat(fd)
+        except BaseException:
+            os.close(fd)
+            if locks is not None:
+                locks.close()
+            raise
+        os.close(fd)                      # the locks' description keeps the memfd alive for us
+        return cls(None, None, buf, size, (st.st_dev, st.st_ino), locks)
+
+    @property
+    def anonymous(self) -> bool:
+        return self.name is None and self.path is None
+
     # -- attach -------------------------------------------------------------
+    @classmethod
+    def from_fd(cls, fd: int, *, allow_foreign_owner: bool = False, wait_ready: float = 1.0) -> "Segment":
+        """Map the anonymous segment open at ``fd`` (received from another
+        process; this takes it over and closes it).  It must be sealed
+        against shrinking (a memfd made by create_anonymous): a descriptor of
+        anything else is refused, since its pages could vanish under us."""
+        what = _label(None, None)
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if seals & SEALS != SEALS:
+            os.close(fd)
+            raise IncompatibleSegment(f"descriptor {fd} is not a sealed anonymous shmring segment (a memfd "
+                                      "sealed against resizing); attach named rings by name or path")
+        return cls._open_fd(fd, None, None, what, wait_ready, allow_foreign_owner)
+
     @classmethod
     def open(cls, name: str | None, *, path=None, wait_ready: float = 1.0,
              allow_foreign_owner: bool = False, wait: float = 0.0) -> "Segment":
@@ -339,6 +441,11 @@ class Segment:
             if isinstance(e, ValueError) or e.errno in (errno.EISDIR, errno.ELOOP, errno.ENXIO):
                 raise _not_a_file(name, path) from None
             raise _os_error(e, what) from None
+        return cls._open_fd(fd, name, path, what, wait_ready, allow_foreign_owner)
+
+    @classmethod
+    def _open_fd(cls, fd, name, path, what, wait_ready, allow_foreign_owner) -> "Segment":
+        """The rest of an attach, from the segment open at ``fd`` (closed here)."""
         locks = None
         try:
             st = os.fstat(fd)
@@ -346,7 +453,7 @@ class Segment:
                 raise _not_a_file(name, path, st.st_mode)
             locks = _attach_lock(fd, what)
             st = os.fstat(fd)
-            if st.st_nlink == 0:
+            if st.st_nlink == 0 and not (name is None and path is None):   # (a memfd never has a link)
                 raise SegmentNotFound(f"{what} was removed (by shmring gc or an unlink) while attaching")
             if st.st_uid != os.geteuid() and not allow_foreign_owner:
                 # A POSIX name is as open to planting as a path: anyone may
@@ -422,8 +529,11 @@ class Segment:
                 self.locks.close()
 
     def unlink(self) -> None:
-        """Remove the name (or file).  Mappings stay valid until closed."""
-        _unlink(self.name, self.path, missing_ok=False)
+        """Remove the name (or file).  Mappings stay valid until closed.
+        An anonymous segment has none: nothing to do (the kernel frees it
+        when the last process closes it)."""
+        if not self.anonymous:
+            _unlink(self.name, self.path, missing_ok=False)
 
 
 def _attach_lock(fd: int, what: str) -> Locks:
@@ -619,8 +729,23 @@ class SegmentHandle:
         """The file of a file-backed handle, else None."""
         return self._seg.path
 
+    @property
+    def is_anonymous(self) -> bool:
+        """True for an anonymous (memfd, sealed) segment: no name anywhere."""
+        return self._seg.anonymous
+
+    def dup_fd(self) -> int:
+        """A new descriptor of this segment, yours to close: hand it to
+        another process yourself (``socket.send_fds``, a pidfd...), which
+        attaches with ``from_fd``.  Pickling does this for you."""
+        fd = self._seg.locks.fd if self._seg.locks is not None else -1
+        if fd < 0:
+            raise HandleClosed(f"{self._seg.label} is closed in this process")
+        return os.dup(fd)
+
     def unlink(self) -> None:
-        """Remove the name (or file).  Attached processes keep working."""
+        """Remove the name (or file).  Attached processes keep working.
+        An anonymous segment has no name: nothing to do."""
         self._seg.unlink()
 
     def __enter__(self):

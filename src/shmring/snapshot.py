@@ -55,7 +55,7 @@ from . import layout as L
 from ._proc import my_start_time
 from .errors import (CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge, SegmentTruncated,
                      ShmringError, Timeout)
-from .segment import Segment, SegmentHandle, read_common_header
+from .segment import Segment, SegmentHandle, fd_reference, open_fd_reference, read_common_header
 from .waiting import DEFAULT_SPIN
 
 MAX_SLOT_BYTES = 1 << 44
@@ -224,8 +224,6 @@ class SharedState(_core.StateCore, SegmentHandle):
         ``max_readers`` bounds the reader table (each reading handle takes one
         entry per concurrently pinned snapshot).
         """
-        if path is None and name is None:
-            raise TypeError("SharedState.create() needs a name (POSIX segment) or path= (file-backed)")
         for arg, v in (("nbytes", nbytes), ("slots", slots), ("max_readers", max_readers)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise TypeError(f"{arg} must be an int, got {type(v).__name__}")
@@ -238,7 +236,8 @@ class SharedState(_core.StateCore, SegmentHandle):
         if not 1 <= max_readers <= L.ST_MAX_READERS:
             raise ValueError(f"max_readers must be from 1 to {L.ST_MAX_READERS}, got {max_readers}")
         g = L.state_geometry(nbytes, slots, max_readers)
-        seg = Segment.create(name, g["segment_size"], path=path, mode=mode)
+        seg = (Segment.create_anonymous(g["segment_size"]) if name is None and path is None
+               else Segment.create(name, g["segment_size"], path=path, mode=mode))
         try:
             _write_state_header(seg.buf, nbytes=nbytes, slots=slots, max_readers=max_readers)
             core = _core.StateCore(seg.buf)
@@ -261,8 +260,23 @@ class SharedState(_core.StateCore, SegmentHandle):
         :meth:`Ring.attach`, the segment must be owned by this process's uid
         unless ``allow_foreign_owner=True``."""
         if path is None and name is None:
-            raise TypeError("SharedState.attach() needs a name or path=")
-        seg = Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait)
+            raise TypeError("SharedState.attach() needs a name or path= (an anonymous state has neither: "
+                            "pass the SharedState object to the other process, or a descriptor: from_fd)")
+        return cls._attached(Segment.open(name, path=path, allow_foreign_owner=allow_foreign_owner, wait=wait))
+
+    @classmethod
+    def anonymous(cls, nbytes: int = 1 << 20, **kwargs) -> "SharedState":
+        """``SharedState.create(None, nbytes, **kwargs)``: in sealed anonymous
+        shared memory, as :meth:`shmring.Ring.anonymous`."""
+        return cls.create(None, nbytes, **kwargs)
+
+    @classmethod
+    def from_fd(cls, fd: int, *, allow_foreign_owner: bool = False) -> "SharedState":
+        """Attach the anonymous state open at descriptor ``fd`` (duplicated: ``fd`` stays yours)."""
+        return cls._attached(Segment.from_fd(os.dup(fd), allow_foreign_owner=allow_foreign_owner))
+
+    @classmethod
+    def _attached(cls, seg: Segment) -> "SharedState":
         try:
             st = cls(seg, _validate_state_header(seg), created=False)
             seg.reserve()                    # validated: now its space (holes of a copy) and pages
@@ -273,6 +287,8 @@ class SharedState(_core.StateCore, SegmentHandle):
         return st
 
     def __reduce__(self):
+        if self._seg.anonymous:               # by descriptor (segment.fd_reference)
+            return (_attach_anonymous, (fd_reference(self._seg), self._seg.allow_foreign_owner))
         return (_attach, (self._seg.name, self._seg.path, self._seg.allow_foreign_owner))
 
     # -- properties -------------------------------------------------------------
@@ -588,6 +604,10 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _attach_anonymous(ref, allow_foreign_owner=False):
+    return SharedState._attached(Segment.from_fd(open_fd_reference(ref), allow_foreign_owner=allow_foreign_owner))
 
 
 def _attach(name, path, allow_foreign_owner=False):
