@@ -121,6 +121,10 @@ def _dump_stuck(p, what: str) -> None:
     """A child that did not finish: print where each of its threads is (its
     faulthandler, inherited from us, dumps them to stderr on SIGUSR1)."""
     print(f"{what}: its stacks follow", file=sys.stderr, flush=True)
+    try:                                          # reaped by someone else? (then is_alive() stays True forever)
+        print(f"  waitpid({p.pid}, WNOHANG) -> {os.waitpid(p.pid, os.WNOHANG)}", file=sys.stderr, flush=True)
+    except OSError as e:
+        print(f"  waitpid({p.pid}, WNOHANG) -> {e!r}", file=sys.stderr, flush=True)
     for f in ("status", "wchan", "stack"):       # what the kernel says (a child that cannot dump)
         try:
             with open(f"/proc/{p.pid}/{f}") as fh:
