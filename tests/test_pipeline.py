@@ -22,10 +22,10 @@ def items():
         yield {"i": i, "img": np.full((16, 16), i % 251, np.uint8)}
 
 
-def shm_entries() -> set:
-    """Every shmring entry in /dev/shm: a pipeline's rings are anonymous (sealed
-    memfds), so a run, however it ends, adds none."""
-    return {f for f in os.listdir("/dev/shm") if f.startswith("shmring.")}
+def segments(prefix):
+    """/dev/shm entries under a pipeline's name (its rings are anonymous now:
+    none; before, a killed tree left its named rings there)."""
+    return [f for f in os.listdir("/dev/shm") if f.startswith(f"shmring.{prefix}")]
 
 
 def no_children_left():
@@ -51,7 +51,7 @@ def test_a_worker_pool_delivers_every_item_exactly_once(start_method, ordered):
         if len(seen) == N:
             q.put(("done", seen))
 
-    name, before = f"pl{os.getpid()}", shm_entries()
+    name = f"pl{os.getpid()}"
     with shmring.Pipeline(name, capacity=1 << 16, start_method=start_method) as p:
         small = p.map(half, p.source(items), workers=4, ordered=ordered)
         p.sink(check, small)
@@ -63,7 +63,7 @@ def test_a_worker_pool_delivers_every_item_exactly_once(start_method, ordered):
     else:
         assert sorted(seen) == list(range(N))
     assert all(st["items"] == N for st in summary["stages"].values())
-    assert no_children_left() and shm_entries() <= before
+    assert no_children_left() and segments(name) == []
 
 
 def test_in_place_outputs_and_dropped_items():
@@ -89,7 +89,7 @@ def test_in_place_outputs_and_dropped_items():
 
 
 def test_an_exception_in_a_worker_surfaces_with_its_traceback(start_method):
-    name, before = f"pe{os.getpid()}", shm_entries()
+    name = f"pe{os.getpid()}"
 
     def boom(v):
         if v["i"] == 700:
@@ -105,12 +105,12 @@ def test_an_exception_in_a_worker_surfaces_with_its_traceback(start_method):
     assert ei.value.stage == "boom"
     assert "ZeroDivisionError: worker says no" in str(ei.value)
     assert "in boom" in ei.value.remote_traceback
-    assert no_children_left() and shm_entries() <= before
+    assert no_children_left() and segments(name) == []
 
 
 @pytest.mark.parametrize("how", ["SIGKILL", "SIGSEGV"])
 def test_a_stage_that_dies_is_reported(how):
-    name, before = f"pk{os.getpid()}", shm_entries()
+    name = f"pk{os.getpid()}"
 
     def die(v):
         if v["i"] == 300:
@@ -125,7 +125,7 @@ def test_a_stage_that_dies_is_reported(how):
             p.sink(lambda v: None, p.map(die, p.source(items), workers=2, name="fragile"))
             p.run(timeout=60)
     assert ei.value.stage == "fragile" and ei.value.remote_traceback is None
-    assert no_children_left() and shm_entries() <= before
+    assert no_children_left() and segments(name) == []
 
 
 SCRIPT = textwrap.dedent("""
@@ -173,7 +173,7 @@ def stage_pids(proc, n=4, timeout=60):
 
 
 def test_ctrl_c_stops_everything_within_a_second(tmp_path):
-    name, before = f"pc{os.getpid()}", shm_entries()
+    name = f"pc{os.getpid()}"
     script = tmp_path / "endless.py"
     script.write_text(SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -190,7 +190,7 @@ def test_ctrl_c_stops_everything_within_a_second(tmp_path):
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
-        assert shm_entries() <= before
+        assert segments(name) == []
     finally:
         _kill_session(proc)
 
@@ -247,7 +247,7 @@ def test_the_sink_result_comes_back_from_run(start_method):
 
 def test_stage_processes_die_with_a_killed_parent(tmp_path):
     """SIGKILL gives the parent no chance to clean up: the stages must not be orphaned."""
-    name, before = f"pd{os.getpid()}", shm_entries()
+    name = f"pd{os.getpid()}"
     script = tmp_path / "endless.py"
     script.write_text(SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), name], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -264,7 +264,25 @@ def test_stage_processes_die_with_a_killed_parent(tmp_path):
         assert not alive
     finally:
         _kill_session(proc)
-    assert shm_entries() <= before                    # nothing named was left behind by the killed tree
+    assert segments(name) == []                       # nothing named was left behind by the killed tree
+
+
+def test_a_pipeline_makes_only_anonymous_rings(monkeypatch):
+    """Its hops are sealed anonymous rings: nothing in /dev/shm to leave behind
+    or to fill (checked by recording every segment the parent creates)."""
+    made = []
+    real = shmring.segment.Segment.create
+
+    def create(*a, **kw):
+        made.append((a, kw))
+        return real(*a, **kw)
+    monkeypatch.setattr(shmring.segment.Segment, "create", create)
+    with shmring.Pipeline(f"pa{os.getpid()}", capacity=1 << 14) as p:
+        s = p.source(range(20))
+        s = p.map(lambda i: i * 2, s, workers=2)
+        p.sink(lambda v: None, s)
+        p.run(timeout=60)
+    assert made == []
 
 
 def test_dropped_items_never_stall_an_ordered_stage_and_capacity_is_checked_early():
