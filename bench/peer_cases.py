@@ -431,9 +431,10 @@ class RayLarge(LargeStream):
 class _Torch:
     """torch.multiprocessing.Queue (fork context).  Putting a CPU tensor moves its storage
     into shared memory (``share_memory_()``, a copy, once per storage) and sends a file
-    descriptor (the default ``file_descriptor`` sharing strategy: the consumer fetches it
-    from the producer's resource-sharer socket and maps it; a storage it has mapped before
-    comes from torch's cache).  torch is imported in the parent when the case is checked
+    descriptor (the default ``file_descriptor`` sharing strategy: ``multiprocessing``'s
+    resource sharer, i.e. for every tensor the consumer opens a new authenticated
+    connection to a thread in the producer and receives the fd over it, then maps it; a
+    storage it has mapped before comes from torch's cache).  torch is imported in the parent when the case is checked
     (as a DataLoader's parent does before it forks); each side uses one intra-op thread."""
     requires = ("torch",)
     MAXSIZE = 4
@@ -460,7 +461,8 @@ class TorchQueueLarge(_Torch, LargeStream):
     def __init__(self, nbytes, summing=False):
         super().__init__(nbytes, summing)
         self.note = ("torch.from_numpy(arr).clone() (copy 1), put moves it into a new shared-memory segment "
-                     "(copy 2), fd passed per message; consumer maps it, t.numpy() (no copy); maxsize=4")
+                     "(copy 2); consumer gets the fd over a new resource-sharer connection and maps it, t.numpy() "
+                     "(no copy); maxsize=4")
 
     def produce(self, ep, n):
         put, from_numpy = ep["q"].put, ep["torch"].from_numpy
@@ -489,7 +491,8 @@ class TorchQueuePoolLarge(_Torch, LargeStream):
     def __init__(self, nbytes, summing=False):
         super().__init__(nbytes, summing)
         self.note = ("4 tensors share_memory_()'d once; t.copy_(arr) into a free one (one copy), put((slot, t)): "
-                     "an fd per message, mapping cached; slot index back over a Pipe when the consumer is done")
+                     "still an fd per message over a new resource-sharer connection, mapping cached; slot index "
+                     "back over a Pipe when the consumer is done")
 
     def setup(self):
         res = super().setup()
