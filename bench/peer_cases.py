@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from .cases import MASK, U64, CaseFailed, LargeStream, PingPong, SmallStream, source_array, uniq
+from .cases import MASK, U64, CaseFailed, LargeStream, PingPong, SmallStream, uniq
 from .harness import CTX
 
 
