@@ -1201,27 +1201,29 @@ def _unpinned(case):
 
 
 def all_cases():
+    from . import peer_cases as peers      # zenoh, Ray, torch.multiprocessing, Arrow (issue 15 item 4)
     cases = []
     for size in MSG_SIZES:
         cases += [ShmSmallBytes(size), ShmSmallZeroCopy(size), QueueSmall(size), PipeSmall(size),
-                  ZmqSmall(size), FFSmall(size), FFSmallBatched(size), IoxSmall(size)]
+                  ZmqSmall(size), FFSmall(size), FFSmallBatched(size), IoxSmall(size)] + peers.small_cases(size)
     for summing in (False, True):
         for nb in SIZES:
             cases += [ShmLargeSend(nb, summing), ShmLargeReserve(nb, summing), QueueLarge(nb, summing),
                       ShmPipeLarge(nb, summing), IoxLarge(nb, summing), ZmqLarge(nb, summing),
                       FFLarge(nb, summing), PipeLarge(nb, summing), PipePickle5Large(nb, summing)]
+            cases += peers.large_cases(nb, summing)
     cases += [
         ShmPingPong(1.0, "shmring busy-poll (spin=1 s)", busy=True),
         ShmPingPong(50e-6, "shmring hybrid (spin=50 us, default)", busy=True),
         SpinPingPong(), IoxPingPong(),
         ShmPingPong(0.0, "shmring blocking (spin=0)", busy=False),
         SemPingPong(), QueuePingPong(), PipePingPong(), ZmqPingPong(), FFPingPong(),
-    ]
+    ] + peers.pingpong_cases()
     g = IDLE_GAP          # busy pollers are left out: idle gaps do not change a spinning waiter
     cases += [
         ShmPingPong(50e-6, "shmring hybrid (spin=50 us, default)", busy=False, gap=g),
         ShmPingPong(0.0, "shmring blocking (spin=0)", busy=False, gap=g),
         _unpinned(ShmPingPong(50e-6, "shmring hybrid (spin=50 us), NOT pinned", busy=False, gap=g)),
         SemPingPong(g), QueuePingPong(g), PipePingPong(g), ZmqPingPong(g), FFPingPong(g),
-    ]
+    ] + peers.pingpong_cases(g)
     return cases

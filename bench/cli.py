@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import report
+from . import peer_cases, report
 from .cases import SIZES, LargeStream, PingPong, ShmLargeSend, SmallStream, all_cases, uniq
 from .harness import CaseFailed, measure
 
@@ -276,47 +276,50 @@ def main(argv=None) -> int:
     if "limits" in refs:
         done_refs.add("limits")
         rows += refs["limits"][1](-1)
-    for i, case in enumerate(cases):
-        if case.workload in refs and case.workload not in done_refs:
-            done_refs.add(case.workload)
-            rows += refs[case.workload][1](i - 0.5)
-        t0 = time.monotonic()
-        log(f"  {case.workload:<22} {case.transport:<44} ...")
-        reason = case.unavailable()
-        if reason:
-            log(f"    {reason}")
-            if isinstance(case, PingPong):
-                for m in ("median", "p99"):
-                    r = _row(case, i)
-                    r.update(workload=f"{case.workload}-{m}", error=reason)
-                    rows.append(r)
-            else:
-                rows.append({**_row(case, i), "error": reason})
-            continue
-        try:
-            res = measure(case, cfg, log)
-            err = None
-        except CaseFailed as e:
-            res, err = None, f"FAILED: {str(e).splitlines()[0][:300]}"
-            log(f"    {e}")
-            failures += 1
-        except Exception as e:       # noqa: BLE001 -- a crash of one case must not lose the others
-            res, err = None, f"FAILED: {type(e).__name__}: {e}"
-            log(f"    {err}")
-            failures += 1
-        metric_names = ([f"{case.workload}-median", f"{case.workload}-p99"] if isinstance(case, PingPong)
-                        else [case.workload])
-        for m in metric_names:
-            r = _row(case, i)
-            r["workload"] = m
-            if res is None:
-                r["error"] = err
-            else:
-                vals = res["values"][m]
-                r.update(median=statistics.median(vals), values=vals, n=res["n"], rounds=res["rounds"])
-                log(f"    {m}: {r['median']:.4g} {case.unit}  (repeats {', '.join(f'{v:.4g}' for v in vals)};"
-                    f" {time.monotonic() - t0:.1f} s)")
-            rows.append(r)
+    try:
+        for i, case in enumerate(cases):
+            if case.workload in refs and case.workload not in done_refs:
+                done_refs.add(case.workload)
+                rows += refs[case.workload][1](i - 0.5)
+            t0 = time.monotonic()
+            log(f"  {case.workload:<22} {case.transport:<44} ...")
+            reason = case.unavailable()
+            if reason:
+                log(f"    {reason}")
+                if isinstance(case, PingPong):
+                    for m in ("median", "p99"):
+                        r = _row(case, i)
+                        r.update(workload=f"{case.workload}-{m}", error=reason)
+                        rows.append(r)
+                else:
+                    rows.append({**_row(case, i), "error": reason})
+                continue
+            try:
+                res = measure(case, cfg, log)
+                err = None
+            except CaseFailed as e:
+                res, err = None, f"FAILED: {str(e).splitlines()[0][:300]}"
+                log(f"    {e}")
+                failures += 1
+            except Exception as e:       # noqa: BLE001 -- a crash of one case must not lose the others
+                res, err = None, f"FAILED: {type(e).__name__}: {e}"
+                log(f"    {err}")
+                failures += 1
+            metric_names = ([f"{case.workload}-median", f"{case.workload}-p99"] if isinstance(case, PingPong)
+                            else [case.workload])
+            for m in metric_names:
+                r = _row(case, i)
+                r["workload"] = m
+                if res is None:
+                    r["error"] = err
+                else:
+                    vals = res["values"][m]
+                    r.update(median=statistics.median(vals), values=vals, n=res["n"], rounds=res["rounds"])
+                    log(f"    {m}: {r['median']:.4g} {case.unit}  (repeats {', '.join(f'{v:.4g}' for v in vals)};"
+                        f" {time.monotonic() - t0:.1f} s)")
+                rows.append(r)
+    finally:
+        peer_cases.shutdown()          # the Ray cluster, if a Ray case started one
     for k, w in enumerate(refs):
         if w not in done_refs:
             rows += refs[w][1](1000 + k)

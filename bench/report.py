@@ -24,6 +24,7 @@ LIMIT_LABELS = (LIMIT_COPY_BIG, LIMIT_READ_1M, LIMIT_READ_BIG, LIMIT_SUM_BIG)
 REFERENCES = (COPYTO, COPYTO_RING, COPYTO_RING_PRIVATE, SUM_REF) + LIMIT_LABELS
 SPIN_FLOOR = "raw shm word spin (Python)"
 SEM_FLOOR = "raw posix_ipc.Semaphore pair"
+PEER_DISTS = ("iceoryx2", "eclipse-zenoh", "ray", "torch", "pyarrow")     # optional peers: versions in the header
 
 
 def _cpu_model() -> str:
@@ -60,6 +61,7 @@ def machine() -> dict:
         "pyzmq": _version("pyzmq"),
         "faster-fifo": _version("faster-fifo"),
         "posix_ipc": _version("posix_ipc"),
+        "peers": {d: _version(d) for d in PEER_DISTS},
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
     try:
@@ -75,7 +77,8 @@ def machine_lines(m: dict, run: dict) -> list[str]:
     return [
         f"Machine: {m['cpu']}, {m['cores']} cores ({m['cores_usable']} usable), {m['kernel']}, "
         f"Python {m['python']}, numpy {m['numpy']}",
-        f"Versions: shmring {m['shmring']}, {zmq}, faster-fifo {m['faster-fifo']}, posix_ipc {m['posix_ipc']}",
+        f"Versions: shmring {m['shmring']}, {zmq}, faster-fifo {m['faster-fifo']}, posix_ipc {m['posix_ipc']}"
+        + "".join(f", {d} {v}" for d, v in m.get("peers", {}).items()),
         f"Run: {run['mode']}, {run['repeats']} repeats after warm-up (median shown), "
         f"{'producer and consumer pinned to CPUs 0 and 1' if run.get('pin') else 'not pinned'}, {m['date']}"
         + (f", total {run['total_s']:.0f} s" if "total_s" in run else ""),
