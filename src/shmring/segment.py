@@ -335,20 +335,35 @@ class Segment:
             raise PermissionDenied(f"{what}: permission denied ({e})") from None
         except OSError as e:
             raise _os_error(e, what) from None
-        locks = None
         try:
             os.fchmod(fd, mode)           # exactly the mode asked for, whatever the umask
+        except BaseException:
+            os.close(fd)
+            _unlink(name, path)
+            raise
+        return cls._made(fd, size, name, path, what)
+
+    @classmethod
+    def _made(cls, fd: int, size: int, name, path, what, seal: bool = False) -> "Segment":
+        """The rest of a create, from the new segment open at ``fd`` (closed
+        here): its liveness locks, its space reserved, sealed (anonymous),
+        mapped.  On failure a named segment is unlinked again."""
+        locks = None
+        try:
             locks = _attach_lock(fd, what)
             _reserve_space(fd, size, f"cannot create {what}:", name, path)
+            if seal:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
             buf = _map(fd, size, what)
             st = os.fstat(fd)
         except BaseException:
-            os.close(fd)
             if locks is not None:
                 locks.close()
-            _unlink(name, path)
+            if not (name is None and path is None):
+                _unlink(name, path)
             raise
-        os.close(fd)                      # the mapping keeps its own descriptor (no locks on it)
+        finally:
+            os.close(fd)                  # the mapping and the locks' description keep what they need
         return cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
 
     @classmethod
@@ -364,20 +379,7 @@ class Segment:
             fd = os.memfd_create("shmring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as e:
             raise _os_error(e, what) from None
-        locks = None
-        try:
-            locks = _attach_lock(fd, what)
-            _reserve_space(fd, size, f"cannot create {what}:", None, None)
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
-            buf = _map(fd, size, what)
-            st = os.fstat(fd)
-        except BaseException:
-            os.close(fd)
-            if locks is not None:
-                locks.close()
-            raise
-        os.close(fd)                      # the locks' description keeps the memfd alive for us
-        return cls(None, None, buf, size, (st.st_dev, st.st_ino), locks)
+        return cls._made(fd, size, None, None, what, seal=True)
 
     @property
     def anonymous(self) -> bool:

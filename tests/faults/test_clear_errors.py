@@ -142,7 +142,8 @@ def test_a_record_ring_whose_dtype_numpy_cannot_use_is_refused_at_attach(ring_na
     descr = _nested(levels)
     with shmring.Ring.create(ring_name, 1 << 12, dtype="<f8") as ring:
         if len(descr) > L.RC_MAX_DESCR:
-            pytest.skip("description too long for the header")
+            pytest.skip("this nesting depth makes a dtype description longer than the header holds "
+                        "(RC_MAX_DESCR): create refuses it, so there is nothing to attach")
         L.RC_STRUCT.pack_into(ring._seg.buf, L.RC_OFF_ITEMSIZE, 8, 512, len(descr))
         ring._seg.buf[L.RC_OFF_DESCR:L.RC_OFF_DESCR + len(descr)] = descr
         with pytest.raises(shmring.CorruptSegmentError, match=ring_name) as ei:
