@@ -2,7 +2,7 @@
 root process is about to use.  Attach by name checks the owner as attach by
 path does (``allow_foreign_owner=True`` opts in); create says who owns the name.
 
-The squatter runs as uid 65534 in a subprocess (``setpriv``); root only.
+The squatter runs as uid 65534 in a forked child; root only.
 """
 import json
 import os
@@ -21,11 +21,44 @@ NOBODY = 65534
 
 
 def as_nobody(code: str) -> subprocess.CompletedProcess:
-    r = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                        sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd="/")
-    if r.returncode and "setpriv" in r.stderr:
-        pytest.skip(f"setpriv cannot drop to uid {NOBODY}: {r.stderr.strip()}")
-    return r
+    """Run ``code`` in a forked child that dropped to uid 65534.
+
+    A fork, not ``setpriv python``: the child needs no read access to the
+    checkout, the venv or the interpreter (a clean clone in a 0700 directory
+    is where CI runs), and it is still another process of another uid."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                            # child: never returns into pytest
+        rc = 1
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(err_w, 2)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            sys.stdout = open(1, "w", closefd=False)
+            sys.stderr = open(2, "w", closefd=False)
+            exec(compile(code, "<as_nobody>", "exec"), {"__name__": "__as_nobody__"})
+            rc = 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+    os.close(out_w)
+    os.close(err_w)
+    with open(out_r) as o, open(err_r) as e:
+        stdout, stderr = o.read(), e.read()
+    _, status = os.waitpid(pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    if rc and "Operation not permitted" in stderr and "setuid" in stderr:
+        pytest.skip(f"cannot drop to uid {NOBODY}: {stderr.strip()}")
+    return subprocess.CompletedProcess(["as_nobody"], rc, stdout, stderr)
 
 
 def squat(name, what="ring"):
