@@ -1055,39 +1055,85 @@ class Consumer(_core.ConsumerCore):
         return f"<shmring.Consumer of {self._label} at position {self.position}{' closed' if self.closed else ''}>"
 
 
+def _readables(readables) -> list:
+    handles = list(readables)
+    if not handles:
+        raise ValueError("wait() needs at least one consumer or subscriber handle")
+    for h in handles:
+        if not isinstance(h, (Consumer, records.RecordConsumer)):
+            raise TypeError(f"wait() takes Consumer handles (ring.consumer() / ring.subscribe()) or record "
+                            f"consumers, got {type(h).__name__}")
+    return handles
+
+
+def _data_arm(h):
+    if isinstance(h, Consumer):
+        return (h, L.OFF_DATA_WAKE, h._arm_data)
+    return h._data_arm()
+
+
 def wait(readables, timeout=None) -> list:
-    """Wait until at least one of the consumer / subscriber handles in
-    ``readables`` has something to receive (a message, or the end of its
-    stream), like ``select`` for rings; return those handles in the order
-    given, or ``[]`` when ``timeout`` seconds pass first (None: no limit).
+    """Wait until at least one of the consumer / subscriber handles (or record
+    consumers) in ``readables`` has something to receive (a message, or the
+    end of its stream), like ``select`` for rings; return those handles in
+    the order given, or ``[]`` when ``timeout`` seconds pass first (None: no
+    limit).
 
     Idle, it sleeps in the kernel on every ring's wake word at once
     (``futex_waitv``, Linux 5.16+; older kernels fall back to 1 ms naps), and
     wakes every ``WAIT_SLICE`` seconds to run signal handlers (Ctrl-C) and
     the multi-party recovery (dead producers, abandoned claims).  Up to 128
-    handles.
+    handles.  With a record consumer among them it arms a wake-up
+    descriptor on each ring instead (R52) and sleeps in ``select``.
     """
-    handles = list(readables)
-    if not handles:
-        raise ValueError("wait() needs at least one consumer or subscriber handle")
-    for h in handles:
-        if not isinstance(h, Consumer):
-            raise TypeError(f"wait() takes Consumer handles (ring.consumer() / ring.subscribe()), "
-                            f"got {type(h).__name__}")
+    handles = _readables(readables)
+    if all(isinstance(h, Consumer) for h in handles):
+        def sleep(t):
+            # After a quiet slice, the multi-party recovery.  It runs here, not as
+            # on_slice: no peer's death ends this wait, and a poll (timeout=0) never
+            # sleeps, so it stays as cheap as checking the handles.
+            if _core.wait_any(handles, t):
+                return True
+            for h in handles:
+                h._producers_gone()
+            return False
+    else:
+        if len(handles) > 128:
+            raise ValueError(f"wait on 1 to 128 handles, got {len(handles)}")
 
-    def sleep(t):
-        # After a quiet slice, the multi-party recovery.  It runs here, not as
-        # on_slice: no peer's death ends this wait, and a poll (timeout=0) never
-        # sleeps, so it stays as cheap as checking the handles.
-        if _core.wait_any(handles, t):
-            return True
-        for h in handles:
-            h._producers_gone()
-        return False
+        def sleep(t):
+            if wakefd.sleep_select([_data_arm(h) for h in handles], t):
+                return True
+            for h in handles:
+                if isinstance(h, Consumer):
+                    h._producers_gone()
+            return False
 
     try:
         return waiting.wait_until(lambda: [h for h in handles if h._has_data()] or None, sleep, None, timeout,
                                   lambda: "nothing to receive")
+    except Timeout:
+        return []
+
+
+async def wait_async(readables, timeout=None) -> list:
+    """``await shmring.wait_async([cons_a, sub, rec_cons], timeout=1)``:
+    :func:`wait` for asyncio, with no thread: it arms a wake-up descriptor on
+    every ring's data wake line (R52), which the event loop watches.  Returns
+    the handles with something to receive, or ``[]`` on timeout; cancelling
+    it disarms them all."""
+    handles = _readables(readables)
+
+    def quiet():
+        for h in handles:
+            if isinstance(h, Consumer):
+                h._producers_gone()
+        return 0
+
+    try:
+        return await waiting.wait_until_async(lambda: [h for h in handles if h._has_data()] or None,
+                                              lambda: [_data_arm(h) for h in handles], quiet, timeout,
+                                              lambda: "nothing to receive")
     except Timeout:
         return []
 

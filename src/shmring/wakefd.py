@@ -34,7 +34,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import socket
+import threading
 import weakref
 
 from . import _core
@@ -204,6 +206,36 @@ async def sleep_async(arms, seconds: float) -> bool:
         if w.regs.pop(key, None) is not None:       # not fired: take the arms back (R54)
             for r, o, k in slots:
                 _disarm(r, o, k, word)
+
+
+_thread_wakers = {}
+
+
+def sleep_select(arms, seconds: float) -> bool:
+    """The blocking twin of :func:`sleep_async` (``shmring.wait`` with record
+    consumers): arm every line, ``select`` on this thread's socket for at
+    most ``seconds``, disarm.  True: woken or ready."""
+    key = (os.getpid(), threading.get_ident())
+    w = _thread_wakers.get(key)
+    if w is None:
+        w = _thread_wakers[key] = Waker()
+    word, slots = w.word, []
+    try:
+        for region, off, arm in arms:
+            k = arm(word)
+            if k == NOT_ARMED_READY:
+                return True
+            if k >= 0:
+                slots.append((region, off, k))
+            else:
+                seconds = min(seconds, POLL)        # a full line: poll it (R55)
+        w.drain()
+        if not any(not _armed(r, o, k, word) for r, o, k in slots):
+            select.select([w.sock], [], [], max(seconds, 0))
+        return any(not _armed(r, o, k, word) for r, o, k in slots)
+    finally:
+        for r, o, k in slots:
+            _disarm(r, o, k, word)
 
 
 class HandleWaker(Waker):
