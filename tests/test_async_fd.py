@@ -54,6 +54,7 @@ def test_a_thousand_awaits_on_a_thousand_rings_use_no_thread_and_all_complete(ri
             before = threading.active_count()
             tasks = [asyncio.create_task(c.recv_async(copy=True, timeout=60)) for c in conses]
             await asyncio.sleep(0.3)
+            assert threading.active_count() == before          # main: the default executor's threads
             assert sum(armed(c) for c in conses) == n          # every await armed its ring
             child = start(procs, mp, W.send_one_to_each, rings, 0.5)
             during = []
