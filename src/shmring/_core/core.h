@@ -155,6 +155,7 @@ int fd_arm(char *wake_line, uint64_t word, cond_fn cond, void *ctx);
 int fd_disarm(char *wake_line, int k, uint64_t word);
 int fd_is_armed(char *wake_line, int k, uint64_t word);
 PyObject *fd_wake_address(PyObject *mod, PyObject *arg);
+PyObject *fd_drain(PyObject *mod, PyObject *arg);
 
 /* ------------------------------------------------------------- producer.c */
 

@@ -219,6 +219,7 @@ static PyMethodDef module_methods[] = {
     {"header_ready", (PyCFunction)header_ready, METH_O, "header_ready(buffer) -> the ready word (acquire load)"},
     {"layout_constants", (PyCFunction)layout_constants, METH_NOARGS, "the constants of _layout.h, by name"},
     {"wait_any", (PyCFunction)(void (*)(void))wait_any, METH_FASTCALL, "wait_any(consumers, slice) -> bool"},
+    {"fd_drain", (PyCFunction)fd_drain, METH_O, "fd_drain(fd) -> int: read every queued datagram (non-blocking)"},
     {"wake_address", (PyCFunction)fd_wake_address, METH_O,
      "wake_address(word) -> bytes: the abstract unix socket address a wake-up descriptor word names (R52)"},
     {"guard_installed", (PyCFunction)guard_installed, METH_NOARGS,

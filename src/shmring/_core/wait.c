@@ -170,6 +170,24 @@ int fd_arm(char *wake_line, uint64_t word, cond_fn cond, void *ctx) {
     return k;
 }
 
+/* fd_drain(fd) -> int: read every queued datagram of a wake-up socket
+ * (non-blocking, no exception per call: the event loop's reader runs this
+ * on every wake-up, R54). */
+PyObject *fd_drain(PyObject *mod, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    char buf[64];
+    long n = 0;
+    for (;;) {
+        ssize_t r = recv((int)fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (r >= 0) { n++; continue; }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(n);
+}
+
 PyObject *fd_wake_address(PyObject *mod, PyObject *arg) {
     unsigned long long w = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred()) return NULL;
