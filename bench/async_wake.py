@@ -71,7 +71,7 @@ def _receiver(ring, n, how, cpu, go, q):
             got = 0
             while got < n:
                 sel.select(30)
-                while True:
+                while got < n:                      # then the stream ends: try_recv would raise
                     m = c.try_recv()
                     if m is None:
                         break
