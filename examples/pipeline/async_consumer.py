@@ -13,8 +13,8 @@ messages.  The asyncio side runs three coroutines at once:
   producer's totals;
 * a ticker: `await asyncio.sleep(0.01)` in a loop, measuring how late it wakes.
 
-Waiting for a message or a version sleeps on a futex in a worker thread, so the
-ticker keeps ticking.  A message already in the ring is returned without
+Waiting for a message or a version arms a wake-up descriptor that the event
+loop watches (no thread), so the ticker keeps ticking.  A message already in the ring is returned without
 suspending, so the consumer yields every 100 messages (a long backlog would
 otherwise hold the loop).  At the end the consumer's totals must equal the
 producer's final status.

@@ -13,14 +13,14 @@ from .errors import (CorruptSegmentError, DecodeLimit, EndOfStream, EscapedViewW
                      Timeout, UnsupportedType)
 from .codec import InPlace
 from .pipeline import Pipeline, PipelineError
-from .ring import Consumer, Producer, Reservation, Ring, wait
+from .ring import Consumer, Producer, Reservation, Ring, wait, wait_async
 from .segment import list_segments, unlink
 from .snapshot import SharedState
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink", "wait", "Lagged", "InPlace",
+    "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink", "wait", "wait_async", "Lagged", "InPlace",
     "Pipeline", "PipelineError",
     "SharedState", "Snapshot",
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",

@@ -10,7 +10,7 @@
 #define SHMRING_LAYOUT_H
 
 #define SHMR_MAGIC            0x31474E49524D4853ULL /* "SHMRING1" little-endian */
-#define SHMR_LAYOUT_VERSION   1u
+#define SHMR_LAYOUT_VERSION   2u
 #define SHMR_HEADER_SIZE      4096u                 /* data area starts here */
 #define SHMR_LINE             128u                  /* one cursor per line */
 
@@ -48,7 +48,11 @@
 
 /* Wake word (relative to its line). */
 #define SHMR_WAKE_SEQ           0   /* u32, futex word, bumped by the waker */
-#define SHMR_WAKE_WAITERS       4   /* u32, sleepers announced on SEQ */
+#define SHMR_WAKE_WAITERS       4   /* u32, low half: sleepers announced on SEQ; high half: armed slots */
+#define SHMR_WAKE_SLEEPERS      0xFFFFu   /* futex sleepers: the low half of WAITERS (R4) */
+#define SHMR_WAKE_ARMED_ONE     0x10000u  /* one armed descriptor slot in WAITERS (R52) */
+#define SHMR_WAKE_FD_SLOT0      8   /* u64 x SHMR_WAKE_FD_SLOTS: armed waiters' words, 0 = free (R52..R56) */
+#define SHMR_WAKE_FD_SLOTS      15
 
 /* Record header: 8 bytes, 8-aligned, in the data area.
  *   u32 length  payload bytes that follow the header (unpadded)

@@ -26,7 +26,20 @@ The region::
           owner = pid | (start time & 0xffffffff) << 32, taken and given
           back by one 64-bit CAS so pid and start time change together
     640   data wake word   seq u32 | waiters u32     consumer sleeps here
+                           | 15 wake-up descriptor slots u64 (at +8)
     768   space wake word  seq u32 | waiters u32     producer sleeps here
+                           | 15 wake-up descriptor slots u64 (at +8)
+
+    a wake line (every wake word of every kind, SharedState's too):
+      0   seq u32          the futex word, bumped by a waker that saw sleepers
+      4   waiters u32      low 16 bits: futex sleepers announced (R4);
+                           high 16 bits: descriptor slots armed (R52), in
+                           units of WAKE_ARMED_ONE, so a waker's one load
+                           tells it whether anybody at all waits
+      8   slot u64 x 15    0 = free; else the word of an armed waiter: a
+                           random 64-bit id naming the abstract unix
+                           datagram socket "\0shmring.%016x" it listens on
+                           (R52 to R56); fired (cleared) by one CAS
 
 Positions are 64-bit and only grow; the byte offset of a position in the data
 area is ``pos & (capacity - 1)``.  ``read_pos <= write_pos <= read_pos +
@@ -67,7 +80,7 @@ import struct
 import zlib
 
 MAGIC = 0x31474E49524D4853          # b"SHMRING1" read as a little-endian u64
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2                   # 2: wake-up descriptor slots in every wake line (R52)
 HEADER_SIZE = 4096
 LINE = 128
 
@@ -104,6 +117,10 @@ CLOSED_ABORTED = 2                   # closed because of an exception in the pro
 # Wake word, relative to its line.
 WAKE_SEQ = 0
 WAKE_WAITERS = 4
+WAKE_SLEEPERS = 0xFFFF               # futex sleepers: the low half of the waiters word
+WAKE_ARMED_ONE = 1 << 16             # one armed descriptor slot: the high half
+WAKE_FD_SLOT0 = 8                    # first descriptor slot (u64) of a wake line
+WAKE_FD_SLOTS = 15                   # slots per wake line (8 + 15 * 8 = 128: the line)
 
 # Records.
 REC_HDR = 8
@@ -154,6 +171,8 @@ C_CONSTANTS = {
     "SHMR_ROLE_OWNER": ROLE_OWNER, "SHMR_ROLE_CLOSED": ROLE_CLOSED,
     "SHMR_ROLE_SESSIONS": ROLE_SESSIONS,
     "SHMR_WAKE_SEQ": WAKE_SEQ, "SHMR_WAKE_WAITERS": WAKE_WAITERS,
+    "SHMR_WAKE_SLEEPERS": WAKE_SLEEPERS, "SHMR_WAKE_ARMED_ONE": WAKE_ARMED_ONE,
+    "SHMR_WAKE_FD_SLOT0": WAKE_FD_SLOT0, "SHMR_WAKE_FD_SLOTS": WAKE_FD_SLOTS,
     "SHMR_REC_HDR": REC_HDR, "SHMR_REC_ALIGN": REC_ALIGN,
     "SHMR_T_PAD": T_PAD, "SHMR_T_BYTES": T_BYTES, "SHMR_T_ARRAY": T_ARRAY,
     "SHMR_T_OBJECT": T_OBJECT, "SHMR_KIND_SPSC": KIND_SPSC,

@@ -26,7 +26,7 @@ import warnings
 import msgpack
 import numpy as np
 
-from . import _core, codec, roles, waiting
+from . import _core, codec, roles, waiting, wakefd
 from . import layout as L
 from .errors import CorruptSegmentError, EndOfStream, HandleClosed, PeerGone, ShmringError
 
@@ -237,6 +237,28 @@ class RecordProducer(_Handle):
             done += k
         return done
 
+    async def send_many_async(self, records, *, timeout=None) -> int:
+        """``await prod.send_many_async(arr)``: :meth:`send_many` without
+        blocking the event loop and with no thread (a wake-up descriptor of
+        the space wake line, R52); cancelling it while it waits sends no more
+        (the records sent before stay sent).  Returns the count."""
+        self._usable()
+        a = self._as_records(records)
+        done = 0
+        while done < len(a):
+            k = await waiting.wait_until_async(
+                lambda: self._room() or None,
+                lambda: [(self._region, L.OFF_SPACE_WAKE,
+                          lambda w: self._region.arm_change(w, L.OFF_READ_POS, self._rp, L.OFF_SPACE_WAKE, -1))],
+                lambda: roles.dead_holder(self._region, L.OFF_CONS_ROLE, self._role._locks), timeout,
+                lambda: f"record ring {self._label} stayed full for {timeout} s",
+                lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full")
+            self._usable()
+            k = min(len(a) - done, k)
+            self._put(a[done:done + k])
+            done += k
+        return done
+
     @_exclusive
     def send(self, record, *, timeout=None) -> None:
         """Send one record (a numpy void / 0-d array or a tuple of field values)."""
@@ -415,7 +437,58 @@ class RecordConsumer(_Handle):
     def try_recv_many(self, max_n: int | None = None):
         """A :class:`RecordBatch` of up to ``max_n`` records (None: all there are), or None."""
         self._usable()
-        return self._take(max_n)
+        b = self._take(max_n)
+        if b is None and self._fdw is not None:
+            self._fdw.rearm()                       # fileno(): empty, so drain and arm again
+        return b
+
+    def _data_arm(self):
+        """(region, wake offset, arm): the wake-up descriptor of new records (R52)."""
+        r = self._region
+        return (r, L.OFF_DATA_WAKE,
+                lambda w: r.arm_change(w, L.OFF_WRITE_POS, self._next, L.OFF_DATA_WAKE, L.OFF_PROD_ROLE + L.ROLE_CLOSED))
+
+    def _has_data(self) -> bool:
+        """Records to take, or the end of the stream (``shmring.wait``)."""
+        self._usable()
+        return self._available() > 0 or self._region.load_u32(L.OFF_PROD_ROLE + L.ROLE_CLOSED) != 0
+
+    def _producers_gone(self) -> int:
+        return roles.dead_holder(self._region, L.OFF_PROD_ROLE, self._role._locks)
+
+    _fdw = None
+
+    def fileno(self) -> int:
+        """A descriptor for ``select`` / ``selectors``: readable when there may
+        be records to take, or the stream ended.  When it polls readable,
+        call ``try_recv_many()`` until it returns None (which drains and
+        re-arms the descriptor) or raises EndOfStream / PeerGone; as for
+        :meth:`shmring.Consumer.fileno`, a dead producer is noticed by
+        ``recv_many(timeout=0)`` after a quiet select timeout."""
+        w = self._fdw
+        if w is None or w.pid != os.getpid():
+            self._usable()
+            w = self._fdw = wakefd.HandleWaker(*self._data_arm())
+        return w.fileno()
+
+    async def recv_many_async(self, max_n: int | None = None, *, timeout=None, copy: bool = False):
+        """``await cons.recv_many_async()``: :meth:`recv_many` without blocking
+        the event loop and with no thread (a wake-up descriptor of the data
+        wake line, R52); cancelling it takes nothing."""
+        self._usable()
+        if max_n is not None and int(max_n) < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        b = await waiting.wait_until_async(
+            lambda: self._take(max_n), lambda: [self._data_arm()], self._producers_gone, timeout,
+            lambda: f"no records arrived on {self._label} within {timeout} s",
+            lambda pid: f"the producer (pid {pid}) of {self._label} died without closing the stream; "
+                        "every record it sent was received")
+        if copy:
+            with b:
+                out = b.copy()
+            self._region._guard_check()
+            return out
+        return b
 
     @_exclusive
     def recv_many(self, max_n: int | None = None, *, timeout=None, copy: bool = False):
@@ -466,6 +539,9 @@ class RecordConsumer(_Handle):
     def _close_steps(self) -> None:
         # R50: each step re-doable (core.finish redoes them after an interrupt)
         self._closed = True
+        w, self._fdw = self._fdw, None
+        if w is not None and not _inherited(self):
+            w.close()                               # disarm (R54) and close the descriptor
         if not _inherited(self):
             self._role.give_back(self._region)
         self._done = True

@@ -46,10 +46,10 @@ import weakref
 
 import numpy as np
 
-from . import _core, codec, parties, records, roles, waiting
+from . import _core, codec, parties, records, roles, waiting, wakefd
 from . import layout as L
 from .pausepoints import pause
-from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, Timeout
+from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, ShmringError, Timeout
 from .segment import Segment, SegmentHandle, fd_reference, open_fd_reference, validate_header, write_header
 from .waiting import DEFAULT_SPIN
 
@@ -663,13 +663,14 @@ class Producer(_core.ProducerCore):
         self._done = True
 
     async def send_async(self, data, *, timeout=None) -> None:
-        """``await prod.send_async(data)``: send without blocking the event loop;
-        while the ring is full a worker thread sleeps on the futex until there
-        is room.  Cancelling the await sends nothing."""
+        """``await prod.send_async(data)``: send without blocking the event loop
+        and with no thread: while the ring is full the await arms a wake-up
+        descriptor of the ring's space wake line, which a consumer signals
+        when it makes room (R52).  Cancelling the await sends nothing."""
         size = _size_hint(data)
         await waiting.wait_until_async(
             lambda: True if self.try_send(data) else None,
-            lambda t: self._wait_space(size, t, 0.0), self._consumers_gone, timeout,
+            lambda: [(self, L.OFF_SPACE_WAKE, lambda w: self._arm_space(size, w))], self._consumers_gone, timeout,
             lambda: f"ring {self._label} stayed full for {timeout} s",
             lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full")
 
@@ -943,12 +944,64 @@ class Consumer(_core.ConsumerCore):
     # -- asyncio -------------------------------------------------------------------------
     async def recv_async(self, *, timeout=None, copy: bool = False):
         """``await cons.recv_async()``: the next message, without blocking the
-        event loop or spinning a core.  Waiting happens in a worker thread that
-        only sleeps on the ring's futex (GIL released) and never takes a
-        message, so cancelling the await (or its timeout) consumes nothing."""
+        event loop, spinning a core or using a thread: the await arms a
+        wake-up descriptor of the ring's data wake line (R52) that the event
+        loop watches, and never takes a message while waiting, so cancelling
+        the await (or its timeout) consumes nothing and disarms."""
         return await waiting.wait_until_async(
             lambda: self.try_recv() if not copy else _take_copy(self),
-            lambda t: self._wait_data(t, 0.0), self._producers_gone, timeout, *self._recv_messages(timeout))
+            lambda: [(self, L.OFF_DATA_WAKE, self._arm_data)], self._producers_gone, timeout,
+            *self._recv_messages(timeout))
+
+    def fileno(self) -> int:
+        """A descriptor for ``select`` / ``selectors`` / ``loop.add_reader``:
+        readable when there may be something to receive, or the stream ended.
+
+        Protocol (as pyzmq's ``FD``): when it polls readable, call
+        ``try_recv()`` (or ``recv(timeout=0)``) until it returns None (or
+        raises EndOfStream / PeerGone); the empty ``try_recv()`` drains the
+        descriptor and arms it again, so it turns readable at the next
+        message.  A readable descriptor may be spurious (try_recv returns
+        None at once).  A producer that dies is not signalled: give the
+        select a timeout and call ``recv(timeout=0)`` after a quiet one (it
+        raises PeerGone then, and runs the multi-party recovery).  The
+        descriptor is the handle's own, closed by ``close()``."""
+        w = self.__dict__.get("_fdw")
+        if w is None or w.pid != os.getpid():
+            self._usable_for_fd()
+            w = self._fdw = wakefd.HandleWaker(self, L.OFF_DATA_WAKE, self._arm_data)
+            ref = weakref.ref(self)
+            core_try, core_try_bytes = _core.ConsumerCore.try_recv, _core.ConsumerCore._try_recv_bytes
+
+            def try_recv():
+                s = ref()
+                m = core_try(s)
+                if m is None:
+                    s._fdw.rearm()
+                return m
+
+            def _try_recv_bytes():
+                s = ref()
+                m = core_try_bytes(s)
+                if m is None:
+                    s._fdw.rearm()
+                return m
+            self.try_recv, self._try_recv_bytes = try_recv, _try_recv_bytes
+        return w.fileno()
+
+    def _usable_for_fd(self):
+        if self.closed:
+            raise HandleClosed("consumer is closed")
+        if self._inherited:
+            raise ShmringError("this consumer was created before fork(); take a new one in this process")
+
+    def _close_fd(self):
+        w = self.__dict__.pop("_fdw", None)
+        if w is not None:
+            self.__dict__.pop("try_recv", None)
+            self.__dict__.pop("_try_recv_bytes", None)
+            if w.pid == os.getpid():
+                w.close()
 
     def __aiter__(self):
         return self
@@ -977,6 +1030,7 @@ class Consumer(_core.ConsumerCore):
 
     def _close_steps(self) -> None:
         # R50: each step re-doable (core.finish redoes them after an interrupt)
+        self._close_fd()
         if self._inherited or self._tables is None or self._kind == "mpsc":
             self._mark_closed()
             if not self._inherited:           # a forked child: the role or entry is the parent's
@@ -1001,39 +1055,85 @@ class Consumer(_core.ConsumerCore):
         return f"<shmring.Consumer of {self._label} at position {self.position}{' closed' if self.closed else ''}>"
 
 
+def _readables(readables) -> list:
+    handles = list(readables)
+    if not handles:
+        raise ValueError("wait() needs at least one consumer or subscriber handle")
+    for h in handles:
+        if not isinstance(h, (Consumer, records.RecordConsumer)):
+            raise TypeError(f"wait() takes Consumer handles (ring.consumer() / ring.subscribe()) or record "
+                            f"consumers, got {type(h).__name__}")
+    return handles
+
+
+def _data_arm(h):
+    if isinstance(h, Consumer):
+        return (h, L.OFF_DATA_WAKE, h._arm_data)
+    return h._data_arm()
+
+
 def wait(readables, timeout=None) -> list:
-    """Wait until at least one of the consumer / subscriber handles in
-    ``readables`` has something to receive (a message, or the end of its
-    stream), like ``select`` for rings; return those handles in the order
-    given, or ``[]`` when ``timeout`` seconds pass first (None: no limit).
+    """Wait until at least one of the consumer / subscriber handles (or record
+    consumers) in ``readables`` has something to receive (a message, or the
+    end of its stream), like ``select`` for rings; return those handles in
+    the order given, or ``[]`` when ``timeout`` seconds pass first (None: no
+    limit).
 
     Idle, it sleeps in the kernel on every ring's wake word at once
     (``futex_waitv``, Linux 5.16+; older kernels fall back to 1 ms naps), and
     wakes every ``WAIT_SLICE`` seconds to run signal handlers (Ctrl-C) and
     the multi-party recovery (dead producers, abandoned claims).  Up to 128
-    handles.
+    handles.  With a record consumer among them it arms a wake-up
+    descriptor on each ring instead (R52) and sleeps in ``select``.
     """
-    handles = list(readables)
-    if not handles:
-        raise ValueError("wait() needs at least one consumer or subscriber handle")
-    for h in handles:
-        if not isinstance(h, Consumer):
-            raise TypeError(f"wait() takes Consumer handles (ring.consumer() / ring.subscribe()), "
-                            f"got {type(h).__name__}")
+    handles = _readables(readables)
+    if all(isinstance(h, Consumer) for h in handles):
+        def sleep(t):
+            # After a quiet slice, the multi-party recovery.  It runs here, not as
+            # on_slice: no peer's death ends this wait, and a poll (timeout=0) never
+            # sleeps, so it stays as cheap as checking the handles.
+            if _core.wait_any(handles, t):
+                return True
+            for h in handles:
+                h._producers_gone()
+            return False
+    else:
+        if len(handles) > 128:
+            raise ValueError(f"wait on 1 to 128 handles, got {len(handles)}")
 
-    def sleep(t):
-        # After a quiet slice, the multi-party recovery.  It runs here, not as
-        # on_slice: no peer's death ends this wait, and a poll (timeout=0) never
-        # sleeps, so it stays as cheap as checking the handles.
-        if _core.wait_any(handles, t):
-            return True
-        for h in handles:
-            h._producers_gone()
-        return False
+        def sleep(t):
+            if wakefd.sleep_select([_data_arm(h) for h in handles], t):
+                return True
+            for h in handles:
+                if isinstance(h, Consumer):
+                    h._producers_gone()
+            return False
 
     try:
         return waiting.wait_until(lambda: [h for h in handles if h._has_data()] or None, sleep, None, timeout,
                                   lambda: "nothing to receive")
+    except Timeout:
+        return []
+
+
+async def wait_async(readables, timeout=None) -> list:
+    """``await shmring.wait_async([cons_a, sub, rec_cons], timeout=1)``:
+    :func:`wait` for asyncio, with no thread: it arms a wake-up descriptor on
+    every ring's data wake line (R52), which the event loop watches.  Returns
+    the handles with something to receive, or ``[]`` on timeout; cancelling
+    it disarms them all."""
+    handles = _readables(readables)
+
+    def quiet():
+        for h in handles:
+            if isinstance(h, Consumer):
+                h._producers_gone()
+        return 0
+
+    try:
+        return await waiting.wait_until_async(lambda: [h for h in handles if h._has_data()] or None,
+                                              lambda: [_data_arm(h) for h in handles], quiet, timeout,
+                                              lambda: "nothing to receive")
     except Timeout:
         return []
 

@@ -179,9 +179,13 @@ class Role:
                     # The holder died: take over.  If it died asleep in a wait, its
                     # "waiters" count was never taken back, and every wake of that
                     # word would pay a futex_wake syscall forever.  Only this role's
-                    # holder sleeps on it, and it is dead, so zero is exact (the
-                    # seq half of the word is kept).
-                    mem.store_u32(self._wake + L.WAKE_WAITERS, 0)
+                    # holder sleeps on it, and it is dead, so zero sleepers is exact.
+                    # Only the sleepers' half (R4) is taken back: the armed half
+                    # (R52) belongs to descriptor slots, which the next wake fires
+                    # and counts down itself (R55); the seq half is kept.
+                    n = mem.load_u32(self._wake + L.WAKE_WAITERS) & L.WAKE_SLEEPERS
+                    if n:
+                        mem.fetch_add_u64(self._wake + L.WAKE_SEQ, (-(n << 32)) & 0xFFFFFFFFFFFFFFFF)
                 break
             if time.monotonic() > deadline:     # a live process is between its lock and its owner word
                 raise RoleTaken(f"the {self._name} role of {self._label} is being claimed by another "
@@ -259,7 +263,7 @@ def withdraw_waits(mem, waiting: int, wake: int) -> None:
     shared wake word at ``wake`` (a holder killed asleep left them there, and
     every wake of that word would pay a futex_wake for it forever), then
     clear the share."""
-    n = min(mem.load_u32(waiting), mem.load_u32(wake + L.WAKE_WAITERS))
+    n = min(mem.load_u32(waiting), mem.load_u32(wake + L.WAKE_WAITERS) & L.WAKE_SLEEPERS)   # R52: not the armed half
     if n:
         # waiters is the high half of the wake line's first u64 (seq the low half)
         mem.fetch_add_u64(wake + L.WAKE_SEQ, (-(n << 32)) & 0xFFFFFFFFFFFFFFFF)

@@ -375,12 +375,13 @@ class SharedState(_core.StateCore, SegmentHandle):
 
     async def wait_newer_async(self, than: int = 0, *, timeout=None) -> int:
         """``await state.wait_newer_async(v)``: :meth:`wait_newer` without
-        blocking the event loop (a worker thread sleeps on the futex, one
-        0.1 s slice at a time, so a cancelled await lets it go at once)."""
+        blocking the event loop and with no thread: the await arms a wake-up
+        descriptor of the version wake line, which the writer's publish
+        signals (R52); cancelling it disarms."""
         self._live()
-        return await self._await_version(waiting.wait_until_async, than, timeout)
+        return await self._await_version(waiting.wait_until_async, than, timeout, asynchronous=True)
 
-    def _await_version(self, wait_until, than, timeout):
+    def _await_version(self, wait_until, than, timeout, asynchronous=False):
         """Both wait_newer()s: ``wait_until`` is :func:`shmring.waiting.wait_until` or its async twin."""
         than = int(than)
 
@@ -391,8 +392,10 @@ class SharedState(_core.StateCore, SegmentHandle):
                 # header is read): the version returned is the one checked.
                 return self._newest()
             return None
+        sleep = ((lambda: [(self, L.ST_OFF_VERSION_WAKE, lambda w: self._arm_newer(than, w))]) if asynchronous
+                 else (lambda t: self._wait_newer(than, t, self.spin)))
         return wait_until(
-            newer, lambda t: self._wait_newer(than, t, self.spin), lambda: roles.dead_holder(self, L.ST_OFF_WRITER, self._seg.locks),
+            newer, sleep, lambda: roles.dead_holder(self, L.ST_OFF_WRITER, self._seg.locks),
             timeout, lambda: f"no version newer than {than} was published to {self._seg.label} within {timeout} s",
             lambda pid: f"the writer (pid {pid}) of {self._seg.label} died; the last version is {self.version}. "
                         "A new writer may take over.")

@@ -15,14 +15,17 @@ most ``WAIT_SLICE`` seconds (signal handlers such as Ctrl-C run between them),
 one more attempt after a dead peer is found or the deadline passes (what the
 peer committed before dying still counts), and :class:`~shmring.errors.PeerGone`
 / :class:`~shmring.errors.Timeout`.  The asyncio twin calls ``attempt`` and
-``on_slice`` on the event loop and runs ``sleep`` in the default executor: it
-only sleeps and never takes anything, so a cancelled await leaves the ring as
-it was.
+``on_slice`` on the event loop like the blocking loop, but takes ``arms``
+instead of ``sleep``: the wake-up descriptors to arm (:mod:`shmring.wakefd`,
+R52 to R56), awaited on the event loop itself, with no thread.  Arming never
+takes anything, and a cancelled await disarms, so it leaves the ring as it
+was.
 """
 from __future__ import annotations
 
 import time
 
+from . import wakefd
 from .errors import PeerGone, Timeout
 
 WAIT_SLICE = 0.1          # seconds between liveness / signal checks while blocked
@@ -78,18 +81,18 @@ def wait_until(attempt, sleep, on_slice, timeout, timeout_message, gone_message=
             return r
 
 
-async def wait_until_async(attempt, sleep, on_slice, timeout, timeout_message, gone_message=None):
+async def wait_until_async(attempt, arms, on_slice, timeout, timeout_message, gone_message=None):
     """The asyncio twin of :func:`wait_until`, line for line: only the sleep
-    differs, run in the event loop's default executor."""
-    import asyncio
-    loop = asyncio.get_running_loop()
+    differs.  ``arms()`` gives the ``(region, wake offset, arm)`` list of
+    :func:`shmring.wakefd.sleep_async` (called each time: a condition may
+    depend on state that moved); the event loop watches the descriptor."""
     deadline = check_timeout(timeout)
     while True:
         r = attempt()
         if r is not None:
             return r
         left = _next_slice(deadline)
-        if left > 0 and await loop.run_in_executor(None, sleep, left):
+        if left > 0 and await wakefd.sleep_async(arms(), left):
             continue
         r = _after_quiet_slice(attempt, on_slice, left, timeout_message, gone_message)
         if r is not None:

@@ -84,6 +84,9 @@ static inline uint64_t fetch_add_seq_cst64(void *p, uint64_t v) {
 static inline void count_relaxed(uint64_t *p) { (void)__atomic_fetch_add(p, 1, __ATOMIC_RELAXED); }
 
 static inline void fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+/* A full fence: the store-load order of a store-buffering pair whose store
+ * was not itself seq_cst (an unconditional wake after a release store, R53). */
+static inline void fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)

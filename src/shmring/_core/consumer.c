@@ -472,6 +472,13 @@ static PyObject *Consumer_wait_data(Consumer *self, PyObject *const *args, Py_ss
                       self->entry ? self->entry + SHMR_CE_WAITING : NULL);
 }
 
+/* _arm_data(word) -> slot | -1 ready | -2 no slot: a wake-up descriptor (R52). */
+static PyObject *Consumer_arm_data(Consumer *self, PyObject *word) {
+    if (check_usable(&self->r) < 0) return NULL;
+    unsigned long long w = PyLong_AsUnsignedLongLong(word); if (PyErr_Occurred()) return NULL;
+    return guard_exit(&self->r, PyLong_FromLong(fd_arm(self->r.base + SHMR_OFF_DATA_WAKE, w, data_cond, self)));
+}
+
 static PyObject *Consumer_has_data(Consumer *self, PyObject *unused) {
     if (check_usable(&self->r) < 0) return NULL;
     return PyBool_FromLong(consumer_ready(self));
@@ -538,6 +545,7 @@ static PyMethodDef Consumer_methods[] = {
      "recv_bytes(*, timeout=None) -> bytes: copy out the next bytes message and release it at once"},
     {"_try_recv_bytes", (PyCFunction)Consumer_try_recv_bytes, METH_NOARGS, NULL},
     {"_wait_data", (PyCFunction)(void (*)(void))Consumer_wait_data, METH_FASTCALL, NULL},
+    {"_arm_data", (PyCFunction)Consumer_arm_data, METH_O, NULL},
     {"_has_data", (PyCFunction)Consumer_has_data, METH_NOARGS, NULL},
     {"_stuck", (PyCFunction)Consumer_stuck, METH_NOARGS, NULL},
     {"_skip_abandoned", (PyCFunction)(void (*)(void))Consumer_skip_abandoned, METH_FASTCALL, NULL},

@@ -149,6 +149,13 @@ PyObject *wait_slice(Region *r, char *wake_line, cond_fn cond, void *ctx, PyObje
 uint64_t seconds_to_ns(double s);
 PyObject *wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t n);
 PyObject *wait_counters(PyObject *mod, PyObject *unused);
+/* wake-up descriptors (R52..R56): fd_arm returns the slot armed, or one of these */
+enum { FD_READY = -1, FD_NO_SLOT = -2 };
+int fd_arm(char *wake_line, uint64_t word, cond_fn cond, void *ctx);
+int fd_disarm(char *wake_line, int k, uint64_t word);
+int fd_is_armed(char *wake_line, int k, uint64_t word);
+PyObject *fd_wake_address(PyObject *mod, PyObject *arg);
+PyObject *fd_drain(PyObject *mod, PyObject *arg);
 
 /* ------------------------------------------------------------- producer.c */
 

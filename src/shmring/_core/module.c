@@ -117,6 +117,7 @@ static PyObject *layout_constants(PyObject *mod, PyObject *unused) {
     PUT(SHMR_ROLE_OWNER); PUT(SHMR_ROLE_CLOSED); PUT(SHMR_ROLE_SESSIONS); PUT(SHMR_ROLE_RECEIVED);
     PUT(SHMR_CLOSED_EOS); PUT(SHMR_CLOSED_ABORTED);
     PUT(SHMR_WAKE_SEQ); PUT(SHMR_WAKE_WAITERS);
+    PUT(SHMR_WAKE_SLEEPERS); PUT(SHMR_WAKE_ARMED_ONE); PUT(SHMR_WAKE_FD_SLOT0); PUT(SHMR_WAKE_FD_SLOTS);
     PUT(SHMR_REC_HDR); PUT(SHMR_REC_ALIGN); PUT(SHMR_T_PAD); PUT(SHMR_T_BYTES); PUT(SHMR_T_ARRAY);
     PUT(SHMR_T_OBJECT); PUT(SHMR_KIND_SPSC); PUT(SHMR_MIN_CAPACITY); PUT(SHMR_MAX_CAPACITY);
     PUT(SHMR_MAX_MESSAGE); PUT(SHMR_KIND_RECORDS);
@@ -218,6 +219,9 @@ static PyMethodDef module_methods[] = {
     {"header_ready", (PyCFunction)header_ready, METH_O, "header_ready(buffer) -> the ready word (acquire load)"},
     {"layout_constants", (PyCFunction)layout_constants, METH_NOARGS, "the constants of _layout.h, by name"},
     {"wait_any", (PyCFunction)(void (*)(void))wait_any, METH_FASTCALL, "wait_any(consumers, slice) -> bool"},
+    {"fd_drain", (PyCFunction)fd_drain, METH_O, "fd_drain(fd) -> int: read every queued datagram (non-blocking)"},
+    {"wake_address", (PyCFunction)fd_wake_address, METH_O,
+     "wake_address(word) -> bytes: the abstract unix socket address a wake-up descriptor word names (R52)"},
     {"guard_installed", (PyCFunction)guard_installed, METH_NOARGS,
      "guard_installed() -> bool: the SIGBUS handler in force is shmring's guard (guard.c)"},
     {"msgpack_cost", (PyCFunction)(void (*)(void))msgpack_cost, METH_FASTCALL,

@@ -375,6 +375,17 @@ static PyObject *Producer_wait_space(Producer *self, PyObject *const *args, Py_s
                       is_multi(&self->r) ? self->entry + SHMR_PE_WAITING : NULL);
 }
 
+/* _arm_space(payload_len, word) -> slot | -1 ready | -2 no slot: a wake-up descriptor (R52). */
+static PyObject *Producer_arm_space(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_arm_space(nbytes, word)"); return NULL; }
+    if (check_usable(&self->r) < 0) return NULL;
+    unsigned long long len = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    unsigned long long w = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    uint64_t need = align8(SHMR_REC_HDR + len), tail = self->r.capacity - (self->write_pos & self->r.mask);
+    struct space_ctx c = { self, len, need <= tail ? need : tail + need };
+    return guard_exit(&self->r, PyLong_FromLong(fd_arm(self->r.base + SHMR_OFF_SPACE_WAKE, w, space_cond, &c)));
+}
+
 static PyObject *Producer_mark_closed(Producer *self, PyObject *unused) {
     self->r.closed = 1;
     Py_RETURN_NONE;
@@ -401,6 +412,7 @@ static PyMethodDef Producer_methods[] = {
     {"_commit", (PyCFunction)(void (*)(void))Producer_commit, METH_FASTCALL, NULL},
     {"_abort", (PyCFunction)(void (*)(void))Producer_abort, METH_FASTCALL, NULL},
     {"_wait_space", (PyCFunction)(void (*)(void))Producer_wait_space, METH_FASTCALL, NULL},
+    {"_arm_space", (PyCFunction)(void (*)(void))Producer_arm_space, METH_FASTCALL, NULL},
     {"_mark_closed", (PyCFunction)Producer_mark_closed, METH_NOARGS, NULL},
     {"_use", (PyCFunction)Producer_use, METH_NOARGS, NULL},
     {"_unuse", (PyCFunction)Producer_unuse, METH_O, NULL},

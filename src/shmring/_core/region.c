@@ -265,6 +265,40 @@ static PyObject *Region_wait_change(Region *self, PyObject *const *args, Py_ssiz
     return wait_slice(self, w, change_cond, &c, args[4], args[5], NULL);
 }
 
+/* arm_change(word, offset, value, wake_offset, stop_offset) -> slot | -1 ready | -2 no slot:
+ * wait_change's condition, for a wake-up descriptor (R52). */
+static PyObject *Region_arm_change(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 5) { PyErr_SetString(PyExc_TypeError, "arm_change(word, offset, value, wake_offset, stop_offset)"); return NULL; }
+    if (check_usable(self) < 0) return NULL;
+    unsigned long long word = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    struct change_ctx c;
+    c.word = header_word(self, args[1], 8); if (!c.word) return NULL;
+    c.value = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
+    char *w = header_word(self, args[3], SHMR_LINE); if (!w) return NULL;
+    c.stop = NULL;
+    if (PyLong_AsLong(args[4]) >= 0) { c.stop = header_word(self, args[4], 4); if (!c.stop) return NULL; }
+    if (PyErr_Occurred()) return NULL;
+    return guard_exit(self, PyLong_FromLong(fd_arm(w, word, change_cond, &c)));
+}
+
+/* _fd_disarm(wake_offset, slot, word) -> bool: cleared our slot (False: it fired, R54). */
+static PyObject *Region_fd_disarm(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "_fd_disarm(wake_offset, slot, word)"); return NULL; }
+    char *w = header_word(self, args[0], SHMR_LINE); if (!w) return NULL;
+    long k = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
+    unsigned long long word = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(fd_disarm(w, (int)k, word));
+}
+
+/* _fd_armed(wake_offset, slot, word) -> bool: our slot still holds our word (R54). */
+static PyObject *Region_fd_armed(Region *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 3) { PyErr_SetString(PyExc_TypeError, "_fd_armed(wake_offset, slot, word)"); return NULL; }
+    char *w = header_word(self, args[0], SHMR_LINE); if (!w) return NULL;
+    long k = PyLong_AsLong(args[1]); if (PyErr_Occurred()) return NULL;
+    unsigned long long word = PyLong_AsUnsignedLongLong(args[2]); if (PyErr_Occurred()) return NULL;
+    return PyBool_FromLong(fd_is_armed(w, (int)k, word));
+}
+
 /* producers_ended(seal) -> bool: multi-party: has the stream ended (mp_ended_ex)? */
 static PyObject *Region_producers_ended(Region *self, PyObject *seal) {
     if (check_usable(self) < 0) return NULL;
@@ -295,6 +329,10 @@ static PyGetSetDef Region_getset[] = {
 static PyMethodDef Region_methods[] = {
     {"publish_u64", (PyCFunction)(void (*)(void))Region_publish_u64, METH_FASTCALL, "publish_u64(offset, value, wake_offset)"},
     {"wait_change", (PyCFunction)(void (*)(void))Region_wait_change, METH_FASTCALL, "wait_change(offset, value, wake_offset, stop_offset, slice, spin) -> bool"},
+    {"arm_change", (PyCFunction)(void (*)(void))Region_arm_change, METH_FASTCALL,
+     "arm_change(word, offset, value, wake_offset, stop_offset) -> slot, -1 (ready) or -2 (no free slot)"},
+    {"_fd_disarm", (PyCFunction)(void (*)(void))Region_fd_disarm, METH_FASTCALL, "_fd_disarm(wake_offset, slot, word) -> bool"},
+    {"_fd_armed", (PyCFunction)(void (*)(void))Region_fd_armed, METH_FASTCALL, "_fd_armed(wake_offset, slot, word) -> bool"},
     {"load_u32", (PyCFunction)Region_load_u32, METH_O, "load_u32(offset): seq_cst load of a header word"},
     {"load_u64", (PyCFunction)Region_load_u64, METH_O, "load_u64(offset): seq_cst load of a header word"},
     {"store_u32", (PyCFunction)(void (*)(void))Region_store_u32, METH_FASTCALL, "store_u32(offset, value): release store"},

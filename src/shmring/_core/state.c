@@ -281,6 +281,16 @@ static PyObject *StateCore_wait_slot(StateCore *self, PyObject *const *args, Py_
     return wait_slice(&self->r, self->r.base + SHMR_ST_OFF_SLOT_WAKE, slot_cond, self, args[0], args[1], NULL);
 }
 
+/* _arm_newer(than, word) -> slot | -1 ready | -2 no slot: a wake-up descriptor (R52). */
+static PyObject *StateCore_arm_newer(StateCore *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_arm_newer(than, word)"); return NULL; }
+    if (st_usable(self) < 0) return NULL;
+    unsigned long long than = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
+    unsigned long long w = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
+    struct newer_ctx c = { self, than };
+    return guard_exit(&self->r, PyLong_FromLong(fd_arm(self->r.base + SHMR_ST_OFF_VERSION_WAKE, w, newer_cond, &c)));
+}
+
 static PyObject *StateCore_wait_newer(StateCore *self, PyObject *const *args, Py_ssize_t n) {
     if (n != 3) { PyErr_SetString(PyExc_TypeError, "_wait_newer(than, slice, spin)"); return NULL; }
     if (st_usable(self) < 0) return NULL;
@@ -476,6 +486,7 @@ static PyMethodDef StateCore_methods[] = {
     {"_free_slot", (PyCFunction)StateCore_free_slot, METH_NOARGS, NULL},
     {"_wait_slot", (PyCFunction)(void (*)(void))StateCore_wait_slot, METH_FASTCALL, NULL},
     {"_wait_newer", (PyCFunction)(void (*)(void))StateCore_wait_newer, METH_FASTCALL, NULL},
+    {"_arm_newer", (PyCFunction)(void (*)(void))StateCore_arm_newer, METH_FASTCALL, NULL},
     {"_current", (PyCFunction)StateCore_current, METH_NOARGS, NULL},
     {"_newest", (PyCFunction)StateCore_newest, METH_NOARGS, NULL},
     {"_publish", (PyCFunction)(void (*)(void))StateCore_publish, METH_FASTCALL, NULL},

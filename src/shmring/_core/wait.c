@@ -57,16 +57,172 @@ void futex_wake_all(uint32_t *addr) {
     syscall(SYS_futex, addr, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-/* Wake every sleeper of the line, announced or not (end of stream, recovery). */
-void wake_always(char *wake_line) {
+/* ------------------------------------------------ wake-up descriptors (R52..R56)
+ *
+ * An asyncio waiter (or a handle's fileno()) cannot sleep in futex_wait: it
+ * arms a slot of the wake line with its word (a random 64-bit id naming the
+ * abstract unix datagram socket "\0shmring.%016x" it listens on), counts
+ * itself in the high half of `waiters`, and re-checks its condition:
+ *
+ *   waiter (R52)                              waker (R53)
+ *   CAS(slot, 0, word)          [seq_cst]     store / RMW of the condition     [seq_cst]
+ *   fetch_add(waiters, ARMED_ONE) [seq_cst]   w = load(waiters)                [seq_cst]
+ *   if condition(): disarm, leave [seq_cst]   if w >> 16: for each slot s != 0:
+ *   return to the event loop                      CAS(slot, s, 0) won: waiters -= ARMED_ONE,
+ *                                                 sendto("\0shmring.<s>", 1 byte, MSG_DONTWAIT)
+ *
+ * The same store-buffering pair as the futex path (the one `waiters` load
+ * covers both halves, so the waker's hot path is unchanged: one load, one
+ * predicted branch).  Firing is one-shot: one CAS decides who clears a slot,
+ * and only that one sends, so a registration costs at most one datagram, and
+ * the registration of a waiter that died (or listens in another network
+ * namespace) costs its first waker one refused sendto, once (R55).
+ */
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <stddef.h>
+#include <stdio.h>
+
+static int send_sock = -1;                 /* process-local: one unbound datagram socket to send with */
+static uint64_t n_fd_signals, n_fd_refused, n_fd_arms;
+
+/* The abstract address a word names (the waiter binds the same, R52). */
+static socklen_t wake_address(struct sockaddr_un *a, uint64_t word) {
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX;
+    int n = snprintf(a->sun_path + 1, sizeof a->sun_path - 1, "shmring.%016llx", (unsigned long long)word);
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + (size_t)n);
+}
+
+static int sender(void) {
+    int fd = (int)load_acquire32(&send_sock);   /* R56, pairs with the CAS below (process-local) */
+    if (fd >= 0) return fd;
+    fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) return -1;
+    if (!cas_seq_cst32(&send_sock, (uint32_t)-1, (uint32_t)fd)) {   /* R56: one socket per process (threads race here) */
+        close(fd);
+        fd = (int)load_acquire32(&send_sock);   /* R56, the winner's */
+    }
+    return fd;
+}
+
+/* One datagram to the waiter a word names; every error is ignored (R53, R55:
+ * a full queue already makes the socket readable, a refused one has nobody
+ * or nobody reachable listening; the waiter's slices cover both). */
+static void signal_word(uint64_t word) {
+    int fd = sender();
+    count_relaxed(&n_fd_signals);   /* R23, process-local */
+    if (fd < 0) return;
+    struct sockaddr_un a;
+    socklen_t len = wake_address(&a, word);
+    char b = 1;
+    if (sendto(fd, &b, 1, MSG_DONTWAIT | MSG_NOSIGNAL, (struct sockaddr *)&a, len) < 0 && errno == ECONNREFUSED)
+        count_relaxed(&n_fd_refused);   /* R23, process-local */
+}
+
+static inline char *fd_slot(char *wake_line, int k) { return wake_line + SHMR_WAKE_FD_SLOT0 + 8 * k; }
+
+/* Fire every armed slot of the line (R53). */
+static void fd_fire(char *wake_line) {
+    for (int k = 0; k < SHMR_WAKE_FD_SLOTS; k++) {
+        uint64_t w = load_seq_cst64(fd_slot(wake_line, k));   /* R53, pairs with the waiter's arming CAS (R52) */
+        if (w && cas_seq_cst64(fd_slot(wake_line, k), w, 0)) {   /* R53: one CAS decides who fires it */
+            (void)fetch_add_seq_cst32(wake_line + SHMR_WAKE_WAITERS, (uint32_t)-SHMR_WAKE_ARMED_ONE);   /* R53, the winner's count */
+            signal_word(w);
+        }
+    }
+}
+
+/* Disarm our slot k if it still holds our word: 1 if we cleared it, 0 if it
+ * fired (a waker cleared it and sent, or is about to send, R54). */
+int fd_disarm(char *wake_line, int k, uint64_t word) {
+    if (k < 0 || k >= SHMR_WAKE_FD_SLOTS) return 0;
+    if (!cas_seq_cst64(fd_slot(wake_line, k), word, 0)) return 0;   /* R54: one CAS decides, as the waker's */
+    (void)fetch_add_seq_cst32(wake_line + SHMR_WAKE_WAITERS, (uint32_t)-SHMR_WAKE_ARMED_ONE);   /* R54, the winner's count */
+    return 1;
+}
+
+/* Is our slot k still armed with our word?  Only we store our word, so a
+ * slot that no longer holds it has fired (no ABA, R54). */
+int fd_is_armed(char *wake_line, int k, uint64_t word) {
+    if (k < 0 || k >= SHMR_WAKE_FD_SLOTS) return 0;
+    return load_seq_cst64(fd_slot(wake_line, k)) == word;   /* R54, pairs with the waker's firing CAS */
+}
+
+/* Arm a slot with `word`, then re-check the condition (R52).  Returns the
+ * slot (armed, the condition was false after arming), FD_READY (the
+ * condition holds: not armed) or FD_NO_SLOT (every slot is taken and the
+ * condition is false: poll). */
+int fd_arm(char *wake_line, uint64_t word, cond_fn cond, void *ctx) {
+    if (word == 0) return FD_NO_SLOT;
+    if (cond(ctx)) return FD_READY;
+    int k = -1;
+    for (int i = 0; i < SHMR_WAKE_FD_SLOTS && k < 0; i++)
+        if (load_relaxed64(fd_slot(wake_line, i)) == 0 &&   /* R52, a hint: the CAS decides */
+            cas_seq_cst64(fd_slot(wake_line, i), 0, word)) k = i;   /* R52, the slot before the count */
+    if (k < 0) return cond(ctx) ? FD_READY : FD_NO_SLOT;
+    (void)fetch_add_seq_cst32(wake_line + SHMR_WAKE_WAITERS, SHMR_WAKE_ARMED_ONE);   /* R52, pairs with the waker's seq_cst load(waiters) */
+    count_relaxed(&n_fd_arms);   /* R23, process-local */
+    if (cond(ctx)) {              /* R52: the condition's seq_cst loads, after the count */
+        fd_disarm(wake_line, k, word);
+        return FD_READY;
+    }
+    return k;
+}
+
+/* fd_drain(fd) -> int: read every queued datagram of a wake-up socket
+ * (non-blocking, no exception per call: the event loop's reader runs this
+ * on every wake-up, R54). */
+PyObject *fd_drain(PyObject *mod, PyObject *arg) {
+    long fd = PyLong_AsLong(arg);
+    if (fd == -1 && PyErr_Occurred()) return NULL;
+    char buf[64];
+    long n = 0;
+    for (;;) {
+        ssize_t r = recv((int)fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (r >= 0) { n++; continue; }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromLong(n);
+}
+
+PyObject *fd_wake_address(PyObject *mod, PyObject *arg) {
+    unsigned long long w = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred()) return NULL;
+    struct sockaddr_un a;
+    socklen_t len = wake_address(&a, w);
+    return PyBytes_FromStringAndSize(a.sun_path, (Py_ssize_t)(len - offsetof(struct sockaddr_un, sun_path)));
+}
+
+/* ------------------------------------------------------------------ wakers */
+
+static void futex_side(char *wake_line) {
     (void)fetch_add_seq_cst32(wake_line + SHMR_WAKE_SEQ, 1);   /* R4, seen by the sleeper's futex_wait compare */
     futex_wake_all((uint32_t *)(wake_line + SHMR_WAKE_SEQ));
 }
 
+/* Wake every sleeper of the line, announced or not (end of stream, recovery),
+ * and fire every armed descriptor slot (R53: after a full fence, since the
+ * condition store before it may be only a release). */
+void wake_always(char *wake_line) {
+    futex_side(wake_line);
+    fence_seq_cst();   /* R53, pairs with the arming waiter's seq_cst count RMW and condition loads */
+    if (load_seq_cst32(wake_line + SHMR_WAKE_WAITERS) >> 16)   /* R53, pairs with the waiter's fetch_add(ARMED_ONE) */
+        fd_fire(wake_line);
+}
+
+/* Somebody waits: futex sleepers (low half) and / or armed slots (high half). */
+static __attribute__((noinline)) void wake_slow(char *wake_line, uint32_t w) {
+    if (w & SHMR_WAKE_SLEEPERS) futex_side(wake_line);
+    if (w >> 16) fd_fire(wake_line);
+}
+
 /* The waker's second half, after its own seq_cst store of the condition word. */
 void wake_if_waiters(char *wake_line) {
-    if (load_seq_cst32(wake_line + SHMR_WAKE_WAITERS))   /* R4, pairs with the sleeper's fetch_add(waiters) in wait_for */
-        wake_always(wake_line);
+    uint32_t w = load_seq_cst32(wake_line + SHMR_WAKE_WAITERS);   /* R4 R53, pairs with the sleeper's fetch_add(waiters) in wait_for and the arming fetch_add (R52) */
+    if (__builtin_expect(w != 0, 0)) wake_slow(wake_line, w);
 }
 
 /* Publish a position and wake its sleepers: the waker's whole side. */
@@ -255,6 +411,9 @@ PyObject *wait_any(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
 }
 
 PyObject *wait_counters(PyObject *mod, PyObject *unused) {
-    return Py_BuildValue("{sKsK}", "sleeps", (unsigned long long)load_relaxed64(&n_sleeps),   /* R23 */
-                         "late_wakeups", (unsigned long long)load_relaxed64(&n_late_wakeups));   /* R23 */
+    return Py_BuildValue("{sKsKsKsKsK}", "sleeps", (unsigned long long)load_relaxed64(&n_sleeps),   /* R23 */
+                         "late_wakeups", (unsigned long long)load_relaxed64(&n_late_wakeups),   /* R23 */
+                         "fd_arms", (unsigned long long)load_relaxed64(&n_fd_arms),   /* R23 */
+                         "fd_signals", (unsigned long long)load_relaxed64(&n_fd_signals),   /* R23 */
+                         "fd_refused", (unsigned long long)load_relaxed64(&n_fd_refused));   /* R23 */
 }
