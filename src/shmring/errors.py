@@ -17,7 +17,9 @@ class Timeout(ShmringError, TimeoutError):
 
 
 class EndOfStream(ShmringError, EOFError):
-    """The producer closed the ring and every message was received."""
+    """The producer closed the ring and every message was received; or, from
+    ``SharedState.wait_newer()``, the writer closed normally (or the state was
+    unlinked with no writer) and no newer version is there."""
 
 
 class PeerGone(ShmringError, ConnectionError):
