@@ -387,10 +387,12 @@ def cmd_rm(args) -> int:
 
 def cmd_demo(args) -> int:
     from . import demo
-    other = ("frames", "workers") if args.which == "stream" else ("seconds", "size")
-    wrong = [f"--{o}" for o in other if getattr(args, o) is not None]
-    if wrong:
-        raise ValueError(f"{' and '.join(wrong)}: not an option of the {args.which} demo")
+    try:      # every option checked before anything starts: one line, status 2 (a usage error)
+        demo.check_options(args.which, seconds=args.seconds, size=args.size, frames=args.frames,
+                           workers=args.workers, capacity=args.capacity)
+    except ValueError as e:
+        print(f"shmring demo: {e}", file=sys.stderr)
+        return 2
     opt = lambda v, default: default if v is None else v       # noqa: E731
     if args.which == "pipeline":
         return demo.run_pipeline(frames=opt(args.frames, 5000), workers=opt(args.workers, 4),
