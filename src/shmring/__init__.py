@@ -10,7 +10,7 @@ from ._core import Message, Snapshot
 from .errors import (CorruptSegmentError, DecodeLimit, EndOfStream, EscapedViewWarning, HandleClosed,
                      IncompatibleSegment, Lagged, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
                      ResourceLimit, RoleTaken, SegmentExists, SegmentNotFound, SegmentTruncated, ShmringError,
-                     Timeout, UnsupportedType)
+                     Timeout, UnsupportedType, WrongKind)
 from .codec import InPlace
 from .pipeline import Pipeline, PipelineError
 from .ring import Consumer, Producer, Reservation, Ring, wait
@@ -26,5 +26,5 @@ __all__ = [
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
     "SegmentExists", "PermissionDenied", "NoSpace", "ResourceLimit", "CorruptSegmentError", "IncompatibleSegment",
     "SegmentTruncated",
-    "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning", "DecodeLimit",
+    "RoleTaken", "HandleClosed", "UnsupportedType", "WrongKind", "EscapedViewWarning", "DecodeLimit",
 ]

@@ -120,6 +120,11 @@ class HandleClosed(ShmringError, ValueError):
     """The handle (ring, producer, consumer or message) was closed or released."""
 
 
+class WrongKind(ShmringError, TypeError):
+    """The call does not take this kind of message: ``recv_bytes()`` found an
+    array or object message (use ``recv()``); the message was not consumed."""
+
+
 class UnsupportedType(ShmringError, TypeError):
     """The value cannot be sent: object dtype, or not msgpack-able."""
 

@@ -193,7 +193,8 @@ class SharedState(_core.StateCore, SegmentHandle):
     # Called from C by name (see the callback table in src/shmring/_core/module.c):
     # _claim_reader.  Keep its name and signature.
 
-    def __init__(self, seg: Segment, header: dict, *, created: bool):
+    def __init__(self, seg: Segment = None, header: dict = None, *, created: bool = False):
+        self._refuse_direct(seg)              # SharedState("x"): point at create / attach
         super().__init__(seg.buf)
         self._seg = seg
         self._header = header
@@ -215,6 +216,10 @@ class SharedState(_core.StateCore, SegmentHandle):
         # held by another thread of the parent would stay held there).
         self._wlock, self._wlock_thread = threading.Lock(), 0    # the thread inside an update() block
         _handles.add(self)
+
+    @property
+    def _label(self) -> str:        # named in errors (HandleClosed, from C)
+        return self._seg.label
 
     # -- construction ---------------------------------------------------------
     @classmethod
