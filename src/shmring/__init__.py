@@ -17,7 +17,7 @@ from .ring import Consumer, Producer, Reservation, Ring, wait
 from .segment import list_segments, unlink
 from .snapshot import SharedState
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (one place: shmring._version)
 
 __all__ = [
     "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink", "wait", "Lagged", "InPlace",

@@ -443,7 +443,7 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    from . import __version__
+    from ._version import __version__
     ap = argparse.ArgumentParser(prog="shmring", description="zero-copy IPC rings over shared memory")
     ap.add_argument("--version", action="version", version=f"shmring {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
