@@ -406,7 +406,10 @@ class SharedState(_core.StateCore, SegmentHandle):
                 return self._newest()
             ended = self._writer_ended()
             if ended:
-                if self.version > than:           # R59: published before it finished: still counts
+                # R59: published before it finished: still counts.  A zero-length
+                # slice first: it probes the mapping (R48), so a truncated backing
+                # is SegmentTruncated, never an end read from a stale header
+                if self._wait_newer(than, 0.0, 0.0) or self.version > than:
                     return self._newest()
                 raise EndOfStream(f"{ended}; the last version is {self.version}, none is newer than {than}")
             return None
