@@ -440,14 +440,13 @@ def _mapping(ring):
 
 def _recv(c, as_bytes):
     """A Message, or bytes (as_bytes: recv_bytes(), falling back to recv()
-    for a message that is not bytes, which is documented as a TypeError)."""
+    for a message that is not bytes, which is documented as WrongKind, a TypeError)."""
     _start_recv()
     if as_bytes:
         try:
             return c.recv_bytes(timeout=0)
-        except TypeError as e:
-            if "is not bytes" not in str(e):
-                raise
+        except shmring.WrongKind:
+            pass
     return c.recv(timeout=0)
 
 

@@ -25,7 +25,12 @@ def hold(name, what):
             print("ready", flush=True)
             time.sleep(600)
         print("ready", flush=True)
-        st.wait_newer(10 ** 9, timeout=600)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:     # a reader waiting on: the writer that finished may be followed
+            try:
+                st.wait_newer(10 ** 9, timeout=deadline - time.monotonic())
+            except shmring.EndOfStream:        # the writer closed (R57): wait for a next one
+                time.sleep(0.05)
         return
     ring = shmring.Ring.attach(name)
     if what == "attach":

@@ -237,7 +237,15 @@ def state_waiter(q, ready, kind, name, path):
         ready.set()
         t = time.monotonic()
         try:
-            st.wait_newer(v, timeout=BOUND)
+            # The publisher closes after its one version: that ends a wait with
+            # EndOfStream (R57); this waiter waits on, as one expecting a next
+            # writer would, until the truncation ends it.
+            while True:
+                try:
+                    st.wait_newer(v, timeout=max(0.0, BOUND - (time.monotonic() - t)))
+                    break
+                except shmring.EndOfStream:
+                    time.sleep(0.01)
         finally:
             detail["waited"] = time.monotonic() - t
     try:

@@ -76,7 +76,7 @@ def torn_reader(name, seconds, q):
                 try:
                     state.wait_newer(than=last, timeout=0.5)
                     waits += 1
-                except shmring.Timeout:
+                except (shmring.Timeout, shmring.EndOfStream):    # EndOfStream: the writer finished (R57)
                     pass
         state.close()
         _report(q, role="reader", reads=reads, distinct=distinct, last=last, waits=waits)

@@ -52,6 +52,9 @@ def test_cli_ls_stat_rm_report_and_remove_a_ring():
                             capture_output=True, text=True, timeout=60)
         assert st.returncode == 0 and '"used": 112' in st.stdout
         rm = subprocess.run([sys.executable, "-m", "shmring", "rm", name], capture_output=True, text=True, timeout=60)
+        assert rm.returncode == 1 and "in use" in rm.stderr                 # this process has it attached
+        rm = subprocess.run([sys.executable, "-m", "shmring", "rm", "--force", name], capture_output=True,
+                            text=True, timeout=60)
         assert rm.returncode == 0 and not Path(f"/dev/shm/shmring.{name}").exists()
         again = subprocess.run([sys.executable, "-m", "shmring", "rm", name], capture_output=True, text=True, timeout=60)
         assert again.returncode == 1 and "does not exist" in again.stderr

@@ -80,9 +80,9 @@ def test_demo_pipeline_command_shows_progress_and_verifies():
 
 
 def test_demo_options_belong_to_their_demo(capsys):
-    assert shmring_main(["demo", "pipeline", "--seconds", "1"]) == 1
+    assert shmring_main(["demo", "pipeline", "--seconds", "1"]) == 2      # a usage error (issue 16 case 3)
     assert "--seconds: not an option of the pipeline demo" in capsys.readouterr().err
-    assert shmring_main(["demo", "--frames", "10"]) == 1
+    assert shmring_main(["demo", "--frames", "10"]) == 2
     assert "--frames: not an option of the stream demo" in capsys.readouterr().err
 
 

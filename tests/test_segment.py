@@ -555,7 +555,7 @@ def test_every_error_derives_from_shmring_error_and_its_builtin():
     pairs = {"Timeout": TimeoutError, "EndOfStream": EOFError, "PeerGone": ConnectionError,
              "MessageTooLarge": ValueError, "SegmentNotFound": FileNotFoundError,
              "SegmentExists": FileExistsError, "PermissionDenied": PermissionError, "NoSpace": OSError,
-             "HandleClosed": ValueError, "UnsupportedType": TypeError}
+             "HandleClosed": ValueError, "UnsupportedType": TypeError, "WrongKind": TypeError}
     for name, builtin in pairs.items():
         cls = getattr(shmring, name)
         assert issubclass(cls, shmring.ShmringError) and issubclass(cls, builtin), name

@@ -10,14 +10,14 @@ from ._core import Message, Snapshot
 from .errors import (CorruptSegmentError, DecodeLimit, EndOfStream, EscapedViewWarning, HandleClosed,
                      IncompatibleSegment, Lagged, MessageTooLarge, NoSpace, PeerGone, PermissionDenied,
                      ResourceLimit, RoleTaken, SegmentExists, SegmentNotFound, SegmentTruncated, ShmringError,
-                     Timeout, UnsupportedType)
+                     Timeout, UnsupportedType, WrongKind)
 from .codec import InPlace
 from .pipeline import Pipeline, PipelineError
 from .ring import Consumer, Producer, Reservation, Ring, wait, wait_async
 from .segment import list_segments, unlink
 from .snapshot import SharedState
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (one place: shmring._version)
 
 __all__ = [
     "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink", "wait", "wait_async", "Lagged", "InPlace",
@@ -26,5 +26,5 @@ __all__ = [
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
     "SegmentExists", "PermissionDenied", "NoSpace", "ResourceLimit", "CorruptSegmentError", "IncompatibleSegment",
     "SegmentTruncated",
-    "RoleTaken", "HandleClosed", "UnsupportedType", "EscapedViewWarning", "DecodeLimit",
+    "RoleTaken", "HandleClosed", "UnsupportedType", "WrongKind", "EscapedViewWarning", "DecodeLimit",
 ]

@@ -30,15 +30,20 @@ def _size(text: str) -> int:
 GRACE = 10.0        # seconds a not-yet-ready segment is presumed to be under construction
 
 
-def _raw_header(name: str) -> tuple[dict | None, float | None, str | None]:
+def _where(name, path) -> str:
+    """The file behind a segment name, or the file-backed ring's own path."""
+    return os.fspath(path) if path is not None else os.path.join(SHM_DIR, PREFIX + name)
+
+
+def _raw_header(name: str | None, path=None) -> tuple[dict | None, float | None, str | None]:
     """(fixed header fields, age in seconds from the file's mtime, error) read
     without validating anything and without waiting for a creator."""
     from .segment import Segment
     try:
-        seg = Segment.open(name, wait_ready=0, allow_foreign_owner=True)    # read to report, any owner
+        seg = Segment.open(name, path=path, wait_ready=0, allow_foreign_owner=True)    # read to report, any owner
     except ShmringError as e:
         try:
-            mtime = os.stat(os.path.join(SHM_DIR, PREFIX + name), follow_symlinks=False).st_mtime
+            mtime = os.stat(_where(name, path), follow_symlinks=False).st_mtime
         except OSError:
             mtime = None
         return None, None if mtime is None else time.time() - mtime, str(e)
@@ -55,24 +60,26 @@ def _creator(h: dict | None) -> dict:
     return {"pid": pid, "alive": alive(pid, h["creator_start"] & 0xFFFFFFFF)}
 
 
-def _describe(name: str) -> dict:
-    """One segment as a dict: a ring's or a shared state's stats(), normalized
-    with kind, size, fill, the live pids that use it and its age; or an error."""
-    h, age, err = _raw_header(name)
+def _describe(name: str | None, path=None) -> dict:
+    """One segment (or, with ``path``, a file-backed ring or state) as a dict:
+    a ring's or a shared state's stats(), normalized with kind, size, fill,
+    the live pids that use it and its age; or an error."""
+    h, age, err = _raw_header(name, path)
+    label = name if path is None else os.fspath(path)
     if h is None:
-        return {"name": name, "kind": "?", "error": err, "age_s": age, "creator": _creator(None)}
+        return {"name": label, "kind": "?", "error": err, "age_s": age, "creator": _creator(None)}
     if h["magic"] != L.MAGIC or h["ready"] != 1:      # attach would wait a second, then refuse it
         if h["magic"] == L.MAGIC or h["magic"] == 0:
             err = (f"segment {name!r} is not initialized (ready flag {h['ready']}); its creator "
                    f"{'(pid %d) ' % h['creator_pid'] if h['creator_pid'] else ''}may have died creating it")
         else:
             err = f"segment {name!r} is not a shmring segment: magic {h['magic']:#018x}"
-        return {"name": name, "kind": "?", "error": err, "age_s": _seg_age(name),
+        return {"name": label, "kind": "?", "error": err, "age_s": _seg_age(name, path),
                 "creator": _creator(h if h["magic"] == L.MAGIC else None)}
     try:
-        obj = _inspect(name, h["kind"])
+        obj = _inspect(name, h["kind"], path)
     except ShmringError as e:
-        return {"name": name, "kind": "?", "error": str(e), "age_s": _seg_age(name),
+        return {"name": label, "kind": "?", "error": str(e), "age_s": _seg_age(name, path),
                 "creator": _creator(h if h["magic"] == L.MAGIC else None)}
     try:
         st = obj.stats()
@@ -109,12 +116,12 @@ def _fill(st: dict) -> str:
     return f"  fill         {st['fill'] * 100:5.1f}%  ({st['used']:,} of {st.get('slots', st['capacity']):,} {unit})"
 
 
-def _inspect(name: str, kind: int):
+def _inspect(name: str | None, kind: int, path=None):
     """A Ring or SharedState over the segment, validated but not made ready
     for use: any owner's (shown as owner_uid), no space reserved, nothing
     prefaulted, nothing recovered: looking at a segment never allocates it."""
     from .segment import Segment, validate_header
-    seg = Segment.open(name, allow_foreign_owner=True)
+    seg = Segment.open(name, path=path, allow_foreign_owner=True)
     try:
         if kind == L.KIND_STATE:
             from .snapshot import SharedState, _validate_state_header
@@ -131,9 +138,9 @@ def _skipped(name: str, entry: str) -> dict:
             "error": f"{entry}, not a segment: skipped ({os.path.join(SHM_DIR, PREFIX + name)})"}
 
 
-def _seg_age(name):
+def _seg_age(name, path=None):
     try:
-        return round(time.time() - os.stat(os.path.join(SHM_DIR, PREFIX + name), follow_symlinks=False).st_mtime, 1)
+        return round(time.time() - os.stat(_where(name, path), follow_symlinks=False).st_mtime, 1)
     except OSError:
         return None
 
@@ -163,14 +170,20 @@ def _pid(role: dict) -> str:
     return f"{role['pid']}" + ("" if role["alive"] else "(dead)")
 
 
-LS_HEAD = f"{'NAME':22} {'KIND':9} {'SIZE':>7} {'FILL':>6} {'PRODUCER':>12} {'CONSUMER':>12} {'AGE':>6}"
+def _ls_head(w: int = 22) -> str:
+    return f"{'NAME':{w}} {'KIND':9} {'SIZE':>7} {'FILL':>6} {'PRODUCER':>12} {'CONSUMER':>12} {'AGE':>6}"
 
 
-def _ls_row(r: dict) -> str:
-    name = _fit(r["name"], 22)
+LS_HEAD = _ls_head()
+
+
+def _ls_row(r: dict, w: int = 22) -> str:
+    """One line of ``ls``: the name in full (the column is as wide as the
+    longest), so it can be pasted into ``stat``; an error's reason in full."""
+    name = r["name"]
     if "error" in r:
         err = r["error"].replace(f"segment {r['name']!r} ", "")
-        return f"{name:22} {'?':9} " + _fit(err, 80 - 33)
+        return f"{name:{w}} {'?':9} " + err
     if r["kind"] == "state":
         prod, cons = _pid(r["writer"]), f"{r['readers']} readers"
     elif "producers" in r:
@@ -180,8 +193,8 @@ def _ls_row(r: dict) -> str:
     else:
         prod, cons = _pid(r["producer"]), _pid(r["consumer"])
     if r.get("fill", 0) is None:
-        return f"{name:22} {r['kind']:9} {_human(r['size']):>7} " + _fit("invalid positions: corrupt or forged", 80 - 41)
-    return (f"{name:22} {r['kind']:9} {_human(r['size']):>7} {r['fill'] * 100:5.1f}% "
+        return f"{name:{w}} {r['kind']:9} {_human(r['size']):>7} invalid positions: corrupt or forged"
+    return (f"{name:{w}} {r['kind']:9} {_human(r['size']):>7} {r['fill'] * 100:5.1f}% "
             f"{_fit(prod, 12):>12} {_fit(cons, 12):>12} {_age(r['age_s']):>6}")
 
 
@@ -193,9 +206,10 @@ def cmd_ls(args) -> int:
     if not rows:
         print(f"no shmring segments in {SHM_DIR}")
         return 0
-    print(LS_HEAD)
+    w = max(22, *(len(r["name"]) for r in rows))
+    print(_ls_head(w))
     for r in rows:
-        print(_ls_row(r))
+        print(_ls_row(r, w))
     return 0
 
 
@@ -267,7 +281,9 @@ def _multi_stat_lines(st: dict, prev: dict | None, dt: float) -> list[str]:
 
 
 def cmd_stat(args) -> int:
-    st = _describe(args.name)
+    if (args.name is None) == (args.path is None):
+        args.parser.error("give a segment NAME or --path FILE (a file-backed ring or state), one of them")
+    st = _describe(args.name, args.path)
     if "error" in st:
         print(f"shmring stat: {st['error']}", file=sys.stderr)
         return 1
@@ -279,7 +295,7 @@ def cmd_stat(args) -> int:
     try:
         while True:
             t = time.monotonic()
-            st = _describe(args.name)
+            st = _describe(args.name, args.path)
             if "error" in st:
                 print(f"shmring stat: {st['error']}", file=sys.stderr)
                 return 1
@@ -368,29 +384,56 @@ def cmd_gc(args) -> int:
     verb = {"remove": "would remove" if args.dry_run else "remove", "removed": "removed", "keep": "kept",
             "failed": "FAILED", "missing": "missing", "skip": "skipped"}
     for item in plan:
-        print(_fit(f"{verb[item['action']]:12} {item['name']}: {item['why']}", 80))
+        print(f"{verb[item['action']]:12} {item['name']}: {item['why']}")      # the reason in full
     return rc
 
 
 def cmd_rm(args) -> int:
-    from .segment import unlink
-    rc = 0
+    """Remove segments by name.  One that a live process has attached is
+    refused unless --force (decided and removed under its attach lock, as gc
+    does, so a process attaching meanwhile keeps it)."""
+    from .segment import remove_if_unused, unlink, validate_name
+    rc, rows = 0, []
     for name in args.names:
         try:
-            unlink(name)
-            print(f"removed {name}")
+            validate_name(name)
+            if args.force:
+                unlink(name)
+                done = True
+            else:
+                done = remove_if_unused(name)
+                if done is None and os.path.lexists(_where(name, None)):
+                    raise ShmringError(f"cannot tell whether segment {name!r} is in use (no write access to it); "
+                                       "rm --force removes it anyway")
+                if done is None:
+                    unlink(name)             # gone: says "does not exist"
+                if done is False:
+                    pids = [str(p) for p in (_describe(name).get("live_users") or [])]
+                    raise ShmringError(f"segment {name!r} is in use: attached by live process(es)"
+                                       + (f" incl. pid(s) {', '.join(pids)}" if pids else "")
+                                       + "; close them first, or rm --force removes it (they keep their "
+                                         "mapping; new processes can no longer attach)")
+            rows.append({"name": name, "action": "removed"})
+            if not args.json:
+                print(f"removed {name}")
         except ShmringError as e:
-            print(f"shmring rm: {e}", file=sys.stderr)
+            rows.append({"name": name, "action": "failed", "why": str(e)})
+            if not args.json:
+                print(f"shmring rm: {e}", file=sys.stderr)
             rc = 1
+    if args.json:
+        print(json.dumps(rows, indent=2))
     return rc
 
 
 def cmd_demo(args) -> int:
     from . import demo
-    other = ("frames", "workers") if args.which == "stream" else ("seconds", "size")
-    wrong = [f"--{o}" for o in other if getattr(args, o) is not None]
-    if wrong:
-        raise ValueError(f"{' and '.join(wrong)}: not an option of the {args.which} demo")
+    try:      # every option checked before anything starts: one line, status 2 (a usage error)
+        demo.check_options(args.which, seconds=args.seconds, size=args.size, frames=args.frames,
+                           workers=args.workers, capacity=args.capacity)
+    except ValueError as e:
+        print(f"shmring demo: {e}", file=sys.stderr)
+        return 2
     opt = lambda v, default: default if v is None else v       # noqa: E731
     if args.which == "pipeline":
         return demo.run_pipeline(frames=opt(args.frames, 5000), workers=opt(args.workers, 4),
@@ -400,7 +443,9 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
+    from ._version import __version__
     ap = argparse.ArgumentParser(prog="shmring", description="zero-copy IPC rings over shared memory")
+    ap.add_argument("--version", action="version", version=f"shmring {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="a self-checking demo: stream (default) or pipeline",
                        description="stream: a producer process streams arrays to a consumer process. "
@@ -419,7 +464,9 @@ def main(argv=None) -> int:
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_ls)
     s = sub.add_parser("stat", help="show one segment's state (--watch: live, with rates)")
-    s.add_argument("name")
+    s.add_argument("name", nargs="?", help="the segment name, as ls shows it")
+    s.add_argument("--path", help="a file-backed ring or state (Ring.create(path=...)) instead of a name")
+    s.set_defaults(parser=s)
     s.add_argument("--json", action="store_true", help="JSON (one object per line with --watch)")
     s.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
     s.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
@@ -433,12 +480,23 @@ def main(argv=None) -> int:
                    help=f"leave unreadable segments younger than this alone (default {GRACE:g} s)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_gc)
-    s = sub.add_parser("rm", help="remove segments by name")
+    s = sub.add_parser("rm", help="remove segments by name (not one in use, unless --force)")
     s.add_argument("names", nargs="+")
+    s.add_argument("--force", action="store_true", help="also remove segments live processes have attached")
+    s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_rm)
     args = ap.parse_args(argv)
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()            # a closed pipe shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:
+        # `shmring ls --json | head -1`: the reader left; end quietly, as ls or
+        # cat would (128 + SIGPIPE), and keep the exit-time flush from failing again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130

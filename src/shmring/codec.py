@@ -19,6 +19,14 @@ and every array block inside it starts 64-aligned too.  The meta of a
 ``T_ARRAY`` is one array descriptor; the meta of a ``T_OBJECT`` is the object
 with each array replaced by msgpack ext type 1 holding its descriptor.
 
+Dict keys: msgpack has no tuple, so a tuple key (a Python key is hashable:
+scalars and tuples of them) arrives as a list, which no dict can hold.  Such a
+meta is decoded again with every list in a key position made a tuple again:
+tuple keys round-trip exactly, at no cost to messages without them (tuples
+elsewhere arrive as lists, as msgpack has it).  What msgpack cannot carry is
+refused at the send with :class:`~shmring.errors.UnsupportedType`: ints outside
+``-2**63 .. 2**64 - 1``, and masked arrays (their mask would be lost).
+
 An array descriptor is ``[dtype, shape, order, offset, nbytes]``: ``dtype`` is
 ``dtype.str`` or, for structured dtypes, a names/formats/offsets/itemsize map; ``order`` is ``"C"`` or
 ``"F"``; ``offset`` is relative to the array area.  Everything decoded is
@@ -128,6 +136,26 @@ def _dtype_from_spec(spec, depth: int = 0) -> np.dtype:
     return dt
 
 
+INT_MIN, INT_MAX = -2**63, 2**64 - 1       # what a msgpack int carries
+
+
+def refuse_masked(arr: np.ndarray) -> None:
+    """A masked array would arrive as its bare data, the mask silently lost: refuse it."""
+    if isinstance(arr, np.ma.MaskedArray):
+        raise UnsupportedType("cannot send a masked array (numpy.ma.MaskedArray): only its data would "
+                              "arrive, the mask would be lost; send the data and the mask as two arrays "
+                              "({'data': a.data, 'mask': np.ma.getmaskarray(a)}) or a.filled(fill_value)")
+
+
+def _key(k):
+    """A decoded dict key as it was sent: the lists msgpack made of tuples are tuples again."""
+    return tuple(_key(x) for x in k) if isinstance(k, list) else k
+
+
+def _tuple_keys(pairs) -> dict:
+    return {_key(k): v for k, v in pairs}
+
+
 class Encoded:
     """A value laid out for the ring: meta bytes plus array blocks.
 
@@ -177,6 +205,8 @@ class _Packer:
         return [spec, list(shape), order, off, nbytes]
 
     def array(self, arr: np.ndarray) -> list:
+        if type(arr) is not np.ndarray:
+            refuse_masked(arr)
         # Fortran-ordered input keeps its order (one memcpy); anything else
         # non-contiguous is copied once into C order.
         order = "F" if arr.flags.f_contiguous and not arr.flags.c_contiguous else "C"
@@ -189,6 +219,9 @@ class _Packer:
             return msgpack.ExtType(EXT_ARRAY, msgpack.packb(self.descriptor(None, obj.shape, obj.dtype, obj.order)))
         if isinstance(obj, np.generic):
             return obj.item()
+        if isinstance(obj, int) and not INT_MIN <= obj <= INT_MAX:
+            raise UnsupportedType(f"cannot send the int {obj}: msgpack carries ints from -2**63 to 2**64 - 1 "
+                                  "only; send a larger one as a str (str(n)) or bytes (n.to_bytes(...))")
         raise UnsupportedType(f"cannot send an object of type {type(obj).__module__}.{type(obj).__qualname__}: "
                               "shmring sends bytes-like values, numpy arrays, and msgpack-able objects "
                               "(None, bool, int, float, str, bytes, list, tuple, dict) that may contain arrays")
@@ -198,6 +231,8 @@ def encode(value) -> Encoded:
     """Lay out an ndarray (T_ARRAY) or a msgpack-able object (T_OBJECT)."""
     p = _Packer()
     if isinstance(value, np.ndarray):
+        if type(value) is not np.ndarray:
+            refuse_masked(value)
         meta = msgpack.packb(p.array(value))
         return Encoded(L.T_ARRAY, meta, p.blocks, p.area)
     try:
@@ -218,6 +253,8 @@ _CACHE_MAX = 512
 def array_meta(arr: np.ndarray) -> bytes | None:
     """The T_ARRAY meta of a contiguous array (cached by dtype, shape and order),
     or None if the array is not contiguous and must go through :func:`encode`."""
+    if type(arr) is not np.ndarray:
+        refuse_masked(arr)
     if arr.flags.c_contiguous:
         order = "C"
     elif arr.flags.f_contiguous:
@@ -360,7 +397,14 @@ def _decode(msg, copy: bool = False):
             return make(parsed)
         if len(meta) > SCAN_ABOVE:
             check_decode_cost(meta, _at(msg))
-        return msgpack.unpackb(meta, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        try:
+            return msgpack.unpackb(meta, ext_hook=ext_hook, raw=False, strict_map_key=False)
+        except TypeError:
+            # a tuple key arrived as a list (see the module docstring): decode
+            # again, keys made tuples; anything else fails again, as corrupt
+            seen[0] = 0
+            return msgpack.unpackb(meta, ext_hook=ext_hook, raw=False, strict_map_key=False,
+                                   object_pairs_hook=_tuple_keys)
     except (CorruptSegmentError, DecodeLimit):
         raise
     except msgpack.StackError:

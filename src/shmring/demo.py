@@ -16,6 +16,7 @@ answer is known analytically, so the sink checks every frame
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import sys
@@ -23,6 +24,8 @@ import time
 
 import numpy as np
 
+from . import codec
+from . import layout as L
 from .errors import EndOfStream
 from .pipeline import Pipeline
 from .ring import Ring
@@ -92,6 +95,67 @@ def _consumer(ring: Ring, results) -> None:
     elapsed = time.perf_counter() - t0
     results.put({"received": received, "bad": bad, "bytes": nbytes, "elapsed": elapsed,
                  "checksum": checksum & 0xFFFFFFFFFFFFFFFF, "summary": summary})
+
+
+def _human(n: int) -> str:
+    """A size as the CLI reads it back: 4MiB, 512k, 3000."""
+    for unit, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "k")):
+        if n >= unit and n % unit == 0:
+            return f"{n // unit}{name}"
+    return str(n)
+
+
+def _capacity_for(need: int) -> int:
+    """The smallest ring capacity whose largest message holds ``need`` bytes."""
+    c = L.MIN_CAPACITY
+    while L.max_message(c) < need:
+        c *= 2
+    return c
+
+
+def check_options(which: str, *, seconds=None, size=None, frames=None, workers=None, capacity=None) -> None:
+    """Refuse options ``run`` / ``run_pipeline`` could not work with, before
+    anything starts (ValueError, one line naming the option and what would
+    do).  ``None``: the option was not given (its default is used)."""
+    other = ("frames", "workers") if which == "stream" else ("seconds", "size")
+    given = {"seconds": seconds, "size": size, "frames": frames, "workers": workers}
+    wrong = [f"--{o}" for o in other if given[o] is not None]
+    if wrong:
+        raise ValueError(f"{' and '.join(wrong)}: not an option of the {which} demo")
+    default_cap = 1 << 26 if which == "stream" else 1 << 24
+    cap = default_cap if capacity is None else capacity
+    if cap < L.MIN_CAPACITY or cap > L.MAX_CAPACITY or cap & (cap - 1):
+        hint = 1 << max(cap - 1, 1).bit_length()
+        raise ValueError(f"--capacity {_human(cap)}: a ring's capacity is a power of two from "
+                         f"{_human(L.MIN_CAPACITY)} to {_human(L.MAX_CAPACITY)}"
+                         + (f" (next power of two: {_human(hint)})" if L.MIN_CAPACITY <= hint <= L.MAX_CAPACITY
+                            else ""))
+    if which == "stream":
+        if seconds is not None and not 0 < seconds < math.inf:
+            raise ValueError(f"--seconds {seconds}: how long the producer sends, a number of seconds > 0")
+        frame = 1 << 20 if size is None else size
+        if frame <= 0:
+            raise ValueError(f"--size {frame}: the frame size must be at least 1 byte")
+        n = max(2, frame // 4)
+        what = f"a --size {_human(frame)} frame"
+    else:
+        if frames is not None and frames < 1:
+            raise ValueError(f"--frames {frames}: the number of frames the source sends must be at least 1")
+        if workers is not None and not 1 <= workers <= 256:
+            raise ValueError(f"--workers {workers}: the number of blur_and_halve processes must be from 1 to 256")
+        n = FRAME[0] * FRAME[1]
+        what = f"a {FRAME[0]}x{FRAME[1]} float32 frame"
+    # what the largest message carries: the frame, with the descriptor (and a
+    # pipeline's sequence number) around it, in the worst case of alignment
+    need = codec.encode([2**63, codec.InPlace((n,), np.uint32)]).max_payload
+    if need > L.max_message(cap):
+        fit = _capacity_for(need)
+        hint = f"use --capacity {_human(fit)} or more"
+        if which == "stream":
+            most = (L.max_message(cap) - (need - 4 * n)) // 1024 * 1024
+            hint += f", or --size {_human(most)} or less" if most >= 1024 else ""
+        raise ValueError(f"{what} needs {need:,} bytes but the largest message of a --capacity {_human(cap)} "
+                         f"ring is {L.max_message(cap):,} bytes: {hint}")
 
 
 def run(seconds: float = 3.0, frame_bytes: int = 1 << 20, capacity: int = 1 << 26) -> int:

@@ -17,7 +17,9 @@ class Timeout(ShmringError, TimeoutError):
 
 
 class EndOfStream(ShmringError, EOFError):
-    """The producer closed the ring and every message was received."""
+    """The producer closed the ring and every message was received; or, from
+    ``SharedState.wait_newer()``, the writer closed normally (or the state was
+    unlinked with no writer) and no newer version is there."""
 
 
 class PeerGone(ShmringError, ConnectionError):
@@ -116,6 +118,11 @@ class DecodeLimit(ShmringError, ValueError):
 
 class HandleClosed(ShmringError, ValueError):
     """The handle (ring, producer, consumer or message) was closed or released."""
+
+
+class WrongKind(ShmringError, TypeError):
+    """The call does not take this kind of message: ``recv_bytes()`` found an
+    array or object message (use ``recv()``); the message was not consumed."""
 
 
 class UnsupportedType(ShmringError, TypeError):

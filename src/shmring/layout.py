@@ -193,7 +193,7 @@ C_CONSTANTS = {
 #     128   current u64       version << 8 | slot; 0 = nothing published yet.
 #                             Stored only by the writer, with one seq_cst exchange
 #                             (release + the fence the wake-up protocol needs).
-#     256   writer role       owner u64 | (unused) u64 | sessions u64
+#     256   writer role       owner u64 | finished u32 (R57-R59) + 0 u32 | sessions u64
 #     384   version wake      seq u32 | waiters u32   wait_newer() sleeps here
 #     512   slot wake         seq u32 | waiters u32   a writer with every spare slot pinned sleeps here
 #     640   counters          reclaimed pins u64 | writer waits u64

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import _core, codec, roles, waiting, wakefd
 from . import layout as L
-from .errors import CorruptSegmentError, EndOfStream, HandleClosed, PeerGone, ShmringError
+from .errors import CorruptSegmentError, EndOfStream, HandleClosed, PeerGone, ShmringError, UnsupportedType
 
 CLOSED_EOS, CLOSED_ABORTED = 1, 2
 
@@ -113,6 +113,11 @@ def read_fields(buf, h: dict, what: str) -> dict:
     return {"dtype": dt, "slots": slots}
 
 
+def _short(value) -> str:
+    r = repr(value)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 class _Handle:
     """What both record handles share: the array over the data area, positions, fork check."""
 
@@ -128,7 +133,8 @@ class _Handle:
 
     def _usable(self):
         if self._closed:
-            raise HandleClosed(f"this handle of {self._label} is closed")
+            raise HandleClosed(f"this record {'producer' if isinstance(self, RecordProducer) else 'consumer'} "
+                               f"of {self._label} is closed")
         if _inherited(self):
             raise ShmringError("this handle was created before fork(); a forked child must take its own "
                                "handle (ring.producer() / ring.consumer())")
@@ -169,7 +175,7 @@ class RecordProducer(_Handle):
                                     offset=L.HEADER_SIZE)
 
     def _as_records(self, records) -> np.ndarray:
-        a = records if isinstance(records, np.ndarray) else np.array(records, dtype=self.dtype)
+        a = records if isinstance(records, np.ndarray) else self._convert(records)
         if a.dtype != self.dtype:
             raise TypeError(f"records of dtype {a.dtype} sent to a ring of dtype {self.dtype}; "
                             f"convert them first (e.g. arr.astype(ring.dtype))")
@@ -259,11 +265,24 @@ class RecordProducer(_Handle):
             done += k
         return done
 
+    def _convert(self, records) -> np.ndarray:
+        """Records as an array of this ring's dtype; anything numpy cannot
+        read as such (bytes, str, dicts, ...) is UnsupportedType."""
+        try:
+            if isinstance(records, (bytes, bytearray, memoryview, str, dict)):
+                raise TypeError("not a record")
+            return np.array(records, dtype=self.dtype)
+        except (TypeError, ValueError) as e:
+            raise UnsupportedType(
+                f"a record ring of {self._label} takes records of dtype {self.dtype} (a tuple of field values, "
+                f"a numpy void or an array of that dtype), not {type(records).__name__} "
+                f"{_short(records)} ({e}); a ring of messages (Ring.create without kind='records') "
+                "takes bytes and objects") from None
+
     @_exclusive
     def send(self, record, *, timeout=None) -> None:
         """Send one record (a numpy void / 0-d array or a tuple of field values)."""
-        self.send_many(record if isinstance(record, np.ndarray) else np.array(record, dtype=self.dtype),
-                       timeout=timeout)
+        self.send_many(record if isinstance(record, np.ndarray) else self._convert(record), timeout=timeout)
 
     @property
     def position(self) -> int:

@@ -66,7 +66,8 @@ class Ring(SegmentHandle):
     so it can be passed to a child process, which attaches on unpickling.
     """
 
-    def __init__(self, seg: Segment, header: dict, *, created: bool):
+    def __init__(self, seg: Segment = None, header: dict = None, *, created: bool = False):
+        self._refuse_direct(seg)              # Ring("x"): point at create / attach
         self._seg = seg
         self._header = header
         self._created = created

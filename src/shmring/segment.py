@@ -721,6 +721,16 @@ class SegmentHandle:
     _seg: Segment
     _created: bool
 
+    @classmethod
+    def _refuse_direct(cls, seg) -> None:
+        """``Ring("x")``: handles are made by create / attach (they map the
+        segment and check its header), never by calling the class."""
+        if not isinstance(seg, Segment):
+            base = next(c.__name__ for c in cls.__mro__ if c.__module__.startswith("shmring."))
+            raise TypeError(f"shmring.{base} is not constructed directly: use shmring.{base}.create(name, ...) "
+                            f"to make one, shmring.{base}.attach(name) to open an existing one "
+                            f"(or shmring.{base}.anonymous(...) for one without a name)")
+
     @property
     def name(self) -> str | None:
         """The segment name (None for a file-backed handle made without one)."""

@@ -53,12 +53,16 @@ import numpy as np
 from . import _core, codec, roles, waiting
 from . import layout as L
 from ._proc import my_start_time
-from .errors import (CorruptSegmentError, HandleClosed, IncompatibleSegment, MessageTooLarge, SegmentTruncated,
+from .errors import (CorruptSegmentError, EndOfStream, HandleClosed, IncompatibleSegment, MessageTooLarge, SegmentTruncated,
                      ShmringError, Timeout)
 from .segment import Segment, SegmentHandle, fd_reference, open_fd_reference, read_common_header
 from .waiting import DEFAULT_SPIN
 
 MAX_SLOT_BYTES = 1 << 44
+# R57-R59: the writer role's "closed" word (unused by the writer role otherwise)
+# says the last writer finished: set by a writer handle's close(), cleared by the
+# next writer's claim.  Waits in wait_newer() end on it with EndOfStream.
+OFF_WRITER_FINISHED = L.ST_OFF_WRITER + L.ROLE_CLOSED
 
 
 def _decode(snap):
@@ -189,7 +193,8 @@ class SharedState(_core.StateCore, SegmentHandle):
     # Called from C by name (see the callback table in src/shmring/_core/module.c):
     # _claim_reader.  Keep its name and signature.
 
-    def __init__(self, seg: Segment, header: dict, *, created: bool):
+    def __init__(self, seg: Segment = None, header: dict = None, *, created: bool = False):
+        self._refuse_direct(seg)              # SharedState("x"): point at create / attach
         super().__init__(seg.buf)
         self._seg = seg
         self._header = header
@@ -211,6 +216,10 @@ class SharedState(_core.StateCore, SegmentHandle):
         # held by another thread of the parent would stay held there).
         self._wlock, self._wlock_thread = threading.Lock(), 0    # the thread inside an update() block
         _handles.add(self)
+
+    @property
+    def _label(self) -> str:        # named in errors (HandleClosed, from C)
+        return self._seg.label
 
     # -- construction ---------------------------------------------------------
     @classmethod
@@ -366,6 +375,11 @@ class SharedState(_core.StateCore, SegmentHandle):
         least every 0.1 s to run signal handlers (Ctrl-C) and to check the
         writer: a writer that died holding the role raises
         :class:`~shmring.errors.PeerGone` (a new writer may take over later).
+        A writer that finished (closed its handle normally: R57), or a named
+        state unlinked while no writer holds the role, raises
+        :class:`~shmring.errors.EndOfStream` once nothing newer than ``than``
+        is there: a wait without a timeout does not outlive the writer.  A
+        later writer clears the mark (R58), and waits go on as before.
         The version returned is checked under a brief pin (taking a reader
         entry, as :meth:`read` does), so a writer publishing meanwhile cannot
         make it look corrupt.
@@ -391,6 +405,14 @@ class SharedState(_core.StateCore, SegmentHandle):
                 # current but not pinned may be overwritten by the time its
                 # header is read): the version returned is the one checked.
                 return self._newest()
+            ended = self._writer_ended()
+            if ended:
+                # R59: published before it finished: still counts.  A zero-length
+                # slice first: it probes the mapping (R48), so a truncated backing
+                # is SegmentTruncated, never an end read from a stale header
+                if self._wait_newer(than, 0.0, 0.0) or self.version > than:
+                    return self._newest()
+                raise EndOfStream(f"{ended}; the last version is {self.version}, none is newer than {than}")
             return None
         sleep = ((lambda: [(self, L.ST_OFF_VERSION_WAKE, lambda w: self._arm_newer(than, w))]) if asynchronous
                  else (lambda t: self._wait_newer(than, t, self.spin)))
@@ -400,11 +422,33 @@ class SharedState(_core.StateCore, SegmentHandle):
             lambda pid: f"the writer (pid {pid}) of {self._seg.label} died; the last version is {self.version}. "
                         "A new writer may take over.")
 
+    def _writer_ended(self) -> str:
+        """R59: why no more versions will come ('' while one may): the writer
+        finished (R57) or the name is gone, and no writer holds the role now."""
+        if self.load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER):                  # R59: seq_cst, before the mark
+            return ""                          # a writer holds the role (a dead one: PeerGone, on_slice)
+        if self.load_u32(OFF_WRITER_FINISHED):                             # R59, pairs with R57's store
+            return (f"the writer of {self._seg.label} closed (finished normally); a new writer would "
+                    "clear this")
+        seg = self._seg
+        if not seg.anonymous and seg.locks is not None and seg.locks.fd >= 0:
+            try:
+                if os.fstat(seg.locks.fd).st_nlink == 0:
+                    return (f"{seg.label} was unlinked and has no writer: no process can attach it "
+                            "to publish")
+            except OSError:
+                pass
+        return ""
+
     # -- the writer ---------------------------------------------------------------
     def _claim_writer(self) -> None:
         self._live()
         if not self._writer.held():
             self._writer.claim(self)
+            # R58: the role is ours (owner word stored by the claim's CAS): a
+            # finished writer's mark goes, so waits go on for our versions
+            if self.load_u32(OFF_WRITER_FINISHED):
+                self.store_u32(OFF_WRITER_FINISHED, 0)
 
     def _reclaim_dead_pins(self) -> int:
         """The writer: clear the pins (and announced sleeps) of readers whose
@@ -570,7 +614,8 @@ class SharedState(_core.StateCore, SegmentHandle):
                 "writer_waits": self.load_u64(L.ST_OFF_COUNTERS + L.ST_WRITER_WAITS),
                 "readers": readers, "max_readers": self.max_readers,
                 "writer": {"pid": pid or None, "alive": roles.holder_alive(self._seg.locks, L.ST_OFF_WRITER, w),
-                           "sessions": self.load_u64(L.ST_OFF_WRITER + L.ROLE_SESSIONS)},
+                           "sessions": self.load_u64(L.ST_OFF_WRITER + L.ROLE_SESSIONS),
+                           "finished": bool(self.load_u32(OFF_WRITER_FINISHED))},
                 "creator_pid": self._header["creator_pid"], "created_ns": self._header["created_ns"]}
 
     def close(self) -> None:
@@ -581,6 +626,12 @@ class SharedState(_core.StateCore, SegmentHandle):
 
     def _close_steps(self) -> None:
         # R50: each step re-doable (core.finish redoes them after an interrupt)
+        if self._writer.held():
+            # R57: "finished" before the owner word goes to 0 (give_back), so a
+            # waiter that sees the role free sees the mark; then wake the waiters
+            self.store_u32(OFF_WRITER_FINISHED, 1)
+            self._writer.give_back(self)
+            self.wake(L.ST_OFF_VERSION_WAKE)
         self._writer.give_back(self)
         for i, busy in self._own_entries():    # empty in a forked child: the entries are the parent's
             if not busy:                       # a busy entry stays ours until its snapshot is released

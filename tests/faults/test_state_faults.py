@@ -46,7 +46,7 @@ def test_a_writer_killed_while_every_spare_slot_is_pinned_leaves_the_last_versio
     assert waiters() == 1                  # the dead writer's announced sleep is still counted
 
     st = state.stats()
-    assert st["writer"] == {"pid": w.pid, "alive": False, "sessions": 1}
+    assert st["writer"] == {"pid": w.pid, "alive": False, "sessions": 1, "finished": False}   # killed: not finished (R57)
     assert st["version"] == 3 and st["slots_pinned"] == 2
     intact(s1)
     intact(s2)

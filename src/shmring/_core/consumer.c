@@ -406,16 +406,18 @@ static int consumer_take_bytes(Consumer *self, PyObject **out) {
     int s = consumer_peek(self, &r);
     if (s != PEEK_FOUND) return s;
     if (r.type != SHMR_T_BYTES) {
+        const char *what = r.type == SHMR_T_ARRAY ? "an array" : r.type == SHMR_T_OBJECT ? "an object"
+                                                                                          : "of an unknown type";
         if (r.again) {                           /* still given back: it stays first in line */
-            PyErr_SetString(PyExc_TypeError, "the next message is not bytes (it is an array or an object); "
-                            "use recv() for it. It was not consumed.");
+            PyErr_Format(WrongKind, "recv_bytes(): the next message is %s, not bytes; use recv() for it. "
+                         "It was not consumed.", what);
         } else if (self->r.kind == SHMR_KIND_MPMC) {     /* taken from the shared cursor: hand it back */
-            PyErr_SetString(PyExc_TypeError, "the next message is not bytes (it is an array or an object); "
-                            "use recv() for it. It was taken and is given back for redelivery.");
+            PyErr_Format(WrongKind, "recv_bytes(): the next message is %s, not bytes; use recv() for it. "
+                         "It was taken and is given back for redelivery.", what);
             mpmc_give_back(self, r.start);
         } else {
-            PyErr_SetString(PyExc_TypeError, "the next message is not bytes (it is an array or an object); "
-                            "use recv() for it. It was not consumed.");
+            PyErr_Format(WrongKind, "recv_bytes(): the next message is %s, not bytes; use recv() for it. "
+                         "It was not consumed.", what);
         }
         return PEEK_CORRUPT;
     }

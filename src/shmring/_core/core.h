@@ -52,6 +52,7 @@ static inline uint64_t align16(uint64_t n) { return (n + 15u) & ~(uint64_t)15u; 
 
 extern PyObject *SegmentTruncated;
 extern PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *EscapedViewWarning;
+extern PyObject *WrongKind;
 extern unsigned long fork_generation;      /* bumped in every forked child */
 
 void finalize_by_method(PyObject *self);   /* tp_finalize: the class's _finalize(), interrupt-proof (R50) */
@@ -98,6 +99,7 @@ int Region_init(Region *self, PyObject *args, PyObject *kw);
 void Region_dealloc(Region *self);
 PyObject *Region_get_closed(Region *self, void *c);
 int check_usable(Region *r);
+int raise_closed(Region *r);
 int check_owner(Region *r);
 /* A handle made before a fork() is the parent's (the one ownership test of the
  * C core): in the child it may only be dropped, never change shared state. */

@@ -7,6 +7,7 @@
 #include <pthread.h>
 
 PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *EscapedViewWarning;
+PyObject *WrongKind;
 unsigned long fork_generation;
 PyObject *decode_func, *copy_func, *state_decode_func;
 
@@ -67,11 +68,12 @@ static int load_errors(void) {
     CorruptSegmentError = PyObject_GetAttrString(m, "CorruptSegmentError");
     MessageTooLarge = PyObject_GetAttrString(m, "MessageTooLarge");
     HandleClosed = PyObject_GetAttrString(m, "HandleClosed");
+    WrongKind = PyObject_GetAttrString(m, "WrongKind");
     ShmringError = PyObject_GetAttrString(m, "ShmringError");
     EscapedViewWarning = PyObject_GetAttrString(m, "EscapedViewWarning");
     SegmentTruncated = PyObject_GetAttrString(m, "SegmentTruncated");
     Py_DECREF(m);
-    return (CorruptSegmentError && MessageTooLarge && HandleClosed && ShmringError && EscapedViewWarning &&
+    return (CorruptSegmentError && MessageTooLarge && HandleClosed && WrongKind && ShmringError && EscapedViewWarning &&
             SegmentTruncated) ? 0 : -1;
 }
 

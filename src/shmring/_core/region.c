@@ -101,8 +101,24 @@ int check_owner(Region *r) {
     return -1;
 }
 
+/* HandleClosed naming the handle and its segment: "this Producer of segment
+ * 'x' is closed".  A slow path: the label is the Python handle's _label. */
+int raise_closed(Region *r) {
+    const char *kind = Py_TYPE(r)->tp_name, *dot = strrchr(kind, '.');
+    if (dot) kind = dot + 1;
+    PyObject *label = PyObject_GetAttrString((PyObject *)r, "_label");
+    if (label && PyUnicode_Check(label))
+        PyErr_Format(HandleClosed, "this %s of %U is closed", kind, label);
+    else {
+        PyErr_Clear();
+        PyErr_Format(HandleClosed, "this %s handle is closed", kind);
+    }
+    Py_XDECREF(label);
+    return -1;
+}
+
 int check_usable(Region *r) {
-    if (r->closed || !r->has_view) { PyErr_SetString(HandleClosed, "handle is closed"); return -1; }
+    if (r->closed || !r->has_view) return raise_closed(r);
     if (truncated(r)) { raise_truncated(r); return -1; }
     return check_owner(r);
 }

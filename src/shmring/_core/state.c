@@ -76,7 +76,7 @@ static int StateCore_init(StateCore *self, PyObject *args, PyObject *kw) {
 }
 
 static int st_usable(StateCore *s) {
-    if (s->r.closed || !s->r.has_view) { PyErr_SetString(HandleClosed, "shared state handle is closed"); return -1; }
+    if (s->r.closed || !s->r.has_view) return raise_closed(&s->r);
     if (truncated(&s->r)) { raise_truncated(&s->r); return -1; }
     if (s->r.fork_gen != fork_generation) {
         /* a forked child starts with none of the parent's pins or entries */
