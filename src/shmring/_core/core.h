@@ -295,6 +295,7 @@ typedef struct {
 void lease_init(Lease *l, const LeaseOps *ops, PyObject *owner, char *ptr, Py_ssize_t len, int readonly);
 void lease_finish(Lease *l);
 void lease_forget(Lease *l);
+int lease_add_context_methods(void);   /* __enter__ / __exit__ without a bound method per with block */
 PyObject *Lease_release(Lease *l, PyObject *unused);
 void Lease_dealloc(Lease *l);
 int Lease_traverse(Lease *l, visitproc visit, void *arg);

@@ -17,6 +17,7 @@
  * Lease(region, offset, length, on_finish, warning).
  */
 #include "core.h"
+#include <stddef.h>
 
 void lease_init(Lease *l, const LeaseOps *ops, PyObject *owner, char *ptr, Py_ssize_t len, int readonly) {
     l->ops = ops;
@@ -151,6 +152,116 @@ void Lease_dealloc(Lease *l) {
     Py_TYPE(l)->tp_free((PyObject *)l);
 }
 
+/* ------------------------------------------------ __enter__ / __exit__
+ *
+ * A `with` statement looks both methods up on the type and binds them: with
+ * ordinary method descriptors that is two new bound-method objects per block,
+ * about a third of a zero-copy receive's cost (issue 15).  Instead the type
+ * holds two LeaseMethod descriptors whose binding (a LeaseBound: the lease
+ * and which method, a strong reference like a bound method's) comes from a
+ * small freelist.  Called on the type (contextlib.ExitStack does
+ * type(cm).__exit__(cm, ...)) a descriptor takes the lease as its first
+ * argument, as a method descriptor does. */
+typedef struct { PyObject_HEAD int exit; vectorcallfunc vectorcall; } LeaseMethod;
+typedef struct { PyObject_HEAD Lease *l; int exit; vectorcallfunc vectorcall; } LeaseBound;
+
+static PyObject *lease_call(Lease *l, int exit, PyObject *const *args, Py_ssize_t n) {
+    if (!exit) {
+        if (n != 0) { PyErr_Format(PyExc_TypeError, "__enter__() takes no arguments (%zd given)", n); return NULL; }
+        return Lease_enter((PyObject *)l, NULL);
+    }
+    if (n != 3) { PyErr_Format(PyExc_TypeError, "__exit__() takes 3 arguments (%zd given)", n); return NULL; }
+    return Lease_exit(l, args, n);
+}
+
+#define LEASE_BOUND_FREELIST 16
+static LeaseBound *bound_free[LEASE_BOUND_FREELIST];
+static int bound_nfree;
+
+static PyObject *LeaseBound_vectorcall(LeaseBound *b, PyObject *const *args, size_t nargsf, PyObject *kw) {
+    if (kw && PyTuple_GET_SIZE(kw)) { PyErr_SetString(PyExc_TypeError, "no keyword arguments"); return NULL; }
+    return lease_call(b->l, b->exit, args, PyVectorcall_NARGS(nargsf));
+}
+static void LeaseBound_dealloc(LeaseBound *b) {
+    PyObject_GC_UnTrack(b);
+    Py_CLEAR(b->l);
+    if (bound_nfree < LEASE_BOUND_FREELIST) { bound_free[bound_nfree++] = b; return; }
+    PyObject_GC_Del(b);
+}
+static int LeaseBound_traverse(LeaseBound *b, visitproc visit, void *arg) { Py_VISIT(b->l); return 0; }
+static int LeaseBound_clear(LeaseBound *b) { Py_CLEAR(b->l); return 0; }
+static PyObject *LeaseBound_repr(LeaseBound *b) {
+    return PyUnicode_FromFormat("<bound method %s of %R>", b->exit ? "__exit__" : "__enter__", b->l ? (PyObject *)b->l : Py_None);
+}
+
+static PyTypeObject LeaseBoundType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.lease_method",
+    .tp_basicsize = sizeof(LeaseBound),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(LeaseBound, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_dealloc = (destructor)LeaseBound_dealloc,
+    .tp_traverse = (traverseproc)LeaseBound_traverse,
+    .tp_clear = (inquiry)LeaseBound_clear,
+    .tp_repr = (reprfunc)LeaseBound_repr,
+};
+
+static PyObject *LeaseMethod_get(LeaseMethod *d, PyObject *obj, PyObject *type) {
+    if (!obj || obj == Py_None) return Py_NewRef(d);
+    LeaseBound *b;
+    if (bound_nfree > 0) {
+        b = bound_free[--bound_nfree];
+        PyObject_Init((PyObject *)b, &LeaseBoundType);
+    }
+    else if (!(b = PyObject_GC_New(LeaseBound, &LeaseBoundType))) return NULL;
+    b->l = (Lease *)Py_NewRef(obj);
+    b->exit = d->exit;
+    b->vectorcall = (vectorcallfunc)LeaseBound_vectorcall;
+    PyObject_GC_Track(b);
+    return (PyObject *)b;
+}
+static PyObject *LeaseMethod_vectorcall(LeaseMethod *d, PyObject *const *args, size_t nargsf, PyObject *kw) {
+    Py_ssize_t n = PyVectorcall_NARGS(nargsf);
+    if (kw && PyTuple_GET_SIZE(kw)) { PyErr_SetString(PyExc_TypeError, "no keyword arguments"); return NULL; }
+    if (n < 1 || !PyObject_TypeCheck(args[0], &LeaseType)) {
+        PyErr_Format(PyExc_TypeError, "%s() needs a lease (a message, snapshot or batch) as its first argument",
+                     d->exit ? "__exit__" : "__enter__");
+        return NULL;
+    }
+    return lease_call((Lease *)args[0], d->exit, args + 1, n - 1);
+}
+static PyObject *LeaseMethod_repr(LeaseMethod *d) {
+    return PyUnicode_FromFormat("<method '%s' of shmring leases>", d->exit ? "__exit__" : "__enter__");
+}
+
+static PyTypeObject LeaseMethodType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmring._core.lease_method_descriptor",
+    .tp_basicsize = sizeof(LeaseMethod),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_vectorcall_offset = offsetof(LeaseMethod, vectorcall),
+    .tp_call = PyVectorcall_Call,
+    .tp_descr_get = (descrgetfunc)LeaseMethod_get,
+    .tp_repr = (reprfunc)LeaseMethod_repr,
+};
+
+/* After PyType_Ready(&LeaseType): put the two descriptors in its dict. */
+int lease_add_context_methods(void) {
+    if (PyType_Ready(&LeaseBoundType) < 0 || PyType_Ready(&LeaseMethodType) < 0) return -1;
+    for (int exit = 0; exit < 2; exit++) {
+        LeaseMethod *d = PyObject_New(LeaseMethod, &LeaseMethodType);
+        if (!d) return -1;
+        d->exit = exit;
+        d->vectorcall = (vectorcallfunc)LeaseMethod_vectorcall;
+        int r = PyDict_SetItemString(LeaseType.tp_dict, exit ? "__exit__" : "__enter__", (PyObject *)d);
+        Py_DECREF(d);
+        if (r < 0) return -1;
+    }
+    PyType_Modified(&LeaseType);
+    return 0;
+}
+
 static PyObject *Lease_get_released(Lease *l, void *c) { return PyBool_FromLong(l->state != LEASE_LIVE); }
 static PyObject *Lease_get_exports(Lease *l, void *c) { return PyLong_FromLong(l->exports); }
 PyObject *Lease_get_nbytes(Lease *l, void *c) { return PyLong_FromSsize_t(l->len); }
@@ -159,8 +270,6 @@ static PyMethodDef Lease_methods[] = {
     {"release", (PyCFunction)Lease_release, METH_NOARGS,
      "release(): give the window back. Idempotent. If a view of it is still alive, that is deferred "
      "until the view is garbage-collected, and EscapedViewWarning is issued."},
-    {"__enter__", (PyCFunction)Lease_enter, METH_NOARGS, NULL},
-    {"__exit__", (PyCFunction)(void (*)(void))Lease_exit, METH_FASTCALL, NULL},
     {NULL}
 };
 static PyGetSetDef Lease_getset[] = {

@@ -252,6 +252,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     if (load_errors() < 0) return NULL;
     for (size_t i = 0; i < ntypes; i++)
         if (PyType_Ready(types[i].type) < 0) return NULL;
+    if (lease_add_context_methods() < 0) return NULL;
     if (!(str_finalize = PyUnicode_InternFromString("_finalize"))) return NULL;
     for (size_t i = 0; i < sizeof callbacks / sizeof callbacks[0]; i++)
         if (!(*callbacks[i].name = PyUnicode_InternFromString(callbacks[i].method))) return NULL;
