@@ -306,7 +306,7 @@ static PyObject *Consumer_use(Consumer *self, PyObject *unused) {
 static PyObject *Consumer_unuse(Consumer *self, PyObject *token) {
     unsigned long prev = PyLong_AsUnsignedLong(token);
     if (PyErr_Occurred()) return NULL;
-    if (self->user == PyThread_get_thread_ident()) self->user = prev;   /* only if the _use() was ours */
+    if (self->user == this_thread()) self->user = prev;   /* only if the _use() was ours */
     Py_RETURN_NONE;
 }
 

@@ -98,7 +98,7 @@ int region_map(Region *self, PyObject *args);
 int Region_init(Region *self, PyObject *args, PyObject *kw);
 void Region_dealloc(Region *self);
 PyObject *Region_get_closed(Region *self, void *c);
-int check_usable(Region *r);
+int check_unusable(Region *r);
 int raise_closed(Region *r);
 int check_owner(Region *r);
 /* A handle made before a fork() is the parent's (the one ownership test of the
@@ -107,7 +107,18 @@ static inline int inherited(Region *r) { return r->fork_gen != fork_generation; 
 int check_positions(Region *r, uint64_t rp, uint64_t wp);
 int read_positions(Region *r, uint64_t *rp, uint64_t *wp);
 int check_timeout(PyObject *timeout);
-int use_begin(unsigned long *user, unsigned long *prev, const char *what, const char *also);
+/* Which thread is inside a call of a handle: its thread state (one load, unlike
+ * PyThread_get_thread_ident's pthread_self call; unique among live threads). */
+static inline unsigned long this_thread(void) { return (unsigned long)(uintptr_t)PyThreadState_Get(); }
+int use_busy(unsigned long user, const char *what, const char *also);
+/* A call takes its handle: another thread inside a call of it is an error. */
+static inline int use_begin(unsigned long *user, unsigned long *prev, const char *what, const char *also) {
+    unsigned long me = this_thread();
+    *prev = *user;
+    if (__builtin_expect(*prev && *prev != me, 0)) return use_busy(*prev, what, also);
+    *user = me;
+    return 0;
+}
 int corrupt(const char *what, uint64_t pos, uint64_t a, uint64_t b);
 static inline int is_multi(Region *r) { return r->kind != SHMR_KIND_SPSC; }
 static inline uint64_t payload_offset(Region *r, uint64_t start) {
@@ -129,6 +140,12 @@ PyObject *guard_installed(PyObject *mod, PyObject *unused);
  * and only ever set (R47). */
 static inline int truncated(Region *r) {
     return __builtin_expect(r->trunc != NULL && load_relaxed32(r->trunc) != 0, 0);   /* R47, pairs with the handler's store_release */
+}
+/* Open, mapped, not truncated, not inherited through fork: 0, else the error
+ * (check_unusable says which).  Inline: every call of a handle starts here. */
+static inline int check_usable(Region *r) {
+    if (__builtin_expect(!r->closed && r->has_view && !truncated(r) && !inherited(r), 1)) return 0;
+    return check_unusable(r);
 }
 /* The end of a C call that touched the segment: if a page of it vanished
  * meanwhile (here or in another thread), its result is not to be trusted:

@@ -75,7 +75,7 @@ static PyObject *Producer_use(Producer *self, PyObject *unused) {
 static PyObject *Producer_unuse(Producer *self, PyObject *token) {
     unsigned long prev = PyLong_AsUnsignedLong(token);
     if (PyErr_Occurred()) return NULL;
-    if (self->user == PyThread_get_thread_ident()) self->user = prev;   /* only if the _use() was ours */
+    if (self->user == this_thread()) self->user = prev;   /* only if the _use() was ours */
     Py_RETURN_NONE;
 }
 
@@ -271,7 +271,7 @@ static void ticket_abort(Ticket *t) {
     if (!p || !p->reserved || p->res_seq != t->seq) return;
     if (p->r.closed) return;           /* close() / detach() aborted what they meant to; a handle marked
                                         * closed by other means stands for a gone process: leave its claim */
-    if (p->user && p->user != PyThread_get_thread_ident()) return;   /* another thread is inside a call: close() aborts it */
+    if (p->user && p->user != this_thread()) return;   /* another thread is inside a call: close() aborts it */
     p->reserved = 0;
     if (inherited(&p->r)) return;      /* a forked child: the parent's reservation */
     if (is_multi(&p->r)) mp_commit(p, p->res_start, p->res_len, p->res_len, SHMR_T_SKIP);
@@ -295,7 +295,7 @@ static PyObject *Ticket_commit(Ticket *t, PyObject *const *args, Py_ssize_t n) {
 }
 
 static PyObject *Ticket_abort(Ticket *t, PyObject *unused) {
-    if (t->p->user && t->p->user != PyThread_get_thread_ident()) {
+    if (t->p->user && t->p->user != this_thread()) {
         PyErr_SetString(ShmringError, "this producer handle is in use by another thread inside a call of it");
         return NULL;
     }

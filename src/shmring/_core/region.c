@@ -117,7 +117,7 @@ int raise_closed(Region *r) {
     return -1;
 }
 
-int check_usable(Region *r) {
+int check_unusable(Region *r) {
     if (r->closed || !r->has_view) return raise_closed(r);
     if (truncated(r)) { raise_truncated(r); return -1; }
     return check_owner(r);
@@ -166,17 +166,12 @@ int corrupt(const char *what, uint64_t pos, uint64_t a, uint64_t b) {
  * the waits, which let other threads run; another thread's call meanwhile is
  * refused instead of interleaving with it.  The slow paths call the handle's
  * own methods: the same thread passes.  `also` ends the error message. */
-int use_begin(unsigned long *user, unsigned long *prev, const char *what, const char *also) {
-    unsigned long me = PyThread_get_thread_ident();
-    if (*user && *user != me) {
-        PyErr_Format(ShmringError, "this %s handle is in use by another thread (ident %lu) inside a call "
-                     "of it; a handle is not thread-safe: give each thread its own handle, or serialize "
-                     "its calls with a lock%s", what, *user, also);
-        return -1;
-    }
-    *prev = *user;
-    *user = me;
-    return 0;
+/* The slow path of use_begin: another thread is inside a call of this handle. */
+int use_busy(unsigned long user, const char *what, const char *also) {
+    PyErr_Format(ShmringError, "this %s handle is in use by another thread (ident %lu) inside a call "
+                 "of it; a handle is not thread-safe: give each thread its own handle, or serialize "
+                 "its calls with a lock%s", what, ((PyThreadState *)user)->thread_id, also);
+    return -1;
 }
 
 /* A timeout is None or a number >= 0; checked even when the call would not block. */
