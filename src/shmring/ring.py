@@ -46,7 +46,7 @@ import weakref
 
 import numpy as np
 
-from . import _core, codec, parties, records, roles, waiting, wakefd
+from . import _core, _interop, codec, parties, records, roles, waiting, wakefd
 from . import layout as L
 from .pausepoints import pause
 from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, ShmringError, Timeout
@@ -608,7 +608,8 @@ class Producer(_core.ProducerCore):
 
         The same lifetime rules as :meth:`reserve_array`."""
         enc = codec.encode(template)
-        return self._reserve_open(enc, timeout, lambda views: [v for v, b in zip(views, enc.blocks) if b[0] is None])
+        return self._reserve_open(enc, timeout, lambda views: [v for v, b in zip(views, enc.blocks)
+                                                               if b[0] is None or isinstance(b[0], _interop.TensorPlace)])
 
     # -- lifetime ------------------------------------------------------------------
     def _abort_open(self) -> None:
@@ -741,7 +742,10 @@ class Reservation:
         self._done = True
         v, self.view = self.view, None
         for a in (v if isinstance(v, list) else ()):
-            a.flags.writeable = False
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False
+            else:                   # a torch tensor (InPlace with a torch dtype): no read-only flag,
+                a.set_()            # so it is pointed away from the ring, at an empty storage
         if isinstance(v, np.ndarray):
             v.flags.writeable = False
         elif isinstance(v, memoryview):
