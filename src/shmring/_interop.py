@@ -207,11 +207,17 @@ def make_tensor(msg, dt, shape, start: int, nbytes: int, copy: bool):
     torch = _torch()
     if nbytes == 0:
         return torch.empty(shape, dtype=dt)
+    # Not torch.frombuffer: it releases the buffer export at once (keeping only
+    # a reference to the message), so releasing the message would give its
+    # space back under the tensor.  A numpy array holds the export until it is
+    # collected, and the tensor holds the array: the message stays leased.
+    a = np.frombuffer(msg, dtype=RAW, count=nbytes, offset=start)
     with warnings.catch_warnings():
-        # "The given buffer is not writable": the consumer's export is read-only,
-        # torch has no read-only tensors (see README, "torch tensors")
+        # "The given NumPy array is not writable": the consumer's export is
+        # read-only, torch has no read-only tensors (see README, "torch tensors")
         warnings.simplefilter("ignore", UserWarning)
-        t = torch.frombuffer(msg, dtype=dt, count=nbytes // dt.itemsize, offset=start).view(shape)
+        t = torch.from_numpy(a)
+    t = t.view(dt).view(shape)
     return t.clone() if copy else t
 
 
