@@ -478,6 +478,12 @@ class Producer(_core.ProducerCore):
                     self._block(lambda: self._push_array(meta, data, L.T_ARRAY) or None,
                                 len(meta) + data.nbytes + 72, timeout)
                 return None
+        elif _interop.is_tensor(data) and (fast := _interop.tensor_fast(data)) is not None:
+            meta, raw = fast                  # a contiguous tensor: the same one memcpy in C
+            if not self._push_array(meta, raw, L.T_OBJECT):
+                self._block(lambda: self._push_array(meta, raw, L.T_OBJECT) or None,
+                            len(meta) + raw.nbytes + 72, timeout)
+            return None
         if isinstance(data, (np.ndarray, np.generic)) or not _is_bytes_like(data):
             self._write(codec.encode(data), timeout)
             return None
@@ -493,6 +499,8 @@ class Producer(_core.ProducerCore):
             meta = codec.array_meta(data)
             if meta is not None:
                 return self._push_array(meta, data, L.T_ARRAY)
+        elif _interop.is_tensor(data) and (fast := _interop.tensor_fast(data)) is not None:
+            return self._push_array(fast[0], fast[1], L.T_OBJECT)
         if isinstance(data, (np.ndarray, np.generic)) or not _is_bytes_like(data):
             return self._write(codec.encode(data), 0, blocking=False)
         with memoryview(data) as mv:
