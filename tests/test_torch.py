@@ -245,3 +245,21 @@ def test_lying_tensor_descriptors_are_corrupt_segment_errors(pc, payload, match)
             m.value
     p.send(b"next")
     assert c.recv_bytes() == b"next"
+
+
+def test_the_pickle_reducer_for_queue_sends_tensor_bytes_out_of_band():
+    """For shmring.Queue (issue 17 item 1): a tensor pickles as a PickleBuffer of its bytes."""
+    import io
+    import pickle
+
+    class P(pickle.Pickler):
+        def reducer_override(self, obj):
+            return _interop.tensor_reduce(obj) if _interop.is_tensor(obj) else NotImplemented
+
+    for t in (torch.arange(12, dtype=torch.bfloat16).reshape(3, 4).t(), torch.zeros(0, 3), torch.tensor(True)):
+        bufs, f = [], io.BytesIO()
+        P(f, protocol=5, buffer_callback=bufs.append).dump({"t": t})
+        assert len(bufs) == 1 and bufs[0].raw().nbytes == t.numel() * t.element_size()
+        assert len(f.getvalue()) < 300                       # the bytes are not in the pickle
+        got = pickle.loads(f.getvalue(), buffers=[bytearray(b.raw()) for b in bufs])["t"]
+        assert got.dtype == t.dtype and got.shape == t.shape and raw(got) == raw(t)

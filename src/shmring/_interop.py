@@ -292,3 +292,36 @@ def make_arrow(msg, what: str, start: int, nbytes: int, copy: bool):
     if what == "pandas":
         return value.to_pandas()
     return value
+
+
+# -- pickle (for shmring.Queue: pickle protocol 5, out-of-band buffers) ---------------
+
+def tensor_reduce(t):
+    """A reducer for a pickler's ``reducer_override`` / ``dispatch_table``: a CPU
+    tensor as its raw bytes in a ``PickleBuffer`` (protocol 5 hands it to the
+    ``buffer_callback``: out of band, so it can be placed straight into the
+    ring), its dtype by name (bfloat16 too) and its shape.  Refused like
+    ``send``: sparse, quantized, non-CPU tensors raise UnsupportedType."""
+    import pickle
+    torch = sys.modules["torch"]
+    t = TensorSource(t).t.contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, RAW)
+    return rebuild_tensor, (pickle.PickleBuffer(raw), dtype_name(t.dtype), tuple(t.shape))
+
+
+def rebuild_tensor(buf, name: str, shape):
+    """The inverse of :func:`tensor_reduce`: a tensor over ``buf`` (zero copy:
+    it holds ``buf``'s buffer export, as a received tensor holds its message,
+    R81), writable or not as torch has it (R82)."""
+    torch = _torch()
+    dt = torch_dtype(name)
+    shape = tuple(int(s) for s in shape)
+    a = np.frombuffer(buf, dtype=RAW)
+    if a.nbytes != prod(shape) * dt.itemsize:
+        raise ValueError(f"{a.nbytes} bytes do not hold a {name} tensor of shape {shape}")
+    if not a.nbytes:
+        return torch.empty(shape, dtype=dt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(a)
+    return t.view(dt).view(shape)
