@@ -263,3 +263,24 @@ def test_the_pickle_reducer_for_queue_sends_tensor_bytes_out_of_band():
         assert len(f.getvalue()) < 300                       # the bytes are not in the pickle
         got = pickle.loads(f.getvalue(), buffers=[bytearray(b.raw()) for b in bufs])["t"]
         assert got.dtype == t.dtype and got.shape == t.shape and raw(got) == raw(t)
+
+
+def test_a_receiver_without_torch_gets_module_not_found_and_can_release_the_message(ring_name):
+    import subprocess
+    import sys
+    with shmring.Ring.create(ring_name, 1 << 16) as ring, ring.producer() as p:
+        p.send(torch.ones(3))
+        p.send(b"next")
+        code = (f"import sys; sys.modules['torch'] = None\n"
+                f"import shmring\n"
+                f"with shmring.Ring.attach({ring_name!r}) as r, r.consumer() as c:\n"
+                f"    with c.recv(timeout=10) as m:\n"
+                f"        try:\n"
+                f"            m.value\n"
+                f"        except ModuleNotFoundError as e:\n"
+                f"            print('ModuleNotFoundError', e)\n"
+                f"    print(c.recv_bytes(timeout=10))\n")
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "ModuleNotFoundError this message holds a torch tensor: install torch" in r.stdout
+    assert "b'next'" in r.stdout
