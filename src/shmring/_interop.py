@@ -189,7 +189,11 @@ class ArrowSource:
     __slots__ = ("obj", "nbytes")
 
     def __init__(self, obj, what: str):
-        pa = _pyarrow()
+        try:
+            pa = _pyarrow()
+        except ModuleNotFoundError:
+            raise UnsupportedType("a pandas DataFrame travels as Arrow: install pyarrow "
+                                  "(pip install 'shmring[arrow]') to send one") from None
         if what == "pandas":
             obj = pa.Table.from_pandas(obj)
         self.obj = obj
