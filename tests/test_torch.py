@@ -247,14 +247,17 @@ def test_lying_tensor_descriptors_are_corrupt_segment_errors(pc, payload, match)
     assert c.recv_bytes() == b"next"
 
 
-def test_the_pickle_reducer_for_queue_sends_tensor_bytes_out_of_band():
+def test_tensor_parts_make_a_pickle_reducer_that_sends_tensor_bytes_out_of_band():
     """For shmring.Queue (issue 17 item 1): a tensor pickles as a PickleBuffer of its bytes."""
     import io
     import pickle
 
     class P(pickle.Pickler):
         def reducer_override(self, obj):
-            return _interop.tensor_reduce(obj) if _interop.is_tensor(obj) else NotImplemented
+            if not _interop.is_tensor(obj):
+                return NotImplemented
+            raw_bytes, name, shape = _interop.tensor_parts(obj)
+            return _interop.rebuild_tensor, (pickle.PickleBuffer(raw_bytes), name, shape)
 
     for t in (torch.arange(12, dtype=torch.bfloat16).reshape(3, 4).t(), torch.zeros(0, 3), torch.tensor(True)):
         bufs, f = [], io.BytesIO()

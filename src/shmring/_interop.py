@@ -298,23 +298,23 @@ def make_arrow(msg, what: str, start: int, nbytes: int, copy: bool):
     return value
 
 
-# -- pickle (for shmring.Queue: pickle protocol 5, out-of-band buffers) ---------------
+# -- for shmring.Queue's pickler (pickle protocol 5, out-of-band buffers) ----------
+# This module never pickles (tests/faults/test_security.py); the Queue's
+# reducer wraps the parts:  raw, name, shape = tensor_parts(t);
+# return rebuild_tensor, (pickle.PickleBuffer(raw), name, shape)
 
-def tensor_reduce(t):
-    """A reducer for a pickler's ``reducer_override`` / ``dispatch_table``: a CPU
-    tensor as its raw bytes in a ``PickleBuffer`` (protocol 5 hands it to the
-    ``buffer_callback``: out of band, so it can be placed straight into the
-    ring), its dtype by name (bfloat16 too) and its shape.  Refused like
+def tensor_parts(t) -> tuple:
+    """A CPU tensor as ``(raw bytes as a u1 ndarray, dtype name, shape)``: the
+    bytes to hand out of band, its dtype by name (bfloat16 too).  Refused like
     ``send``: sparse, quantized, non-CPU tensors raise UnsupportedType."""
-    import pickle
     torch = sys.modules["torch"]
     t = TensorSource(t).t.contiguous()
     raw = t.reshape(-1).view(torch.uint8).numpy() if t.numel() else np.empty(0, RAW)
-    return rebuild_tensor, (pickle.PickleBuffer(raw), dtype_name(t.dtype), tuple(t.shape))
+    return raw, dtype_name(t.dtype), tuple(t.shape)
 
 
 def rebuild_tensor(buf, name: str, shape):
-    """The inverse of :func:`tensor_reduce`: a tensor over ``buf`` (zero copy:
+    """The inverse of :func:`tensor_parts`: a tensor over ``buf`` (zero copy:
     it holds ``buf``'s buffer export, as a received tensor holds its message,
     R81), writable or not as torch has it (R82)."""
     torch = _torch()
