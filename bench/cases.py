@@ -1212,6 +1212,7 @@ def all_cases():
                       ShmPipeLarge(nb, summing), IoxLarge(nb, summing), ZmqLarge(nb, summing),
                       FFLarge(nb, summing), PipeLarge(nb, summing), PipePickle5Large(nb, summing)]
             cases += peers.large_cases(nb, summing)
+    cases += peers.interop_cases.frame_cases()      # torch / Arrow rows: issue 17 item 4
     cases += [
         ShmPingPong(1.0, "shmring busy-poll (spin=1 s)", busy=True),
         ShmPingPong(50e-6, "shmring hybrid (spin=50 us, default)", busy=True),

@@ -35,6 +35,7 @@ import numpy as np
 
 from .cases import MASK, U64, CaseFailed, LargeStream, PingPong, SmallStream, uniq
 from .harness import CTX
+from . import interop_cases
 
 
 def _find(mod: str) -> str | None:
@@ -643,7 +644,7 @@ def small_cases(size):
 def large_cases(nbytes, summing):
     return [ZenohLarge(nbytes, summing), ZenohShmLarge(nbytes, summing), RayLarge(nbytes, summing),
             TorchQueueLarge(nbytes, summing), TorchQueuePoolLarge(nbytes, summing),
-            ArrowMmapLarge(nbytes, summing)]
+            ArrowMmapLarge(nbytes, summing)] + interop_cases.large_cases(nbytes, summing)
 
 
 def pingpong_cases(gap=0.0):

@@ -7,6 +7,8 @@ bytes-like        T_BYTES    read-only ``memoryview`` of the ring
 ``ndarray``       T_ARRAY    read-only ``ndarray`` viewing the ring
 anything else     T_OBJECT   the msgpack-decoded object; every ``ndarray`` in it
                              travelled as a raw block and is a read-only view
+torch tensor,     T_OBJECT   a tensor / Arrow object over the ring's memory
+Arrow, DataFrame             (:mod:`shmring._interop`: ext types 2 and 3)
 ================  =========  ==================================================
 
 ``T_ARRAY`` and ``T_OBJECT`` payloads share one layout::
@@ -41,7 +43,7 @@ from math import prod
 import msgpack
 import numpy as np
 
-from . import _core
+from . import _core, _interop
 from . import layout as L
 from .errors import CorruptSegmentError, DecodeLimit, UnsupportedType
 
@@ -181,9 +183,10 @@ class InPlace:
 
     def __init__(self, shape, dtype, order: str = "C"):
         self.shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
-        self.dtype = np.dtype(dtype)
+        # a torch dtype builds a torch tensor in place (C order)
+        self.dtype = dtype if _interop.is_torch_dtype(dtype) and order == "C" else np.dtype(dtype)
         self.order = order
-        if any(s < 0 for s in self.shape) or order not in ("C", "F") or self.dtype.hasobject:
+        if any(s < 0 for s in self.shape) or order not in ("C", "F") or getattr(self.dtype, "hasobject", False):
             raise ValueError(f"InPlace needs a non-negative shape, order 'C' or 'F' and a fixed-size dtype; "
                              f"got {self.shape}, {order!r}, {self.dtype}")
 
@@ -215,6 +218,15 @@ class _Packer:
     def default(self, obj):
         if isinstance(obj, np.ndarray):
             return msgpack.ExtType(EXT_ARRAY, msgpack.packb(self.array(obj)))
+        if _interop.is_tensor(obj):
+            return msgpack.ExtType(_interop.EXT_TENSOR, msgpack.packb(
+                _interop.tensor_ext(self, _interop.TensorSource(obj), tuple(obj.shape), obj.dtype)))
+        if isinstance(obj, InPlace) and not isinstance(obj.dtype, np.dtype):
+            return msgpack.ExtType(_interop.EXT_TENSOR, msgpack.packb(
+                _interop.tensor_ext(self, _interop.TensorPlace(obj.shape, obj.dtype), obj.shape, obj.dtype)))
+        what = _interop.is_arrow(obj)
+        if what is not None:
+            return msgpack.ExtType(_interop.EXT_ARROW, msgpack.packb(_interop.arrow_ext(self, obj, what)))
         if isinstance(obj, InPlace):
             return msgpack.ExtType(EXT_ARRAY, msgpack.packb(self.descriptor(None, obj.shape, obj.dtype, obj.order)))
         if isinstance(obj, np.generic):
@@ -224,7 +236,9 @@ class _Packer:
                                   "only; send a larger one as a str (str(n)) or bytes (n.to_bytes(...))")
         raise UnsupportedType(f"cannot send an object of type {type(obj).__module__}.{type(obj).__qualname__}: "
                               "shmring sends bytes-like values, numpy arrays, and msgpack-able objects "
-                              "(None, bool, int, float, str, bytes, list, tuple, dict) that may contain arrays")
+                              "(None, bool, int, float, str, bytes, list, tuple, dict) that may contain arrays, "
+                              "and, when torch / pyarrow are loaded, CPU tensors, Arrow tables and record "
+                              "batches, and pandas DataFrames")
 
 
 def encode(value) -> Encoded:
@@ -291,8 +305,9 @@ def array_encoding(shape, dtype, order: str = "C") -> Encoded:
 def write(wmv: memoryview, payload_off: int, enc: Encoded) -> tuple[int, list]:
     """Write ``enc`` at ``payload_off`` of the region; return (payload length, array views).
 
-    Source arrays are copied in (one copy each, whatever their layout);
-    blocks without a source come back as writable views to fill in place.
+    Source arrays are copied in (one copy each, whatever their layout), a
+    tensor or Arrow source writes itself in; blocks without a source come
+    back as writable views to fill in place (a TensorPlace: a tensor view).
     """
     PREFIX.pack_into(wmv, payload_off, len(enc.meta), len(enc.blocks))
     m0 = payload_off + PREFIX.size
@@ -303,8 +318,12 @@ def write(wmv: memoryview, payload_off: int, enc: Encoded) -> tuple[int, list]:
         area = L.align(end, L.ARRAY_ALIGN)
         for src, shape, dtype, order, off in enc.blocks:
             dst = np.ndarray(shape, dtype, buffer=wmv, offset=area + off, order=order)
-            if src is not None:
+            if isinstance(src, np.ndarray):
                 np.copyto(dst, src, casting="no")
+            elif isinstance(src, _interop.TensorPlace):
+                dst = src.view(dst)
+            elif src is not None:
+                src.fill(dst)
             views.append(dst)
         end = area + enc.area_len
     return end - payload_off, views
@@ -353,14 +372,19 @@ def _decode(msg, copy: bool = False):
         raise _corrupt(msg, f"array area at {area} lies outside a payload of {n} bytes")
     seen = [0]
 
-    def make(parsed):
+    def block(parsed):
         seen[0] += 1
         if seen[0] > narrays:
             raise _corrupt(msg, f"more arrays than the {narrays} announced")
-        dt, shape, order, off, nbytes, count = parsed
+        _dt, _shape, _order, off, nbytes, _count = parsed
         if area + off + nbytes > n:
             raise _corrupt(msg, f"array of {nbytes} bytes at area offset {off} overruns the "
                                 f"{n - area}-byte array area")
+        return area + off
+
+    def make(parsed):
+        block(parsed)
+        dt, shape, order, off, nbytes, count = parsed
         if nbytes == 0:
             a = np.empty(shape, dt, order=order)
             if copy:
@@ -379,9 +403,33 @@ def _decode(msg, copy: bool = False):
             raise _corrupt(msg, f"bad array descriptor: {e}") from None
 
     def ext_hook(code, data):
-        if code != EXT_ARRAY:
-            return msgpack.ExtType(code, data)
-        return make(parse(_unpack(data, msg)))
+        if code == EXT_ARRAY:
+            return make(parse(_unpack(data, msg)))
+        if code == _interop.EXT_TENSOR:
+            try:
+                dt, shape, desc = _interop.parse_tensor(_unpack(data, msg))
+            except (ModuleNotFoundError, CorruptSegmentError, DecodeLimit):
+                raise
+            except Exception as e:
+                raise _corrupt(msg, f"bad tensor descriptor: {e}") from None
+            parsed = parse(desc)
+            return _interop.make_tensor(msg, dt, shape, block(parsed), parsed[4], copy)
+        if code == _interop.EXT_ARROW:
+            try:
+                what, desc = _interop.parse_arrow(_unpack(data, msg))
+            except (CorruptSegmentError, DecodeLimit):
+                raise
+            except Exception as e:
+                raise _corrupt(msg, f"bad Arrow descriptor: {e}") from None
+            parsed = parse(desc)
+            start = block(parsed)
+            try:
+                return _interop.make_arrow(msg, what, start, parsed[4], copy)
+            except ModuleNotFoundError:
+                raise
+            except Exception as e:
+                raise _corrupt(msg, f"invalid Arrow data ({type(e).__name__}: {e})") from None
+        return msgpack.ExtType(code, data)
 
 
     try:
@@ -405,7 +453,7 @@ def _decode(msg, copy: bool = False):
             seen[0] = 0
             return msgpack.unpackb(meta, ext_hook=ext_hook, raw=False, strict_map_key=False,
                                    object_pairs_hook=_tuple_keys)
-    except (CorruptSegmentError, DecodeLimit):
+    except (CorruptSegmentError, DecodeLimit, ModuleNotFoundError):
         raise
     except msgpack.StackError:
         raise DecodeLimit(f"{_at(msg)}: its msgpack meta nests containers deeper than {MAX_DEPTH} "

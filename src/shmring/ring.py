@@ -46,7 +46,7 @@ import weakref
 
 import numpy as np
 
-from . import _core, codec, parties, records, roles, waiting, wakefd
+from . import _core, _interop, codec, parties, records, roles, waiting, wakefd
 from . import layout as L
 from .pausepoints import pause
 from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, ShmringError, Timeout
@@ -478,6 +478,12 @@ class Producer(_core.ProducerCore):
                     self._block(lambda: self._push_array(meta, data, L.T_ARRAY) or None,
                                 len(meta) + data.nbytes + 72, timeout)
                 return None
+        elif _interop.is_tensor(data) and (fast := _interop.tensor_fast(data)) is not None:
+            meta, raw = fast                  # a contiguous tensor: the same one memcpy in C
+            if not self._push_array(meta, raw, L.T_OBJECT):
+                self._block(lambda: self._push_array(meta, raw, L.T_OBJECT) or None,
+                            len(meta) + raw.nbytes + 72, timeout)
+            return None
         if isinstance(data, (np.ndarray, np.generic)) or not _is_bytes_like(data):
             self._write(codec.encode(data), timeout)
             return None
@@ -493,6 +499,8 @@ class Producer(_core.ProducerCore):
             meta = codec.array_meta(data)
             if meta is not None:
                 return self._push_array(meta, data, L.T_ARRAY)
+        elif _interop.is_tensor(data) and (fast := _interop.tensor_fast(data)) is not None:
+            return self._push_array(fast[0], fast[1], L.T_OBJECT)
         if isinstance(data, (np.ndarray, np.generic)) or not _is_bytes_like(data):
             return self._write(codec.encode(data), 0, blocking=False)
         with memoryview(data) as mv:
@@ -608,7 +616,8 @@ class Producer(_core.ProducerCore):
 
         The same lifetime rules as :meth:`reserve_array`."""
         enc = codec.encode(template)
-        return self._reserve_open(enc, timeout, lambda views: [v for v, b in zip(views, enc.blocks) if b[0] is None])
+        return self._reserve_open(enc, timeout, lambda views: [v for v, b in zip(views, enc.blocks)
+                                                               if b[0] is None or isinstance(b[0], _interop.TensorPlace)])
 
     # -- lifetime ------------------------------------------------------------------
     def _abort_open(self) -> None:
@@ -741,7 +750,10 @@ class Reservation:
         self._done = True
         v, self.view = self.view, None
         for a in (v if isinstance(v, list) else ()):
-            a.flags.writeable = False
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False
+            else:                   # a torch tensor (InPlace with a torch dtype): no read-only flag,
+                a.set_()            # so it is pointed away from the ring, at an empty storage
         if isinstance(v, np.ndarray):
             v.flags.writeable = False
         elif isinstance(v, memoryview):

@@ -50,7 +50,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from . import _core, codec, roles, waiting
+from . import _core, _interop, codec, roles, waiting
 from . import layout as L
 from ._proc import my_start_time
 from .errors import (CorruptSegmentError, EndOfStream, HandleClosed, IncompatibleSegment, MessageTooLarge, SegmentTruncated,
@@ -155,9 +155,11 @@ def _writable(obj):
 
 
 def _detached(obj):
-    """A copy of a decoded value whose arrays own their memory."""
+    """A copy of a decoded value whose arrays (and tensors) own their memory."""
     if isinstance(obj, np.ndarray):
         return obj.copy(order="K")
+    if _interop.is_tensor(obj):
+        return obj.clone()
     if isinstance(obj, dict):
         return {k: _detached(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -168,6 +170,8 @@ def _detached(obj):
 def _readonly(obj):
     if isinstance(obj, np.ndarray):
         obj.flags.writeable = False
+    elif _interop.is_tensor(obj):
+        obj.set_()            # torch has no read-only flag: the draft's tensor is pointed away from the slot
     elif isinstance(obj, dict):
         for v in obj.values():
             _readonly(v)
