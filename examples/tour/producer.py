@@ -5,7 +5,8 @@ import numpy as np
 import shmring
 
 name = sys.argv[1] if sys.argv[1:] else "tour"
-ring = shmring.Ring.create(name, 1 << 26)            # the segment /dev/shm/shmring.tour
+ring = shmring.Ring.create(name, 1 << 26, replace_dead=True)   # /dev/shm/shmring.tour; replace_dead:
+#   one left over by a killed run is replaced (never one a live process uses)
 with ring.producer() as prod:
     prod.send(b"raw bytes")                          # bytes-like  -> bytes message
     prod.send(np.arange(12.0).reshape(3, 4))         # ndarray     -> array message (one memcpy)

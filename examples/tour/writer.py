@@ -6,7 +6,7 @@ import numpy as np
 import shmring
 
 name = sys.argv[1] if sys.argv[1:] else "weights"
-state = shmring.SharedState.create(name, 32 << 20, slots=4)
+state = shmring.SharedState.create(name, 32 << 20, slots=4, replace_dead=True)  # as in producer.py
 state.publish({"step": 0, "w": np.zeros((1000, 1000), np.float32)})
 for step in range(1, 6):
     time.sleep(0.1)

@@ -83,7 +83,8 @@ class Ring(SegmentHandle):
     def create(cls, name: str | None = None, capacity: int = 1 << 20, *, kind: str = "spsc",
                path=None, mode: int = 0o600, max_producers: int | None = None,
                max_consumers: int | None = None, producers: int | None = None,
-               policy: str = "block", evict_after: float = 1.0, dtype=None) -> "Ring":
+               policy: str = "block", evict_after: float = 1.0, dtype=None,
+               replace_dead: bool = False) -> "Ring":
         """Create a ring with ``capacity`` bytes of data area (a power of two, >= 4096).
 
         ``name`` names a POSIX segment (``/dev/shm/shmring.NAME``); with ``path``
@@ -115,6 +116,11 @@ class Ring(SegmentHandle):
         fixed-size records and no per-message framing; the producer's
         ``send_many(array)`` is one copy and the consumer's ``recv_many()``
         returns numpy views of many records at once (:mod:`shmring.records`).
+
+        ``replace_dead=True``: if the name exists but no live process has it
+        attached (every process that used it died: a killed run), replace it
+        with the new ring; a segment a live process uses is never replaced
+        (``SegmentExists``).  See docs/design.md R65.
         """
         if kind not in L.KINDS:
             raise ValueError(f"unknown ring kind {kind!r}; this version supports {sorted(L.KINDS)}")
@@ -150,7 +156,7 @@ class Ring(SegmentHandle):
         geometry = L.multi_geometry(capacity, maxp, maxc) if k in L.MULTI_KINDS else None
         size = geometry["segment_size"] if geometry else L.segment_size(capacity)
         seg = (Segment.create_anonymous(size) if name is None and path is None
-               else Segment.create(name, size, path=path, mode=mode))
+               else Segment.create(name, size, path=path, mode=mode, replace_dead=replace_dead))
         try:
             pause("create")                       # the name exists, the header is not written
             write_header(seg.buf, kind=k, capacity=capacity, geometry=geometry)

@@ -224,7 +224,7 @@ class SharedState(_core.StateCore, SegmentHandle):
     # -- construction ---------------------------------------------------------
     @classmethod
     def create(cls, name: str | None = None, nbytes: int = 1 << 20, *, slots: int = 4, mode: int = 0o600,
-               path=None, max_readers: int = 64) -> "SharedState":
+               path=None, max_readers: int = 64, replace_dead: bool = False) -> "SharedState":
         """Create a shared state whose values may be up to ``nbytes`` bytes encoded
         (an array's ``nbytes`` plus ~100 bytes of descriptor), with ``slots`` versions.
 
@@ -232,6 +232,8 @@ class SharedState(_core.StateCore, SegmentHandle):
         the state lives in that file and persists until ``unlink()``.
         ``max_readers`` bounds the reader table (each reading handle takes one
         entry per concurrently pinned snapshot).
+        ``replace_dead=True`` replaces a segment of that name that no live
+        process has attached, as for :meth:`Ring.create`.
         """
         for arg, v in (("nbytes", nbytes), ("slots", slots), ("max_readers", max_readers)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -246,7 +248,7 @@ class SharedState(_core.StateCore, SegmentHandle):
             raise ValueError(f"max_readers must be from 1 to {L.ST_MAX_READERS}, got {max_readers}")
         g = L.state_geometry(nbytes, slots, max_readers)
         seg = (Segment.create_anonymous(g["segment_size"]) if name is None and path is None
-               else Segment.create(name, g["segment_size"], path=path, mode=mode))
+               else Segment.create(name, g["segment_size"], path=path, mode=mode, replace_dead=replace_dead))
         try:
             _write_state_header(seg.buf, nbytes=nbytes, slots=slots, max_readers=max_readers)
             core = _core.StateCore(seg.buf)
