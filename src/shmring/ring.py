@@ -50,7 +50,8 @@ from . import _core, codec, parties, records, roles, waiting, wakefd
 from . import layout as L
 from .pausepoints import pause
 from .errors import EndOfStream, EscapedViewWarning, HandleClosed, Lagged, PeerGone, ShmringError, Timeout
-from .segment import Segment, SegmentHandle, fd_reference, open_fd_reference, validate_header, write_header
+from .segment import (Segment, SegmentHandle, fd_reference, hide_word_access, open_fd_reference, validate_header,
+                      write_header)
 from .waiting import DEFAULT_SPIN
 
 CLOSED_EOS = 1            # producer role "closed" word: closed normally
@@ -420,6 +421,7 @@ def _warn_dropped(handle, what: str) -> None:
         pass
 
 
+@hide_word_access
 class Producer(_core.ProducerCore):
     """The producer handle of a ring (a context manager; exiting closes the stream).
 
@@ -800,6 +802,7 @@ def _is_bytes_like(data) -> bool:
         return False
 
 
+@hide_word_access
 class Consumer(_core.ConsumerCore):
     """The consumer handle of a ring (a context manager; exiting detaches).
 

@@ -781,6 +781,36 @@ def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
     return h
 
 
+_RAW_WORD_METHODS = ("load_u32", "load_u64", "store_u32", "store_u64", "cas_u64", "fetch_add_u64")
+
+
+class _InternalWordAccess:
+    """Hides a raw shared-memory word accessor of the C base class on a public
+    handle (issue 16 case 10): a store or CAS at a wrong offset corrupts a live
+    ring for every process.  shmring's own code calls the ``_``-prefixed
+    aliases (``_load_u64`` ...)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        raise AttributeError(f"{(objtype or type(obj)).__name__}.{self.name} is not public: raw access to "
+                             "shared-memory words could corrupt a live ring or state for every process "
+                             "(shmring uses it internally as _" + self.name + ")")
+
+
+def hide_word_access(cls):
+    """Class decorator: the raw word accessors of a C base class become
+    private on ``cls`` (``_load_u64`` ...), the public names raise."""
+    from . import _core
+    for name in _RAW_WORD_METHODS:
+        setattr(cls, "_" + name, getattr(_core.Region, name))
+        hidden = _InternalWordAccess()
+        hidden.__set_name__(cls, name)
+        setattr(cls, name, hidden)
+    return cls
+
+
 class SegmentHandle:
     """What Ring and SharedState share: ``unlink()`` and the context manager
     (a handle made by ``create`` unlinks its POSIX segment on exit; a

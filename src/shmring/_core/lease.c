@@ -384,7 +384,8 @@ static PyGetSetDef Message_getset[] = {
      "(msgpack, arrays inside are read-only views). Built anew on each access; valid until release().", NULL},
     {"kind", (getter)Message_get_kind, NULL, "'bytes', 'array' or 'object'", NULL},
     {"type", (getter)Message_get_type, NULL, "record type code (shmring.layout.T_*)", NULL},
-    {"nbytes", (getter)Message_get_nbytes, NULL, "payload size in bytes", NULL},
+    {"nbytes", (getter)Message_get_nbytes, NULL, "the message's size in the ring as encoded (bytes: their "
+     "length; an array: its data plus its descriptor; the data alone: msg.value.nbytes)", NULL},
     {"_offset", (getter)Message_get_offset, NULL, "payload offset in the region", NULL},
     {"_touched", (getter)Message_get_touched, NULL, "handed to user code (R39)", NULL},
     {"position", (getter)Message_get_position, NULL, "ring position of the record", NULL},
