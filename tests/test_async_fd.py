@@ -34,7 +34,8 @@ KINDS = ["spsc", "mpsc", "broadcast", "mpmc"]
 
 def armed(region, wake=L.OFF_DATA_WAKE) -> int:
     """Descriptor slots armed on a wake line (the high half of its waiters word)."""
-    return region.load_u32(wake + L.WAKE_WAITERS) >> 16
+    load = getattr(region, "_load_u32", None) or region.load_u32     # private on handles (issue 16 case 10)
+    return load(wake + L.WAKE_WAITERS) >> 16
 
 
 def wait_for(cond, timeout=20.0, what="condition"):

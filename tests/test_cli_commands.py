@@ -94,3 +94,32 @@ def test_stat_needs_a_name_or_a_path(capsys):
     with pytest.raises(SystemExit) as ei:
         cli.main(["stat"])
     assert ei.value.code == 2
+
+
+def test_ls_leaves_out_a_segment_that_vanishes_mid_listing(monkeypatch, capsys):
+    # issue 16 case 7 leftover: a segment unlinked between the directory listing
+    # and ls's look at it is gone, not "does not exist" in the listing.
+    import shmring
+    from shmring import cli
+    keep, vanish = f"lsv-keep-{os.getpid()}", f"lsv-gone-{os.getpid()}"
+    a = shmring.Ring.create(keep, 1 << 16)
+    b = shmring.Ring.create(vanish, 1 << 16)
+    b.close()
+    real = cli._raw_header
+
+    def racing(name, path=None):
+        if name == vanish:
+            shmring.unlink(vanish, missing_ok=True)     # another process removes it right now
+        return real(name, path)
+    monkeypatch.setattr(cli, "_raw_header", racing)
+    try:
+        for argv in (["ls"], ["ls", "--json"]):
+            b2 = shmring.Ring.create(vanish, 1 << 16, replace_dead=True)
+            b2.close()
+            assert cli.main(argv) == 0
+            out = capsys.readouterr().out
+            assert keep in out and vanish not in out and "does not exist" not in out
+    finally:
+        a.close()
+        shmring.unlink(keep, missing_ok=True)
+        shmring.unlink(vanish, missing_ok=True)

@@ -29,13 +29,14 @@ def test_stream_example_producer_and_consumer_exchange_every_frame():
 
 
 def test_demo_command_verifies_every_frame_and_cleans_up():
-    before = set(os.listdir("/dev/shm"))
-    r = subprocess.run([sys.executable, "-m", "shmring", "demo", "--seconds", "1", "--size", "256k",
-                        "--capacity", "4MiB"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "checksums match (bad frames: 0)" in r.stdout
-    assert r.stdout.rstrip().endswith("OK")
-    leaked = {e for e in set(os.listdir("/dev/shm")) - before if e.startswith("shmring.demo-")}
+    p = subprocess.Popen([sys.executable, "-m", "shmring", "demo", "--seconds", "1", "--size", "256k",
+                          "--capacity", "4MiB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, out + err
+    assert "checksums match (bad frames: 0)" in out
+    assert out.rstrip().endswith("OK")
+    # only this demo's own segments (other runs' demos share /dev/shm)
+    leaked = [e for e in os.listdir("/dev/shm") if e.startswith(f"shmring.demo-{p.pid}")]
     assert not leaked
 
 

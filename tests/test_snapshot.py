@@ -301,7 +301,7 @@ def test_a_version_going_backwards_is_corrupt_segment_error(state):
 ])
 def test_a_corrupt_slot_header_is_corrupt_segment_error(state, field, value, match):
     state.publish(np.zeros(4))
-    slot = state._first_slot + (state.load_u64(L.ST_OFF_CURRENT) & 0xFF) * state._slot_size
+    slot = state._first_slot + (state._load_u64(L.ST_OFF_CURRENT) & 0xFF) * state._slot_size
     if field == "length":
         _poke(state, slot + L.ST_SLOT_LENGTH, "<Q", value)
     else:
@@ -312,7 +312,7 @@ def test_a_corrupt_slot_header_is_corrupt_segment_error(state, field, value, mat
 
 def test_a_corrupt_payload_is_corrupt_segment_error_on_decode(state):
     state.publish({"a": np.zeros(4)})
-    slot = state._first_slot + (state.load_u64(L.ST_OFF_CURRENT) & 0xFF) * state._slot_size
+    slot = state._first_slot + (state._load_u64(L.ST_OFF_CURRENT) & 0xFF) * state._slot_size
     _poke(state, slot + L.ST_SLOT_HDR, "<I", 1 << 30)       # meta length overruns the payload
     with state.read() as snap:
         with pytest.raises(shmring.CorruptSegmentError, match="overruns"):

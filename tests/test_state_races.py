@@ -2,7 +2,7 @@
 
 * (6c) The writer reclaiming dead readers' pins: a step of another party is run
   between the writer's load of an entry's owner word and what it does next
-  (``SharedState.load_u64`` is wrapped for the writer handle only).
+  (``SharedState._load_u64`` is wrapped for the writer handle only).
 * (7b) ``wait_newer()`` while the writer publishes: the writer publishes
   between wait_newer's load of ``current`` and its check of that version's
   slot header (the C core's test-only pause hook, ``_core._set_pause_hook``).
@@ -41,7 +41,7 @@ def _dead_word():
 def _during_owner_load(monkeypatch, writer, entry, action):
     """Run ``action()`` once, right after ``writer`` loads the owner word of
     ``entry`` (the value it loaded is returned unchanged to it)."""
-    real = shmring.SharedState.load_u64
+    real = shmring.SharedState._load_u64
     done = []
 
     def load_u64(self, off):
@@ -49,7 +49,7 @@ def _during_owner_load(monkeypatch, writer, entry, action):
         if self is writer and off == _entry(entry) + L.ST_ENTRY_OWNER and not done:
             done.append(action())
         return v
-    monkeypatch.setattr(shmring.SharedState, "load_u64", load_u64)
+    monkeypatch.setattr(shmring.SharedState, "_load_u64", load_u64)
     return done
 
 
@@ -61,18 +61,18 @@ def test_reclaim_never_clears_the_pin_of_a_reader_that_claimed_the_entry_meanwhi
     writer must leave that pin alone, and never reuse version 1's slot."""
     with shmring.SharedState.create(ring_name, 1 << 12, slots=3) as w:
         w.publish(np.full(64, 1))
-        cur = w.load_u64(L.ST_OFF_CURRENT)
+        cur = w._load_u64(L.ST_OFF_CURRENT)
         r = shmring.SharedState.attach(ring_name)      # first: attaching frees dead readers' entries
-        w.store_u64(_entry(0) + L.ST_ENTRY_OWNER, 0 if owner == "zero" else _dead_word())
-        w.store_u64(_entry(0) + L.ST_ENTRY_PIN, cur)
+        w._store_u64(_entry(0) + L.ST_ENTRY_OWNER, 0 if owner == "zero" else _dead_word())
+        w._store_u64(_entry(0) + L.ST_ENTRY_PIN, cur)
         snaps = _during_owner_load(monkeypatch, w, 0, r.read)   # claims entry 0 (the lowest free/dead one)
         w._reclaim_dead_pins()
         monkeypatch.undo()
         assert len(snaps) == 1
         snap = snaps[0]
         assert r._own_entries() == [(0, 1)]
-        assert w.load_u64(_entry(0) + L.ST_ENTRY_OWNER) == my_owner_word()
-        assert w.load_u64(_entry(0) + L.ST_ENTRY_PIN) == cur, "the writer cleared a live reader's pin"
+        assert w._load_u64(_entry(0) + L.ST_ENTRY_OWNER) == my_owner_word()
+        assert w._load_u64(_entry(0) + L.ST_ENTRY_PIN) == cur, "the writer cleared a live reader's pin"
         for v in range(2, 9):
             w.publish(np.full(64, v))
         a = snap.value
@@ -88,31 +88,31 @@ def test_a_pin_under_owner_0_is_left_to_the_next_reader_that_claims_the_entry(st
     reader claiming the free entry clears it first."""
     state.publish(np.full(8, 1))
     garbage = (77 << 8) | 2
-    state.store_u64(_entry(0) + L.ST_ENTRY_PIN, garbage)
+    state._store_u64(_entry(0) + L.ST_ENTRY_PIN, garbage)
     assert state._reclaim_dead_pins() == 0
-    assert state.load_u64(_entry(0) + L.ST_ENTRY_PIN) == garbage
+    assert state._load_u64(_entry(0) + L.ST_ENTRY_PIN) == garbage
     assert state.stats()["reclaimed_pins"] == 0
     with state.read() as snap:                                # claims entry 0, clears the garbage, pins
-        assert state.load_u64(_entry(0) + L.ST_ENTRY_PIN) == state.load_u64(L.ST_OFF_CURRENT)
+        assert state._load_u64(_entry(0) + L.ST_ENTRY_PIN) == state._load_u64(L.ST_OFF_CURRENT)
         assert snap.version == 1
     assert state.stats()["pins"] == [0, 0, 0]
 
 
 def test_a_dead_readers_pin_is_reclaimed_and_the_entry_freed(state):
     state.publish(np.full(8, 1))
-    cur = state.load_u64(L.ST_OFF_CURRENT)
-    state.store_u64(_entry(5) + L.ST_ENTRY_OWNER, _dead_word())
-    state.store_u64(_entry(5) + L.ST_ENTRY_PIN, cur)
+    cur = state._load_u64(L.ST_OFF_CURRENT)
+    state._store_u64(_entry(5) + L.ST_ENTRY_OWNER, _dead_word())
+    state._store_u64(_entry(5) + L.ST_ENTRY_PIN, cur)
     live = my_owner_word()
-    state.store_u64(_entry(6) + L.ST_ENTRY_OWNER, live)        # a live owner's pin stays
-    state.store_u64(_entry(6) + L.ST_ENTRY_PIN, cur)
+    state._store_u64(_entry(6) + L.ST_ENTRY_OWNER, live)        # a live owner's pin stays
+    state._store_u64(_entry(6) + L.ST_ENTRY_PIN, cur)
     assert state._reclaim_dead_pins() == 1
-    assert state.load_u64(_entry(5) + L.ST_ENTRY_PIN) == 0
-    assert state.load_u64(_entry(5) + L.ST_ENTRY_OWNER) == 0
-    assert state.load_u64(_entry(6) + L.ST_ENTRY_PIN) == cur
+    assert state._load_u64(_entry(5) + L.ST_ENTRY_PIN) == 0
+    assert state._load_u64(_entry(5) + L.ST_ENTRY_OWNER) == 0
+    assert state._load_u64(_entry(6) + L.ST_ENTRY_PIN) == cur
     assert state.stats()["reclaimed_pins"] == 1
-    state.store_u64(_entry(6) + L.ST_ENTRY_PIN, 0)
-    state.store_u64(_entry(6) + L.ST_ENTRY_OWNER, 0)
+    state._store_u64(_entry(6) + L.ST_ENTRY_PIN, 0)
+    state._store_u64(_entry(6) + L.ST_ENTRY_OWNER, 0)
 
 
 # ------------------------------------------------------------------ (7b) wait_newer
@@ -153,7 +153,7 @@ def test_wait_newer_is_not_fooled_by_a_writer_publishing_while_it_checks_the_ver
 
 def test_wait_newer_still_reports_a_real_corruption_and_read_too(state):
     state.publish(np.zeros(4))
-    slot = state._first_slot + (state.load_u64(L.ST_OFF_CURRENT) & 0xFF) * state._slot_size
+    slot = state._first_slot + (state._load_u64(L.ST_OFF_CURRENT) & 0xFF) * state._slot_size
     struct.pack_into("<Q", state._seg.buf, slot + L.ST_SLOT_VERSION, 99)   # (beyond the word accessors' reach)
     with pytest.raises(shmring.CorruptSegmentError, match="does not match version 1"):
         state.read()
@@ -352,7 +352,7 @@ def test_a_reader_killed_asleep_in_wait_newer_leaves_no_waiter_count_behind(ring
         child.start()
         try:
             deadline = time.monotonic() + 10
-            while st.load_u32(L.ST_OFF_VERSION_WAKE + L.WAKE_WAITERS) != 1:
+            while st._load_u32(L.ST_OFF_VERSION_WAKE + L.WAKE_WAITERS) != 1:
                 assert time.monotonic() < deadline, "the child never went to sleep"
                 time.sleep(0.01)
             time.sleep(0.05)
@@ -365,7 +365,7 @@ def test_a_reader_killed_asleep_in_wait_newer_leaves_no_waiter_count_behind(ring
                     assert snap.value == b"v1"
             else:
                 st._reclaim_dead_pins()
-            assert st.load_u32(L.ST_OFF_VERSION_WAKE + L.WAKE_WAITERS) == 0
+            assert st._load_u32(L.ST_OFF_VERSION_WAKE + L.WAKE_WAITERS) == 0
         finally:
             if child.is_alive():
                 os.kill(child.pid, signal.SIGKILL)

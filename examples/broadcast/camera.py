@@ -39,7 +39,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     base = (np.add.outer(np.arange(240), np.arange(320)) % 256).astype(np.uint8)   # a diagonal gradient
     with shmring.Ring.create(args.name, args.capacity, kind="broadcast", policy=args.policy,
-                             evict_after=args.evict_after) as ring, ring.producer() as prod:
+                             evict_after=args.evict_after, replace_dead=True) as ring, ring.producer() as prod:
         print(f"camera: ring {args.name!r} created ({ring.capacity >> 20} MiB, policy {args.policy}); "
               "start viewers", flush=True)
         deadline = time.monotonic() + args.wait

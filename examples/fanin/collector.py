@@ -45,7 +45,8 @@ def main(argv=None) -> None:
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for a message")
     args = ap.parse_args(argv)
     last, got, done, bad, nbytes = {}, {}, {}, [], 0
-    with shmring.Ring.create(args.name, args.capacity, kind="mpsc", producers=args.workers) as ring, \
+    with shmring.Ring.create(args.name, args.capacity, kind="mpsc", producers=args.workers,
+                             replace_dead=True) as ring, \
             ring.consumer() as cons:
         print(f"collector: ring {args.name!r} created ({ring.capacity >> 20} MiB), "
               f"waiting for {args.workers} workers", flush=True)

@@ -103,8 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a message or a status")
     args = ap.parse_args(argv)
     name = f"async-example-{os.getpid()}"
-    with shmring.Ring.create(name, 1 << 20) as ring, \
-            shmring.SharedState.create(f"{name}-status", 4096) as status:   # both unlinked on exit
+    with shmring.Ring.create(name, 1 << 20, replace_dead=True) as ring, \
+            shmring.SharedState.create(f"{name}-status", 4096, replace_dead=True) as status:   # both unlinked on exit
         proc = multiprocessing.get_context("spawn").Process(target=produce,
                                                             args=(ring, status, args.count, args.rate))
         proc.start()

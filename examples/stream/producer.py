@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     ap.add_argument("--count", type=int, default=200, help="frames to send")
     ap.add_argument("--wait", type=float, default=60.0, help="seconds to wait for room in the ring")
     args = ap.parse_args(argv)
-    with shmring.Ring.create(NAME, 1 << 24) as ring, ring.producer() as prod:
+    with shmring.Ring.create(NAME, 1 << 24, replace_dead=True) as ring, ring.producer() as prod:
         print(f"producer: ring {NAME!r} created ({ring.capacity >> 20} MiB); start the consumer")
         prod.send({"hello": "stream", "count": args.count}, timeout=args.wait)
         for i in range(args.count):

@@ -29,7 +29,7 @@ def main(argv=None) -> None:
     weights = {"step": np.zeros(1, np.int64),
                "layers": [np.full((rows, 1000), float(i), np.float32) for i in range(LAYERS)]}
     nbytes = sum(a.nbytes for a in weights["layers"]) + 4096
-    with shmring.SharedState.create(NAME, nbytes, slots=4) as state:
+    with shmring.SharedState.create(NAME, nbytes, slots=4, replace_dead=True) as state:
         state.publish(weights)
         print(f"trainer: {NAME!r} created, {nbytes / 1e6:.1f} MB per version, {state.slots} slots; "
               "start actors", flush=True)

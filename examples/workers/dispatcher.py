@@ -40,8 +40,9 @@ def main(argv=None) -> None:
     jobs = [rng.integers(-1000, 1000, int(rng.integers(1, 20_000)), dtype=np.int32) for _ in range(args.jobs)]
     expect = [int(np.dot(a.astype(np.int64), a.astype(np.int64))) for a in jobs]
     got, per_worker, problems = {}, {}, []
-    with shmring.Ring.create(f"{args.name}.jobs", 1 << 20, kind="mpmc") as job_ring, \
-            shmring.Ring.create(f"{args.name}.results", 1 << 20, kind="mpsc", producers=args.workers) as res_ring, \
+    with shmring.Ring.create(f"{args.name}.jobs", 1 << 20, kind="mpmc", replace_dead=True) as job_ring, \
+            shmring.Ring.create(f"{args.name}.results", 1 << 20, kind="mpsc", producers=args.workers,
+                                replace_dead=True) as res_ring, \
             job_ring.producer() as outbox, res_ring.consumer() as inbox:
         print(f"dispatcher: rings {args.name}.jobs and {args.name}.results created; "
               f"waiting for {args.workers} workers", flush=True)

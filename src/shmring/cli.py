@@ -198,8 +198,15 @@ def _ls_row(r: dict, w: int = 22) -> str:
             f"{_fit(prod, 12):>12} {_fit(cons, 12):>12} {_age(r['age_s']):>6}")
 
 
+def _gone(row: dict, name: str) -> bool:
+    """A segment unlinked between the directory listing and our look at it
+    (a ring's `with` block ending, gc): not an error to report, just gone."""
+    return "error" in row and not os.path.lexists(_where(name, None))
+
+
 def cmd_ls(args) -> int:
     rows = [_describe(n) if odd is None else _skipped(n, odd) for n, odd in list_entries()]
+    rows = [r for r in rows if not _gone(r, r["name"])]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

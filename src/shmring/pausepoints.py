@@ -14,7 +14,8 @@ yet walked and requeued), ``producer_claim`` / ``producer_claimed`` (a
 producer before it claims a table entry / after, not yet joined),
 ``producer_ended`` (close(): its counters bumped, its end not yet stored),
 ``producer_counted`` (close() / detach(): its end or leave stored, the entry
-not yet given back) (parties.py).  The C core's own pause points are
+not yet given back) (parties.py); ``replace_opened`` (``create(...,
+replace_dead=True)`` has opened the old segment, not yet locked it) (segment.py).  The C core's own pause points are
 set with ``shmring._core._set_pause_hook``.
 """
 hook = None

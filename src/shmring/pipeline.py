@@ -42,7 +42,7 @@ import multiprocess.connection
 
 from . import codec
 from . import layout as L
-from .errors import ShmringError, Timeout
+from .errors import EndOfStream, PeerGone, ShmringError, Timeout
 from .ring import Ring
 
 DEFAULT_CAPACITY = 1 << 24
@@ -98,7 +98,47 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _inputs(cons, ordered: bool):
+def _fn_site(fn):
+    """(filename, line) of a stage function, for warnings that point at it."""
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__call__", None), "__code__", None)
+    return (code.co_filename, code.co_firstlineno) if code else ("<stage>", 0)
+
+
+def _kept_what(value) -> str:
+    import numpy as np
+    if isinstance(value, np.ndarray):
+        return f"its input array ({value.dtype}, shape {value.shape})"
+    if isinstance(value, memoryview):
+        return f"a memoryview of its {value.nbytes}-byte input"
+    return f"an array inside its input {type(value).__name__}"
+
+
+def _release_checked(msg, stage: "_Stage", what: str) -> None:
+    """Release a stage's input message; if the stage function kept a view of
+    it (its export count is above zero), warn naming the stage, what it kept
+    and where the function is, instead of the generic warning from C (which
+    points at this module and suggests msg.copy(), which a stage cannot call).
+    The space waits for the view either way (R67's deferral)."""
+    if msg.released:
+        return
+    if not msg._exports:
+        msg.release()
+        return
+    import warnings
+    from .errors import EscapedViewWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EscapedViewWarning)
+        msg.release()
+    filename, line = _fn_site(stage.fn)
+    warnings.warn_explicit(
+        f"stage {stage.name!r} kept a view of {what} after it returned (in a global, a closure, an "
+        f"attribute of the function object...). Stage inputs are zero-copy views of the ring, valid only "
+        f"during the call: the ring space stays held until that view is garbage-collected, which stalls "
+        f"the upstream stage once the ring is full. Keep a copy instead (np.array(value), value.copy(), "
+        f"bytes(view)).", EscapedViewWarning, filename, line)
+
+
+def _inputs(cons, ordered: bool, stage: "_Stage | None" = None):
     """The values of a stage's input, in source order if ``ordered`` (items
     that arrive early are copied aside; in-order ones stay zero-copy).  A None
     value (a dropped item's placeholder) is skipped.  Every map forwards one
@@ -106,8 +146,10 @@ def _inputs(cons, ordered: bool):
     waiting at the end of the stream is an error, never a silent loss."""
     early, want = {}, 0
     for msg in cons:
-        with msg:
+        what = "its input"
+        try:
             seq, value = msg.value
+            what = _kept_what(value)
             if not ordered or seq == want:
                 if value is not None:
                     yield value
@@ -117,6 +159,11 @@ def _inputs(cons, ordered: bool):
                 del value
                 early[seq] = msg.copy()[1]
                 continue
+        finally:
+            if stage is not None:
+                _release_checked(msg, stage, what)
+            else:
+                msg.release()
         while want in early:
             value = early.pop(want)
             if value is not None:
@@ -127,19 +174,21 @@ def _inputs(cons, ordered: bool):
                            "came: an upstream stage lost it")
 
 
-def _map_one(msg, fn, prod, out) -> None:
+def _map_one(msg, fn, prod, out) -> str:
     """One item through a map function (a function of its own, so that no
     view of the message outlives it).  Exactly one message goes out per item:
     a dropped item (None) is forwarded as a placeholder."""
     seq, value = msg.value
+    what = _kept_what(value)
     if value is None:
         prod.send([seq, None])
-        return
+        return what
     if out is not None:                              # built in place in the output ring
         with prod.reserve_value([seq, codec.InPlace(*out)]) as (arr,):
             fn(value, arr)
-        return
+        return what
     prod.send([seq, fn(value)])
+    return what
 
 
 def _stage_main(stage: _Stage, worker: int, parent: int, errors) -> None:
@@ -159,10 +208,14 @@ def _stage_main(stage: _Stage, worker: int, parent: int, errors) -> None:
                 prod.send([seq, item])
         elif stage.role == "map":
             for msg in cons:
-                with msg:
-                    _map_one(msg, fn, prod, stage.out)
+                what = "its input"
+                try:
+                    what = _map_one(msg, fn, prod, stage.out)
+                finally:
+                    _release_checked(msg, stage, what)
+                del msg
         else:
-            for value in _inputs(cons, stage.inp.producer.ordered):
+            for value in _inputs(cons, stage.inp.producer.ordered, stage):
                 fn(value)
                 del value
             finish = getattr(fn, "finish", None)
@@ -199,6 +252,7 @@ class Pipeline:
         self._rings: list[Ring] = []
         self._ran = False
         self._result = None
+        self.summary = None          # what run() returned, or results() left once exhausted
 
     # -- building ------------------------------------------------------------
     def _add(self, role, fn, inp, workers, ordered, out, name, capacity) -> Stream | None:
@@ -250,10 +304,156 @@ class Pipeline:
         self._add("sink", fn, stream, 1, False, None, name, None)
 
     # -- running -------------------------------------------------------------
+    def results(self, stream: Stream, *, copy: bool = True, progress: bool = False,
+                timeout: float | None = None):
+        """Run the pipeline with ``stream`` (the output of its last stage)
+        coming back to this process: an iterator over its items, as
+        ``Pool.imap`` gives (``for out in p.results(small): ...``; in source
+        order if the stage feeding it is ``ordered``).  It takes the place of
+        ``sink`` and ``run()``: the stages start at the first ``next()``, and
+        when the iterator is exhausted every stage has finished and
+        ``p.summary`` holds what ``run()`` returns.  Leaving the loop early
+        (``break``, an exception) or dropping the iterator stops every stage.
+        A stage that raised or died raises :class:`PipelineError` here.
+
+        ``copy=True`` (default): each item is the parent's own copy, safe to
+        keep (``list(p.results(s))`` works).  ``copy=False``: zero-copy, each
+        item's arrays are read-only views of the ring, valid until the next
+        item is requested (R69): use or copy them in the loop body; a view
+        kept past it holds its ring space (EscapedViewWarning at your loop)
+        and, once the ring is full, stalls the stages upstream.  Items that
+        arrive ahead of their turn (``ordered``) are copies either way."""
+        if self._ran:
+            raise ShmringError("this pipeline has already run; build a new one")
+        if not isinstance(stream, Stream) or stream.pipeline is not self:
+            raise TypeError(f"results() needs a Stream of this pipeline, got {stream!r}")
+        if stream.consumer is not None:
+            raise ValueError(f"stream from {stream.producer.name!r} is already read by {stream.consumer.name!r}")
+        if any(s.role == "sink" for s in self._stages):
+            raise ValueError("this pipeline has a sink; results() takes the sink's place (build it without one)")
+        st = _Stage("results", "results", None, stream, 1, False, None)
+        stream.consumer = st
+        self._stages.append(st)
+        self._check_graph()
+        self._ran = True
+        return self._results(st, bool(copy), progress, timeout)
+
+    def _results(self, st, copy, progress, timeout):
+        self._make_rings()
+        errors = self._ctx.Queue()
+        bars = _Progress(self._stages) if progress and sys.stderr.isatty() else None
+        t0 = time.monotonic()
+        cons = held = None
+        try:
+            self._start(errors)
+            cons = st.inp.ring.consumer()
+            ordered = st.inp.producer.ordered
+            early, want, held = {}, 0, None
+            while True:
+                try:
+                    msg = cons.recv(timeout=0.05)
+                except Timeout:
+                    self._check_running(errors, t0, timeout)
+                    if bars:
+                        bars.update()
+                    continue
+                except EndOfStream:
+                    break
+                except PeerGone:
+                    time.sleep(0.1)                 # let the stage's report arrive
+                    raise self._failure(errors) or PipelineError(
+                        f"pipeline {self.name!r}: the stage feeding results() stopped on an error", "results") \
+                        from None
+                try:
+                    seq, value = msg.value
+                    if ordered and seq != want:
+                        del value
+                        early[seq] = msg.copy()[1]
+                        continue
+                    want = seq + 1
+                    if value is not None:
+                        if copy:
+                            del value
+                            value = msg.copy()[1]
+                            msg.release()
+                            yield value
+                        else:
+                            what = _kept_what(value)
+                            yield value
+                            del value
+                            # the loop variable still holds this item while the next is
+                            # requested: check it one item later (R69)
+                            if held is not None:
+                                _release_results(*held)
+                            held = (msg, what) if msg._exports else None
+                        value = None
+                finally:
+                    if held is None or held[0] is not msg:
+                        msg.release()
+                del msg
+                while want in early:
+                    value = early.pop(want)
+                    want += 1
+                    if value is not None:
+                        yield value
+                    value = None
+                if bars:
+                    bars.update()
+            if early:
+                raise ShmringError(f"the stream ended with {len(early)} items waiting for item {want}, which "
+                                   "never came: an upstream stage lost it")
+            while not all(p.exitcode == 0 for s in self._stages for p in s.procs):
+                self._check_running(errors, t0, timeout)
+                pending = [p.sentinel for s in self._stages for p in s.procs if p.exitcode is None]
+                multiprocess.connection.wait(pending + [errors._reader], timeout=0.05)
+            self._failure(errors)
+            self.summary = self._summary(time.monotonic() - t0)
+            if bars:
+                bars.close(self.summary)
+                bars = None
+            if progress:
+                _print_summary(self.summary)
+        except BaseException:
+            if bars:
+                bars.abandon()
+            raise
+        finally:
+            if held is not None:                    # the last item: the loop variable may still hold it
+                import warnings
+                from .errors import EscapedViewWarning
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", EscapedViewWarning)
+                    held[0].release()
+            if cons is not None:
+                cons.close()
+            self._stop()
+            errors.close()
+
+    def _check_results_free(self):
+        if any(s.role == "results" for s in self._stages):
+            raise ValueError("this pipeline's output goes to results(): iterate over that instead of run()")
+
+    def _start(self, errors) -> None:
+        for s in self._stages:
+            if s.role == "results":
+                continue                            # read in this process
+            for w in range(s.workers):
+                p = self._ctx.Process(target=_stage_main, args=(s, w, os.getpid(), errors),
+                                      name=f"{self.name}:{s.name}:{w}", daemon=True)
+                p.start()
+                s.procs.append(p)
+
+    def _check_running(self, errors, t0, timeout) -> None:
+        failure = self._failure(errors)
+        if failure is not None:
+            raise failure
+        if timeout is not None and time.monotonic() - t0 > timeout:
+            raise Timeout(f"pipeline {self.name!r} did not finish within {timeout} s")
+
     def _check_graph(self):
         roles = [s.role for s in self._stages]
-        if roles.count("source") != 1 or roles.count("sink") != 1:
-            raise ValueError(f"a pipeline needs one source and one sink, got stages {roles}")
+        if roles.count("source") != 1 or roles.count("sink") + roles.count("results") != 1:
+            raise ValueError(f"a pipeline needs one source and one sink (or results()), got stages {roles}")
         for s in self._stages:
             if s.output is not None and s.output.consumer is None:
                 raise ValueError(f"the output of stage {s.name!r} is not read by any stage")
@@ -283,6 +483,7 @@ class Pipeline:
         Raises :class:`PipelineError` if a stage raised or died, Timeout after
         ``timeout`` seconds, and KeyboardInterrupt on Ctrl-C; in every case
         all stage processes are stopped and every ring is unlinked first."""
+        self._check_results_free()
         self._check_graph()
         self._ran = True
         self._make_rings()
@@ -290,12 +491,7 @@ class Pipeline:
         bars = _Progress(self._stages) if progress and sys.stderr.isatty() else None
         t0 = time.monotonic()
         try:
-            for s in self._stages:
-                for w in range(s.workers):
-                    p = self._ctx.Process(target=_stage_main, args=(s, w, os.getpid(), errors),
-                                          name=f"{self.name}:{s.name}:{w}", daemon=True)
-                    p.start()
-                    s.procs.append(p)
+            self._start(errors)
             while True:
                 failure = self._failure(errors)
                 if failure is not None:
@@ -310,9 +506,9 @@ class Pipeline:
                 # sleep until a stage process exits or an error report arrives (at most 50 ms)
                 pending = [p.sentinel for s in self._stages for p in s.procs if p.exitcode is None]
                 multiprocess.connection.wait(pending + [errors._reader], timeout=0.05)
-            summary = self._summary(time.monotonic() - t0)
+            summary = self.summary = self._summary(time.monotonic() - t0)
             if bars:
-                bars.close()
+                bars.close(summary)
             if progress:
                 _print_summary(summary)
             return summary
@@ -392,8 +588,10 @@ class Pipeline:
     def _summary(self, elapsed: float) -> dict:
         out = {"elapsed": elapsed, "stages": {}, "result": self._result}
         for s in self._stages:
-            n = _stage_count(s)
+            n, b = _stage_count(s), _stage_bytes(s)
             out["stages"][s.name] = {"workers": s.workers, "items": n, "items_per_s": n / elapsed if elapsed else 0.0}
+            if b is not None:           # a stage with an output ring: what it wrote there
+                out["stages"][s.name].update({"bytes_out": b, "mb_per_s_out": b / elapsed / 1e6 if elapsed else 0.0})
         return out
 
     def __enter__(self) -> "Pipeline":
@@ -416,10 +614,39 @@ def _stage_count(s: _Stage) -> int:
     return 0
 
 
+def _stage_bytes(s: _Stage) -> int | None:
+    """Bytes a stage wrote to its output ring (None: it has none)."""
+    try:
+        if s.output is not None and s.output.ring is not None:
+            return sum(p["bytes"] for p in s.output.ring.stats()["producers"])
+    except ShmringError:
+        pass
+    return None
+
+
 def _print_summary(summary: dict) -> None:
     print(f"pipeline finished in {summary['elapsed']:.2f} s")
     for name, st in summary["stages"].items():
-        print(f"  {name:30} x{st['workers']:<3} {st['items']:>10,} items  {st['items_per_s']:>12,.0f} items/s")
+        rate = f"  {st['mb_per_s_out']:>10,.1f} MB/s out" if "mb_per_s_out" in st else ""
+        print(f"  {name:30} x{st['workers']:<3} {st['items']:>10,} items  {st['items_per_s']:>12,.0f} items/s{rate}")
+
+
+def _release_results(msg, what: str) -> None:
+    """results(copy=False): the previous item is released when the next is
+    requested (R69); a view of it kept past the loop body is named."""
+    if msg.released or not msg._exports:
+        msg.release()
+        return
+    import warnings
+    from .errors import EscapedViewWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EscapedViewWarning)
+        msg.release()
+    warnings.warn(EscapedViewWarning(
+        f"results(copy=False): an earlier item ({what[4:]}) was released when the next ones were requested, "
+        "but a view of it is still alive (kept past the loop body). Its ring space stays held until that view "
+        "is garbage-collected, which stalls the pipeline once the ring is full. Keep a copy (value.copy()), or "
+        "use results() with its default copy=True"), stacklevel=3)
 
 
 class _Progress:
@@ -460,8 +687,16 @@ class _Progress:
             self.bars[i].set_postfix_str(", ".join(info), refresh=False)
             self.bars[i].update(delta)              # one redraw per tick
 
-    def close(self):
+    def close(self, summary: dict | None = None):
+        """The last redraw: counts brought up to date, and each bar's MB/s out
+        the whole run's average from ``summary`` (the figures run() prints),
+        not the rate of the last tick (0 once a stage has finished)."""
         self.update(force=True)
+        if summary is not None:
+            for i, s in enumerate(self.stages):
+                st = summary["stages"].get(s.name, {})
+                info = [f"{st['mb_per_s_out']:,.1f} MB/s out"] if "mb_per_s_out" in st else []
+                self.bars[i].set_postfix_str(", ".join(info), refresh=True)
         for b in self.bars:
             b.close()
 

@@ -403,7 +403,9 @@ class RecordConsumer(_Handle):
         self._book = threading.RLock()   # _out and _rp: a batch may be released from any thread
         self.received = 0
 
-    def _finish(self, start: int) -> None:
+    def _finish(self, start: int, _finalizing=sys.is_finalizing) -> None:   # (bound: globals go at exit)
+        if _finalizing():
+            return          # interpreter exit: module globals are gone; the process's roles go with it
         with self._book:        # reentrant: the collector may release another batch in here
             for e in self._out:
                 if e[0] == start:

@@ -49,8 +49,9 @@ import numpy as np
 from . import _core, _interop, codec, parties, records, roles, waiting, wakefd
 from . import layout as L
 from .pausepoints import pause
-from .errors import EndOfStream, HandleClosed, Lagged, PeerGone, ShmringError, Timeout
-from .segment import Segment, SegmentHandle, fd_reference, open_fd_reference, validate_header, write_header
+from .errors import EndOfStream, EscapedViewWarning, HandleClosed, Lagged, PeerGone, ShmringError, Timeout
+from .segment import (Segment, SegmentHandle, fd_reference, hide_word_access, open_fd_reference, validate_header,
+                      write_header)
 from .waiting import DEFAULT_SPIN
 
 CLOSED_EOS = 1            # producer role "closed" word: closed normally
@@ -83,7 +84,8 @@ class Ring(SegmentHandle):
     def create(cls, name: str | None = None, capacity: int = 1 << 20, *, kind: str = "spsc",
                path=None, mode: int = 0o600, max_producers: int | None = None,
                max_consumers: int | None = None, producers: int | None = None,
-               policy: str = "block", evict_after: float = 1.0, dtype=None) -> "Ring":
+               policy: str = "block", evict_after: float = 1.0, dtype=None,
+               replace_dead: bool = False) -> "Ring":
         """Create a ring with ``capacity`` bytes of data area (a power of two, >= 4096).
 
         ``name`` names a POSIX segment (``/dev/shm/shmring.NAME``); with ``path``
@@ -115,6 +117,11 @@ class Ring(SegmentHandle):
         fixed-size records and no per-message framing; the producer's
         ``send_many(array)`` is one copy and the consumer's ``recv_many()``
         returns numpy views of many records at once (:mod:`shmring.records`).
+
+        ``replace_dead=True``: if the name exists but no live process has it
+        attached (every process that used it died: a killed run), replace it
+        with the new ring; a segment a live process uses is never replaced
+        (``SegmentExists``).  See docs/design.md R65.
         """
         if kind not in L.KINDS:
             raise ValueError(f"unknown ring kind {kind!r}; this version supports {sorted(L.KINDS)}")
@@ -150,7 +157,7 @@ class Ring(SegmentHandle):
         geometry = L.multi_geometry(capacity, maxp, maxc) if k in L.MULTI_KINDS else None
         size = geometry["segment_size"] if geometry else L.segment_size(capacity)
         seg = (Segment.create_anonymous(size) if name is None and path is None
-               else Segment.create(name, size, path=path, mode=mode))
+               else Segment.create(name, size, path=path, mode=mode, replace_dead=replace_dead))
         try:
             pause("create")                       # the name exists, the header is not written
             write_header(seg.buf, kind=k, capacity=capacity, geometry=geometry)
@@ -414,6 +421,7 @@ def _warn_dropped(handle, what: str) -> None:
         pass
 
 
+@hide_word_access
 class Producer(_core.ProducerCore):
     """The producer handle of a ring (a context manager; exiting closes the stream).
 
@@ -563,9 +571,27 @@ class Producer(_core.ProducerCore):
                 return inner(t)
         return waiting.wait_until(
             attempt, wait, self._consumers_gone, timeout,
-            lambda: f"ring {self._label} stayed full for {timeout} s (a {nbytes}-byte message waited for room)",
+            lambda: f"ring {self._label} stayed full for {timeout} s (a {nbytes}-byte message waited for room)"
+                    + self._held_note(),
             lambda pid: f"the consumer (pid {pid}) of {self._label} died while the ring was full; "
                         "unreleased messages stay in the ring for the next consumer")
+
+    def _held_note(self) -> str:
+        """For a send's Timeout (R68): a consumer asleep waiting for data while
+        the ring is full has received everything and keeps some of it."""
+        if self._kind not in ("spsc", "mpsc"):
+            return ""
+        try:
+            waiting_for_data = self._region.load_u32(L.OFF_DATA_WAKE + L.WAKE_WAITERS)
+        except ShmringError:
+            return ""
+        if not waiting_for_data:
+            return ""
+        return ("; meanwhile the consumer was waiting for new data, so it has received every message and "
+                "keeps some unreleased: a view of one kept past its message (e.g. msg.value stored in a list "
+                "in a `for msg in cons` loop, or left in a REPL's `_` / Jupyter's `Out[]`: the consumer is "
+                "warned with EscapedViewWarning), or a Message never released. The consumer should keep "
+                "copies (msg.copy(), recv(copy=True)) or release what it holds")
 
     def _consumers_gone(self) -> int:
         """While blocked for room: the pid of a dead consumer that leaves
@@ -788,6 +814,7 @@ def _is_bytes_like(data) -> bool:
         return False
 
 
+@hide_word_access
 class Consumer(_core.ConsumerCore):
     """The consumer handle of a ring (a context manager; exiting detaches).
 
@@ -948,11 +975,45 @@ class Consumer(_core.ConsumerCore):
     def __iter__(self):
         return self
 
+    _iter_prev = None             # a weak reference to the message iteration handed out last (R67)
+
+    def _release_prev(self, stacklevel: int) -> None:
+        """R67: iteration releases the message it handed out before, when the
+        next one is requested (a ``with msg:`` body did already: a no-op).
+        A message its holder dropped is gone (the weak reference is dead) and
+        took the dropped-message path (R39); one never handed to user code
+        (no ``.value``, ``kind``, ...) is left to that path too.  A view of it
+        still alive is an escaped view: the space waits for it, and the
+        warning says what was kept and where the loop is."""
+        ref, self._iter_prev = self._iter_prev, None
+        prev = ref()
+        if prev is None or prev.released or not prev._touched:
+            return
+        if not prev._exports:
+            prev.release()
+            return
+        what = _describe_kept(prev)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EscapedViewWarning)
+            prev.release()
+        warnings.warn(EscapedViewWarning(
+            f"iterating over the consumer of {self._label} released the previous message (kind "
+            f"{prev.kind!r}) when the next one was requested, but {what} is still alive (kept past the "
+            f"loop body: stored in a list or a variable, or a REPL's `_` / Jupyter's `Out[]`). Its ring "
+            f"space stays held until that view is garbage-collected, so a producer may block on a full "
+            f"ring. Keep a copy instead: msg.copy() or recv(copy=True)"), stacklevel=stacklevel + 1)
+
     def __next__(self):
+        """``for msg in cons``: the next message; the one handed out before is
+        released now (R67: use it, or copy it, inside the loop body)."""
+        if self._iter_prev is not None:
+            self._release_prev(2)
         try:
-            return self.recv()
+            msg = self.recv()
         except EndOfStream:
             raise StopIteration from None
+        self._iter_prev = weakref.ref(msg)
+        return msg
 
     # -- asyncio -------------------------------------------------------------------------
     async def recv_async(self, *, timeout=None, copy: bool = False):
@@ -1027,10 +1088,14 @@ class Consumer(_core.ConsumerCore):
         if n % 32 == 0:
             import asyncio
             await asyncio.sleep(0)
+        if self._iter_prev is not None:
+            self._release_prev(2)
         try:
-            return await self.recv_async()
+            msg = await self.recv_async()
         except EndOfStream:
             raise StopAsyncIteration from None
+        self._iter_prev = weakref.ref(msg)
+        return msg
 
     @_exclusive
     def close(self) -> None:
@@ -1149,6 +1214,19 @@ async def wait_async(readables, timeout=None) -> list:
                                               lambda: "nothing to receive")
     except Timeout:
         return []
+
+
+def _describe_kept(msg) -> str:
+    """What kind of view of ``msg`` is alive, for an escaped-view warning."""
+    try:
+        v = msg.value
+        if isinstance(v, np.ndarray):
+            return f"a view of it (its {v.dtype} array of shape {v.shape}, msg.value)"
+        if isinstance(v, memoryview):
+            return f"a view of it (a memoryview of its {v.nbytes}-byte payload, msg.value)"
+        return f"a view of it (an array inside its {type(v).__name__}, msg.value)"
+    except Exception:
+        return "a view"
 
 
 def _take_copy(cons):

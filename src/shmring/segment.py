@@ -33,6 +33,7 @@ from . import _core
 from . import layout as L
 from ._proc import my_start_time
 from .liveness import Locks, probe
+from .pausepoints import pause
 from .errors import (CorruptSegmentError, HandleClosed, IncompatibleSegment, NoSpace, PermissionDenied,
                      ResourceLimit, SegmentExists, SegmentNotFound, SegmentTruncated, ShmringError)
 
@@ -313,8 +314,13 @@ class Segment:
 
     # -- create -------------------------------------------------------------
     @classmethod
-    def create(cls, name: str | None, size: int, *, path=None, mode: int = 0o600) -> "Segment":
-        """Create a segment of ``size`` bytes (all zero), reserving its space now."""
+    def create(cls, name: str | None, size: int, *, path=None, mode: int = 0o600,
+               replace_dead: bool = False) -> "Segment":
+        """Create a segment of ``size`` bytes (all zero), reserving its space now.
+
+        ``replace_dead``: if the name exists but no live process has it
+        attached (every user died, e.g. a killed run), remove it and create
+        afresh (R65); one a live process has attached is never replaced."""
         if path is None:
             validate_name(name)
         else:
@@ -322,19 +328,30 @@ class Segment:
         what = _label(name, path)
         if not isinstance(mode, int) or not 0 <= mode <= 0o777:
             raise ValueError(f"mode must be a permission mask like 0o600, got {mode!r}")
-        try:
-            if path is None:
-                shm = posix_ipc.SharedMemory(posix_name(name), posix_ipc.O_CREX, mode=mode, size=0)
-                fd = shm.fd
-            else:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        except posix_ipc.ExistentialError:
-            raise SegmentExists(f"{what} exists already; attach to it, or unlink it first"
-                                + _foreign_owner_note(name)) from None
-        except posix_ipc.PermissionsError as e:
-            raise PermissionDenied(f"{what}: permission denied ({e})") from None
-        except OSError as e:
-            raise _os_error(e, what) from None
+        replaced = None
+        while True:
+            try:
+                if path is None:
+                    shm = posix_ipc.SharedMemory(posix_name(name), posix_ipc.O_CREX, mode=mode, size=0)
+                    fd = shm.fd
+                else:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+                break
+            except (posix_ipc.ExistentialError, FileExistsError):
+                if replace_dead and replaced is None:
+                    replaced = remove_if_dead(name, path=path)
+                    if replaced is True:
+                        continue               # once: a creator that beat us to the name keeps it
+                    raise SegmentExists(f"{what} exists already and was not replaced: {replaced}") from None
+                if replaced is True:
+                    raise SegmentExists(f"{what} exists already: another process created it right after "
+                                        "the dead one was removed (it won the race)") from None
+                raise SegmentExists(f"{what} exists already; attach to it, or unlink it first"
+                                    + (_foreign_owner_note(name) or _dead_note(name, path))) from None
+            except posix_ipc.PermissionsError as e:
+                raise PermissionDenied(f"{what}: permission denied ({e})") from None
+            except OSError as e:
+                raise _os_error(e, what) from None
         try:
             os.fchmod(fd, mode)           # exactly the mode asked for, whatever the umask
         except BaseException:
@@ -622,6 +639,8 @@ def remove_if_unused(name: str | None = None, *, path=None) -> bool | None:
     try:
         if not probe(fd).attach_exclusive():
             return False
+        if os.fstat(fd).st_nlink == 0:
+            return None        # R66: removed (and maybe created afresh) between our open and our lock
         try:
             _unlink(name, path, missing_ok=False)
         except SegmentNotFound:
@@ -629,6 +648,55 @@ def remove_if_unused(name: str | None = None, *, path=None) -> bool | None:
         return True
     finally:
         os.close(fd)
+
+
+REPLACE_GRACE = 10.0     # seconds an uninitialized segment is presumed to be under construction (= gc's)
+
+
+def remove_if_dead(name: str | None = None, *, path=None, grace: float = REPLACE_GRACE):
+    """``create(..., replace_dead=True)``: unlink an existing segment that no
+    live process has attached (R65, R66).  Decided and unlinked under its
+    attach lock held exclusively, as ``gc`` does; a segment whose header is
+    not complete is left alone while younger than ``grace`` seconds (its
+    creator may be between creating the name and taking its attach lock), as
+    is one owned by another uid or that is not a shmring segment.  True:
+    removed (or gone already); otherwise a string saying why not."""
+    try:
+        fd = _open_for_probe(name, path)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        return f"cannot open it to tell whether it is in use ({e.strerror})"
+    try:
+        pause("replace_opened")           # opened, not locked: another replacer may finish first (R66)
+        if not probe(fd).attach_exclusive():
+            return "a live process has it attached (`shmring ls` shows which)"
+        st = os.fstat(fd)
+        if st.st_nlink == 0:
+            return True                 # another replacer (or gc) removed it between our open and our lock
+        if st.st_uid != os.geteuid():
+            return f"it is owned by uid {st.st_uid}, not by this process's uid {os.geteuid()}"
+        head = os.pread(fd, L.HEADER_SIZE, 0)
+        h = L.read_header(head) if len(head) >= L.HEADER_STRUCT.size else None
+        if h is None or h["magic"] != L.MAGIC or h["ready"] != 1:
+            if h is not None and h["magic"] not in (0, L.MAGIC):
+                return "it is not a shmring segment (remove it by hand if it is yours)"
+            if time.time() - st.st_mtime < grace:
+                return f"it is not initialized yet and younger than {grace:g} s (being created?)"
+        _unlink(name, path, missing_ok=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _dead_note(name, path) -> str:
+    """For SegmentExists on create: say so when every user of it is gone."""
+    if in_use(name, path=path) is not False:
+        return ""
+    fix = f"`shmring gc {name}`" if path is None else f"`rm {path}`"
+    return (". No live process has it attached: every process that used it is gone (killed?), "
+            f"so it is left over. Remove it ({fix}), or pass replace_dead=True to create(), "
+            "which replaces a segment only when no live process uses it")
 
 
 def unlink(name: str | None = None, *, path=None, missing_ok: bool = False) -> None:
@@ -711,6 +779,36 @@ def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
         raise CorruptSegmentError(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,} "
                                   f"(capacity {cap:,} needs {expect:,}): truncated or corrupt")
     return h
+
+
+_RAW_WORD_METHODS = ("load_u32", "load_u64", "store_u32", "store_u64", "cas_u64", "fetch_add_u64")
+
+
+class _InternalWordAccess:
+    """Hides a raw shared-memory word accessor of the C base class on a public
+    handle (issue 16 case 10): a store or CAS at a wrong offset corrupts a live
+    ring for every process.  shmring's own code calls the ``_``-prefixed
+    aliases (``_load_u64`` ...)."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        raise AttributeError(f"{(objtype or type(obj)).__name__}.{self.name} is not public: raw access to "
+                             "shared-memory words could corrupt a live ring or state for every process "
+                             "(shmring uses it internally as _" + self.name + ")")
+
+
+def hide_word_access(cls):
+    """Class decorator: the raw word accessors of a C base class become
+    private on ``cls`` (``_load_u64`` ...), the public names raise."""
+    from . import _core
+    for name in _RAW_WORD_METHODS:
+        setattr(cls, "_" + name, getattr(_core.Region, name))
+        hidden = _InternalWordAccess()
+        hidden.__set_name__(cls, name)
+        setattr(cls, name, hidden)
+    return cls
 
 
 class SegmentHandle:

@@ -55,7 +55,8 @@ from . import layout as L
 from ._proc import my_start_time
 from .errors import (CorruptSegmentError, EndOfStream, HandleClosed, IncompatibleSegment, MessageTooLarge, SegmentTruncated,
                      ShmringError, Timeout)
-from .segment import Segment, SegmentHandle, fd_reference, open_fd_reference, read_common_header
+from .segment import (Segment, SegmentHandle, fd_reference, hide_word_access, open_fd_reference,
+                      read_common_header)
 from .waiting import DEFAULT_SPIN
 
 MAX_SLOT_BYTES = 1 << 44
@@ -180,6 +181,7 @@ def _readonly(obj):
             _readonly(v)
 
 
+@hide_word_access
 class SharedState(_core.StateCore, SegmentHandle):
     """The latest version of a value, shared by one writer and many readers.
 
@@ -228,7 +230,7 @@ class SharedState(_core.StateCore, SegmentHandle):
     # -- construction ---------------------------------------------------------
     @classmethod
     def create(cls, name: str | None = None, nbytes: int = 1 << 20, *, slots: int = 4, mode: int = 0o600,
-               path=None, max_readers: int = 64) -> "SharedState":
+               path=None, max_readers: int = 64, replace_dead: bool = False) -> "SharedState":
         """Create a shared state whose values may be up to ``nbytes`` bytes encoded
         (an array's ``nbytes`` plus ~100 bytes of descriptor), with ``slots`` versions.
 
@@ -236,6 +238,8 @@ class SharedState(_core.StateCore, SegmentHandle):
         the state lives in that file and persists until ``unlink()``.
         ``max_readers`` bounds the reader table (each reading handle takes one
         entry per concurrently pinned snapshot).
+        ``replace_dead=True`` replaces a segment of that name that no live
+        process has attached, as for :meth:`Ring.create`.
         """
         for arg, v in (("nbytes", nbytes), ("slots", slots), ("max_readers", max_readers)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -250,7 +254,7 @@ class SharedState(_core.StateCore, SegmentHandle):
             raise ValueError(f"max_readers must be from 1 to {L.ST_MAX_READERS}, got {max_readers}")
         g = L.state_geometry(nbytes, slots, max_readers)
         seg = (Segment.create_anonymous(g["segment_size"]) if name is None and path is None
-               else Segment.create(name, g["segment_size"], path=path, mode=mode))
+               else Segment.create(name, g["segment_size"], path=path, mode=mode, replace_dead=replace_dead))
         try:
             _write_state_header(seg.buf, nbytes=nbytes, slots=slots, max_readers=max_readers)
             core = _core.StateCore(seg.buf)
@@ -308,7 +312,7 @@ class SharedState(_core.StateCore, SegmentHandle):
     @property
     def version(self) -> int:
         """The newest published version (0 before the first publish)."""
-        return self.load_u64(L.ST_OFF_CURRENT) >> 8
+        return self._load_u64(L.ST_OFF_CURRENT) >> 8
 
     @property
     def closed(self) -> bool:
@@ -328,7 +332,7 @@ class SharedState(_core.StateCore, SegmentHandle):
             if i in mine:
                 continue
             off = L.HEADER_SIZE + i * L.ST_ENTRY
-            cur = self.load_u64(off + L.ST_ENTRY_OWNER)
+            cur = self._load_u64(off + L.ST_ENTRY_OWNER)
             if not roles.holder_alive(locks, off, cur) and self._take_over_reader(off, cur):
                 self._add_entry(i)
                 return
@@ -341,13 +345,13 @@ class SharedState(_core.StateCore, SegmentHandle):
         judged (R38), then, the entry ours (no reader can claim it meanwhile),
         a dead reader's announced sleeps (R29) and its pin are cleared.  False
         if that failed: the entry is held or changed hands, leave it."""
-        if not roles.take_over(self, self._seg.locks, off, owner):
+        if not roles.take_over(_Words(self), self._seg.locks, off, owner):
             return False
-        roles.withdraw_waits(self, off + L.ST_ENTRY_WAITING, L.ST_OFF_VERSION_WAKE)
-        if self.load_u64(off + L.ST_ENTRY_PIN):
-            self.store_u64(off + L.ST_ENTRY_PIN, 0)       # R30: a dead reader's (or garbage) pin goes
+        roles.withdraw_waits(_Words(self), off + L.ST_ENTRY_WAITING, L.ST_OFF_VERSION_WAKE)
+        if self._load_u64(off + L.ST_ENTRY_PIN):
+            self._store_u64(off + L.ST_ENTRY_PIN, 0)       # R30: a dead reader's (or garbage) pin goes
             if owner:
-                self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED, 1)
+                self._fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED, 1)
         return True
 
     def _free_dead_readers(self, *, pinned_only: bool = False) -> int:
@@ -357,10 +361,10 @@ class SharedState(_core.StateCore, SegmentHandle):
         locks, n = self._seg.locks, 0
         for i in range(self.max_readers):
             off = L.HEADER_SIZE + i * L.ST_ENTRY
-            pinned = self.load_u64(off + L.ST_ENTRY_PIN)                     # R30, R22: seq_cst load
-            if pinned_only and not pinned and not self.load_u32(off + L.ST_ENTRY_WAITING):
+            pinned = self._load_u64(off + L.ST_ENTRY_PIN)                     # R30, R22: seq_cst load
+            if pinned_only and not pinned and not self._load_u32(off + L.ST_ENTRY_WAITING):
                 continue
-            owner = self.load_u64(off + L.ST_ENTRY_OWNER)                    # R30, R22: seq_cst load
+            owner = self._load_u64(off + L.ST_ENTRY_OWNER)                    # R30, R22: seq_cst load
             # R30: only a dead owner's entry is ours to take.  Owner 0 is a free
             # entry: its pin is garbage that a reader claiming the entry clears
             # (it can only make the writer avoid a slot); clearing it here could
@@ -368,7 +372,7 @@ class SharedState(_core.StateCore, SegmentHandle):
             if owner == 0 or roles.holder_alive(locks, off, owner):
                 continue
             if self._take_over_reader(off, owner):
-                roles.give_back(self, locks, off)                            # R30: free it
+                roles.give_back(_Words(self), locks, off)                            # R30: free it
                 n += bool(pinned)
         return n
 
@@ -421,7 +425,7 @@ class SharedState(_core.StateCore, SegmentHandle):
         sleep = ((lambda: [(self, L.ST_OFF_VERSION_WAKE, lambda w: self._arm_newer(than, w))]) if asynchronous
                  else (lambda t: self._wait_newer(than, t, self.spin)))
         return wait_until(
-            newer, sleep, lambda: roles.dead_holder(self, L.ST_OFF_WRITER, self._seg.locks),
+            newer, sleep, lambda: roles.dead_holder(_Words(self), L.ST_OFF_WRITER, self._seg.locks),
             timeout, lambda: f"no version newer than {than} was published to {self._seg.label} within {timeout} s",
             lambda pid: f"the writer (pid {pid}) of {self._seg.label} died; the last version is {self.version}. "
                         "A new writer may take over.")
@@ -429,9 +433,9 @@ class SharedState(_core.StateCore, SegmentHandle):
     def _writer_ended(self) -> str:
         """R59: why no more versions will come ('' while one may): the writer
         finished (R57) or the name is gone, and no writer holds the role now."""
-        if self.load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER):                  # R59: seq_cst, before the mark
+        if self._load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER):                  # R59: seq_cst, before the mark
             return ""                          # a writer holds the role (a dead one: PeerGone, on_slice)
-        if self.load_u32(OFF_WRITER_FINISHED):                             # R59, pairs with R57's store
+        if self._load_u32(OFF_WRITER_FINISHED):                             # R59, pairs with R57's store
             return (f"the writer of {self._seg.label} closed (finished normally); a new writer would "
                     "clear this")
         seg = self._seg
@@ -448,11 +452,11 @@ class SharedState(_core.StateCore, SegmentHandle):
     def _claim_writer(self) -> None:
         self._live()
         if not self._writer.held():
-            self._writer.claim(self)
+            self._writer.claim(_Words(self))
             # R58: the role is ours (owner word stored by the claim's CAS): a
             # finished writer's mark goes, so waits go on for our versions
-            if self.load_u32(OFF_WRITER_FINISHED):
-                self.store_u32(OFF_WRITER_FINISHED, 0)
+            if self._load_u32(OFF_WRITER_FINISHED):
+                self._store_u32(OFF_WRITER_FINISHED, 0)
 
     def _reclaim_dead_pins(self) -> int:
         """The writer: clear the pins (and announced sleeps) of readers whose
@@ -466,7 +470,7 @@ class SharedState(_core.StateCore, SegmentHandle):
         k = self._free_slot()
         if k >= 0:
             return k
-        self.fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_WRITER_WAITS, 1)
+        self._fetch_add_u64(L.ST_OFF_COUNTERS + L.ST_WRITER_WAITS, 1)
 
         def free_slot():
             k = self._free_slot()
@@ -597,29 +601,29 @@ class SharedState(_core.StateCore, SegmentHandle):
     def stats(self) -> dict:
         """Versions published, pins per slot, reclaimed pins, readers, writer."""
         self._live()
-        cur = self.load_u64(L.ST_OFF_CURRENT)
+        cur = self._load_u64(L.ST_OFF_CURRENT)
         pinned = [0] * self.slots
         readers = 0
         for i in range(self.max_readers):
             off = L.HEADER_SIZE + i * L.ST_ENTRY
-            owner = self.load_u64(off + L.ST_ENTRY_OWNER)
+            owner = self._load_u64(off + L.ST_ENTRY_OWNER)
             if roles.holder_alive(self._seg.locks, off, owner):
                 readers += 1
-            pin = self.load_u64(off + L.ST_ENTRY_PIN)
+            pin = self._load_u64(off + L.ST_ENTRY_PIN)
             if pin and (pin & 0xFF) < self.slots:
                 pinned[pin & 0xFF] += 1
-        w = self.load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER)
+        w = self._load_u64(L.ST_OFF_WRITER + L.ROLE_OWNER)
         pid = L.split_owner(w)[0]
         return {"name": self.name, "path": self.path, "slots": self.slots, "nbytes": self.nbytes,
                 "version": cur >> 8, "versions_published": cur >> 8,
                 "current_slot": (cur & 0xFF) if cur else None,
                 "pins": pinned, "slots_pinned": sum(1 for p in pinned if p),
-                "reclaimed_pins": self.load_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED),
-                "writer_waits": self.load_u64(L.ST_OFF_COUNTERS + L.ST_WRITER_WAITS),
+                "reclaimed_pins": self._load_u64(L.ST_OFF_COUNTERS + L.ST_RECLAIMED),
+                "writer_waits": self._load_u64(L.ST_OFF_COUNTERS + L.ST_WRITER_WAITS),
                 "readers": readers, "max_readers": self.max_readers,
                 "writer": {"pid": pid or None, "alive": roles.holder_alive(self._seg.locks, L.ST_OFF_WRITER, w),
-                           "sessions": self.load_u64(L.ST_OFF_WRITER + L.ROLE_SESSIONS),
-                           "finished": bool(self.load_u32(OFF_WRITER_FINISHED))},
+                           "sessions": self._load_u64(L.ST_OFF_WRITER + L.ROLE_SESSIONS),
+                           "finished": bool(self._load_u32(OFF_WRITER_FINISHED))},
                 "creator_pid": self._header["creator_pid"], "created_ns": self._header["created_ns"]}
 
     def close(self) -> None:
@@ -633,13 +637,13 @@ class SharedState(_core.StateCore, SegmentHandle):
         if self._writer.held():
             # R57: "finished" before the owner word goes to 0 (give_back), so a
             # waiter that sees the role free sees the mark; then wake the waiters
-            self.store_u32(OFF_WRITER_FINISHED, 1)
-            self._writer.give_back(self)
+            self._store_u32(OFF_WRITER_FINISHED, 1)
+            self._writer.give_back(_Words(self))
             self.wake(L.ST_OFF_VERSION_WAKE)
-        self._writer.give_back(self)
+        self._writer.give_back(_Words(self))
         for i, busy in self._own_entries():    # empty in a forked child: the entries are the parent's
             if not busy:                       # a busy entry stays ours until its snapshot is released
-                roles.give_back(self, self._seg.locks, L.HEADER_SIZE + i * L.ST_ENTRY)
+                roles.give_back(_Words(self), self._seg.locks, L.HEADER_SIZE + i * L.ST_ENTRY)
         self._mark_closed()
         try:
             self._wmv.release()
@@ -654,6 +658,17 @@ class SharedState(_core.StateCore, SegmentHandle):
 
 # Every open handle, so that a forked child starts with fresh writer locks.
 _handles: "weakref.WeakSet[SharedState]" = weakref.WeakSet()
+
+
+class _Words:
+    """The raw word accessors of a SharedState, for the shared role code
+    (roles.py), which calls them by their plain names: they are private on
+    the handle itself (issue 16 case 10)."""
+    __slots__ = ("load_u32", "load_u64", "store_u32", "store_u64", "cas_u64", "fetch_add_u64")
+
+    def __init__(self, h):
+        for name in self.__slots__:
+            setattr(self, name, getattr(h, "_" + name))
 
 
 def _after_fork_in_child() -> None:

@@ -40,7 +40,7 @@ def test_a_writer_killed_while_every_spare_slot_is_pinned_leaves_the_last_versio
     steps.put(1)                           # version 4 needs a slot: none is free
     assert q.get(timeout=SOON) == ("publishing", 4)
     wait_until(lambda: state.stats()["writer_waits"] == 1, "the writer waits for a slot")
-    waiters = lambda: state.load_u64(L.ST_OFF_SLOT_WAKE) >> 32     # noqa: E731
+    waiters = lambda: state._load_u64(L.ST_OFF_SLOT_WAKE) >> 32     # noqa: E731
     wait_until(lambda: waiters() == 1, "the writer is asleep on the futex")   # past its spin, on a busy machine too
     kill(w)
     assert waiters() == 1                  # the dead writer's announced sleep is still counted

@@ -307,6 +307,7 @@ typedef struct {
     uint64_t start, end;
     Py_ssize_t off;         /* payload, relative to the region base */
     int type;
+    PyObject *weakrefs;     /* iteration keeps a weak reference to the message it handed out last (R67) */
 } Message;
 
 void lease_init(Lease *l, const LeaseOps *ops, PyObject *owner, char *ptr, Py_ssize_t len, int readonly);

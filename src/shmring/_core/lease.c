@@ -129,6 +129,7 @@ int message_freelist_put(Message *m);
 void Lease_dealloc(Lease *l) {
     int gc = PyType_IS_GC(Py_TYPE(l));
     if (gc) PyObject_GC_UnTrack(l);
+    if (Py_TYPE(l) == &MessageType && ((Message *)l)->weakrefs) PyObject_ClearWeakRefs((PyObject *)l);
     /* exports hold references to l, so here exports == 0: a lease dropped
      * without release() is released now.  Resurrected meanwhile (as CPython
      * does around a finalizer): reporting a failure unraisable takes
@@ -381,6 +382,7 @@ PyObject *make_message(Consumer *c, Rec *r) {
     lease_init(&m->l, &message_ops, (PyObject *)c, c->r.base + r->off, r->len, 1);
     m->start = r->start; m->end = r->end;
     m->off = r->off; m->type = r->type;
+    m->weakrefs = NULL;
     PyObject_GC_Track(m);
     return (PyObject *)m;
 }
@@ -466,6 +468,7 @@ static PyObject *Message_get_kind(Message *m, void *c) { m->l.touched = 1; retur
 static PyObject *Message_get_type(Message *m, void *c) { m->l.touched = 1; return PyLong_FromLong(m->type); }
 static PyObject *Message_get_nbytes(Message *m, void *c) { m->l.touched = 1; return PyLong_FromSsize_t(m->l.len); }
 static PyObject *Message_get_offset(Message *m, void *c) { return PyLong_FromSsize_t(m->off); }
+static PyObject *Message_get_touched(Message *m, void *c) { return PyBool_FromLong(m->l.touched); }
 static PyObject *Message_get_position(Message *m, void *c) { m->l.touched = 1; return PyLong_FromUnsignedLongLong(m->start); }
 
 static PyObject *Message_repr(Message *m) {
@@ -489,8 +492,10 @@ static PyGetSetDef Message_getset[] = {
      "(msgpack, arrays inside are read-only views). Built anew on each access; valid until release().", NULL},
     {"kind", (getter)Message_get_kind, NULL, "'bytes', 'array' or 'object'", NULL},
     {"type", (getter)Message_get_type, NULL, "record type code (shmring.layout.T_*)", NULL},
-    {"nbytes", (getter)Message_get_nbytes, NULL, "payload size in bytes", NULL},
+    {"nbytes", (getter)Message_get_nbytes, NULL, "the message's size in the ring as encoded (bytes: their "
+     "length; an array: its data plus its descriptor; the data alone: msg.value.nbytes)", NULL},
     {"_offset", (getter)Message_get_offset, NULL, "payload offset in the region", NULL},
+    {"_touched", (getter)Message_get_touched, NULL, "handed to user code (R39)", NULL},
     {"position", (getter)Message_get_position, NULL, "ring position of the record", NULL},
     {NULL}
 };
@@ -499,6 +504,7 @@ PyTypeObject MessageType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmring.Message",
     .tp_basicsize = sizeof(Message),
+    .tp_weaklistoffset = offsetof(Message, weakrefs),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_doc = "A received message: a zero-copy window on ring memory.\n\n"
               "Lifetime: msg.value and every view derived from it (slices, numpy views, "
