@@ -58,8 +58,11 @@ import weakref
 from multiprocessing.reduction import ForkingPickler
 
 from . import layout as L
-from .errors import (CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout)
-from .ring import Ring
+import numpy as np
+
+from .errors import (CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout,
+                     WrongKind)
+from .ring import Producer, Ring
 from .waiting import DEFAULT_SPIN, WAIT_SLICE
 
 Empty = _pyqueue.Empty
@@ -193,25 +196,34 @@ def _left(deadline):
     return None if deadline is None else max(deadline - time.monotonic(), 0.0)
 
 
-def _acquire(lock, deadline) -> bool:
-    if deadline is None:
-        return lock.acquire()
-    return lock.acquire(timeout=_left(deadline)) if deadline > time.monotonic() else lock.acquire(False)
+class _Held:
+    """Holds one thread's producer or consumer handle of a queue: gives it
+    back quietly when the thread ends (its thread-local dies), when the queue
+    is closed or garbage-collected; never in a forked child (the parent's)."""
 
+    __slots__ = ("h", "gen", "__weakref__")
 
-def _close_handles(handles, gen_box):
-    """Finalizer: give back this process's roles (only in the process that took them)."""
-    if gen_box[0] != _forks:
-        return
-    for h in handles:
+    def __init__(self, h):
+        self.h, self.gen = h, _forks
+
+    def close(self):
+        h, self.h = self.h, None
+        if h is None or self.gen != _forks:
+            return
         try:
-            if hasattr(h, "detach"):
-                h.detach()
+            if isinstance(h, Producer):
+                h.detach()                     # leave the table; a queue's stream never ends (R73)
             else:
                 h.close()
         except Exception:
             pass
-    handles.clear()
+
+    __del__ = close
+
+
+def _close_all(holders):
+    for held in list(holders):
+        held.close()
 
 
 class _Base:
@@ -250,14 +262,14 @@ class _Base:
         self._fresh()
 
     def _fresh(self):
-        """This process's part: no handles yet, new locks (after a fork: the
-        parent's handles and locks are the parent's)."""
+        """This process's part: no handles yet (after a fork: the parent's
+        handles are the parent's).  Each thread takes its own handles (R73):
+        a handle is used by one thread at a time, and threads of one process
+        then put and get concurrently, with no lock between them."""
         self._gen = _forks
-        self._prod = self._cons = None
-        self._wlock, self._rlock = threading.Lock(), threading.Lock()
-        self._handles = []
-        self._fin = weakref.finalize(self, _close_handles, self._handles, [_forks])
-        self._fin.atexit = False             # at exit the process's roles are recovered as a dead one's
+        self._local = threading.local()
+        self._holders = weakref.WeakSet()
+        weakref.finalize(self, _close_all, self._holders).atexit = False   # at exit: recovered as dead
 
     # -- pickling: by the ring's descriptor (fd_reference) ---------------------
     def __reduce__(self):
@@ -265,25 +277,29 @@ class _Base:
             raise ValueError(f"{self!r} is closed")
         return (_rebuild, (type(self), self._ring, self._spin))
 
-    # -- this process's handles (R73) -----------------------------------------
+    # -- this thread's handles (R73) -------------------------------------------
     def _producer(self):
         if self._gen != _forks:
             self._fresh()
-        p = self._prod
+        local = self._local
+        p = getattr(local, "prod", None)
         if p is None:
             self._check_open()
-            p = self._prod = self._ring.producer(spin=self._spin)
-            self._handles.append(p)
+            p = self._ring.producer(spin=self._spin)
+            local.prod, local.held_prod = p, _Held(p)
+            self._holders.add(local.held_prod)
         return p
 
     def _consumer(self):
         if self._gen != _forks:
             self._fresh()
-        c = self._cons
+        local = self._local
+        c = getattr(local, "cons", None)
         if c is None:
             self._check_open()
-            c = self._cons = self._ring.consumer(spin=self._spin)
-            self._handles.append(c)
+            c = self._ring.consumer(spin=self._spin)
+            local.cons, local.held_cons = c, _Held(c)
+            self._holders.add(local.held_cons)
         return c
 
     def _check_open(self):
@@ -335,25 +351,23 @@ class _Base:
         if self._add(L.Q_OFF_UNFINISHED, -n) == n:
             self._r.wake(L.Q_OFF_JOIN_WAKE)
 
+    def _undo(self, n):
+        if n:
+            self._count_out(n)
+            if self._joinable:
+                self._count_out_unfinished(n)
+
     # -- put ------------------------------------------------------------------
     def _put(self, obj, block, timeout):
         self._check_open()
-        if self._gen != _forks:                   # a forked child: never the parent's locks or handles
-            self._fresh()
         stream, bufs = _dumps(obj)                # a pickling error raises here: nothing counted
         deadline = _deadline(block, timeout)
+        prod = self._producer()
         self._count_in(1, deadline)
         try:
-            if not _acquire(self._wlock, deadline):
-                raise Full
-            try:
-                self._send(self._producer(), stream, bufs, deadline)
-            finally:
-                self._wlock.release()
+            self._send(prod, stream, bufs, deadline)
         except BaseException:
-            self._count_out(1)
-            if self._joinable:
-                self._count_out_unfinished(1)
+            self._undo(1)
             raise
 
     def _send(self, prod, stream, bufs, deadline):
@@ -372,15 +386,17 @@ class _Base:
                     prod.send(stream, timeout=left)
                     return
                 raws, hdr, offs, total = _oob_layout(stream, bufs)
-                with prod.reserve(total, timeout=_left(deadline)) as mv:
-                    _write_oob(mv, stream, raws, hdr, offs)
+                # an array message (T_ARRAY) of bytes: recv_bytes() refuses it (WrongKind) and
+                # leaves it, which is how get tells it from a plain pickle stream (R74)
+                with prod.reserve_array((total,), np.uint8, timeout=_left(deadline)) as arr:
+                    _write_oob(memoryview(arr), stream, raws, hdr, offs)
                 return
             except Timeout:
                 raise Full from None
             except MessageTooLarge as e:
                 raise MessageTooLarge(f"an item of {len(stream) + sum(memoryview(b).nbytes for b in bufs)} "
                                       f"bytes does not fit in the queue's ring ({self._ring.capacity} bytes: "
-                                      f"items up to {self._ring.max_message - 16 * len(bufs) - 80}); "
+                                      f"items up to about {self._ring.max_message - 16 * len(bufs) - 160}); "
                                       f"make the queue with a larger capacity=") from e
             except PeerGone:
                 # every consumer that held the ring full died: wait on for a new one
@@ -388,37 +404,39 @@ class _Base:
                     raise Full from None
 
     # -- get ------------------------------------------------------------------
+    def _take(self, cons, msg):
+        """Decode an out-of-band message (R74) and release it."""
+        try:
+            with memoryview(msg.value) as mv:
+                return _decode(mv, self._label)
+        except BaseException as e:
+            # the traceback's frames hold views of the message: clear their
+            # locals (the lines stay) so the release below is complete
+            traceback.clear_frames(e.__traceback__)
+            raise
+        finally:
+            msg.release()
+
     def _get(self, block, timeout):
         self._check_open()
-        if self._gen != _forks:
-            self._fresh()
         deadline = _deadline(block, timeout)
-        if not _acquire(self._rlock, deadline):
-            raise Empty
+        cons = self._consumer()
         try:
-            cons = self._consumer()
-            msg = cons.try_recv()
-            while msg is None:
-                left = _left(deadline)
-                if left is not None and left <= 0:
-                    raise Empty
-                try:
-                    msg = cons.recv(timeout=left)
-                except Timeout:
-                    raise Empty from None
-                except (EndOfStream, PeerGone):       # a queue's stream never ends (R73): corruption
-                    raise CorruptSegmentError(f"the queue on {self._label} ended its stream") from None
             try:
-                obj = _decode(msg.value, self._label)
-            except BaseException as e:
-                # the traceback's frames hold views of the message: clear their
-                # locals (the lines stay) so the release below is complete
-                traceback.clear_frames(e.__traceback__)
-                raise
-            finally:
-                msg.release()
-        finally:
-            self._rlock.release()
+                data = cons._try_recv_bytes() if deadline is not None else cons.recv_bytes()
+                while data is None:
+                    left = _left(deadline)
+                    if left <= 0:
+                        raise Empty
+                    try:
+                        data = cons.recv_bytes(timeout=left)
+                    except Timeout:
+                        raise Empty from None
+                obj = pickle.loads(data)
+            except WrongKind:                      # an out-of-band message: still ours to take
+                obj = self._take(cons, cons.recv(timeout=0))
+        except (EndOfStream, PeerGone):            # a queue's stream never ends (R73): corruption
+            raise CorruptSegmentError(f"the queue on {self._label} ended its stream") from None
         self._count_out(1)
         return obj
 
@@ -443,14 +461,14 @@ class _Base:
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:
         """This process will neither put nor get on this queue object any
-        more: its producer and consumer roles are given back (the ring stays
-        for the other processes).  Idempotent."""
+        more: its producer and consumer roles (every thread's) are given back
+        (the ring stays for the other processes).  Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._gen == _forks:
-            self._fin()
-        self._prod = self._cons = None
+            _close_all(self._holders)
+        self._local = threading.local()
 
     def __repr__(self) -> str:
         return f"<shmring.{type(self).__name__} on {getattr(self, '_label', '?')}" + \
@@ -474,18 +492,48 @@ class Queue(_Base):
     timeout, then ``queue.Full``) when the ring is full in bytes too, and
     ``qsize()`` works on every platform (R70)."""
 
-    def put(self, obj, block: bool = True, timeout=None) -> None:
+    def put(self, obj, block: bool = True, timeout=None, _dumps=pickle.dumps) -> None:
         """Put ``obj``; with ``block`` wait up to ``timeout`` s (None: no
         limit) for room, else ``queue.Full``."""
-        self._put(obj, block, timeout)
+        prod = getattr(self._local, "prod", None)
+        if (prod is None or not block or timeout is not None or self._maxsize or self._joinable or self._closed
+                or self._gen != _forks or (type(obj) in (bytes, bytearray) and len(obj) >= OOB_MIN)):
+            return self._put(obj, block, timeout)
+        # the common case, inlined (as _put): no bound in items, no timeout, joined already
+        bufs = []
+        try:
+            stream = _dumps(obj, 5, buffer_callback=bufs.append)
+        except Exception:
+            return self._put(obj, block, timeout)   # the ForkingPickler fallback, or the error
+        self._r.fetch_add_u64(L.Q_OFF_ITEMS, 1)     # R70: counted before it can be taken
+        try:
+            if bufs:
+                self._send(prod, stream, bufs, None)
+            else:
+                try:
+                    prod.send(stream)
+                except PeerGone:
+                    self._send(prod, stream, bufs, None)
+        except BaseException:
+            self._count_out(1)
+            raise
 
     def put_nowait(self, obj) -> None:
         self._put(obj, False, None)
 
-    def get(self, block: bool = True, timeout=None):
+    def get(self, block: bool = True, timeout=None, _loads=pickle.loads):
         """Take the next item; with ``block`` wait up to ``timeout`` s (None:
         no limit), else ``queue.Empty``."""
-        return self._get(block, timeout)
+        cons = getattr(self._local, "cons", None)
+        if cons is None or not block or timeout is not None or self._maxsize or self._closed or self._gen != _forks:
+            return self._get(block, timeout)
+        # the common case, inlined (as _get)
+        try:
+            obj = _loads(cons.recv_bytes())
+        except WrongKind:
+            return self._get(block, timeout)        # an out-of-band message: it stays for _get
+        self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)  # R70: -1, once taken
+        return obj
 
     def get_nowait(self):
         return self._get(False, None)
@@ -502,31 +550,20 @@ class Queue(_Base):
         if not encoded:
             return
         deadline = _deadline(block, timeout)
+        prod = self._producer()
         n = len(encoded)
         self._count_in(n, deadline)
         done = 0
         try:
-            if not _acquire(self._wlock, deadline):
-                raise Full("queue full", 0)
-            try:
-                prod = self._producer()
-                for stream, bufs in encoded:
-                    self._send(prod, stream, bufs, deadline)
-                    done += 1
-            finally:
-                self._wlock.release()
+            for stream, bufs in encoded:
+                self._send(prod, stream, bufs, deadline)
+                done += 1
         except Full:
             self._undo(n - done)
             raise Full("queue full", done) from None
         except BaseException:
             self._undo(n - done)
             raise
-
-    def _undo(self, n):
-        if n:
-            self._count_out(n)
-            if self._joinable:
-                self._count_out_unfinished(n)
 
     def get_many(self, block: bool = True, timeout=None, max_messages_to_get: int = 1 << 30) -> list:
         """Up to ``max_messages_to_get`` items (faster-fifo style): waits (per
@@ -535,26 +572,20 @@ class Queue(_Base):
         if max_messages_to_get < 1:
             raise ValueError(f"max_messages_to_get must be >= 1, got {max_messages_to_get}")
         out = [self._get(block, timeout)]
-        self._check_open()
-        if not _acquire(self._rlock, None):
-            return out
-        taken = 0
+        cons = self._consumer()
+        loads, take = pickle.loads, cons._try_recv_bytes
         try:
-            cons = self._consumer()
-            label = self._label
             while len(out) < max_messages_to_get:
-                msg = cons.try_recv()
-                if msg is None:
-                    break
-                taken += 1
                 try:
-                    out.append(_decode(msg.value, label))
-                finally:
-                    msg.release()
+                    data = take()
+                    if data is None:
+                        break
+                    out.append(loads(data))
+                except WrongKind:
+                    out.append(self._take(cons, cons.recv(timeout=0)))
         finally:
-            self._rlock.release()
-            if taken:
-                self._count_out(taken)
+            if len(out) > 1:
+                self._count_out(len(out) - 1)
         return out
 
     def join_thread(self) -> None:
