@@ -57,11 +57,11 @@ import traceback
 import weakref
 from multiprocessing.reduction import ForkingPickler
 
+from . import _core
 from . import layout as L
 import numpy as np
 
-from .errors import (CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout,
-                     WrongKind)
+from .errors import CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout
 from .ring import Producer, Ring
 from .waiting import DEFAULT_SPIN, WAIT_SLICE
 
@@ -154,15 +154,18 @@ def _write_oob(mv, stream, raws, hdr, offs):
         mv[o:o + r.nbytes] = r
 
 
+def _not_pickle(data, label):
+    raise CorruptSegmentError(f"a bytes message of the queue on {label} is not a pickle stream "
+                              f"(starts with {bytes(data[:4])!r}, {len(data)} bytes)")
+
+
 def _decode(mv, label):
     """The object in a message payload ``mv`` (a view of the ring): read
     into memory of its own, so the message may be released after."""
     n = mv.nbytes
-    if n and mv[0] == 0x80:
-        return pickle.loads(mv)
     if n < _OOB_HDR.size or bytes(mv[:4]) != OOB_MAGIC:
-        raise CorruptSegmentError(f"a message of the queue on {label} is neither a pickle stream nor an "
-                                  f"out-of-band message (starts with {bytes(mv[:4])!r})")
+        raise CorruptSegmentError(f"an array message of the queue on {label} is not an out-of-band item "
+                                  f"(starts with {bytes(mv[:4])!r}, {n} bytes)")
     _, nbuf, plen = _OOB_HDR.unpack_from(mv, 0)
     hdr = _OOB_HDR.size + _OOB_BUF.size * nbuf
     if hdr > n or plen > n - hdr:
@@ -266,6 +269,8 @@ class _Base:
         handles are the parent's).  Each thread takes its own handles (R73):
         a handle is used by one thread at a time, and threads of one process
         then put and get concurrently, with no lock between them."""
+        if getattr(self, "_gen", _forks) != _forks:       # a forked child: the parent's Region refuses waits
+            self._r = _core.Region(self._ring._seg.buf)
         self._gen = _forks
         self._local = threading.local()
         self._holders = weakref.WeakSet()
@@ -305,6 +310,8 @@ class _Base:
     def _check_open(self):
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
+        if self._gen != _forks:
+            self._fresh()
 
     # -- the item count (R70, R71) ---------------------------------------------
     def _add(self, off, n):
@@ -386,8 +393,8 @@ class _Base:
                     prod.send(stream, timeout=left)
                     return
                 raws, hdr, offs, total = _oob_layout(stream, bufs)
-                # an array message (T_ARRAY) of bytes: recv_bytes() refuses it (WrongKind) and
-                # leaves it, which is how get tells it from a plain pickle stream (R74)
+                # an array message (T_ARRAY) of bytes: its type tells get it from a plain
+                # pickle stream (a bytes message, R74)
                 with prod.reserve_array((total,), np.uint8, timeout=_left(deadline)) as arr:
                     _write_oob(memoryview(arr), stream, raws, hdr, offs)
                 return
@@ -404,9 +411,18 @@ class _Base:
                     raise Full from None
 
     # -- get ------------------------------------------------------------------
-    def _take(self, cons, msg):
-        """Decode an out-of-band message (R74) and release it."""
+    def _take(self, msg):
+        """The item in a message taken with ``recv`` / ``try_recv``, released
+        before it returns: a bytes message is a pickle stream (copied out
+        and released in one C step), an array message an out-of-band item
+        (R74).  (Not ``recv_bytes``: on an array message of an mpmc ring it
+        gives the message back for redelivery, which may reorder it.)"""
+        if msg.type == L.T_BYTES:
+            data = msg._take_copy()                  # copied out and released in one step
+            return pickle.loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
         try:
+            if msg.kind != "array":
+                raise CorruptSegmentError(f"a {msg.kind} message in the queue on {self._label}")
             with memoryview(msg.value) as mv:
                 return _decode(mv, self._label)
         except BaseException as e:
@@ -422,21 +438,21 @@ class _Base:
         deadline = _deadline(block, timeout)
         cons = self._consumer()
         try:
-            try:
-                data = cons._try_recv_bytes() if deadline is not None else cons.recv_bytes()
-                while data is None:
+            if deadline is None:
+                msg = cons.recv()
+            else:
+                msg = cons.try_recv()
+                if msg is None:
                     left = _left(deadline)
                     if left <= 0:
                         raise Empty
                     try:
-                        data = cons.recv_bytes(timeout=left)
+                        msg = cons.recv(timeout=left)
                     except Timeout:
                         raise Empty from None
-                obj = pickle.loads(data)
-            except WrongKind:                      # an out-of-band message: still ours to take
-                obj = self._take(cons, cons.recv(timeout=0))
         except (EndOfStream, PeerGone):            # a queue's stream never ends (R73): corruption
             raise CorruptSegmentError(f"the queue on {self._label} ended its stream") from None
+        obj = self._take(msg)
         self._count_out(1)
         return obj
 
@@ -528,10 +544,12 @@ class Queue(_Base):
         if cons is None or not block or timeout is not None or self._maxsize or self._closed or self._gen != _forks:
             return self._get(block, timeout)
         # the common case, inlined (as _get)
-        try:
-            obj = _loads(cons.recv_bytes())
-        except WrongKind:
-            return self._get(block, timeout)        # an out-of-band message: it stays for _get
+        msg = cons.recv()
+        if msg.type == 1:                           # T_BYTES: a pickle stream
+            data = msg._take_copy()
+            obj = _loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
+        else:
+            obj = self._take(msg)
         self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)  # R70: -1, once taken
         return obj
 
@@ -573,16 +591,13 @@ class Queue(_Base):
             raise ValueError(f"max_messages_to_get must be >= 1, got {max_messages_to_get}")
         out = [self._get(block, timeout)]
         cons = self._consumer()
-        loads, take = pickle.loads, cons._try_recv_bytes
+        take = cons.try_recv
         try:
             while len(out) < max_messages_to_get:
-                try:
-                    data = take()
-                    if data is None:
-                        break
-                    out.append(loads(data))
-                except WrongKind:
-                    out.append(self._take(cons, cons.recv(timeout=0)))
+                msg = take()
+                if msg is None:
+                    break
+                out.append(self._take(msg))
         finally:
             if len(out) > 1:
                 self._count_out(len(out) - 1)
