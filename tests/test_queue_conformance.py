@@ -633,3 +633,20 @@ def test_bad_arguments():
     q2.join_thread()
     q2.cancel_join_thread()
     assert sys.modules["shmring.queues"].Empty is pyqueue.Empty
+
+
+def test_a_thread_that_ends_gives_its_handles_back():
+    q = shmring.Queue()
+
+    def work():
+        q.put("from a thread")
+        assert q.get(timeout=10) == "from a thread"
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(60)
+    gc.collect()
+    st = q._ring.stats()
+    assert not any(p["pid"] == os.getpid() for p in st["producers"])
+    assert not any(c["pid"] == os.getpid() for c in st["consumers"])
+    q.put(1)                                    # this thread joins now
+    assert q.get(timeout=1) == 1

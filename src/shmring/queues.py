@@ -51,6 +51,7 @@ import os
 import pickle
 import queue as _pyqueue
 import struct
+import sys
 import threading
 import time
 import traceback
@@ -209,9 +210,9 @@ class _Held:
     def __init__(self, h):
         self.h, self.gen = h, _forks
 
-    def close(self):
+    def close(self, _finalizing=sys.is_finalizing):
         h, self.h = self.h, None
-        if h is None or self.gen != _forks:
+        if h is None or _finalizing() or self.gen != _forks:   # at exit: recovered as a dead process's
             return
         try:
             if isinstance(h, Producer):
