@@ -650,3 +650,17 @@ def test_a_thread_that_ends_gives_its_handles_back():
     assert not any(c["pid"] == os.getpid() for c in st["consumers"])
     q.put(1)                                    # this thread joins now
     assert q.get(timeout=1) == 1
+
+
+def test_items_use_the_standard_pickler_not_dill():
+    q = shmring.Queue()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        q.put(lambda x: x)
+    assert q.qsize() == 0
+    a, b = multiprocessing.Pipe()                 # multiprocessing's reducers: a connection travels
+    q.put(a)
+    a2 = q.get(timeout=10)
+    a2.send("through a pickled connection")
+    assert b.recv() == "through a pickled connection"
+    for c in (a, a2, b):
+        c.close()
