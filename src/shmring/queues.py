@@ -58,10 +58,10 @@ import traceback
 import weakref
 from multiprocessing.reduction import ForkingPickler
 
-from . import _core
-from . import layout as L
 import numpy as np
 
+from . import _core
+from . import layout as L
 from .errors import CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout
 from .ring import Producer, Ring
 from .waiting import DEFAULT_SPIN, WAIT_SLICE
