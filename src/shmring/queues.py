@@ -89,6 +89,8 @@ _RO = 1 << 63
 _M64 = (1 << 64) - 1
 _MAX_WORD = 1 << 62               # a count above this in a queue word is corruption
 
+_NO_BUFFERS = frozenset((bytes, str, int, float, bool, complex, type(None)))
+
 _forks = 0
 
 
@@ -519,7 +521,9 @@ class Queue(_Base):
         # the common case, inlined (as _put): no bound in items, no timeout, joined already
         bufs = []
         try:
-            stream = _dumps(obj, 5, buffer_callback=bufs.append)
+            # (objects that cannot hold a buffer skip the callback; a bytes item here is < OOB_MIN)
+            stream = (_dumps(obj, 5) if type(obj) in _NO_BUFFERS
+                      else _dumps(obj, 5, buffer_callback=bufs.append))
         except Exception:
             return self._put(obj, block, timeout)   # the ForkingPickler fallback, or the error
         self._r.fetch_add_u64(L.Q_OFF_ITEMS, 1)     # R70: counted before it can be taken
