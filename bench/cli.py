@@ -234,6 +234,9 @@ def main(argv=None) -> int:
                     help="also run the multi-party and record rings study (python -m bench.multi_cases: mpsc "
                          "fan-in, broadcast fan-out, mpmc work-sharing, record batches vs mp.Queue and "
                          "faster-fifo; ~3 min, ~1 min with --quick)")
+    ap.add_argument("--queues", action="store_true",
+                    help="also run the queue study (python -m bench.queue_cases: shmring.Queue vs "
+                         "multiprocessing.Queue vs faster-fifo for 64 B objects, dicts and 1 MiB arrays)")
     args = ap.parse_args(argv)
 
     cfg = Config(args.quick, args.repeats, args.duration)
@@ -258,7 +261,7 @@ def main(argv=None) -> int:
         print(f"(--primitives) {'':<2} python -m bench.primitives: read vs mmap, read+send vs sendfile")
         return 0
     if not cases and not refs and not args.primitives and not args.snapshots and not args.multi \
-            and not args.pipeline:
+            and not args.pipeline and not args.queues:
         print(f"no case matches {args.only!r} (see --list)", file=sys.stderr)
         return 2
 
@@ -345,6 +348,7 @@ def main(argv=None) -> int:
     _, snaps_md = optional_study(args.snapshots, "snapshot_cases", "SharedState study")
     multi, multi_md = optional_study(args.multi, "multi_cases", "Multi-party and record rings study")
     _, pipe_md = optional_study(args.pipeline, "pipeline_cases", "Pipeline study")
+    _, queues_md = optional_study(args.queues, "queue_cases", "Queue study")
     failures += sum(1 for r in (multi or {}).get("rows", []) if (r.get("error") or "").startswith("FAILED"))
     try:
         run["memory"] = ring_footprint()
@@ -355,7 +359,7 @@ def main(argv=None) -> int:
     rows = report.finish_rows(report.order_rows(rows))
     head = report.machine_lines(minfo, run)
     md = "\n".join(["\n".join(f"{h}  " for h in head), "", report.table(rows), "", report.LEGEND])
-    for extra in (prim_md, snaps_md, multi_md, pipe_md):
+    for extra in (prim_md, snaps_md, multi_md, pipe_md, queues_md):
         if extra is not None:
             md += "\n\n" + extra
     print(md)

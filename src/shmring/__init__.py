@@ -13,6 +13,7 @@ from .errors import (CorruptSegmentError, DecodeLimit, EndOfStream, EscapedViewW
                      Timeout, UnsupportedType, WrongKind)
 from .codec import InPlace
 from .pipeline import Pipeline, PipelineError
+from .queues import JoinableQueue, Queue, SimpleQueue
 from .ring import Consumer, Producer, Reservation, Ring, wait, wait_async
 from .segment import list_segments, unlink
 from .snapshot import SharedState
@@ -22,6 +23,7 @@ from ._version import __version__  # noqa: E402  (one place: shmring._version)
 __all__ = [
     "Ring", "Producer", "Consumer", "Message", "Reservation", "list_segments", "unlink", "wait", "wait_async", "Lagged", "InPlace",
     "Pipeline", "PipelineError",
+    "Queue", "SimpleQueue", "JoinableQueue",
     "SharedState", "Snapshot",
     "ShmringError", "Timeout", "EndOfStream", "PeerGone", "MessageTooLarge", "SegmentNotFound",
     "SegmentExists", "PermissionDenied", "NoSpace", "ResourceLimit", "CorruptSegmentError", "IncompatibleSegment",

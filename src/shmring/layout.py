@@ -290,6 +290,12 @@ def state_geometry(nbytes: int, slots: int, max_readers: int) -> dict:
 #     896   take cursor u64      mpmc: the next record nobody has taken
 #     1024  counters             abandoned | evicted | dropped | requeued (now)
 #                                | redelivered | u32 producer / consumer high water
+#     3584  queue words          mpmc rings of shmring.Queue only (Python, never C;
+#                                zero in every other ring): tag u64 "SHMQUEUE" |
+#                                maxsize u64 (0 = none) | items u64 (R70) |
+#                                unfinished u64 (JoinableQueue, R72) | flags u64
+#     3712  queue not-full wake  put() waiting for maxsize sleeps here (R71)
+#     3840  queue join wake      JoinableQueue.join() sleeps here (R72)
 #     4096  producer table       max producers lines: owner | intent | sent | bytes
 #                                | waiting u32 (its sleeps announced on the space wake word)
 #                                | session u64 = sessions done here << 1 | JOINED (R36):
@@ -335,6 +341,18 @@ MP_STATE = 32                   # u64: joins counted (low bits) | MP_STATE_ENDED
 MP_STATE_ENDED = 1 << 63
 MP_OFF_TAKE = 896
 MP_OFF_COUNTERS = 1024
+# shmring.Queue's words in the header page of its mpmc ring (R70-R74; the C
+# core never touches them, so they are not in C_CONSTANTS)
+Q_OFF = 3584
+Q_TAG = 0x45554555514D4853           # b"SHMQUEUE" read as a little-endian u64
+Q_OFF_TAG = Q_OFF
+Q_OFF_MAXSIZE = Q_OFF + 8
+Q_OFF_ITEMS = Q_OFF + 16
+Q_OFF_UNFINISHED = Q_OFF + 24
+Q_OFF_FLAGS = Q_OFF + 32
+Q_FLAG_JOINABLE = 1
+Q_OFF_NOTFULL_WAKE = 3712
+Q_OFF_JOIN_WAKE = 3840
 MP_ABANDONED = 0
 MP_EVICTED = 8
 MP_DROPPED = 16
