@@ -273,3 +273,73 @@ def _crc_file_order(wmv, off, head, dst_area, area_len, rf, rec, src_area) -> in
     c = zlib.crc32(_pad_bytes(rf, rec, head, src_area), c)
     with wmv[off + dst_area:off + dst_area + area_len] as v:
         return zlib.crc32(v, c)
+
+
+# -- command line (registered by shmring.cli) ---------------------------------------------
+def add_commands(sub, size) -> None:
+    s = sub.add_parser("record", help="append every message of a ring to a record file, until its stream ends",
+                       description="Take the ring's consumer role (a broadcast ring: subscribe) and append every "
+                                   "message to FILE (docs/record-format.md) until the stream ends or Ctrl-C.")
+    s.add_argument("name", help="the ring's segment name")
+    s.add_argument("file")
+    s.add_argument("--start", choices=("oldest", "newest"), default="oldest", help="broadcast: where to join")
+    s.add_argument("--fsync", default="end",
+                   help="none, end (default), every, or SECONDS between fdatasyncs")
+    s.add_argument("--crc", action="store_true", help="store a crc32 of every payload")
+    s.add_argument("--method", choices=("auto", "kernel", "write"), default="auto",
+                   help="payload copy: kernel (copy_file_range/sendfile), write, auto (kernel from 16 KiB)")
+    s.add_argument("--count", type=int, help="stop after N messages")
+    s.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    s.set_defaults(func=_cmd_record)
+    s = sub.add_parser("replay", help="send a record file's messages into a ring, then end its stream")
+    s.add_argument("file")
+    s.add_argument("name", help="the ring's segment name (attached; created with --create)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--speed", type=float, default=1.0, help="recorded timing divided by X (default 1)")
+    g.add_argument("--as-fast-as-possible", action="store_true", help="ignore the recorded timing")
+    s.add_argument("--create", action="store_true", help="create the ring (spsc) if it does not exist")
+    s.add_argument("--capacity", type=size, help="with --create: capacity (default: the recorded ring's)")
+    s.add_argument("--timeout", type=float, help="give up when the ring stays full this long (seconds)")
+    s.set_defaults(func=_cmd_replay)
+
+
+def _stop_on_signals():
+    import signal
+    import threading
+    ev = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: ev.set())
+    return ev
+
+
+def _cmd_record(args) -> int:
+    fsync = args.fsync
+    if fsync not in FSYNC_POLICIES:
+        try:
+            fsync = float(fsync)
+        except ValueError:
+            raise ValueError(f"--fsync takes none, end, every or a number of seconds, not {fsync!r}") from None
+    r = record(args.name, args.file, start=args.start, fsync=fsync, crc=args.crc, method=args.method,
+               count=args.count, stop=_stop_on_signals(), overwrite=args.overwrite)
+    print(f"recorded {r['messages']} messages ({r['bytes']} bytes; {r['kernel_bytes']} copied in the kernel) "
+          f"into {args.file}; {r['end']}")
+    return 0
+
+
+def _cmd_replay(args) -> int:
+    from .errors import SegmentNotFound
+    from .ring import Ring
+    try:
+        ring = Ring.attach(args.name)
+    except SegmentNotFound:
+        if not args.create:
+            raise
+        with F.open_file(args.file, repair=False) as rf:
+            cap = args.capacity or max(1 << 16, rf.capacity)
+        ring = Ring.create(args.name, cap)
+        ring._created = False                 # the name stays for the consumers: remove it with shmring rm
+    with ring:
+        r = replay(args.file, ring, speed=None if args.as_fast_as_possible else args.speed, timeout=args.timeout)
+    torn = f" (a torn tail of {r['torn_bytes']} bytes was cut)" if r["torn_bytes"] else ""
+    print(f"replayed {r['messages']} messages into {args.name}; recording ended: {r['end'] or 'unfinished'}{torn}")
+    return 0
