@@ -27,6 +27,7 @@ import zlib
 
 from . import layout as L
 from . import recordfile as F
+from .pausepoints import pause
 from .errors import EndOfStream, MessageTooLarge, PeerGone, ShmringError, Timeout, WrongKind
 
 FSYNC_POLICIES = ("none", "end", "every")
@@ -51,6 +52,7 @@ class _Sink:
             self.user_bytes += n
             return
         _write_all(self.fd, [header])
+        pause("record_header_written")              # (tests: a recorder killed between header and payload)
         done = 0
         while done < n:
             try:

@@ -62,7 +62,8 @@ import zlib
 try:                                                # inside the package: also a ShmringError
     from .errors import ShmringError as _Base
 except ImportError:                                 # run or copied standalone
-    _Base = Exception
+    class _Base(Exception):
+        pass
 
 MAGIC = b"SHMRREC\n"
 VERSION = 1
