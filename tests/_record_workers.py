@@ -65,7 +65,15 @@ def produce_arrays(name, n, size, start=0):
     ring = shmring.Ring.attach(name)
     with ring.producer() as prod:
         for i in range(start, start + n):
-            with prod.reserve_array((size,), np.uint8, timeout=WAIT) as a:
+            deadline = time.monotonic() + WAIT
+            while True:
+                try:
+                    res = prod.reserve_array((size,), np.uint8, timeout=WAIT)
+                    break
+                except shmring.PeerGone:       # the consumer (a bridge end) was killed: wait for its restart
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+            with res as a:
                 a[:] = np.random.default_rng(i).integers(0, 256, size, dtype=np.uint8)
                 a[:8] = np.frombuffer(int(i).to_bytes(8, "little"), np.uint8)
     ring.close()

@@ -85,7 +85,8 @@ def test_a_full_far_ring_holds_the_source_producer_back_with_bounded_memory(ring
     ep = f"tcp://127.0.0.1:{_port()}"
     stop = threading.Event()
     rt, rx = _run(B.receive, ep, b, state_path=None, stop=stop, window=16)
-    ft, fx = _run(B.forward, a, ep, stop=stop)
+    fw = subprocess.Popen([PY, "-m", "shmring", "bridge", "out", ring_name, ep], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)      # another process: the source's consumer
     sent = 0
     with a.producer() as prod:
         while True:
@@ -104,7 +105,9 @@ def test_a_full_far_ring_holds_the_source_producer_back_with_bounded_memory(ring
                 with c.recv(timeout=30) as m:
                     assert m.value[0] == i
         stop.set()
-    ft.join(10), rt.join(10)
+    fw.send_signal(signal.SIGTERM)
+    fw.communicate(timeout=30)
+    rt.join(10)
     a.close(), b.close(), b.unlink()
 
 
