@@ -33,13 +33,15 @@ def test_bridge_example_views_every_camera_frame_on_the_far_side():
         camera = subprocess.Popen(py + [str(ROOT / "examples/bridge/camera.py"), "--name", cam, "--frames", "60",
                                         "--fps", "200"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         procs.append(camera)
-        import time
-        deadline = time.monotonic() + 30
-        while not Path(f"/dev/shm/shmring.{cam}").exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert "ready" in camera.stdout.readline()          # its ring is made and initialized
         procs.append(subprocess.Popen(py + ["-m", "shmring", "bridge", "out", cam, ep],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-        out, _ = viewer.communicate(timeout=90)
+        try:
+            out, _ = viewer.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError("viewer hung: " + " | ".join(p.communicate(timeout=30)[0] for p in procs))
         assert viewer.returncode == 0, out
         assert "end of stream after 60 frames, 0 bad" in out
     finally:
