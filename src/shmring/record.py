@@ -321,8 +321,11 @@ def _cmd_record(args) -> int:
             fsync = float(fsync)
         except ValueError:
             raise ValueError(f"--fsync takes none, end, every or a number of seconds, not {fsync!r}") from None
-    r = record(args.name, args.file, start=args.start, fsync=fsync, crc=args.crc, method=args.method,
-               count=args.count, stop=_stop_on_signals(), overwrite=args.overwrite)
+    try:
+        r = record(args.name, args.file, start=args.start, fsync=fsync, crc=args.crc, method=args.method,
+                   count=args.count, stop=_stop_on_signals(), overwrite=args.overwrite)
+    except FileExistsError:
+        raise ValueError(f"{args.file} exists; --overwrite replaces it") from None
     print(f"recorded {r['messages']} messages ({r['bytes']} bytes; {r['kernel_bytes']} copied in the kernel) "
           f"into {args.file}; {r['end']}")
     return 0
