@@ -492,6 +492,9 @@ def main(argv=None) -> int:
     s.add_argument("--force", action="store_true", help="also remove segments live processes have attached")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_rm)
+    from . import bridge, record              # issue 18: record / replay / bridge
+    record.add_commands(sub, _size)
+    bridge.add_commands(sub)
     args = ap.parse_args(argv)
     try:
         rc = args.func(args)
