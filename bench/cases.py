@@ -384,12 +384,17 @@ class ShmSmallZeroCopy(ShmSmallBytes):
         return s
 
 
+RING_MESSAGES = int(os.environ.get("SHMRING_BENCH_RING_MESSAGES", "4"))
+
+
 class ShmLargeSend(_ShmRing, LargeStream):
     transport = "shmring send(arr)"
 
     def __init__(self, nbytes, summing=False):
         super().__init__(nbytes, summing)
-        self.capacity = next_pow2(max(8 << 20, 4 * nbytes))
+        # 4 messages' worth by default; SHMRING_BENCH_RING_MESSAGES=2 measures the smallest
+        # ring a big message fits twice with the double map (R60: 32 MiB for 16 MiB arrays)
+        self.capacity = next_pow2(max(8 << 20, RING_MESSAGES * nbytes))
         self.note = ("one copy (producer), consumer " + ("sums" if summing else "reads a[0], a[-1] of")
                      + " a zero-copy view")
 

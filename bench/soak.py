@@ -216,11 +216,8 @@ def _resume_point(ring, book) -> int:
     last, pos = None, rp
     buf = ring._seg.buf
     while pos < wp:
-        n, t = L.read_record_header(buf, pos, cap)
-        if t == L.T_PAD:
-            pos += cap - pos % cap
-            continue
-        off = L.HEADER_SIZE + pos % cap + L.REC_HDR
+        n, _ = L.read_record_header(buf, pos, cap)
+        off = L.HEADER_SIZE + pos % cap + L.REC_HDR     # contiguous even across the wrap (R60)
         last = int.from_bytes(buf[off:off + 8], "little")
         pos += L.record_size(n)
     return last + 1

@@ -1,8 +1,8 @@
 """Corrupt a valid ring and read it back: the engine behind test_fuzz.py.
 
 A *snapshot* is the bytes of a closed, file-backed ring holding a mix of
-pending bytes, array and object messages (with a padding record among them,
-and positions that have wrapped).  A *mutation* overwrites bytes in one region
+pending bytes, array and object messages (one of them crossing the end of
+the data area, R60, and positions that have wrapped).  A *mutation* overwrites bytes in one region
 of a copy; :func:`read_back` then attaches, takes the consumer role and reads
 everything, classifying what happens.  Allowed outcomes are valid messages and
 the typed errors listed in :data:`ALLOWED_END`; anything else raises
@@ -73,8 +73,17 @@ def records(snap: bytes) -> list:
     while pos < wp:
         n, t = L.read_record_header(snap, pos, CAP)
         out.append((pos, n, t))
-        pos += (CAP - pos % CAP) if t == L.T_PAD else L.record_size(n)
+        pos += L.record_size(n)
     return out
+
+
+def spans(data: int, pos: int, n: int, cap: int = CAP) -> list:
+    """The file ranges of ``n`` bytes at ring position ``pos`` of a data area at
+    ``data``: two when they cross its end (mapped twice in memory, R60, but
+    once in the file)."""
+    off = pos % cap
+    first = min(n, cap - off)
+    return [(data + off, first)] + ([(data, n - first)] if n > first else [])
 
 
 def regions(snap: bytes) -> dict:
@@ -88,9 +97,9 @@ def regions(snap: bytes) -> dict:
                    (L.OFF_PROD_ROLE + L.ROLE_SESSIONS, 8), (L.OFF_CONS_ROLE + L.ROLE_SESSIONS, 8)],
         "wake": [(L.OFF_DATA_WAKE, 8), (L.OFF_SPACE_WAKE, 8)],
         "record_headers": [(data + pos % CAP, L.REC_HDR) for pos, _, _ in recs],
-        "metas": [(data + pos % CAP + L.REC_HDR, min(n, 96)) for pos, n, t in recs
-                  if t in (L.T_ARRAY, L.T_OBJECT)],
-        "payloads": [(data + pos % CAP + L.REC_HDR, n) for pos, n, t in recs if n and t != L.T_PAD],
+        "metas": [s for pos, n, t in recs if t in (L.T_ARRAY, L.T_OBJECT)
+                  for s in spans(data, pos + L.REC_HDR, min(n, 96))],
+        "payloads": [s for pos, n, t in recs if n for s in spans(data, pos + L.REC_HDR, n)],
         "fixed_header": fixed,
     }
 
@@ -132,7 +141,7 @@ def write_meta(buf: bytearray, po: int, n: int, desc, narrays: int, as_object: b
         meta = msgpack.packb({"a": msgpack.ExtType(1, msgpack.packb(desc))} if as_object else desc)
     except (TypeError, ValueError, OverflowError):
         return False
-    if 8 + len(meta) > n:
+    if 8 + len(meta) > n or po + 8 + len(meta) > len(buf):     # (a meta crossing the wrap is left alone)
         return False
     struct.pack_into("<II", buf, po, len(meta), narrays & 0xFFFFFFFF)
     buf[po + 8:po + 8 + len(meta)] = meta

@@ -3,7 +3,7 @@ read it back: the engine behind test_fuzz_multi.py (the spsc one is _fuzzing.py)
 
 A *snapshot* is the bytes of a file-backed ring holding some 40 pending
 messages of every type (bytes, arrays, msgpack objects with arrays) around a
-wrap, with a padding record and T_SKIP records (aborted reservations, and the
+wrap (one of them crossing the end of the data area, R60), with T_SKIP records (aborted reservations, and the
 unused tail of every encoded message's reservation) among them; broadcast:
 subscribers kept behind and one that read part of it; mpmc: records taken and
 released out of order, one consumer still holding records, and records
@@ -35,7 +35,7 @@ from shmring import layout as L
 from shmring import parties
 
 from _fuzzing import (INTERESTING, WEIRD_DTYPES, WEIRD_SHAPES, Disallowed, apply, check_message,
-                      limit_address_space, send_mixed, write_meta)
+                      limit_address_space, send_mixed, spans, write_meta)
 
 CAP = 8192
 MAXP = MAXC = 4
@@ -185,7 +185,7 @@ def records(snap: bytes) -> list:
         if stamp != key ^ pos:
             break
         out.append((pos, n, t, st))
-        pos += (CAP - pos % CAP) if t == L.T_PAD else L.align(L.MREC_HDR + n, L.MREC_ALIGN)
+        pos += L.align(L.MREC_HDR + n, L.MREC_ALIGN)
     return out
 
 
@@ -224,10 +224,10 @@ def regions(snap: bytes) -> dict:
         "wake": [(L.OFF_DATA_WAKE, 8), (L.OFF_SPACE_WAKE, 8)],
         "stamps": [(data + pos % CAP, 8) for pos, _, _, _ in recs] + [(data + cur % CAP, 8)],
         "rec_fields": [(data + pos % CAP + 8, 8) for pos, _, _, _ in recs],
-        "metas": [(data + pos % CAP + L.MREC_HDR, min(n, 96)) for pos, n, t, _ in recs
-                  if t in (L.T_ARRAY, L.T_OBJECT)],
-        "payloads": [(data + pos % CAP + L.MREC_HDR, n) for pos, n, t, _ in recs
-                     if n and t not in (L.T_PAD, L.T_SKIP)],
+        "metas": [s for pos, n, t, _ in recs if t in (L.T_ARRAY, L.T_OBJECT)
+                  for s in spans(data, pos + L.MREC_HDR, min(n, 96), CAP)],
+        "payloads": [s for pos, n, t, _ in recs if n and t != L.T_SKIP
+                     for s in spans(data, pos + L.MREC_HDR, n, CAP)],
         "fixed_header": [(0, L.OFF_READY), (L.OFF_READY + 4, L.HEADER_STRUCT.size - L.OFF_READY - 4)],
         "multi_header": [(L.MP_OFF_KEY, L.MP_STRUCT.size)],
     }
@@ -238,7 +238,8 @@ REGION_NAMES = ("cursors", "producers", "counters", "powners", "ptable", "cowner
 LIVE_REGIONS = tuple(r for r in REGION_NAMES if r not in ("fixed_header", "multi_header"))
 FORGE_TYPES = [L.T_BYTES, L.T_ARRAY, L.T_OBJECT, L.T_PAD, L.T_SKIP, 0, 4, 0xFFFF]
 FORGE_STATES = [0, 1, 2, MAXC, MAXC + 1, L.RS_REQUEUED, L.RS_RELEASED, 0x7FFF]
-FORGE_LENGTHS = [0, 1, 8, 16, 100, 1000, CAP // 2 - 16, CAP // 2, CAP - 16, CAP, 2 ** 31, 2 ** 32 - 1]
+FORGE_LENGTHS = [0, 1, 8, 16, 100, 1000, CAP // 2 - 16, CAP // 2, CAP - 32, CAP - 16, CAP - 15, CAP,
+                 2 ** 31, 2 ** 32 - 1]
 
 
 def forge(buf, snap: bytes, index: int, where: int, length: int, type_: int, state: int) -> None:
@@ -454,7 +455,7 @@ def drain(ring, c, ok, as_bytes=False) -> str:
     """Receive with consumer ``c`` until an allowed end; check every message's views."""
     lo, hi = _mapping(ring)
     data_lo = lo + ring._header["data_offset"]
-    data_hi = data_lo + ring.capacity
+    data_hi = data_lo + 2 * ring.capacity       # the data area, mapped twice (R60)
     rejoined = False
     for got in range(MAX_READS):
         try:
@@ -489,7 +490,7 @@ def drain(ring, c, ok, as_bytes=False) -> str:
         if m.kind not in ("bytes", "array", "object") or not 0 <= m.nbytes <= ring.max_message:
             raise Disallowed(f"impossible message {m!r}")
         msg = (lo + m._offset, lo + m._offset + m.nbytes)
-        if not (data_lo <= msg[0] and msg[1] <= data_hi):
+        if not (data_lo <= msg[0] <= data_lo + ring.capacity and msg[1] <= data_hi):   # starts in the first map
             raise Disallowed(f"message [{msg[0] - lo}, {msg[1] - lo}) lies outside the data area "
                              f"[{data_lo - lo}, {data_hi - lo})")
         check_message(m, (lo, hi), msg)

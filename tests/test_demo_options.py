@@ -9,7 +9,7 @@ import pytest
 
 BAD = [
     (["--capacity", "1MiB"], "--size"),                       # a 1 MiB frame cannot fit a 1 MiB ring
-    (["--capacity", "1MiB", "--size", "600k"], "--capacity 2MiB"),
+    (["--capacity", "1MiB", "--size", "1100k"], "--capacity 2MiB"),   # the largest message: capacity - 8
     (["--capacity", "3000"], "power of two"),
     (["--capacity", "1k"], "power of two"),
     (["--seconds", "0"], "--seconds"),
@@ -18,7 +18,7 @@ BAD = [
     (["--frames", "5"], "--frames"),                           # an option of the other demo
     (["pipeline", "--workers", "0"], "--workers"),
     (["pipeline", "--frames", "-1"], "--frames"),
-    (["pipeline", "--capacity", "512k"], "--capacity 1MiB"),   # a 300 KiB frame cannot fit
+    (["pipeline", "--capacity", "256k"], "--capacity 512k"),   # a 300 KiB frame cannot fit
     (["pipeline", "--seconds", "2"], "--seconds"),
 ]
 

@@ -80,18 +80,21 @@ def expected_messages(kind, snap):
 @pytest.mark.parametrize("kind", M.KINDS)
 def test_the_snapshots_are_rich_valid_rings(corpus, kind):
     """The fuzz tests start from rings worth corrupting: pending messages of every
-    type with padding and skip records among them, wrapped positions, (mpmc)
+    type with skip records among them, one crossing the end of the data area
+    (R60), wrapped positions, (mpmc)
     records released out of order, held by a live consumer, and requeued; read
     intact, everything is valid and the stream ends as it should."""
     for eos in (True, False):
         snap = corpus.snaps[kind, eos]
         recs = M.records(snap)
-        assert {L.T_BYTES, L.T_ARRAY, L.T_OBJECT, L.T_PAD, L.T_SKIP} <= {t for _, _, t, _ in recs}
+        assert {L.T_BYTES, L.T_ARRAY, L.T_OBJECT, L.T_SKIP} <= {t for _, _, t, _ in recs}
+        assert L.T_PAD not in {t for _, _, t, _ in recs}
+        assert any(pos % CAP + L.align(L.MREC_HDR + n, 16) > CAP for pos, n, _, _ in recs)   # over the wrap
         n = expected_messages(kind, snap)
         assert 20 <= n <= 60
         assert L.read_u64(snap, L.MP_OFF_RELEASE) > 4 * CAP
         if kind == "mpmc":
-            states = {s for _, _, t, s in recs if t not in (L.T_PAD, L.T_SKIP)}
+            states = {s for _, _, t, s in recs if t != L.T_SKIP}
             assert {0, 1, L.RS_REQUEUED, L.RS_RELEASED} <= states
         out = M.read_back(corpus.write(snap), kind).split("/")
         assert out[0] == f"recv:{n}:" + ("EndOfStream" if eos else "Timeout")
@@ -297,7 +300,7 @@ def poke(path, edits):
     (CAP, L.T_BYTES, "bad record header"), (2 ** 32 - 1, L.T_BYTES, "bad record header"),
     (40, 9, "bad record header"), (40, L.T_PAD, "bad record header"), (1000, L.T_BYTES, "bad record header"),
     (CAP, L.T_SKIP, "bad record header"),
-], ids=["len-capacity", "len-max", "type-unknown", "pad-in-the-middle", "len-past-the-cursor", "skip-past-the-cursor"])
+], ids=["len-capacity", "len-max", "type-unknown", "old-padding", "len-past-the-cursor", "skip-past-the-cursor"])
 def test_impossible_record_headers_are_corrupt_segment_errors(ring_file, kind, length, type_, match):
     path, h = ring_file(kind)
     rec0 = h["data_offset"]                 # the first record (positions start at 0)

@@ -44,7 +44,7 @@ def test_header_written_by_create_decodes_with_the_python_reader(ring_name):
         assert h["layout_hash"] == L.LAYOUT_HASH
         assert h["capacity"] == 1 << 16
         assert h["data_offset"] == L.HEADER_SIZE
-        assert h["max_message"] == (1 << 15) - 8 == ring.max_message
+        assert h["max_message"] == (1 << 16) - 8 == ring.max_message   # capacity - header (R60)
         assert h["creator_pid"] == os.getpid()
         assert h["ready"] == 1
         assert h["creator_start"] == my_start_time() != 0
@@ -97,27 +97,30 @@ def test_array_and_object_records_carry_their_type_and_prefix(ring_name):
         assert L.read_record_header(buf, pos, ring.capacity)[1] == L.T_OBJECT
 
 
-def test_padding_record_at_the_wrap_decodes_with_the_python_reader(ring_name):
+def test_a_record_at_the_wrap_runs_on_into_the_second_mapping_without_padding(ring_name):
     cap = 1 << 12
     with shmring.Ring.create(ring_name, cap) as ring, ring.producer() as p, ring.consumer() as c:
         buf = ring._seg.buf
+        assert len(buf) == L.HEADER_SIZE + 2 * cap and ring._seg.size == L.HEADER_SIZE + cap   # R60
         for _ in range(2):
             p.send(b"a" * 1500)                        # records of 1512 bytes: 1072 left before the end
             assert c.recv_bytes() == b"a" * 1500
-        second = b"b" * 1200                           # 1208 bytes: does not fit the 1072-byte tail
+        second = bytes(range(256)) * 4 + b"b" * 176    # 1208 bytes: crosses the end of the area
         p.send(second)
-        assert L.read_record_header(buf, 3024, cap) == (1072 - L.REC_HDR, L.T_PAD)
-        assert L.read_record_header(buf, 4096, cap) == (1200, L.T_BYTES)   # wrapped to offset 0
-        assert bytes(buf[L.HEADER_SIZE + 8:L.HEADER_SIZE + 8 + 1200]) == second
-        assert p.position == 4096 + 1208
+        assert L.read_record_header(buf, 3024, cap) == (1200, L.T_BYTES)   # no T_PAD: the record itself
+        start = L.HEADER_SIZE + 3024 + L.REC_HDR
+        assert bytes(buf[start:start + 1200]) == second          # contiguous, through the second mapping
+        first_part = L.HEADER_SIZE + cap - start
+        assert bytes(buf[L.HEADER_SIZE:L.HEADER_SIZE + 1200 - first_part]) == second[first_part:]   # the alias
+        assert p.position == 3024 + 1208
         assert c.recv_bytes() == second
-        assert L.read_u64(buf, L.OFF_READ_POS) == 4096 + 1208
+        assert L.read_u64(buf, L.OFF_READ_POS) == 3024 + 1208
 
 
 def test_record_size_and_max_message_helpers():
     assert L.record_size(0) == 8 and L.record_size(1) == 16 and L.record_size(8) == 16
-    assert L.max_message(4096) == 2040
-    assert L.record_size(L.max_message(1 << 20)) == 1 << 19
+    assert L.max_message(4096) == 4088
+    assert L.record_size(L.max_message(1 << 20)) == 1 << 20
     assert L.split_owner(L.owner_word(1234, 0x1_2345_6789)) == (1234, 0x2345_6789)
 
 

@@ -375,7 +375,7 @@ def test_wait_sleeps_without_spinning_and_wakes_on_a_send_from_another_process(r
 @pytest.mark.parametrize("kind", ["mpsc", "broadcast", "mpmc"])
 def test_reservations_limits_and_skips_on_multi_party_kinds(ring_name, kind):
     with shmring.Ring.create(ring_name, 1 << 13, kind=kind) as ring, ring.producer() as p, ring.consumer() as c:
-        assert ring.max_message == (1 << 12) - 16
+        assert ring.max_message == (1 << 13) - 16
         with pytest.raises(shmring.MessageTooLarge):
             p.send(b"x" * (ring.max_message + 1))
         p.send(b"y" * ring.max_message)                       # the largest fits

@@ -13,7 +13,7 @@ from shmring import layout as L
 
 from _workers import payload, same_values
 
-CAP = 1 << 12              # max message 2040
+CAP = 1 << 12              # max message 4088 (capacity - 8: R60)
 
 
 @pytest.fixture
@@ -69,7 +69,7 @@ def test_wrap_around_with_random_sizes_keeps_every_message_whole(pc, ring):
     p, c = pc
     rng = random.Random(7)
     pending = collections.deque()
-    recvd = pads = last_end = 0
+    recvd = wraps = last_end = 0
     while recvd < 5000:
         for _ in range(rng.randrange(1, 12)):
             data = payload(len(pending) + recvd)[:rng.randrange(0, 301)] + rng.randbytes(rng.randrange(0, 1500))
@@ -81,14 +81,14 @@ def test_wrap_around_with_random_sizes_keeps_every_message_whole(pc, ring):
             if m is None:
                 break
             with m:
-                if m.position != last_end:
-                    pads += 1                      # a padding record was skipped in between
-                    assert m.position % CAP == 0
+                assert m.position == last_end      # back to back: no padding record (R60)
                 last_end = m.position + L.record_size(m.nbytes)
+                if m.position // CAP != (last_end - 1) // CAP:
+                    wraps += 1                     # this one ran over the end of the data area, whole
                 assert m.tobytes() == pending.popleft()
             recvd += 1
     assert ring.stats()["write_pos"] > 100 * CAP          # wrapped many times
-    assert pads > 50                                      # and skipped padding records
+    assert wraps > 50                                     # and records crossed the wrap
 
 
 def test_exact_contents_survive_wrap_with_messages_up_to_the_maximum(pc, ring):
@@ -130,9 +130,9 @@ def test_try_send_of_an_array_is_false_when_full(pc):
 
 def test_largest_message_fits_and_one_byte_more_is_message_too_large(pc, ring):
     p, c = pc
-    assert ring.max_message == CAP // 2 - 8 == 2040
-    big = bytes(range(256)) * 7 + bytes(248)
-    assert len(big) == 2040
+    assert ring.max_message == CAP - 8 == 4088
+    big = bytes(range(256)) * 15 + bytes(248)
+    assert len(big) == 4088
     for off in (0, 8, 1000, 2048, 3000, 4088):      # wherever in the ring the positions stand
         target = p.position + (off - p.position) % CAP
         while p.position < target:
@@ -142,14 +142,14 @@ def test_largest_message_fits_and_one_byte_more_is_message_too_large(pc, ring):
         p.send(big, timeout=1)
         assert c.recv_bytes(timeout=1) == big
     with pytest.raises(shmring.MessageTooLarge) as ei:
-        p.send(b"x" * 2041)
-    assert isinstance(ei.value, ValueError) and "2040" in str(ei.value)
+        p.send(b"x" * 4089)
+    assert isinstance(ei.value, ValueError) and "4088" in str(ei.value)
     with pytest.raises(shmring.MessageTooLarge):
-        p.try_send(b"x" * 2041)
+        p.try_send(b"x" * 4089)
     with pytest.raises(shmring.MessageTooLarge):
-        p.send(bytearray(2041))
+        p.send(bytearray(4089))
     with pytest.raises(shmring.MessageTooLarge):
-        p.send(memoryview(bytes(2041)))
+        p.send(memoryview(bytes(4089)))
     assert c.try_recv() is None                     # nothing was sent
 
 
@@ -158,11 +158,11 @@ def test_message_too_large_even_when_the_ring_is_empty_not_a_timeout(pc):
     with pytest.raises(shmring.MessageTooLarge):
         p.send(b"x" * 5000, timeout=0.01)
     with pytest.raises(shmring.MessageTooLarge):
-        p.send(np.zeros(3000, "u1"))
+        p.send(np.zeros(5000, "u1"))
     with pytest.raises(shmring.MessageTooLarge):
-        p.reserve(2041)
+        p.reserve(4089)
     with pytest.raises(shmring.MessageTooLarge):
-        p.reserve_array((3000,), "u1")
+        p.reserve_array((5000,), "u1")
 
 
 def test_reserve_of_exactly_the_maximum_succeeds(pc, ring):
@@ -245,21 +245,21 @@ def test_explicit_abort_sends_nothing_and_commit_after_abort_is_refused(pc):
     assert c.recv_bytes() == b"x"
 
 
-def test_aborted_reservation_that_needed_padding_leaves_the_ring_consistent(pc, ring):
+def test_aborted_reservation_across_the_wrap_leaves_the_ring_consistent(pc, ring):
     p, c = pc
     for _ in range(2):
         p.send(b"a" * 1500)
         assert c.recv_bytes() == b"a" * 1500
-    # 1072 bytes left before the end: a 1200-byte reservation needs a padding record first
+    # 1072 bytes left before the end: a 1200-byte reservation runs over it (R60)
     with pytest.raises(KeyError):
         with p.reserve(1200) as mv:
             mv[:] = b"r" * 1200
             raise KeyError
-    p.send(b"s" * 500)                              # fits before the end, where the padding was
-    p.send(b"t" * 1200)                             # now needs the wrap for real
+    p.send(b"s" * 500)                              # where the aborted reservation was
+    p.send(b"t" * 1200)                             # crosses the end of the data area
     assert c.recv_bytes() == b"s" * 500
     with c.recv() as m:
-        assert m.position % CAP == 0 and m.tobytes() == b"t" * 1200
+        assert m.position == 3024 + 512 and m.tobytes() == b"t" * 1200
 
 
 def test_bad_reservation_arguments_are_value_errors(pc):

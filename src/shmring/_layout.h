@@ -10,7 +10,7 @@
 #define SHMRING_LAYOUT_H
 
 #define SHMR_MAGIC            0x31474E49524D4853ULL /* "SHMRING1" little-endian */
-#define SHMR_LAYOUT_VERSION   2u
+#define SHMR_LAYOUT_VERSION   3u
 #define SHMR_HEADER_SIZE      4096u                 /* data area starts here */
 #define SHMR_LINE             128u                  /* one cursor per line */
 
@@ -21,7 +21,7 @@
 #define SHMR_OFF_LAYOUT_HASH   16   /* u64 */
 #define SHMR_OFF_CAPACITY      24   /* u64, power of two */
 #define SHMR_OFF_DATA_OFFSET   32   /* u64, == SHMR_HEADER_SIZE */
-#define SHMR_OFF_MAX_MESSAGE   40   /* u64, largest payload accepted */
+#define SHMR_OFF_MAX_MESSAGE   40   /* u64, largest payload accepted: capacity - record header (R60) */
 #define SHMR_OFF_CREATOR_PID   48   /* u32 */
 #define SHMR_OFF_READY         52   /* u32, 1 once the header is complete (release) */
 #define SHMR_OFF_CREATOR_START 56   /* u64, /proc/<pid>/stat field 22 */
@@ -61,7 +61,7 @@
  * Record size = align8(8 + length). */
 #define SHMR_REC_HDR            8
 #define SHMR_REC_ALIGN          8
-#define SHMR_T_PAD              0x5041u  /* skip to the end of the data area */
+#define SHMR_T_PAD              0x5041u  /* layout 2's wrap padding: never written since layout 3 (R60) */
 #define SHMR_T_BYTES            1u
 #define SHMR_T_ARRAY            2u
 #define SHMR_T_OBJECT           3u

@@ -11,6 +11,16 @@ The region::
     | header page                       | data area (capacity bytes, 2**k)     |
     +-----------------------------------+--------------------------------------+
 
+    in memory (R60: the segment file stays header + capacity bytes; its data
+    area is mapped twice, back to back, so a record crossing the end of the
+    area continues, contiguous, into the second mapping):
+
+    base                 base + 4096            base + 4096 + capacity      + 2 capacity
+    +--------------------+----------------------+---------------------------+
+    | header page        | data area            | data area again (alias)   |
+    | file [0, 4096)     | file [4096, 4096+cap)| file [4096, 4096+cap)     |
+    +--------------------+----------------------+---------------------------+
+
     header page (each cursor alone on its own 128-byte line, so the producer's
     and the consumer's stores never share a cache line or an adjacent-line pair
     pulled in by the spatial prefetcher):
@@ -45,7 +55,8 @@ Positions are 64-bit and only grow; the byte offset of a position in the data
 area is ``pos & (capacity - 1)``.  ``read_pos <= write_pos <= read_pos +
 capacity`` always holds; anything else read from a segment is corruption.
 
-A record (8-byte aligned, never straddling the end of the data area)::
+A record (8-byte aligned; its header never straddles the end of the data area,
+its payload may run on into the second mapping)::
 
      0               1               2               3
      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
@@ -58,9 +69,11 @@ A record (8-byte aligned, never straddling the end of the data area)::
     |                   ... zero padding to 8 bytes                 |
     +---------------------------------------------------------------+
 
-A record that would not fit before the end of the data area is preceded by a
-``T_PAD`` record covering the rest of the area, so every payload is contiguous
-and an array never straddles the wrap.  The one publication rule: the producer
+A record that crosses the end of the data area is contiguous all the same:
+its bytes past the end land in the second mapping, which is the start of the
+area (R60).  No wrap padding is written (layout version 2 wrote a ``T_PAD``
+record there; version 3 never does, and a reader takes one for corruption).
+The one publication rule: the producer
 writes the record, then stores ``write_pos`` with release ordering; the
 consumer loads ``write_pos`` with acquire ordering before it reads a record.
 The consumer stores ``read_pos`` with release ordering only after it is done
@@ -71,8 +84,9 @@ Payload of ``T_ARRAY`` / ``T_OBJECT`` (see :mod:`shmring.codec`)::
 
     u32 meta length | u32 0 | msgpack meta ... | pad | array bytes (64-aligned) ...
 
-The largest payload is ``capacity // 2 - REC_HDR``: with that bound a record
-always fits into an empty ring, wherever the positions stand.
+The largest payload is ``capacity - REC_HDR`` (``capacity - MREC_HDR`` for the
+multi-party kinds): such a record fills an empty ring exactly, wherever the
+positions stand, and is still contiguous thanks to the double map.
 """
 from __future__ import annotations
 
@@ -80,7 +94,7 @@ import struct
 import zlib
 
 MAGIC = 0x31474E49524D4853          # b"SHMRING1" read as a little-endian u64
-LAYOUT_VERSION = 2                   # 2: wake-up descriptor slots in every wake line (R52)
+LAYOUT_VERSION = 3                   # 2: wake-up descriptor slots in every wake line (R52); 3: the double map (R60)
 HEADER_SIZE = 4096
 LINE = 128
 
@@ -125,7 +139,7 @@ WAKE_FD_SLOTS = 15                   # slots per wake line (8 + 15 * 8 = 128: th
 # Records.
 REC_HDR = 8
 REC_ALIGN = 8
-T_PAD = 0x5041
+T_PAD = 0x5041                       # layout 2's wrap padding; never written since layout 3 (R60)
 T_BYTES = 1
 T_ARRAY = 2
 T_OBJECT = 3
@@ -266,7 +280,7 @@ def state_geometry(nbytes: int, slots: int, max_readers: int) -> dict:
 # Multi-party rings: kinds mpsc, broadcast, mpmc (shmring.ring, one layout)
 #
 # Same fixed header 0..79 as an spsc ring; ``data_offset`` is past the party
-# tables, ``max_message`` is ``capacity // 2 - MREC_HDR``.  Then::
+# tables, ``max_message`` is ``capacity - MREC_HDR``.  Then::
 #
 #     80    key u64              random per ring: a record at position p is
 #                                committed iff its stamp == key ^ p
@@ -303,7 +317,7 @@ def state_geometry(nbytes: int, slots: int, max_readers: int) -> dict:
 #     P     consumer table       max consumers lines: owner | pos | received |
 #                                sent at join | missed messages | missed bytes
 #                                | waiting u32 (its sleeps announced on the data wake word)
-#     D     data area (page aligned)
+#     D     data area (page aligned), mapped twice back to back (R60)
 #
 #   a record (16-byte aligned; positions are multiples of 16):
 #     0     stamp u64            key ^ position, stored last (seq_cst)
@@ -413,7 +427,7 @@ def multi_geometry(capacity: int, max_producers: int, max_consumers: int) -> dic
     cons = prod + max_producers * MP_ENTRY
     data = align(cons + max_consumers * MP_ENTRY, 4096)
     return {"prod_table": prod, "cons_table": cons, "data_offset": data,
-            "segment_size": data + capacity, "max_message": min(capacity // 2 - MREC_HDR, MAX_MESSAGE)}
+            "segment_size": data + capacity, "max_message": min(capacity - MREC_HDR, MAX_MESSAGE)}
 
 
 # --------------------------------------------------------------------------
@@ -421,7 +435,8 @@ def multi_geometry(capacity: int, max_producers: int, max_consumers: int) -> dic
 #
 # The spsc header, lines and roles, but positions count records, not bytes,
 # and the data area is ``slots`` records of ``itemsize`` bytes with no record
-# headers: a batch is one contiguous copy (two when it wraps).  ``slots`` =
+# headers: a batch is one contiguous copy (two when it wraps; a record ring
+# is mapped once, not twice: R60 is for framed rings).  ``slots`` =
 # capacity // itemsize.  Record k lives at data + (k % slots) * itemsize.
 #
 #     80    itemsize u64 | 88 slots u64 | 96 dtype description length u32
@@ -461,7 +476,16 @@ def record_size(payload_len: int) -> int:
 
 def max_message(capacity: int) -> int:
     """Largest payload a ring of ``capacity`` accepts (see the module docstring)."""
-    return min(capacity // 2 - REC_HDR, MAX_MESSAGE)
+    return min(capacity - REC_HDR, MAX_MESSAGE)
+
+
+DOUBLE_MAPPED_KINDS = (KIND_SPSC, KIND_MPSC, KIND_BROADCAST, KIND_MPMC)   # R60
+
+
+def mapped_size(data_offset: int, capacity: int) -> int:
+    """Address space a double-mapped ring takes (R60): its header and tables,
+    then its data area twice.  The file is ``data_offset + capacity`` bytes."""
+    return data_offset + 2 * capacity
 
 
 def owner_word(pid: int, start_time: int) -> int:

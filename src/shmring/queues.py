@@ -39,7 +39,7 @@ processes of the same user that were handed it (an anonymous segment, mode
 Sizes: ``maxsize`` bounds the items in the queue (0: no bound), ``capacity``
 the bytes (a power of two, the ring's data area; default 16 MiB).  One item
 (pickle stream plus buffers plus a small header) must fit in
-``capacity // 2 - 16`` bytes, else ``put`` raises
+``capacity - 16`` bytes (the ring's ``max_message``), else ``put`` raises
 :class:`~shmring.MessageTooLarge` (a ``ValueError``): pass a larger
 ``capacity``.  A full ring in bytes blocks ``put`` like ``maxsize`` does
 (``queue.Full`` once the timeout passes).

@@ -90,8 +90,9 @@ class Ring(SegmentHandle):
 
         ``name`` names a POSIX segment (``/dev/shm/shmring.NAME``); with ``path``
         the ring lives in that file instead and persists until ``unlink()``.
-        The largest message is ``capacity // 2 - 8`` bytes (16 for the
-        multi-party kinds).
+        The largest message is ``capacity - 8`` bytes (``capacity - 16`` for
+        the multi-party kinds): the data area is mapped twice, back to back,
+        so every message is contiguous even when it wraps (no padding).
 
         ``kind``:
 
@@ -156,8 +157,10 @@ class Ring(SegmentHandle):
             k = L.KIND_RECORDS
         geometry = L.multi_geometry(capacity, maxp, maxc) if k in L.MULTI_KINDS else None
         size = geometry["segment_size"] if geometry else L.segment_size(capacity)
-        seg = (Segment.create_anonymous(size) if name is None and path is None
-               else Segment.create(name, size, path=path, mode=mode, replace_dead=replace_dead))
+        # R60: a framed ring's data area is mapped twice (a record ring's once)
+        dmap = ((geometry["data_offset"] if geometry else L.HEADER_SIZE), capacity) if k in L.DOUBLE_MAPPED_KINDS else None
+        seg = (Segment.create_anonymous(size, dmap) if name is None and path is None
+               else Segment.create(name, size, path=path, mode=mode, replace_dead=replace_dead, dmap=dmap))
         try:
             pause("create")                       # the name exists, the header is not written
             write_header(seg.buf, kind=k, capacity=capacity, geometry=geometry)

@@ -152,6 +152,49 @@ def _map(fd: int, size: int, what: str, populate: bool = True) -> mmap.mmap:
         raise _map_enomem(size, what) from None
 
 
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)    # Linux's value (Python 3.10+ names it)
+
+
+def _map_double(fd: int, data_offset: int, capacity: int, what: str, populate: bool = True) -> mmap.mmap:
+    """Map a ring segment with its data area twice, back to back (R60):
+    ``data_offset + 2 * capacity`` bytes of address space, of which the last
+    ``capacity`` alias the data area.  The reservation is an anonymous private
+    mapping nothing ever touches (MAP_NORESERVE: no memory is committed for
+    it), owned by the returned mmap object, whose close() unmaps the whole
+    range; the C core maps the file over it (MAP_FIXED, twice)."""
+    size = L.mapped_size(data_offset, capacity)
+    try:
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError as e:
+        if e.errno != errno.ENOMEM:
+            raise _os_error(e, what) from None
+        raise _map_enomem(size, what) from None
+    try:
+        _core.double_map(buf, fd, data_offset, capacity, populate)
+    except OSError as e:
+        buf.close()
+        if e.errno != errno.ENOMEM:
+            raise _os_error(e, what) from None
+        raise _map_enomem(size, what) from None
+    except BaseException:
+        buf.close()
+        raise
+    return buf
+
+
+def _double_geometry(h: dict, file_size: int):
+    """(data offset, capacity) to double-map a ring whose header page reads
+    ``h`` (R60), or None: not a framed ring, or fields that do not add up to
+    ``file_size`` (then it is mapped once and the header checks say what is
+    wrong).  Every field is untrusted."""
+    doff, cap = h["data_offset"], h["capacity"]
+    if (h["kind"] not in L.DOUBLE_MAPPED_KINDS or not L.MIN_CAPACITY <= cap <= L.MAX_CAPACITY
+            or cap & (cap - 1) or doff % L.HEADER_SIZE or not L.HEADER_SIZE <= doff <= L.MAX_CAPACITY
+            or doff + cap != file_size):
+        return None
+    return doff, cap
+
+
 def _proc_number(path: str, field: str | None = None) -> int | None:
     """An integer from a /proc file: its whole text, or a ``Field: N kB`` line in bytes."""
     try:
@@ -219,19 +262,19 @@ def _reserve_space(fd: int, size: int, doing: str, name, path) -> None:
         raise _os_error(e, _label(name, path)) from None
 
 
-def _claimed_size(hdr, wait_ready: float) -> tuple[bool, int | None]:
-    """(ready, the segment size the header page claims): ready once its
-    creator marked it so; the size only if it is this layout version too.
-    Not ready: not a shmring segment, or never initialized (the header
+def _claimed_size(hdr, wait_ready: float) -> tuple[bool, int | None, dict]:
+    """(ready, the segment size the header page claims, the header): ready
+    once its creator marked it so; the size only if it is this layout version
+    too.  Not ready: not a shmring segment, or never initialized (the header
     validators say which)."""
     deadline = time.monotonic() + wait_ready
     while True:
         ready = _core.header_ready(hdr)    # R1: acquire, before any other field
         h = L.read_header(hdr)
         if ready == 1 and h["magic"] == L.MAGIC:
-            return True, (h["segment_size"] if h["version"] == L.LAYOUT_VERSION else None)
+            return True, (h["segment_size"] if h["version"] == L.LAYOUT_VERSION else None), h
         if h["magic"] not in (0, L.MAGIC) or time.monotonic() >= deadline:
-            return False, None
+            return False, None, h
         time.sleep(0.005)
 
 
@@ -315,12 +358,14 @@ class Segment:
     # -- create -------------------------------------------------------------
     @classmethod
     def create(cls, name: str | None, size: int, *, path=None, mode: int = 0o600,
-               replace_dead: bool = False) -> "Segment":
+               replace_dead: bool = False, dmap=None) -> "Segment":
         """Create a segment of ``size`` bytes (all zero), reserving its space now.
 
         ``replace_dead``: if the name exists but no live process has it
         attached (every user died, e.g. a killed run), remove it and create
-        afresh (R65); one a live process has attached is never replaced."""
+        afresh (R65); one a live process has attached is never replaced.
+        ``dmap``: (data offset, capacity) of a ring whose data area is mapped
+        twice (R60)."""
         if path is None:
             validate_name(name)
         else:
@@ -358,10 +403,10 @@ class Segment:
             os.close(fd)
             _unlink(name, path)
             raise
-        return cls._made(fd, size, name, path, what)
+        return cls._made(fd, size, name, path, what, dmap=dmap)
 
     @classmethod
-    def _made(cls, fd: int, size: int, name, path, what, seal: bool = False) -> "Segment":
+    def _made(cls, fd: int, size: int, name, path, what, seal: bool = False, dmap=None) -> "Segment":
         """The rest of a create, from the new segment open at ``fd`` (closed
         here): its liveness locks, its space reserved, sealed (anonymous),
         mapped.  On failure a named segment is unlinked again."""
@@ -371,7 +416,7 @@ class Segment:
             _reserve_space(fd, size, f"cannot create {what}:", name, path)
             if seal:
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
-            buf = _map(fd, size, what)
+            buf = _map(fd, size, what) if dmap is None else _map_double(fd, *dmap, what)
             st = os.fstat(fd)
         except BaseException:
             if locks is not None:
@@ -384,7 +429,7 @@ class Segment:
         return cls(name, path, buf, size, (st.st_dev, st.st_ino), locks)
 
     @classmethod
-    def create_anonymous(cls, size: int) -> "Segment":
+    def create_anonymous(cls, size: int, dmap=None) -> "Segment":
         """A segment with no name anywhere: a ``memfd`` (anonymous shared
         memory), its space reserved, then sealed against any change of size
         (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL: the kernel refuses
@@ -396,7 +441,7 @@ class Segment:
             fd = os.memfd_create("shmring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as e:
             raise _os_error(e, what) from None
-        return cls._made(fd, size, None, None, what, seal=True)
+        return cls._made(fd, size, None, None, what, seal=True, dmap=dmap)
 
     @property
     def anonymous(self) -> bool:
@@ -495,15 +540,19 @@ class Segment:
             # is not allocated by looking at it).  Prefaulting and reserving
             # space are reserve()'s, once the caller validated the header.
             buf = _map(fd, L.HEADER_SIZE, what, populate=False)
-            ready, claim = _claimed_size(buf, wait_ready)
+            ready, claim, h = _claimed_size(buf, wait_ready)
             if claim is not None and claim > size:
                 buf.close()
                 raise SegmentTruncated(f"{what} is {size:,} bytes but its header says {claim:,}: "
                                        "truncated (or a corrupt header)")
             if claim is not None and claim > L.HEADER_SIZE:
                 buf.close()
-                buf = _map(fd, claim, what, populate=False)
-            size = len(buf)
+                dmap = _double_geometry(h, claim)
+                buf = _map(fd, claim, what, populate=False) if dmap is None else \
+                    _map_double(fd, *dmap, what, populate=False)
+                size = claim
+            else:
+                size = len(buf)
         except BaseException:
             if locks is not None:
                 locks.close()
@@ -741,8 +790,11 @@ def read_common_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
                                       f"magic {h['magic']:#x}); its creator may have died while creating it")
         time.sleep(0.005)
     if h["version"] != L.LAYOUT_VERSION:
+        old = (f" (layout {h['version']} framed rings padded the wrap and took messages up to capacity // 2; "
+               f"layout {L.LAYOUT_VERSION} maps the data area twice)" if h["version"] < L.LAYOUT_VERSION else "")
         raise IncompatibleSegment(f"{what} uses shmring layout version {h['version']}; this shmring "
-                                  f"reads version {L.LAYOUT_VERSION}")
+                                  f"reads version {L.LAYOUT_VERSION}{old}: it was made by another shmring "
+                                  "version; use that version with it, or remove it and create it again")
     if h["layout_hash"] != L.LAYOUT_HASH:
         raise IncompatibleSegment(f"{what} has layout hash {h['layout_hash']:#x}, expected "
                                   f"{L.LAYOUT_HASH:#x}: written by an incompatible shmring build")
@@ -767,6 +819,7 @@ def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
         if seg.size < h["segment_size"]:
             raise SegmentTruncated(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,}: "
                                    "it was truncated")
+        _check_double_map(seg, h)
         return h
     if h["data_offset"] != L.HEADER_SIZE or h["max_message"] != L.max_message(cap):
         raise CorruptSegmentError(f"{what} has inconsistent header fields: data offset "
@@ -778,6 +831,7 @@ def validate_header(seg: Segment, *, wait_ready: float = 1.0) -> dict:
     if h["segment_size"] != expect or seg.size < expect:
         raise CorruptSegmentError(f"{what} is {seg.size:,} bytes but its header says {h['segment_size']:,} "
                                   f"(capacity {cap:,} needs {expect:,}): truncated or corrupt")
+    _check_double_map(seg, h)
     return h
 
 
@@ -809,6 +863,16 @@ def hide_word_access(cls):
         hidden.__set_name__(cls, name)
         setattr(cls, name, hidden)
     return cls
+
+
+def _check_double_map(seg: Segment, h: dict) -> None:
+    """A framed ring is mapped with its data area twice (R60); open() does
+    it when the header page adds up, so a mapping of another size means the
+    header did not."""
+    if h["kind"] in L.DOUBLE_MAPPED_KINDS and len(seg.buf) != L.mapped_size(h["data_offset"], h["capacity"]):
+        raise CorruptSegmentError(f"{seg.label}: its header fields (data offset {h['data_offset']:,}, capacity "
+                                  f"{h['capacity']:,}, segment size {h['segment_size']:,}) do not describe "
+                                  "a ring whose data area can be mapped twice")
 
 
 class SegmentHandle:

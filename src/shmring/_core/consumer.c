@@ -203,7 +203,7 @@ int consumer_finish(Consumer *c, uint64_t start, uint64_t end) {
     return consumer_leave_if_done(c);
 }
 
-/* A record at [start, end) needs nothing more from us (padding, or copied out). */
+/* A record at [start, end) needs nothing more from us (a skip, or copied out). */
 int consumer_skip(Consumer *c, uint64_t start, uint64_t end) {
     c->next_pos = end;
     if (c->qlen == 0 && c->read_pos == start) { consumer_store_read(c, end); return 0; }
@@ -275,7 +275,7 @@ static inline void count_received(Consumer *c) {
 }
 
 /* Every message handed out is tracked until released; records finished at
- * once (copied bytes, padding) are tracked only when something before them
+ * once (copied bytes, skips) are tracked only when something before them
  * is still outstanding.  With nothing outstanding, next_pos == read_pos.
  * mpmc records are tracked in the ring itself (their state field). */
 static PyObject *consumer_message(Consumer *c, Rec *r) {

@@ -12,6 +12,7 @@
  *              under Message, Snapshot and record batches
  *   state.c    StateCore: copy-on-write shared state
  *   guard.c    the SIGBUS guard: a truncated backing reads zeros, never kills
+ *   dmap.c     the double map: a ring's data area mapped twice, back to back
  *   msgscan.c  what decoding a msgpack meta would cost, told before decoding
  *   module.c   the module, its constants and the Python callbacks
  *
@@ -85,6 +86,7 @@ typedef struct {
     unsigned kind;          /* SHMR_KIND_* */
     uint64_t hdr;           /* record header bytes: 8 (spsc) or 16 (multi-party) */
     uint64_t data_off;      /* data area offset in the region */
+    int dmapped;            /* the data area is mapped twice, back to back (R60) */
     uint64_t key;           /* multi-party: stamp key */
     char *ptab, *ctab;      /* multi-party: producer and consumer tables */
     uint32_t maxp, maxc, policy;
@@ -124,6 +126,10 @@ static inline int is_multi(Region *r) { return r->kind != SHMR_KIND_SPSC; }
 static inline uint64_t payload_offset(Region *r, uint64_t start) {
     return r->data_off + (start & r->mask) + r->hdr;   /* relative to the region base */
 }
+
+/* ----------------------------------------------------------------- dmap.c */
+
+PyObject *double_map(PyObject *mod, PyObject *const *args, Py_ssize_t n);
 
 /* ---------------------------------------------------------------- guard.c */
 
@@ -185,7 +191,7 @@ typedef struct {
     int reserved;           /* a reservation is open */
     uint64_t res_start;     /* position of its record header */
     uint64_t res_len;       /* payload bytes reserved */
-    uint64_t res_prev;      /* spsc: write_pos before it (padding included), for abort */
+    uint64_t res_prev;      /* spsc: write_pos before it, for abort */
     unsigned res_type;
     char *entry;            /* multi-party: our producer table line */
     unsigned long user;     /* the thread inside a call of this handle, 0: none (one thread at a time) */

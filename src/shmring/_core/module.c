@@ -219,6 +219,8 @@ static PyMethodDef module_methods[] = {
     {"_set_pause_hook", (PyCFunction)set_pause_hook, METH_O, "tests only: fn(handle, where) at the C pause points"},
     {"_set_state_codec", (PyCFunction)set_state_codec, METH_O, NULL},
     {"header_ready", (PyCFunction)header_ready, METH_O, "header_ready(buffer) -> the ready word (acquire load)"},
+    {"double_map", (PyCFunction)(void (*)(void))double_map, METH_FASTCALL,
+     "double_map(reservation, fd, data_offset, capacity, populate): map a ring segment's data area twice (R60)"},
     {"layout_constants", (PyCFunction)layout_constants, METH_NOARGS, "the constants of _layout.h, by name"},
     {"wait_any", (PyCFunction)(void (*)(void))wait_any, METH_FASTCALL, "wait_any(consumers, slice) -> bool"},
     {"fd_drain", (PyCFunction)fd_drain, METH_O, "fd_drain(fd) -> int: read every queued datagram (non-blocking)"},

@@ -60,14 +60,12 @@ uint64_t mp_gate(Region *r, uint64_t wp) {
  * held), PEEK_EMPTY (full) or PEEK_CORRUPT. */
 int mp_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start) {
     Region *r = &p->r;
-    uint64_t cap = r->capacity, need = align16(SHMR_MREC_HDR + payload_len), wp, tail;
+    uint64_t cap = r->capacity, total = align16(SHMR_MREC_HDR + payload_len), wp;
     char *cursor = r->base + SHMR_OFF_WRITE_POS, *intent = p->entry + SHMR_PE_INTENT;
     for (int spins = 0;; spins++) {
         wp = load_acquire64(cursor);   /* R6, pairs with the other producers' cursor CAS */
         if (wp & 15) return corrupt("claim cursor is not 16-aligned", wp, wp, 0);
-        tail = cap - (wp & r->mask);
-        uint64_t total = need <= tail ? need : tail + need;
-        if (wp + total - p->cached_read > cap) {
+        if (wp + total - p->cached_read > cap) {   /* contiguous even when it wraps (R60): no padding */
             uint64_t g = mp_gate(r, wp);
             if (g > wp) {                       /* our cursor load is stale, or the gate is corrupt */
                 if (g > load_acquire64(cursor))   /* R6, a fresh cursor decides which */
@@ -88,15 +86,6 @@ int mp_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start) {
         store_seq_cst64(intent, wp | SHMR_INTENT_BIT);   /* R6, before the CAS: read by a consumer that sees the cursor move */
         if (cas_seq_cst64(cursor, wp, wp + total)) break;   /* R6, pairs with the consumers' cursor loads */
         if (spins > 64) sched_yield(); else cpu_relax();
-    }
-    if (need > tail) {                          /* padding to the end of the data area, committed at once */
-        char *h = r->data + (wp & r->mask);
-        *(uint32_t *)REC_LEN(h) = (uint32_t)(tail - SHMR_MREC_HDR);
-        *(uint16_t *)REC_TYPE(h) = SHMR_T_PAD;
-        *(uint16_t *)REC_STATE(h) = SHMR_RS_RELEASED;
-        store_seq_cst64(intent, (wp + tail) | SHMR_INTENT_BIT);   /* R6, the record we still owe starts after the pad */
-        store_release64(h, r->key ^ wp);   /* R7, pairs with the consumer's acquire of the stamp in mp_committed */
-        wp += tail;
     }
     *rec_start = wp;
     return PEEK_FOUND;
@@ -185,11 +174,11 @@ static uint64_t mp_size(Region *r, uint64_t pos, uint64_t cursor, uint64_t *len,
     char *h = mp_rec(r, pos);
     *len = load_relaxed32(REC_LEN(h));   /* R7, after the acquire of the stamp */
     *type = load_relaxed16(REC_TYPE(h));   /* R7, after the acquire of the stamp */
-    uint64_t tail = r->capacity - (pos & r->mask), need = align16(SHMR_MREC_HDR + *len);
-    if (*type == SHMR_T_PAD) return need == tail && pos + tail <= cursor ? tail : 0;
-    if (*type == SHMR_T_SKIP) return pos + need <= cursor ? need : 0;
+    uint64_t need = align16(SHMR_MREC_HDR + *len);
+    if (*type == SHMR_T_SKIP) return pos + need <= cursor ? need : 0;   /* never read past its header */
     if (*type != SHMR_T_BYTES && *type != SHMR_T_ARRAY && *type != SHMR_T_OBJECT) return 0;
-    return *len <= r->max_message && need <= tail && pos + need <= cursor ? need : 0;
+    /* len <= max_message: the record lies inside the two mappings of the data area (R60) */
+    return *len <= r->max_message && pos + need <= cursor ? need : 0;
 }
 
 static void fill_rec(Region *r, Rec *out, uint64_t pos, uint64_t size, uint64_t len, unsigned type) {
@@ -240,7 +229,7 @@ int mp_peek_seq(Consumer *c, Rec *out) {
         unsigned type;
         uint64_t size = mp_size(r, pos, cur, &len, &type);
         if (!size) return corrupt("bad record header", pos, len, type);
-        if (type == SHMR_T_PAD || type == SHMR_T_SKIP) {
+        if (type == SHMR_T_SKIP) {
             if (consumer_skip(c, pos, pos + size) < 0) return PEEK_CORRUPT;
             continue;
         }
@@ -334,7 +323,7 @@ static int mpmc_take_requeued(Consumer *c, Rec *out) {
         if (!size) return 0;
         char *st = REC_STATE(mp_rec(r, pos));
         if (mpmc_behind(r, pos)) return 0;        /* a REQUEUED record is never released: it is not here */
-        if (type != SHMR_T_PAD && type != SHMR_T_SKIP &&
+        if (type != SHMR_T_SKIP &&
             load_acquire16(st) == SHMR_RS_REQUEUED &&   /* R16, pairs with the requeuing CAS */
             mpmc_mark(c, pos, SHMR_RS_REQUEUED)) {
             (void)fetch_add_seq_cst64(r->base + SHMR_MP_OFF_COUNTERS + SHMR_MP_REQUEUED, (uint64_t)-1);   /* R16 */
@@ -386,7 +375,7 @@ int mpmc_peek(Consumer *c, Rec *out) {
             return corrupt("bad record header", pos, len, type);
         }
         if (!cas_seq_cst64(take, pos, pos + size)) continue;   /* R14, one taker wins */
-        if (type == SHMR_T_PAD || type == SHMR_T_SKIP) { mpmc_reclaim(c); continue; }
+        if (type == SHMR_T_SKIP) { mpmc_reclaim(c); continue; }
         if (pause_at((PyObject *)c, "mpmc_taken") < 0) return PEEK_CORRUPT;
         /* fails if a recovery requeued it because we were too slow to get here */
         if (!mpmc_mark(c, pos, SHMR_RS_FREE)) continue;
@@ -400,14 +389,14 @@ int mpmc_peek(Consumer *c, Rec *out) {
 int mp_ready(Consumer *c) {
     Region *r = &c->r;
     uint64_t pos = r->kind == SHMR_KIND_MPMC ? load_seq_cst64(r->base + SHMR_MP_OFF_TAKE) : c->next_pos;   /* R4 */
-    /* Committed padding and skips (an aborted or shrunk reservation, an
-     * abandoned claim) are not messages: look past a few of them. */
+    /* Committed skips (an aborted or shrunk reservation, an abandoned
+     * claim) are not messages: look past a few of them. */
     for (int n = 0; n < 64; n++) {
         if (load_seq_cst64(mp_rec(r, pos)) != (r->key ^ pos)) break;   /* R4, pairs with the stamp exchange */
         uint64_t len, cur = load_acquire64(r->base + SHMR_OFF_WRITE_POS);   /* R6, pairs with the producers' cursor CAS */
         unsigned type;
         uint64_t size = mp_size(r, pos, cur, &len, &type);
-        if (!size || (type != SHMR_T_PAD && type != SHMR_T_SKIP) || n == 63) return 1;   /* a message (or corruption: the peek says which) */
+        if (!size || (type != SHMR_T_SKIP) || n == 63) return 1;   /* a message (or corruption: the peek says which) */
         pos += size;
     }
     if (r->kind == SHMR_KIND_MPMC) {
@@ -495,7 +484,7 @@ PyObject *Consumer_inflight(Consumer *self, PyObject *unused) {
         if (!mp_committed(r, pos)) break;
         uint64_t size = mp_size(r, pos, t, &len, &type);
         if (!size) break;
-        if (type != SHMR_T_PAD && type != SHMR_T_SKIP) {
+        if (type != SHMR_T_SKIP) {
             unsigned state = load_acquire16(REC_STATE(mp_rec(r, pos)));   /* R16, pairs with the state CASes */
             if (mpmc_behind(r, pos)) break;       /* reclaimed while we looked: what we read may be stale */
             PyObject *item = Py_BuildValue("(KI)", (unsigned long long)pos, state);

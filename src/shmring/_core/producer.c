@@ -39,7 +39,7 @@ static inline void producer_finish(Producer *p, uint64_t start, uint64_t claimed
 
 static int too_large(Producer *p, uint64_t len) {
     PyErr_Format(MessageTooLarge, "message of %llu bytes can never fit: this ring's largest "
-                 "message is %llu bytes (capacity %llu / 2 - %llu)", (unsigned long long)len,
+                 "message is %llu bytes (capacity %llu - %llu)", (unsigned long long)len,
                  (unsigned long long)p->r.max_message, (unsigned long long)p->r.capacity,
                  (unsigned long long)p->r.hdr);
     return -1;
@@ -197,9 +197,9 @@ static PyObject *Producer_reserve(Producer *self, PyObject *const *args, Py_ssiz
     self->res_len = len;
     self->res_prev = prev;
     self->res_type = (unsigned)type;
-    /* spsc: the claim may have written a padding record: write_pos stays
-     * before it until commit, so abort forgets both.  A reservation on a
-     * truncated ring is aborted at once (nothing can be sent there). */
+    /* spsc: write_pos stays where it was until commit, so abort forgets the
+     * claim.  A reservation on a truncated ring is aborted at once (nothing
+     * can be sent there). */
     if (truncated(&self->r)) { self->reserved = 0; self->write_pos = prev; return raise_truncated(&self->r); }
     return PyLong_FromUnsignedLongLong(payload_offset(&self->r, start));
 }
@@ -353,10 +353,10 @@ static int space_cond(void *vctx) {
     Region *r = &c->p->r;
     if (is_multi(r)) {                 /* room at the current cursor */
         uint64_t wp = load_seq_cst64(r->base + SHMR_OFF_WRITE_POS);   /* R4, pairs with the producers' cursor CAS */
-        uint64_t need = align16(SHMR_MREC_HDR + c->len), tail = r->capacity - (wp & r->mask);
+        uint64_t need = align16(SHMR_MREC_HDR + c->len);
         uint64_t g = mp_gate(r, wp);
         if (g > wp) return 1;          /* stale or corrupt: let the claim decide */
-        return wp + (need <= tail ? need : tail + need) - g <= r->capacity;
+        return wp + need - g <= r->capacity;   /* no wrap padding (R60) */
     }
     uint64_t rp = load_seq_cst64(r->base + SHMR_OFF_READ_POS);   /* R4, pairs with the consumer's exchange of read_pos */
     uint64_t wp = c->p->write_pos;
@@ -369,8 +369,7 @@ static PyObject *Producer_wait_space(Producer *self, PyObject *const *args, Py_s
     if (n != 3) { PyErr_SetString(PyExc_TypeError, "_wait_space(nbytes, slice, spin)"); return NULL; }
     if (check_usable(&self->r) < 0) return NULL;
     unsigned long long len = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
-    uint64_t need = align8(SHMR_REC_HDR + len), tail = self->r.capacity - (self->write_pos & self->r.mask);
-    struct space_ctx c = { self, len, need <= tail ? need : tail + need };
+    struct space_ctx c = { self, len, align8(SHMR_REC_HDR + len) };   /* no wrap padding (R60) */
     return wait_slice(&self->r, self->r.base + SHMR_OFF_SPACE_WAKE, space_cond, &c, args[1], args[2],
                       is_multi(&self->r) ? self->entry + SHMR_PE_WAITING : NULL);
 }
@@ -381,8 +380,7 @@ static PyObject *Producer_arm_space(Producer *self, PyObject *const *args, Py_ss
     if (check_usable(&self->r) < 0) return NULL;
     unsigned long long len = PyLong_AsUnsignedLongLong(args[0]); if (PyErr_Occurred()) return NULL;
     unsigned long long w = PyLong_AsUnsignedLongLong(args[1]); if (PyErr_Occurred()) return NULL;
-    uint64_t need = align8(SHMR_REC_HDR + len), tail = self->r.capacity - (self->write_pos & self->r.mask);
-    struct space_ctx c = { self, len, need <= tail ? need : tail + need };
+    struct space_ctx c = { self, len, align8(SHMR_REC_HDR + len) };   /* no wrap padding (R60) */
     return guard_exit(&self->r, PyLong_FromLong(fd_arm(self->r.base + SHMR_OFF_SPACE_WAKE, w, space_cond, &c)));
 }
 

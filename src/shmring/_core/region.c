@@ -76,7 +76,17 @@ int Region_init(Region *self, PyObject *args, PyObject *kw) {
         PyErr_Format(CorruptSegmentError, "unknown ring kind %u", self->kind);
         return -1;
     }
-    self->max_message = cap / 2 - self->hdr;
+    /* R60: every framed ring's data area is mapped twice, back to back, so a
+     * record of up to a capacity is contiguous wherever it starts; a record
+     * ring (Python only) is mapped once. */
+    self->dmapped = self->kind != SHMR_KIND_RECORDS;
+    if (self->dmapped && (uint64_t)self->view.len < self->data_off + 2 * cap) {
+        PyErr_Format(CorruptSegmentError, "ring data area of %llu bytes at %llu is not mapped twice "
+                     "(region of %zd bytes)", (unsigned long long)cap, (unsigned long long)self->data_off,
+                     self->view.len);
+        return -1;
+    }
+    self->max_message = cap - self->hdr;       /* R60: a record fills at most the whole data area */
     if (self->max_message > SHMR_MAX_MESSAGE) self->max_message = SHMR_MAX_MESSAGE;  /* lengths are u32 */
     self->data = self->base + self->data_off;
     return 0;

@@ -6,22 +6,21 @@
  * by the exchange of write_pos; the consumer reads below the write_pos it
  * loaded with acquire, and gives space back by publishing read_pos after its
  * last read of it.  Record: u32 length | u16 type | u16 flags | payload,
- * 8-aligned; one that would cross the end of the data area is preceded by a
- * T_PAD record filling the rest.
+ * 8-aligned.  The data area is mapped twice, back to back (R60): a record
+ * that crosses the end of the area continues, contiguous, into the second
+ * mapping (the start of the area); nothing pads the wrap.
  */
 #include "core.h"
 
-/* Claim room for a record of payload_len bytes at write_pos (writing a padding
- * record first when it would cross the end of the data area).  Nothing is
+/* Claim room for a record of payload_len bytes (<= max_message, so at most a
+ * capacity) at write_pos: contiguous even when it wraps (R60).  Nothing is
  * visible to the consumer until spsc_publish.  PEEK_FOUND and the record
  * start, PEEK_EMPTY when the ring is full right now, PEEK_CORRUPT. */
 int spsc_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start) {
     Region *r = &p->r;
     uint64_t cap = r->capacity;
-    uint64_t need = align8(SHMR_REC_HDR + payload_len);
+    uint64_t total = align8(SHMR_REC_HDR + payload_len);
     uint64_t wp = p->write_pos;
-    uint64_t tail = cap - (wp & r->mask);
-    uint64_t total = need <= tail ? need : tail + need;
     if (wp + total - p->cached_read > cap) {
         uint64_t rp = load_acquire64(r->base + SHMR_OFF_READ_POS);   /* R3, pairs with the consumer's exchange in consumer_store_read */
         if (rp > wp || wp - rp > cap || (rp & 7)) {
@@ -31,13 +30,6 @@ int spsc_claim(Producer *p, uint64_t payload_len, uint64_t *rec_start) {
         }
         p->cached_read = rp;
         if (wp + total - rp > cap) return PEEK_EMPTY;
-    }
-    if (need > tail) {
-        char *h = r->data + (wp & r->mask);   /* not yet visible: plain stores */
-        *(uint32_t *)h = (uint32_t)(tail - SHMR_REC_HDR);
-        *(uint16_t *)(h + 4) = SHMR_T_PAD;
-        *(uint16_t *)(h + 6) = 0;
-        wp += tail;
     }
     *rec_start = wp;
     return PEEK_FOUND;
@@ -79,21 +71,18 @@ int spsc_peek(Consumer *c, Rec *out) {
         }
         uint64_t off = pos & c->r.mask;
         uint64_t avail = c->cached_write - pos;
-        uint64_t tail = c->r.capacity - off;
-        if (avail < SHMR_REC_HDR) return corrupt("truncated record header", pos, avail, tail);
-        /* plain reads: below the acquired write_pos the producer no longer writes (R2) */
+        if (avail < SHMR_REC_HDR) return corrupt("truncated record header", pos, avail, off);
+        /* plain reads: below the acquired write_pos the producer no longer writes (R2).
+         * The header is 8-aligned below the end of the area: never split (R60). */
         const char *h = c->r.data + off;
         uint64_t len = *(const uint32_t *)h;
         unsigned type = *(const uint16_t *)(h + 4);
         uint64_t need = align8(SHMR_REC_HDR + len);
-        if (type == SHMR_T_PAD) {
-            if (need != tail || tail > avail) return corrupt("bad padding record", pos, len, tail);
-            if (consumer_skip(c, pos, pos + tail) < 0) return PEEK_CORRUPT;
-            continue;
-        }
         if (type != SHMR_T_BYTES && type != SHMR_T_ARRAY && type != SHMR_T_OBJECT)
             return corrupt("unknown record type", pos, type, len);
-        if (len > c->r.max_message || need > tail || need > avail)
+        /* len <= max_message bounds the record by a capacity: [off, off + need)
+         * lies inside the two mappings of the data area (R60) */
+        if (len > c->r.max_message || need > avail)
             return corrupt("record length out of bounds", pos, len, avail);
         out->start = pos;
         out->end = pos + need;
