@@ -119,8 +119,10 @@ def consume(q, out, batch):
     last = {}
     while True:
         got = q.get_many(timeout=60) if batch else [q.get(timeout=60)]
-        for item in got:
+        for j, item in enumerate(got):
             if item is None:
+                if got[j + 1:]:              # a batch may hold the other consumer's None too: hand it back
+                    q.put_many(got[j + 1:])
                 out.put((seen, "ok"))
                 return
             who, i, a, crc = item

@@ -1,4 +1,4 @@
-"""Host A: a camera publishing frames into spsc ring NAME (then end of stream).
+"""Host A: a camera publishing frames into spsc ring NAME once a reader is on (then end of stream).
 
     python examples/bridge/camera.py --name camera --frames 100 --fps 30
 """
@@ -19,6 +19,11 @@ def main(argv=None):
     a = ap.parse_args(argv)
     with shmring.Ring.create(a.name, a.capacity) as ring, ring.producer() as prod:
         print(f"camera: ring {a.name} ready", flush=True)
+        deadline = time.monotonic() + 60           # start once a reader (the bridge) holds the ring,
+        while not ring.stats()["consumer"]["alive"]:   # so a short run cannot end before it attaches
+            if time.monotonic() > deadline:
+                raise SystemExit("camera: nobody took the ring's consumer role within 60 s")
+            time.sleep(0.05)
         for i in range(a.frames):
             frame = np.random.default_rng(i).integers(0, 255, (240, 320, 3), dtype=np.uint8)
             frame[0, 0, :] = [i & 255, (i >> 8) & 255, 0]
