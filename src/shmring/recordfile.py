@@ -208,6 +208,8 @@ class Record:
 
 
 def _dtype(spec, np, depth=0):
+    # The same decoding as shmring.codec._dtype_from_spec, kept here on purpose:
+    # this file must run on its own (no shmring package, no C core).
     if depth > 32:
         raise ValueError("dtype nested too deep")
     if isinstance(spec, str):

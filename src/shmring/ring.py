@@ -1050,20 +1050,15 @@ class Consumer(_core.ConsumerCore):
             ref = weakref.ref(self)
             core_try, core_try_bytes = _core.ConsumerCore.try_recv, _core.ConsumerCore._try_recv_bytes
 
-            def try_recv():
-                s = ref()
-                m = core_try(s)
-                if m is None:
-                    s._fdw.rearm()
-                return m
-
-            def _try_recv_bytes():
-                s = ref()
-                m = core_try_bytes(s)
-                if m is None:
-                    s._fdw.rearm()
-                return m
-            self.try_recv, self._try_recv_bytes = try_recv, _try_recv_bytes
+            def rearming(core):
+                def attempt():               # an empty receive re-arms the descriptor
+                    s = ref()
+                    m = core(s)
+                    if m is None:
+                        s._fdw.rearm()
+                    return m
+                return attempt
+            self.try_recv, self._try_recv_bytes = rearming(core_try), rearming(core_try_bytes)
         return w.fileno()
 
     def _usable_for_fd(self):
