@@ -306,7 +306,7 @@ class _Base:
         if c is None:
             self._check_open()
             c = self._ring.consumer(spin=self._spin)
-            local.cons, local.held_cons = c, _Held(c)
+            local.cons, local.held_cons, local.pending = c, _Held(c), None
             self._holders.add(local.held_cons)
         return c
 
@@ -436,8 +436,17 @@ class _Base:
         finally:
             msg.release()
 
+    def _raise_pending(self):
+        """Raise the error of an item that failed to unpickle in this thread's
+        last ``get_many`` after it had taken others (they were returned)."""
+        err = getattr(self._local, "pending", None)
+        if err is not None:
+            self._local.pending = None
+            raise err
+
     def _get(self, block, timeout):
         self._check_open()
+        self._raise_pending()
         deadline = _deadline(block, timeout)
         cons = self._consumer()
         try:
@@ -455,9 +464,10 @@ class _Base:
                         raise Empty from None
         except (EndOfStream, PeerGone):            # a queue's stream never ends (R73): corruption
             raise CorruptSegmentError(f"the queue on {self._label} ended its stream") from None
-        obj = self._take(msg)
-        self._count_out(1)
-        return obj
+        try:
+            return self._take(msg)
+        finally:
+            self._count_out(1)      # taken, even if it fails to unpickle (as multiprocessing)
 
     # -- sizes ----------------------------------------------------------------
     def qsize(self) -> int:
@@ -545,18 +555,21 @@ class Queue(_Base):
     def get(self, block: bool = True, timeout=None, _loads=pickle.loads):
         """Take the next item; with ``block`` wait up to ``timeout`` s (None:
         no limit), else ``queue.Empty``."""
-        cons = getattr(self._local, "cons", None)
-        if cons is None or not block or timeout is not None or self._maxsize or self._closed or self._gen != _forks:
+        local = self._local
+        cons = getattr(local, "cons", None)
+        if (cons is None or not block or timeout is not None or self._maxsize or self._closed or self._gen != _forks
+                or local.pending is not None):
             return self._get(block, timeout)
         # the common case, inlined (as _get)
         msg = cons.recv()
-        if msg.type == 1:                           # T_BYTES: a pickle stream
-            data = msg._take_copy()
-            obj = _loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
-        else:
-            obj = self._take(msg)
-        self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)  # R70: -1, once taken
-        return obj
+        try:
+            if msg.type == 1:                       # T_BYTES: a pickle stream
+                data = msg._take_copy()
+                return _loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
+            return self._take(msg)
+        finally:
+            # R70: -1 once taken, even if it fails to unpickle (as multiprocessing)
+            self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)
 
     def get_nowait(self):
         return self._get(False, None)
@@ -597,15 +610,21 @@ class Queue(_Base):
         out = [self._get(block, timeout)]
         cons = self._consumer()
         take = cons.try_recv
+        n = 1
         try:
-            while len(out) < max_messages_to_get:
+            while n < max_messages_to_get:
                 msg = take()
                 if msg is None:
                     break
+                n += 1                              # taken: counted out below, whatever follows
                 out.append(self._take(msg))
+        except Exception as e:
+            # an item failed to unpickle after others were taken: they are
+            # returned, and the next get / get_many of this thread raises its error
+            self._local.pending = e.with_traceback(None)
         finally:
-            if len(out) > 1:
-                self._count_out(len(out) - 1)
+            if n > 1:
+                self._count_out(n - 1)
         return out
 
     def join_thread(self) -> None:
