@@ -510,7 +510,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (ShmringError, ValueError) as e:
+    except (ShmringError, ValueError, OSError) as e:
+        # (OSError: a file that cannot be opened or written, a full disk: the
+        # system's message says which)
         print(f"shmring {args.cmd}: {e}", file=sys.stderr)
         return 1
 

@@ -31,6 +31,12 @@ from .pausepoints import pause
 from .errors import EndOfStream, MessageTooLarge, PeerGone, ShmringError, Timeout, WrongKind
 
 FSYNC_POLICIES = ("none", "end", "every")
+
+
+class RecordWriteError(ShmringError, OSError):
+    """The record file could not take a message (disk full, file too large,
+    I/O error): ``record`` stops; the message was given back to the ring."""
+
 _NO_KERNEL_COPY = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.ESPIPE}
 
 
@@ -155,6 +161,7 @@ def _record(cons, ring, fd, fsync, interval, crc, method, small, count, stop, po
         except PeerGone:
             end = F.END_PEER_GONE
             break
+        good = os.lseek(fd, 0, os.SEEK_CUR)
         try:
             n = msg.nbytes
             pcrc = 0
@@ -163,16 +170,34 @@ def _record(cons, ring, fd, fsync, interval, crc, method, small, count, stop, po
                     pcrc = zlib.crc32(mv)
             sink.put(header(F.K_DATA, msg._offset % F.ALIGN, msg.type, n, pcrc,
                             time.monotonic_ns() - t0, seq), msg)
-        finally:
-            msg.release()                            # only after its bytes are in the file
+        except BaseException as e:
+            # not in the file (disk full, file too large, Ctrl-C mid-copy): the
+            # message is given back, not consumed, so the next consumer gets it
+            # (spsc / mpsc; mpmc: requeued), and the file is cut back to its last
+            # whole record (no torn tail to repair)
+            msg.give_back()
+            try:
+                os.ftruncate(fd, good)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise RecordWriteError(f"cannot write record {seq} ({n} bytes) to the file: {e.strerror or e}; "
+                                       f"{seq} messages are in it, and this one was given back to the ring "
+                                       f"for the next consumer") from e
+            raise
+        msg.release()                                # only after its bytes are in the file
         seq += 1
         nbytes += n
         if fsync == "every" or (interval is not None and time.monotonic() - last_sync >= interval):
             os.fdatasync(fd)
             last_sync = time.monotonic()
-    os.write(fd, header(F.K_END, 0, end, 0, 0, time.monotonic_ns() - t0, seq))
-    if fsync != "none":
-        os.fsync(fd)
+    try:
+        os.write(fd, header(F.K_END, 0, end, 0, 0, time.monotonic_ns() - t0, seq))
+        if fsync != "none":
+            os.fsync(fd)
+    except OSError as e:
+        raise RecordWriteError(f"cannot finish the record file: {e.strerror or e}; its {seq} messages are in "
+                               f"it (read as unfinished: no end record)") from e
     return {"messages": seq, "bytes": nbytes, "end": F.END_NAMES[end], "kernel_bytes": sink.kernel_bytes,
             "user_bytes": sink.user_bytes}
 

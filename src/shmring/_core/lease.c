@@ -462,6 +462,25 @@ static PyObject *Message_take_copy(Message *m, PyObject *unused) {
     return v;
 }
 
+/* give_back() -> bool: done with the message without consuming it (R39's
+ * RETURNED entry, whatever was looked at): this handle's next receive hands it
+ * out again, and if the handle closes first the next consumer gets it (spsc /
+ * mpsc: the release position stays before it; mpmc: requeued for any
+ * consumer).  For a consumer that failed to pass it on (a recorder whose write
+ * failed).  False if a view of it is alive or it was released: then it is
+ * released as by release(). */
+static PyObject *Message_give_back(Message *m, PyObject *unused) {
+    if (m->l.state == LEASE_LIVE && m->l.exports == 0) {
+        m->l.give_back = GIVE_INTERRUPTED;
+        lease_finish(&m->l);
+        Py_RETURN_TRUE;
+    }
+    PyObject *r = Lease_release(&m->l, NULL);
+    if (!r) return NULL;
+    Py_DECREF(r);
+    Py_RETURN_FALSE;
+}
+
 /* Looking at a message's metadata hands it to user code too (R39): code that
  * skips messages by kind or size has seen them. */
 static PyObject *Message_get_kind(Message *m, void *c) { m->l.touched = 1; return PyUnicode_FromString(kind_names[m->type]); }
@@ -484,6 +503,10 @@ static PyMethodDef Message_methods[] = {
     {"copy", (PyCFunction)Message_copy, METH_NOARGS, "copy(): the value, detached from the ring (owns its memory)"},
     {"tobytes", (PyCFunction)Message_tobytes, METH_NOARGS, "tobytes(): a copy of the raw payload bytes"},
     {"_take_copy", (PyCFunction)Message_take_copy, METH_NOARGS, NULL},
+    {"give_back", (PyCFunction)Message_give_back, METH_NOARGS,
+     "give_back() -> bool: done with the message without consuming it: this handle's next receive hands it "
+     "out again, or the next consumer if the handle closes first (mpmc: any consumer). False (and released "
+     "as by release()) if a view of it is still alive or it was released already."},
     {NULL}
 };
 static PyGetSetDef Message_getset[] = {
