@@ -313,10 +313,12 @@ def tensor_parts(t) -> tuple:
     return raw, dtype_name(t.dtype), tuple(t.shape)
 
 
-def rebuild_tensor(buf, name: str, shape):
+def rebuild_tensor(buf, name: str, shape, requires_grad: bool = False, parameter: bool = False):
     """The inverse of :func:`tensor_parts`: a tensor over ``buf`` (zero copy:
     it holds ``buf``'s buffer export, as a received tensor holds its message,
-    R81), writable or not as torch has it (R82)."""
+    R81), writable or not as torch has it (R82); with ``requires_grad``, a
+    leaf that requires grad; with ``parameter``, a ``torch.nn.Parameter``
+    (R85: what ``shmring.Queue`` unpickles a tensor with)."""
     torch = _torch()
     dt = torch_dtype(name)
     shape = tuple(int(s) for s in shape)
@@ -324,8 +326,12 @@ def rebuild_tensor(buf, name: str, shape):
     if a.nbytes != prod(shape) * dt.itemsize:
         raise ValueError(f"{a.nbytes} bytes do not hold a {name} tensor of shape {shape}")
     if not a.nbytes:
-        return torch.empty(shape, dtype=dt)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(a)
-    return t.view(dt).view(shape)
+        t = torch.empty(shape, dtype=dt)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
+        t = t.view(dt).view(shape)
+    if parameter:
+        return torch.nn.Parameter(t, requires_grad=bool(requires_grad))
+    return t.requires_grad_() if requires_grad else t

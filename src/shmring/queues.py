@@ -46,6 +46,7 @@ the bytes (a power of two, the ring's data area; default 16 MiB).  One item
 """
 from __future__ import annotations
 
+import copyreg
 import io
 import os
 import pickle
@@ -60,9 +61,10 @@ from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 
-from . import _core
+from . import _core, _interop
 from . import layout as L
-from .errors import CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout
+from .errors import (CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout,
+                     UnsupportedType)
 from .ring import Producer, Ring
 from .waiting import DEFAULT_SPIN, WAIT_SLICE
 
@@ -102,14 +104,105 @@ def _after_fork_in_child():
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_TORCH = "torch"
+_modules = sys.modules
+
+
+def _reduce_tensor(t, _module=_modules):
+    """A dense CPU tensor as its bytes, out of band (R85): rebuilt by
+    :func:`shmring._interop.rebuild_tensor` over the buffer ``get`` copied
+    out (a tensor owning its memory, C-contiguous, same dtype, shape and
+    ``requires_grad``; a ``Parameter`` stays one).  Anything else (CUDA,
+    sparse, quantized, meta, named, another Tensor subclass, a tensor with
+    attributes of its own, an exotic dtype): torch's own pickling."""
+    torch = _module["torch"]
+    if (t.device.type == "cpu" and t.layout is torch.strided and not t.is_quantized and not any(getattr(t, "names", None) or ())
+            and not getattr(t, "__dict__", None)):
+        try:
+            raw, name, shape = _interop.tensor_parts(t)
+        except UnsupportedType:
+            pass
+        else:
+            return _interop.rebuild_tensor, (pickle.PickleBuffer(raw), name, shape, t.requires_grad,
+                                             type(t) is not torch.Tensor)
+    return t.__reduce_ex__(5)
+
+
+class _TensorTable(dict):
+    """The dispatch table of a queue's pickler once torch is loaded: the two
+    exact tensor types (``Tensor``, ``Parameter``) to :func:`_reduce_tensor`,
+    every other type to ``copyreg``'s table (looked up when asked, so later
+    ``copyreg.pickle`` registrations count).  Other Tensor subclasses keep
+    torch's own pickling (they may carry state of their own)."""
+
+    def __missing__(self, cls):
+        return copyreg.dispatch_table[cls]
+
+
+_tensor_table = _TensorTable()
+
+
+def _tensor_types():
+    if not _tensor_table:
+        torch = _modules["torch"]
+        _tensor_table[torch.Tensor] = _tensor_table[torch.nn.Parameter] = _reduce_tensor
+    return _tensor_table
+
+
+class _TPickler(pickle.Pickler):
+    """Plain pickling, but torch tensors by :func:`_reduce_tensor`."""
+
+    def __init__(self, f, protocol, buffer_callback):
+        super().__init__(f, protocol, buffer_callback=buffer_callback)
+        self.dispatch_table = _tensor_types()
+
+
 class _FPickler(ForkingPickler):
     """multiprocessing's pickler (its extra reducers: connections, sockets, ...)
-    with a buffer callback; used only when plain ``pickle.dumps`` refuses."""
+    with a buffer callback; used only when plain pickling refuses.  Tensors
+    still go by :func:`_reduce_tensor` (not torch.multiprocessing's reducers,
+    which share the tensor's storage through its own shared memory)."""
 
     def __init__(self, f, protocol, buffer_callback):
         pickle.Pickler.__init__(self, f, protocol, buffer_callback=buffer_callback)
         self.dispatch_table = self._copyreg_dispatch_table.copy()
         self.dispatch_table.update(self._extra_reducers)
+        if _modules.get(_TORCH) is not None:
+            self.dispatch_table.update(_tensor_types())
+
+
+_tls = threading.local()
+_REUSE_BELOW = 1 << 20              # a thread keeps its tensor pickler while its streams stay this small
+
+
+def _tdumps(obj):
+    """(pickle stream, out-of-band PickleBuffers) of ``obj`` by a
+    :class:`_TPickler`, reused by its thread (making one costs about as much
+    as pickling a small object)."""
+    st = getattr(_tls, "tp", None)
+    if st is None or st[3]:                        # none yet, or in use (a reducer that puts)
+        f, bufs = io.BytesIO(), []
+
+        def callback(pb, _append=bufs.append):
+            # True: in-band (small); None: out-of-band (pickle's convention)
+            return memoryview(pb).nbytes < OOB_MIN or _append(pb)
+        st = [_TPickler(f, 5, callback), f, bufs, False]
+        if getattr(_tls, "tp", None) is None:
+            _tls.tp = st
+    p, f, bufs, _ = st
+    st[3] = True
+    try:
+        p.dump(obj)
+        out = f.getvalue(), bufs[:]
+        if f.tell() >= _REUSE_BELOW:
+            _tls.tp = None
+        return out
+    finally:
+        st[3] = False
+        f.seek(0)
+        f.truncate()
+        p.clear_memo()
+        bufs.clear()
 
 
 def _dumps(obj):
@@ -121,7 +214,10 @@ def _dumps(obj):
         return memoryview(pb).nbytes < OOB_MIN or _append(pb)
     if type(obj) in (bytes, bytearray) and len(obj) >= OOB_MIN:
         obj = pickle.PickleBuffer(obj)        # comes back as the buffer object itself: bytes / bytearray
+    torch = _modules.get(_TORCH) is not None
     try:
+        if torch:
+            return _tdumps(obj)
         return pickle.dumps(obj, 5, buffer_callback=callback), bufs
     except Exception:
         bufs.clear()
@@ -133,6 +229,8 @@ def _dumps(obj):
         else:
             return f.getvalue(), bufs
         bufs.clear()
+        if torch:
+            return _tdumps(obj)
         return pickle.dumps(obj, 5, buffer_callback=callback), bufs
 
 
@@ -521,9 +619,14 @@ class Queue(_Base):
         # the common case, inlined (as _put): no bound in items, no timeout, joined already
         bufs = []
         try:
-            # (objects that cannot hold a buffer skip the callback; a bytes item here is < OOB_MIN)
-            stream = (_dumps(obj, 5) if type(obj) in _NO_BUFFERS
-                      else _dumps(obj, 5, buffer_callback=bufs.append))
+            # (objects that cannot hold a buffer skip the callback; a bytes item here is < OOB_MIN;
+            # once torch is loaded, anything else may hold a tensor: _tdumps, R85)
+            if type(obj) in _NO_BUFFERS:
+                stream = _dumps(obj, 5)
+            elif _modules.get(_TORCH) is None:
+                stream = _dumps(obj, 5, buffer_callback=bufs.append)
+            else:
+                stream, bufs = _tdumps(obj)
         except Exception:
             return self._put(obj, block, timeout)   # the ForkingPickler fallback, or the error
         self._r.fetch_add_u64(L.Q_OFF_ITEMS, 1)     # R70: counted before it can be taken
