@@ -27,6 +27,7 @@ the block, or Arrow data that fails to read or to validate is
 """
 from __future__ import annotations
 
+import struct
 import sys
 import warnings
 from math import prod
@@ -271,6 +272,107 @@ def parse_arrow(payload) -> tuple:
     return what, desc
 
 
+# Compressed IPC (R86): pyarrow allocates each compressed buffer's declared
+# uncompressed length before it decompresses, so a stream may declare at most
+# ARROW_INFLATE_FACTOR x its own size + ARROW_INFLATE_SLACK bytes in all
+# (codec's decode limits, DECODE_FACTOR and DECODE_SLACK, for msgpack).
+ARROW_INFLATE_FACTOR = 16
+ARROW_INFLATE_SLACK = 4 << 20
+_I64 = struct.Struct("<q")
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+_HEADER_DICTIONARY_BATCH, _HEADER_RECORD_BATCH = 2, 3
+
+
+def _fb_table(b: bytes, pos: int):
+    """The field positions of the flatbuffer table at ``pos`` of ``b``: a
+    function of the field index, None for an absent field; bounds-checked."""
+    if not 0 <= pos <= len(b) - 4:
+        raise ValueError(f"a flatbuffer table at {pos} lies outside its {len(b)} bytes")
+    vt = pos - struct.unpack_from("<i", b, pos)[0]
+    if not 0 <= vt <= len(b) - 4:
+        raise ValueError(f"a flatbuffer vtable at {vt} lies outside its {len(b)} bytes")
+    vsize = _U16.unpack_from(b, vt)[0]
+    if vsize < 4 or vt + vsize > len(b):
+        raise ValueError(f"a flatbuffer vtable of {vsize} bytes at {vt} lies outside its {len(b)} bytes")
+
+    def field(i: int):
+        o = 4 + 2 * i
+        if o + 2 > vsize:
+            return None
+        off = _U16.unpack_from(b, vt + o)[0]
+        return pos + off if off else None
+    return field
+
+
+def _fb_ref(b: bytes, at: int) -> int:
+    return at + _U32.unpack_from(b, at)[0]
+
+
+def _batch_buffers(meta: bytes):
+    """``(compressed, [(offset, length)...])`` of an IPC message's flatbuffer
+    metadata if it is a record or dictionary batch, else None."""
+    msg = _fb_table(meta, _fb_ref(meta, 0))
+    at = msg(1)
+    kind = meta[at] if at is not None and at < len(meta) else 0
+    if kind not in (_HEADER_RECORD_BATCH, _HEADER_DICTIONARY_BATCH) or msg(2) is None:
+        return None
+    batch = _fb_table(meta, _fb_ref(meta, msg(2)))
+    if kind == _HEADER_DICTIONARY_BATCH:
+        if batch(1) is None:
+            return None
+        batch = _fb_table(meta, _fb_ref(meta, batch(1)))
+    compressed = batch(3) is not None
+    bufs = []
+    if batch(2) is not None:
+        vp = _fb_ref(meta, batch(2))
+        n = _U32.unpack_from(meta, vp)[0]
+        if vp + 4 + 16 * n > len(meta):
+            raise ValueError(f"a batch's {n} buffers lie outside its {len(meta)}-byte metadata")
+        bufs = [struct.unpack_from("<qq", meta, vp + 4 + 16 * i) for i in range(n)]
+    return compressed, bufs
+
+
+def check_arrow_inflation(buf) -> bool:
+    """Whether the IPC stream in ``buf`` (a ``pyarrow.Buffer``) has compressed
+    batches; ValueError if they declare more uncompressed bytes in all than
+    the bound (R86), before pyarrow allocates any of them."""
+    pa = sys.modules["pyarrow"]
+    reader = pa.ipc.MessageReader.open_stream(buf)
+    limit = ARROW_INFLATE_FACTOR * buf.size + ARROW_INFLATE_SLACK
+    declared, any_compressed = 0, False
+    while True:
+        try:
+            m = reader.read_next_message()
+        except StopIteration:
+            break
+        parsed = _batch_buffers(m.metadata.to_pybytes())
+        if parsed is None or not parsed[0]:
+            continue
+        any_compressed = True
+        body = m.body
+        size = body.size if body is not None else 0
+        with memoryview(body if body is not None else b"") as mv:
+            for off, length in parsed[1]:
+                if length == 0:
+                    continue
+                if off < 0 or length < 8 or off > size - length:
+                    raise ValueError(f"a compressed buffer (offset {off}, length {length}) lies outside its "
+                                     f"{size}-byte message body")
+                n = _I64.unpack_from(mv, off)[0]
+                if n == -1:                         # stored uncompressed: a slice, nothing allocated
+                    continue
+                if n < 0:
+                    raise ValueError(f"a compressed buffer declares {n} uncompressed bytes")
+                declared += n
+                if declared > limit:
+                    raise ValueError(
+                        f"its compressed buffers declare {declared:,} uncompressed bytes or more (one {n:,}), "
+                        f"more than the bound for a {buf.size:,}-byte stream ({limit:,} bytes: "
+                        f"{ARROW_INFLATE_FACTOR} x its size + {ARROW_INFLATE_SLACK:,}); send it uncompressed")
+    return any_compressed
+
+
 def make_arrow(msg, what: str, start: int, nbytes: int, copy: bool):
     """Read and validate the IPC stream at ``start`` of ``msg``; any failure raises
     (the caller makes it CorruptSegmentError)."""
@@ -281,6 +383,12 @@ def make_arrow(msg, what: str, start: int, nbytes: int, copy: bool):
         # the Arrow buffers hold this memoryview, which holds the message's
         # export: the message stays leased while any of them lives
         buf = pa.py_buffer(memoryview(msg)[start:start + nbytes])
+    if check_arrow_inflation(buf) and not copy:
+        # compressed: read from a private copy, checked again, so the shared
+        # bytes cannot change between the check and the read (R86); the
+        # decompressed buffers are pyarrow's own memory anyway
+        buf = pa.py_buffer(bytes(memoryview(msg)[start:start + nbytes]))
+        check_arrow_inflation(buf)
     reader = pa.ipc.open_stream(buf)
     if what == "batch":
         value = reader.read_next_batch()
