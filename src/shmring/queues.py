@@ -613,10 +613,11 @@ class Queue(_Base):
         """Put ``obj``; with ``block`` wait up to ``timeout`` s (None: no
         limit) for room, else ``queue.Full``."""
         prod = getattr(self._local, "prod", None)
-        if (prod is None or not block or timeout is not None or self._maxsize or self._joinable or self._closed
-                or self._gen != _forks or (type(obj) in (bytes, bytearray) and len(obj) >= OOB_MIN)):
+        if (prod is None or self._maxsize or self._closed or self._gen != _forks
+                or (type(obj) in (bytes, bytearray) and len(obj) >= OOB_MIN)):
             return self._put(obj, block, timeout)
-        # the common case, inlined (as _put): no bound in items, no timeout, joined already
+        # the common case, inlined (as _put): no bound in items, joined already; a
+        # timeout matters only if the ring is full in bytes (then _send waits)
         bufs = []
         try:
             # (objects that cannot hold a buffer skip the callback; a bytes item here is < OOB_MIN;
@@ -629,36 +630,46 @@ class Queue(_Base):
                 stream, bufs = _tdumps(obj)
         except Exception:
             return self._put(obj, block, timeout)   # the ForkingPickler fallback, or the error
-        self._r.fetch_add_u64(L.Q_OFF_ITEMS, 1)     # R70: counted before it can be taken
+        r = self._r
+        if self._joinable:
+            r.fetch_add_u64(L.Q_OFF_UNFINISHED, 1)   # R72, then R70: counted before it can be taken
+        r.fetch_add_u64(L.Q_OFF_ITEMS, 1)
         try:
             if bufs:
-                self._send(prod, stream, bufs, None)
+                self._send(prod, stream, bufs, _deadline(block, timeout))
             else:
                 try:
-                    prod.send(stream)
-                except PeerGone:
-                    self._send(prod, stream, bufs, None)
+                    if prod.try_send(stream):
+                        return
+                except (PeerGone, MessageTooLarge):
+                    pass                            # _send says which (and waits for a consumer)
+                self._send(prod, stream, bufs, _deadline(block, timeout))
         except BaseException:
-            self._count_out(1)
+            self._undo(1)
             raise
 
     def put_nowait(self, obj) -> None:
-        self._put(obj, False, None)
+        self.put(obj, False)
 
     def get(self, block: bool = True, timeout=None, _loads=pickle.loads):
         """Take the next item; with ``block`` wait up to ``timeout`` s (None:
         no limit), else ``queue.Empty``."""
         cons = getattr(self._local, "cons", None)
-        if cons is None or not block or timeout is not None or self._maxsize or self._closed or self._gen != _forks:
+        if cons is None or self._maxsize or self._closed or self._gen != _forks:
             return self._get(block, timeout)
-        # the common case, inlined (as _get)
-        msg = cons.recv()
+        # the common case, inlined (as _get): an item is there already
+        try:
+            msg = cons.try_recv()
+        except (EndOfStream, PeerGone):
+            return self._get(block, timeout)        # says what it means (corruption, R73)
+        if msg is None:
+            return self._get(block, timeout)        # waits, up to the timeout
         if msg.type == 1:                           # T_BYTES: a pickle stream
             data = msg._take_copy()
-            obj = _loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
-        else:
-            obj = self._take(msg)
-        self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)  # R70: -1, once taken
+            self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)  # R70: -1, once taken
+            return _loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
+        obj = self._take(msg)
+        self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)
         return obj
 
     def get_nowait(self):
