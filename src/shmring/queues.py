@@ -96,9 +96,14 @@ _NO_BUFFERS = frozenset((bytes, str, int, float, bool, complex, type(None)))
 _forks = 0
 
 
+_queues = weakref.WeakSet()         # this process's queue objects, for the fork hook
+
+
 def _after_fork_in_child():
     global _forks
     _forks += 1
+    for q in list(_queues):            # the parent's handles are the parent's: the fast paths' thread-locals go
+        q._local = threading.local()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -260,9 +265,10 @@ def _not_pickle(data, label):
                               f"(starts with {bytes(data[:4])!r}, {len(data)} bytes)")
 
 
-def _decode(mv, label):
+def _decode(mv, label, lease=False):
     """The object in a message payload ``mv`` (a view of the ring): read
-    into memory of its own, so the message may be released after."""
+    into memory of its own, so the message may be released after; with
+    ``lease``, its out-of-band buffers are read-only views of ``mv`` (R87)."""
     n = mv.nbytes
     if n < _OOB_HDR.size or bytes(mv[:4]) != OOB_MAGIC:
         raise CorruptSegmentError(f"an array message of the queue on {label} is not an out-of-band item "
@@ -280,7 +286,7 @@ def _decode(mv, label):
             raise CorruptSegmentError(f"buffer {i} of an out-of-band message of the queue on {label} lies "
                                       f"outside its {n} bytes (offset {off}, length {length})")
         part = mv[off:off + length]
-        buffers.append(bytes(part) if ro else bytearray(part))     # the one copy on the receive side
+        buffers.append(part if lease else bytes(part) if ro else bytearray(part))  # the one copy of a get
     return pickle.loads(mv[hdr:hdr + plen], buffers=buffers)
 
 
@@ -364,6 +370,7 @@ class _Base:
         self._label = ring._seg.label
         self._closed = False
         self._fresh()
+        _queues.add(self)
 
     def _fresh(self):
         """This process's part: no handles yet (after a fork: the parent's
@@ -394,6 +401,8 @@ class _Base:
             p = self._ring.producer(spin=self._spin)
             local.prod, local.held_prod = p, _Held(p)
             self._holders.add(local.held_prod)
+            if not self._maxsize:
+                local.fprod = p                # put's fast path (no bound in items); gone on close / fork
         return p
 
     def _consumer(self):
@@ -406,6 +415,8 @@ class _Base:
             c = self._ring.consumer(spin=self._spin)
             local.cons, local.held_cons = c, _Held(c)
             self._holders.add(local.held_cons)
+            if not self._maxsize:
+                local.fcons = c                # get's fast path; gone on close / fork
         return c
 
     def _check_open(self):
@@ -512,7 +523,7 @@ class _Base:
                     raise Full from None
 
     # -- get ------------------------------------------------------------------
-    def _take(self, msg):
+    def _take(self, msg, lease=False):
         """The item in a message taken with ``recv`` / ``try_recv``, released
         before it returns: a bytes message is a pickle stream (copied out
         and released in one C step), an array message an out-of-band item
@@ -524,17 +535,23 @@ class _Base:
         try:
             if msg.kind != "array":
                 raise CorruptSegmentError(f"a {msg.kind} message in the queue on {self._label}")
+            if lease:
+                # R87: not released here; the views in the object hold the message (its
+                # exports), and dropping the last one releases it (R39: it was handed over)
+                return _decode(memoryview(msg.value), self._label, True)
             with memoryview(msg.value) as mv:
                 return _decode(mv, self._label)
         except BaseException as e:
             # the traceback's frames hold views of the message: clear their
             # locals (the lines stay) so the release below is complete
             traceback.clear_frames(e.__traceback__)
+            lease = False
             raise
         finally:
-            msg.release()
+            if not lease:
+                msg.release()
 
-    def _get(self, block, timeout):
+    def _get(self, block, timeout, lease=False):
         self._check_open()
         deadline = _deadline(block, timeout)
         cons = self._consumer()
@@ -553,7 +570,7 @@ class _Base:
                         raise Empty from None
         except (EndOfStream, PeerGone):            # a queue's stream never ends (R73): corruption
             raise CorruptSegmentError(f"the queue on {self._label} ended its stream") from None
-        obj = self._take(msg)
+        obj = self._take(msg, lease)
         self._count_out(1)
         return obj
 
@@ -609,12 +626,13 @@ class Queue(_Base):
     timeout, then ``queue.Full``) when the ring is full in bytes too, and
     ``qsize()`` works on every platform (R70)."""
 
-    def put(self, obj, block: bool = True, timeout=None, _dumps=pickle.dumps) -> None:
+    def put(self, obj, block: bool = True, timeout=None, _dumps=pickle.dumps, _items=L.Q_OFF_ITEMS,
+            _plain=_NO_BUFFERS, _blobs=(bytes, bytearray), _mods=_modules) -> None:
         """Put ``obj``; with ``block`` wait up to ``timeout`` s (None: no
         limit) for room, else ``queue.Full``."""
-        prod = getattr(self._local, "prod", None)
-        if (prod is None or self._maxsize or self._closed or self._gen != _forks
-                or (type(obj) in (bytes, bytearray) and len(obj) >= OOB_MIN)):
+        # fprod: this thread's producer, set only without maxsize, dropped by close() and fork
+        prod = getattr(self._local, "fprod", None)
+        if prod is None or (type(obj) in _blobs and len(obj) >= OOB_MIN):
             return self._put(obj, block, timeout)
         # the common case, inlined (as _put): no bound in items, joined already; a
         # timeout matters only if the ring is full in bytes (then _send waits)
@@ -622,9 +640,9 @@ class Queue(_Base):
         try:
             # (objects that cannot hold a buffer skip the callback; a bytes item here is < OOB_MIN;
             # once torch is loaded, anything else may hold a tensor: _tdumps, R85)
-            if type(obj) in _NO_BUFFERS:
+            if type(obj) in _plain:
                 stream = _dumps(obj, 5)
-            elif _modules.get(_TORCH) is None:
+            elif _mods.get(_TORCH) is None:
                 stream = _dumps(obj, 5, buffer_callback=bufs.append)
             else:
                 stream, bufs = _tdumps(obj)
@@ -633,7 +651,7 @@ class Queue(_Base):
         r = self._r
         if self._joinable:
             r.fetch_add_u64(L.Q_OFF_UNFINISHED, 1)   # R72, then R70: counted before it can be taken
-        r.fetch_add_u64(L.Q_OFF_ITEMS, 1)
+        r.fetch_add_u64(_items, 1)
         try:
             if bufs:
                 self._send(prod, stream, bufs, _deadline(block, timeout))
@@ -651,12 +669,20 @@ class Queue(_Base):
     def put_nowait(self, obj) -> None:
         self.put(obj, False)
 
-    def get(self, block: bool = True, timeout=None, _loads=pickle.loads):
+    def get(self, block: bool = True, timeout=None, *, lease: bool = False, _loads=pickle.loads,
+            _items=L.Q_OFF_ITEMS):
         """Take the next item; with ``block`` wait up to ``timeout`` s (None:
-        no limit), else ``queue.Empty``."""
-        cons = getattr(self._local, "cons", None)
-        if cons is None or self._maxsize or self._closed or self._gen != _forks:
-            return self._get(block, timeout)
+        no limit), else ``queue.Empty``.
+
+        ``lease=True`` (an extension; R87): the item's out-of-band buffers
+        (numpy arrays, torch tensors, ...) come back as read-only views of
+        the ring instead of copies, and the item's ring space stays held
+        until the last of them is garbage-collected: no receive copy, but
+        keep such objects briefly (a consumer that keeps them fills the ring
+        and blocks every producer).  Items without buffers are unaffected."""
+        cons = getattr(self._local, "fcons", None)    # as put's fprod
+        if cons is None or lease:
+            return self._get(block, timeout, lease)
         # the common case, inlined (as _get): an item is there already
         try:
             msg = cons.try_recv()
@@ -666,10 +692,10 @@ class Queue(_Base):
             return self._get(block, timeout)        # waits, up to the timeout
         if msg.type == 1:                           # T_BYTES: a pickle stream
             data = msg._take_copy()
-            self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)  # R70: -1, once taken
+            self._r.fetch_add_u64(_items, _M64)     # R70: -1, once taken
             return _loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
         obj = self._take(msg)
-        self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)
+        self._r.fetch_add_u64(_items, _M64)
         return obj
 
     def get_nowait(self):
