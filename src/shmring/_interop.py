@@ -247,7 +247,11 @@ def make_tensor(msg, dt, shape, start: int, nbytes: int, copy: bool):
     # a reference to the message), so releasing the message would give its
     # space back under the tensor.  A numpy array holds the export until it is
     # collected, and the tensor holds the array: the message stays leased.
-    a = np.frombuffer(msg, dtype=RAW, count=nbytes, offset=start)
+    npdt = _numpy_twin(dt)
+    if npdt is not None:        # the array in its own dtype and shape: no torch views to build (cheaper)
+        a = np.frombuffer(msg, dtype=npdt, count=nbytes // npdt.itemsize, offset=start).reshape(shape)
+    else:
+        a = np.frombuffer(msg, dtype=RAW, count=nbytes, offset=start)
     global _warned
     if _warned:
         t = torch.from_numpy(a)
@@ -259,8 +263,29 @@ def make_tensor(msg, dt, shape, start: int, nbytes: int, copy: bool):
             warnings.simplefilter("ignore", UserWarning)
             t = torch.from_numpy(a)
         _warned = True
-    t = t.view(dt).view(shape)
+    if npdt is None:
+        t = t.view(dt).view(shape)
     return t.clone() if copy else t
+
+
+_twins: dict = {}
+_TWIN_NAMES = ("bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+               "float16", "float32", "float64", "complex64", "complex128")
+
+
+def _numpy_twin(dt):
+    """The numpy dtype (native byte order) that ``torch.from_numpy`` maps to
+    ``dt``, or None (bfloat16, float8, complex32: raw bytes and views)."""
+    try:
+        return _twins[dt]
+    except KeyError:
+        pass
+    name = str(dt).rpartition(".")[2]
+    twin = np.dtype(name) if name in _TWIN_NAMES else None
+    if twin is not None and sys.modules["torch"].from_numpy(np.zeros(1, twin)).dtype != dt:
+        twin = None
+    _twins[dt] = twin
+    return twin
 
 
 def parse_arrow(payload) -> tuple:
