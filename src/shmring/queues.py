@@ -121,8 +121,8 @@ def _reduce_tensor(t, _module=_modules):
     sparse, quantized, meta, named, another Tensor subclass, a tensor with
     attributes of its own, an exotic dtype): torch's own pickling."""
     torch = _module["torch"]
-    if (t.device.type == "cpu" and t.layout is torch.strided and not t.is_quantized and not any(getattr(t, "names", None) or ())
-            and not getattr(t, "__dict__", None)):
+    if (t.device.type == "cpu" and t.layout is torch.strided and not t.is_quantized
+            and not any(getattr(t, "names", None) or ()) and not getattr(t, "__dict__", None)):
         try:
             raw, name, shape = _interop.tensor_parts(t)
         except UnsupportedType:
