@@ -712,3 +712,33 @@ def test_get_lease_of_a_corrupt_item_raises_and_releases():
     q.put(np.ones(2000), timeout=10)
     assert q.get(lease=True, timeout=10).sum() == 2000
     q.close()
+
+
+def test_get_lease_across_processes_keeps_every_held_array_intact(ctx, procs):
+    """A child puts checksummed arrays into a small ring; the parent leases them and holds
+    the last three at any time while the ring's space is reused: each checks out when it
+    arrives and again when it is dropped.  (Holding any one for good would stop the ring
+    once it wraps around to it: space comes back in ring order, R87.)"""
+    import collections
+    import zlib
+    q = shmring.Queue(capacity=1 << 18)
+    child = start(procs, ctx, W.put_arrays_with_checksums, q, 60)
+    held, n = collections.deque(), 0
+    while True:
+        item = q.get(timeout=60, lease=True)
+        if item is None:
+            break
+        i, crc, a = item
+        assert i == n and zlib.crc32(a.tobytes()) == crc, i
+        assert not a.flags.writeable or a.nbytes < shmring.queues.OOB_MIN, i   # small buffers: in the pickle
+        held.append((i, crc, a))
+        del item, a
+        if len(held) > 3:
+            j, crc, a = held.popleft()
+            assert zlib.crc32(a.tobytes()) == crc, j         # unchanged while it was held
+            del a
+        n += 1
+    assert finish(child) == 0 and n == 60
+    assert all(zlib.crc32(a.tobytes()) == crc for _, crc, a in held)
+    held.clear()
+    q.close()

@@ -678,8 +678,9 @@ class Queue(_Base):
         (numpy arrays, torch tensors, ...) come back as read-only views of
         the ring instead of copies, and the item's ring space stays held
         until the last of them is garbage-collected: no receive copy, but
-        keep such objects briefly (a consumer that keeps them fills the ring
-        and blocks every producer).  Items without buffers are unaffected."""
+        keep such objects briefly (space comes back in ring order: one kept
+        for good stops every producer once the ring wraps around to it).
+        Items without buffers are unaffected."""
         cons = getattr(self._local, "fcons", None)    # as put's fprod
         if cons is None or lease:
             return self._get(block, timeout, lease)
