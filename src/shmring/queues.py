@@ -27,9 +27,11 @@ each buffer out once into memory of its own (a ``bytearray``, or ``bytes``
 for a read-only buffer) and releases the message before it returns, so the
 object it returns owns its memory and is writable as with
 ``multiprocessing``; the ring space is free for the next ``put`` at once.  (A
-lease, where the object keeps the message held until it dies, would save that
-copy but let a consumer that keeps results block every producer; see
-``docs/design.md``, R74.)
+lease, where the object keeps the message held until it dies, saves that copy
+but lets a consumer that keeps results block every producer: opt-in only,
+``get(lease=True)``; see ``docs/design.md``, R74 and R87.)  Once torch is
+loaded, a dense CPU tensor pickles as its bytes out of band, like a numpy
+array, and comes back as a tensor owning its memory (R85).
 
 **Trust**: unpickling runs code chosen by whoever pickled.  That is the
 ``multiprocessing`` trust model: the queue's memory is reachable only by
