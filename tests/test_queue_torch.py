@@ -211,3 +211,17 @@ def test_tensors_cross_processes_to_a_child_and_back(mp, procs):
         assert rg == t.requires_grad and param == isinstance(t, torch.nn.Parameter) and contiguous
     assert q_out.get(timeout=60) == "done"
     assert finish(child) == 0
+
+
+def test_a_leased_tensor_is_a_view_of_the_ring_that_holds_its_item(q):
+    t = torch.arange(50_000, dtype=torch.float32)
+    q.put({"t": t, "k": 1})
+    cons = q._consumer()
+    got = q.get(lease=True, timeout=10)["t"]
+    assert torch.equal(got, t) and got.data_ptr() != t.data_ptr()
+    assert cons.pending == 1                                    # its message is held by the view
+    del got
+    assert cons.pending == 0                                    # and released when the view dies
+    for i in range(30):                                         # the ring's space is reused
+        q.put(torch.full((50_000,), float(i)))
+        assert bool((q.get(lease=True) == i).all())
