@@ -6,7 +6,8 @@ Workloads (any picklable object, as a ``multiprocessing`` queue carries):
 * **64 B**: a ``bytes`` object of 64 bytes per item.
 * **dict**: a small dict (``{"id": i, "x": 1.5, "tag": "abc", "ok": True}``).
 * **1 MiB array**: a 1 MiB float32 numpy array (``shmring.Queue``: out-of-band,
-  one copy into the ring and one out; the others pickle it in the stream).
+  one copy into the ring and one out, or none out with ``get(lease=True)``, a
+  read-only view of the ring; the others pickle it in the stream).
 
 One producer process puts N items, one consumer process gets them (both
 forked from this one); a round runs from the producer's first put to the
@@ -17,7 +18,10 @@ copy it pays on top); ``shmring.Queue`` and faster-fifo pickle inside
 ``put`` and are handed one array changed between puts; batches put copies
 for every transport.  The consumer verifies every item (count, and for arrays two elements that
 encode the sequence number; for dicts the ``id``), so a broken transport
-cannot look fast.  Each transport runs per item (``put`` / ``get``) and,
+cannot look fast.  The last row is a floor for ``shmring.Queue``: the same
+mpmc ring used directly, small items as ``pickle.dumps`` + ``send`` and
+``recv_bytes`` + ``pickle.loads``, arrays as the ring's own one-memcpy ``send``
+and a zero-copy view on the consumer.  Each transport runs per item (``put`` / ``get``) and,
 where it has them, in batches of 64 (8 for arrays) (``put_many`` / ``get_many``).  The
 table shows the median of the rounds and the ratio to
 ``multiprocessing.Queue`` (per item).
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import pickle
 import platform
 import statistics
 import sys
@@ -73,6 +78,10 @@ def _check(kind: str, i: int, got) -> None:
 
 
 def _make(transport: str):
+    if transport.startswith("floor"):
+        # the ring a queue sits on (anonymous mpmc, a stream that never ends), used directly
+        return shmring.Ring.anonymous(1 << 24, kind="mpmc", max_producers=4, max_consumers=4,
+                                      producers=(1 << 31) - 1)
     if transport.startswith("shmring"):
         return shmring.Queue(capacity=1 << 24)
     if transport.startswith("faster-fifo"):
@@ -85,12 +94,26 @@ def _make(transport: str):
 def _consumer(q, transport, kind, n, batched, conn):
     try:
         got = 0
-        if batched:
+        if transport.startswith("floor"):
+            # what a queue cannot avoid: small items pickle.loads of a bytes message; an array
+            # the ring's zero-copy view (the consumer's copy of a plain get is not counted)
+            c = q.consumer()
+            for got in range(n):
+                if kind == "1 MiB array":
+                    with c.recv(timeout=60) as m:
+                        _check(kind, got, m.value)
+                else:
+                    _check(kind, got, pickle.loads(c.recv_bytes(timeout=60)))
+            c.close()
+        elif batched:
             while got < n:
                 for x in (q.get_many(timeout=60) if "faster" not in transport
                           else q.get_many(timeout=60, max_messages_to_get=_batch(kind))):
                     _check(kind, got, x)
                     got += 1
+        elif "lease" in transport:          # the array is a view of the ring, dropped after the check
+            for got in range(n):
+                _check(kind, got, q.get(timeout=60, lease=True))
         else:
             for got in range(n):
                 _check(kind, got, q.get(timeout=60))
@@ -104,7 +127,17 @@ def _producer(q, transport, kind, n, batched, go, conn):
         items = [_item(kind, i) if kind != "1 MiB array" else None for i in range(n)]
         go.wait(60)
         t0 = time.perf_counter()
-        if batched:
+        if transport.startswith("floor"):
+            # pickle.dumps and the ring's send; an array: the ring's one-memcpy send
+            p = q.producer()
+            if kind == "1 MiB array":
+                for i in range(n):
+                    p.send(_item(kind, i), timeout=60)
+            else:
+                for x in items:
+                    p.send(pickle.dumps(x, 5), timeout=60)
+            p.detach()
+        elif batched:
             b = _batch(kind)
             for s in range(0, n, b):
                 q.put_many([items[i] if items[i] is not None else _item(kind, i).copy()
@@ -151,8 +184,10 @@ def one_round(transport: str, kind: str, n: int, batched: bool) -> float:
             q.close()
 
 
-TRANSPORTS = [("shmring.Queue", False), ("shmring.Queue put_many/get_many", True),
-              ("multiprocessing.Queue", False), ("faster-fifo", False), ("faster-fifo put_many/get_many", True)]
+TRANSPORTS = [("shmring.Queue", False), ("shmring.Queue get(lease=True)", False),
+              ("shmring.Queue put_many/get_many", True),
+              ("multiprocessing.Queue", False), ("faster-fifo", False), ("faster-fifo put_many/get_many", True),
+              ("floor: the queue's ring + pickle", False)]
 KINDS = ["64 B", "dict", "1 MiB array"]
 
 
@@ -161,13 +196,15 @@ def study(quick: bool = False, log=print, seconds: float | None = None) -> dict:
     rounds = 3 if quick else 5
     try:
         import faster_fifo  # noqa: F401
-        transports = TRANSPORTS
+        all_transports = TRANSPORTS
     except ImportError:
-        transports = [t for t in TRANSPORTS if not t[0].startswith("faster")]
+        all_transports = [t for t in TRANSPORTS if not t[0].startswith("faster")]
     rows = []
     # transports interleaved within each round, so a noisy moment hits them all
     for kind in KINDS:
         counts = {}
+        # a leased get differs from a get only for items with out-of-band buffers: arrays
+        transports = [t for t in all_transports if "lease" not in t[0] or kind == "1 MiB array"]
         for name, batched in transports:         # calibrate: a round of ~target seconds
             n = 64 if kind == "1 MiB array" else 2048
             while True:

@@ -149,3 +149,29 @@ def send_raw_object(p, meta: bytes, narrays: int, area: bytes) -> None:
 
 def ext(code: int, payload) -> bytes:
     return msgpack.packb(msgpack.ExtType(code, msgpack.packb(payload)))
+
+
+# ---------------------------------------------------------------- torch tensors through shmring.Queue
+
+def queue_tensors_out(q, n):
+    """Put ``n`` items, each a dict of a tensor and its checksum, plus a state_dict; then None."""
+    import torch
+    for i in range(n):
+        t = tensor_of(i)
+        q.put({"i": i, "crc": tensor_crc(t), "t": t})
+    torch.manual_seed(1)
+    q.put(torch.nn.Linear(4, 2).state_dict())
+    q.put(None)
+
+
+def queue_tensors_echo(q_in, q_out):
+    """Take tensors until None; put back each one's checksum and what it arrived as."""
+    import torch
+    while True:
+        t = q_in.get(timeout=60)
+        if t is None:
+            break
+        t.detach().copy_(t.detach())        # writable: it owns its memory
+        q_out.put((tensor_crc(t), str(t.dtype), tuple(t.shape), t.requires_grad,
+                   isinstance(t, torch.nn.Parameter), t.is_contiguous()))
+    q_out.put("done")

@@ -167,3 +167,12 @@ def import_uses_queue(path):
     import sys
     sys.path.insert(0, path)
     __import__("imported_by_an_imported_module")
+
+
+def put_arrays_with_checksums(q, n):
+    """Put ``n`` arrays of varying sizes and dtypes, each with its crc32, then None."""
+    import zlib
+    for i in range(n):
+        a = (np.arange(1000 + 97 * i) * (i + 1)).astype([np.float32, np.int64, np.uint8][i % 3])
+        q.put((i, zlib.crc32(a.tobytes()), a), timeout=60)
+    q.put(None, timeout=60)

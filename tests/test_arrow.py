@@ -140,3 +140,83 @@ def test_random_corruption_of_arrow_ipc_bytes_never_crashes_a_reader(mp, procs):
     seen = out.get(timeout=170)
     assert finish(child) == 0
     assert seen["corrupt"] > 100 and seen["ok"] + seen["corrupt"] == 1500
+
+
+# ------------------------------------------------------- compressed IPC: bounded before pyarrow allocates
+
+def compressed_stream(t, codec="zstd"):
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, t.schema, options=pa.ipc.IpcWriteOptions(compression=codec)) as w:
+        w.write(t)
+    return sink.getvalue().to_pybytes()
+
+
+def send_stream(p, what, area):
+    W.send_raw_object(p, W.ext(_interop.EXT_ARROW, [what, ["|u1", [len(area)], "C", 0, len(area)]]), 1, area)
+
+
+def test_a_compressed_buffer_claiming_64_gib_fails_fast_without_allocating(ring_name):
+    """A hostile record declares a 64 GiB uncompressed buffer: CorruptSegmentError naming
+    the bound, in a child whose address space is capped (so a regression cannot take the
+    machine down: there, the allocation fails or is refused, and the message differs)."""
+    import subprocess
+    import sys
+    code = f"""
+import resource, struct, sys
+sys.path.insert(0, {str(W.__file__.rpartition('/')[0])!r})
+import pyarrow as pa, shmring
+import _interop_workers as W
+from shmring import _interop
+from test_arrow import compressed_stream, send_stream
+t = pa.table({{"x": pa.array(range(1000), pa.int64())}})
+for codec in ("zstd", "lz4"):
+    area = compressed_stream(t, codec)
+    true_len = struct.pack("<q", 8000)
+    assert area.count(true_len) == 1, area.count(true_len)
+    area = area.replace(true_len, struct.pack("<q", 64 << 30))
+    with open("/proc/self/status") as f:
+        vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+    resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+    with shmring.Ring.anonymous(1 << 16) as ring, ring.producer() as p, ring.consumer() as c:
+        send_stream(p, "table", area)
+        with c.recv(timeout=10) as m:
+            try:
+                m.value
+                print("read")
+            except shmring.CorruptSegmentError as e:
+                print("CorruptSegmentError", e)
+        p.send(b"next")
+        print(c.recv_bytes(timeout=10))
+    resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+"""
+    import os
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(   # this shmring, wherever it was imported from
+        [os.path.dirname(os.path.dirname(shmring.__file__)), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=W.__file__.rpartition('/')[0], env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 4, r.stdout
+    for line in lines[0::2]:
+        assert line.startswith("CorruptSegmentError") and "uncompressed" in line and "68,719,476,736" in line, line
+    assert lines[1] == lines[3] == "b'next'"
+
+
+@pytest.mark.parametrize("codec", ["zstd", "lz4"])
+def test_compressed_streams_within_the_bound_are_read_and_past_it_refused(pc, codec):
+    p, c = pc
+    t = table()
+    send_stream(p, "table", compressed_stream(t, codec))
+    with c.recv() as m:
+        got = m.value
+        assert got.equals(t)
+        del got
+    zeros = pa.table({"z": np.zeros(1 << 20, np.int64)})          # 8 MiB of zeros: compresses to almost nothing
+    area = compressed_stream(zeros, codec)
+    assert len(area) * _interop.ARROW_INFLATE_FACTOR + _interop.ARROW_INFLATE_SLACK < zeros.nbytes
+    send_stream(p, "table", area)
+    with c.recv() as m:
+        with pytest.raises(shmring.CorruptSegmentError, match="uncompressed"):
+            m.value
+    p.send(b"next")
+    assert c.recv_bytes() == b"next"

@@ -662,3 +662,83 @@ def test_items_use_the_standard_pickler_not_dill():
     a2.send("through a pickled connection")
     assert b.recv() == "through a pickled connection"
     b.close()                                     # (a and a2 close when collected)
+
+
+# --------------------------------------------------------------------------
+# get(lease=True): out-of-band buffers as views of the ring (R87)
+
+def test_get_lease_gives_read_only_views_that_hold_the_ring_space_until_they_die():
+    q = shmring.Queue(capacity=1 << 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                       # no EscapedViewWarning: leasing is the point
+        q.put({"a": np.arange(4096, dtype=np.int32), "n": 1})
+        got = q.get(lease=True, timeout=10)
+        a = got["a"]
+        assert got["n"] == 1 and a.tolist() == list(range(4096)) and not a.flags.writeable
+        with pytest.raises(ValueError):
+            a[0] = 5
+        del got
+        kept = 0                                             # the leased 16 KiB stays held: the ring fills
+        with pytest.raises(pyqueue.Full):
+            while True:
+                q.put(np.full(4096, kept, np.int32), timeout=0.05)
+                kept += 1
+        assert 0 < kept < 4
+        assert a.tolist() == list(range(4096))               # never overwritten while held
+        del a                                                # the view dies: its message is released
+        gc.collect()
+        q.put(np.full(4096, -1, np.int32), timeout=10)
+        for i in range(kept):
+            assert q.get(timeout=10).tolist() == [i] * 4096
+        b = q.get(timeout=10, lease=True)
+        assert b.tolist() == [-1] * 4096
+        del b
+        q.put(b"small", timeout=10)                          # items without buffers: as a plain get
+        assert q.get(lease=True, timeout=10) == b"small"
+        assert q.qsize() == 0
+        with pytest.raises(pyqueue.Empty):
+            q.get(lease=True, timeout=0.01)
+    q.close()
+
+
+def test_get_lease_of_a_corrupt_item_raises_and_releases():
+    q = shmring.Queue(capacity=1 << 16)
+    prod = q._producer()
+    with prod.reserve_array((64,), np.uint8) as arr:
+        arr[:] = 7                                           # not an out-of-band item
+    q._add(L.Q_OFF_ITEMS, 1)
+    with pytest.raises(shmring.CorruptSegmentError):
+        q.get(lease=True, timeout=10)
+    q.put(np.ones(2000), timeout=10)
+    assert q.get(lease=True, timeout=10).sum() == 2000
+    q.close()
+
+
+def test_get_lease_across_processes_keeps_every_held_array_intact(ctx, procs):
+    """A child puts checksummed arrays into a small ring; the parent leases them and holds
+    the last three at any time while the ring's space is reused: each checks out when it
+    arrives and again when it is dropped.  (Holding any one for good would stop the ring
+    once it wraps around to it: space comes back in ring order, R87.)"""
+    import collections
+    import zlib
+    q = shmring.Queue(capacity=1 << 18)
+    child = start(procs, ctx, W.put_arrays_with_checksums, q, 60)
+    held, n = collections.deque(), 0
+    while True:
+        item = q.get(timeout=60, lease=True)
+        if item is None:
+            break
+        i, crc, a = item
+        assert i == n and zlib.crc32(a.tobytes()) == crc, i
+        assert not a.flags.writeable or a.nbytes < shmring.queues.OOB_MIN, i   # small buffers: in the pickle
+        held.append((i, crc, a))
+        del item, a
+        if len(held) > 3:
+            j, crc, a = held.popleft()
+            assert zlib.crc32(a.tobytes()) == crc, j         # unchanged while it was held
+            del a
+        n += 1
+    assert finish(child) == 0 and n == 60
+    assert all(zlib.crc32(a.tobytes()) == crc for _, crc, a in held)
+    held.clear()
+    q.close()

@@ -287,3 +287,16 @@ def test_a_receiver_without_torch_gets_module_not_found_and_can_release_the_mess
     assert r.returncode == 0, r.stderr
     assert "ModuleNotFoundError this message holds a torch tensor: install torch" in r.stdout
     assert "b'next'" in r.stdout
+
+
+def test_a_cached_tensor_descriptor_is_still_checked_against_each_message(pc):
+    """The codec caches a tensor ext's parse by its bytes; the block's bounds are checked per message."""
+    p, c = pc
+    meta = W.ext(_interop.EXT_TENSOR, ["float32", [16], ["|u1", [64], "C", 0, 64]])
+    W.send_raw_object(p, meta, 1, np.arange(16, dtype=np.float32).tobytes())
+    with c.recv() as m:
+        assert m.value.tolist() == list(range(16))               # parsed, and cached
+    W.send_raw_object(p, meta, 1, bytes(32))                      # the same meta, a shorter area
+    with c.recv() as m:
+        with pytest.raises(shmring.CorruptSegmentError, match="overruns"):
+            m.value

@@ -27,6 +27,7 @@ the block, or Arrow data that fails to read or to validate is
 """
 from __future__ import annotations
 
+import struct
 import sys
 import warnings
 from math import prod
@@ -246,7 +247,11 @@ def make_tensor(msg, dt, shape, start: int, nbytes: int, copy: bool):
     # a reference to the message), so releasing the message would give its
     # space back under the tensor.  A numpy array holds the export until it is
     # collected, and the tensor holds the array: the message stays leased.
-    a = np.frombuffer(msg, dtype=RAW, count=nbytes, offset=start)
+    npdt = _numpy_twin(dt)
+    if npdt is not None:        # the array in its own dtype and shape: no torch views to build (cheaper)
+        a = np.frombuffer(msg, dtype=npdt, count=nbytes // npdt.itemsize, offset=start).reshape(shape)
+    else:
+        a = np.frombuffer(msg, dtype=RAW, count=nbytes, offset=start)
     global _warned
     if _warned:
         t = torch.from_numpy(a)
@@ -258,8 +263,29 @@ def make_tensor(msg, dt, shape, start: int, nbytes: int, copy: bool):
             warnings.simplefilter("ignore", UserWarning)
             t = torch.from_numpy(a)
         _warned = True
-    t = t.view(dt).view(shape)
+    if npdt is None:
+        t = t.view(dt).view(shape)
     return t.clone() if copy else t
+
+
+_twins: dict = {}
+_TWIN_NAMES = ("bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+               "float16", "float32", "float64", "complex64", "complex128")
+
+
+def _numpy_twin(dt):
+    """The numpy dtype (native byte order) that ``torch.from_numpy`` maps to
+    ``dt``, or None (bfloat16, float8, complex32: raw bytes and views)."""
+    try:
+        return _twins[dt]
+    except KeyError:
+        pass
+    name = str(dt).rpartition(".")[2]
+    twin = np.dtype(name) if name in _TWIN_NAMES else None
+    if twin is not None and sys.modules["torch"].from_numpy(np.zeros(1, twin)).dtype != dt:
+        twin = None
+    _twins[dt] = twin
+    return twin
 
 
 def parse_arrow(payload) -> tuple:
@@ -269,6 +295,107 @@ def parse_arrow(payload) -> tuple:
     if not isinstance(desc, list) or len(desc) != 5 or desc[0] != "|u1":
         raise ValueError(f"bad Arrow block descriptor {desc!r}")
     return what, desc
+
+
+# Compressed IPC (R86): pyarrow allocates each compressed buffer's declared
+# uncompressed length before it decompresses, so a stream may declare at most
+# ARROW_INFLATE_FACTOR x its own size + ARROW_INFLATE_SLACK bytes in all
+# (codec's decode limits, DECODE_FACTOR and DECODE_SLACK, for msgpack).
+ARROW_INFLATE_FACTOR = 16
+ARROW_INFLATE_SLACK = 4 << 20
+_I64 = struct.Struct("<q")
+_U32 = struct.Struct("<I")
+_U16 = struct.Struct("<H")
+_HEADER_DICTIONARY_BATCH, _HEADER_RECORD_BATCH = 2, 3
+
+
+def _fb_table(b: bytes, pos: int):
+    """The field positions of the flatbuffer table at ``pos`` of ``b``: a
+    function of the field index, None for an absent field; bounds-checked."""
+    if not 0 <= pos <= len(b) - 4:
+        raise ValueError(f"a flatbuffer table at {pos} lies outside its {len(b)} bytes")
+    vt = pos - struct.unpack_from("<i", b, pos)[0]
+    if not 0 <= vt <= len(b) - 4:
+        raise ValueError(f"a flatbuffer vtable at {vt} lies outside its {len(b)} bytes")
+    vsize = _U16.unpack_from(b, vt)[0]
+    if vsize < 4 or vt + vsize > len(b):
+        raise ValueError(f"a flatbuffer vtable of {vsize} bytes at {vt} lies outside its {len(b)} bytes")
+
+    def field(i: int):
+        o = 4 + 2 * i
+        if o + 2 > vsize:
+            return None
+        off = _U16.unpack_from(b, vt + o)[0]
+        return pos + off if off else None
+    return field
+
+
+def _fb_ref(b: bytes, at: int) -> int:
+    return at + _U32.unpack_from(b, at)[0]
+
+
+def _batch_buffers(meta: bytes):
+    """``(compressed, [(offset, length)...])`` of an IPC message's flatbuffer
+    metadata if it is a record or dictionary batch, else None."""
+    msg = _fb_table(meta, _fb_ref(meta, 0))
+    at = msg(1)
+    kind = meta[at] if at is not None and at < len(meta) else 0
+    if kind not in (_HEADER_RECORD_BATCH, _HEADER_DICTIONARY_BATCH) or msg(2) is None:
+        return None
+    batch = _fb_table(meta, _fb_ref(meta, msg(2)))
+    if kind == _HEADER_DICTIONARY_BATCH:
+        if batch(1) is None:
+            return None
+        batch = _fb_table(meta, _fb_ref(meta, batch(1)))
+    compressed = batch(3) is not None
+    bufs = []
+    if batch(2) is not None:
+        vp = _fb_ref(meta, batch(2))
+        n = _U32.unpack_from(meta, vp)[0]
+        if vp + 4 + 16 * n > len(meta):
+            raise ValueError(f"a batch's {n} buffers lie outside its {len(meta)}-byte metadata")
+        bufs = [struct.unpack_from("<qq", meta, vp + 4 + 16 * i) for i in range(n)]
+    return compressed, bufs
+
+
+def check_arrow_inflation(buf) -> bool:
+    """Whether the IPC stream in ``buf`` (a ``pyarrow.Buffer``) has compressed
+    batches; ValueError if they declare more uncompressed bytes in all than
+    the bound (R86), before pyarrow allocates any of them."""
+    pa = sys.modules["pyarrow"]
+    reader = pa.ipc.MessageReader.open_stream(buf)
+    limit = ARROW_INFLATE_FACTOR * buf.size + ARROW_INFLATE_SLACK
+    declared, any_compressed = 0, False
+    while True:
+        try:
+            m = reader.read_next_message()
+        except StopIteration:
+            break
+        parsed = _batch_buffers(m.metadata.to_pybytes())
+        if parsed is None or not parsed[0]:
+            continue
+        any_compressed = True
+        body = m.body
+        size = body.size if body is not None else 0
+        with memoryview(body if body is not None else b"") as mv:
+            for off, length in parsed[1]:
+                if length == 0:
+                    continue
+                if off < 0 or length < 8 or off > size - length:
+                    raise ValueError(f"a compressed buffer (offset {off}, length {length}) lies outside its "
+                                     f"{size}-byte message body")
+                n = _I64.unpack_from(mv, off)[0]
+                if n == -1:                         # stored uncompressed: a slice, nothing allocated
+                    continue
+                if n < 0:
+                    raise ValueError(f"a compressed buffer declares {n} uncompressed bytes")
+                declared += n
+                if declared > limit:
+                    raise ValueError(
+                        f"its compressed buffers declare {declared:,} uncompressed bytes or more (one {n:,}), "
+                        f"more than the bound for a {buf.size:,}-byte stream ({limit:,} bytes: "
+                        f"{ARROW_INFLATE_FACTOR} x its size + {ARROW_INFLATE_SLACK:,}); send it uncompressed")
+    return any_compressed
 
 
 def make_arrow(msg, what: str, start: int, nbytes: int, copy: bool):
@@ -281,6 +408,12 @@ def make_arrow(msg, what: str, start: int, nbytes: int, copy: bool):
         # the Arrow buffers hold this memoryview, which holds the message's
         # export: the message stays leased while any of them lives
         buf = pa.py_buffer(memoryview(msg)[start:start + nbytes])
+    if check_arrow_inflation(buf) and not copy:
+        # compressed: read from a private copy, checked again, so the shared
+        # bytes cannot change between the check and the read (R86); the
+        # decompressed buffers are pyarrow's own memory anyway
+        buf = pa.py_buffer(bytes(memoryview(msg)[start:start + nbytes]))
+        check_arrow_inflation(buf)
     reader = pa.ipc.open_stream(buf)
     if what == "batch":
         value = reader.read_next_batch()
@@ -313,10 +446,12 @@ def tensor_parts(t) -> tuple:
     return raw, dtype_name(t.dtype), tuple(t.shape)
 
 
-def rebuild_tensor(buf, name: str, shape):
+def rebuild_tensor(buf, name: str, shape, requires_grad: bool = False, parameter: bool = False):
     """The inverse of :func:`tensor_parts`: a tensor over ``buf`` (zero copy:
     it holds ``buf``'s buffer export, as a received tensor holds its message,
-    R81), writable or not as torch has it (R82)."""
+    R81), writable or not as torch has it (R82); with ``requires_grad``, a
+    leaf that requires grad; with ``parameter``, a ``torch.nn.Parameter``
+    (R85: what ``shmring.Queue`` unpickles a tensor with)."""
     torch = _torch()
     dt = torch_dtype(name)
     shape = tuple(int(s) for s in shape)
@@ -324,8 +459,12 @@ def rebuild_tensor(buf, name: str, shape):
     if a.nbytes != prod(shape) * dt.itemsize:
         raise ValueError(f"{a.nbytes} bytes do not hold a {name} tensor of shape {shape}")
     if not a.nbytes:
-        return torch.empty(shape, dtype=dt)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        t = torch.from_numpy(a)
-    return t.view(dt).view(shape)
+        t = torch.empty(shape, dtype=dt)
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(a)
+        t = t.view(dt).view(shape)
+    if parameter:
+        return torch.nn.Parameter(t, requires_grad=bool(requires_grad))
+    return t.requires_grad_() if requires_grad else t

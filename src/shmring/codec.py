@@ -354,6 +354,7 @@ def _parse_descriptor(desc) -> tuple:
 
 
 _desc_cache: dict = {}
+_tensor_cache: dict = {}           # tensor ext payload bytes -> (torch dtype, shape, parsed block descriptor)
 
 
 def _decode(msg, copy: bool = False):
@@ -406,13 +407,19 @@ def _decode(msg, copy: bool = False):
         if code == EXT_ARRAY:
             return make(parse(_unpack(data, msg)))
         if code == _interop.EXT_TENSOR:
-            try:
-                dt, shape, desc = _interop.parse_tensor(_unpack(data, msg))
-            except (ModuleNotFoundError, CorruptSegmentError, DecodeLimit):
-                raise
-            except Exception as e:
-                raise _corrupt(msg, f"bad tensor descriptor: {e}") from None
-            parsed = parse(desc)
+            hit = _tensor_cache.get(data)           # (as _desc_cache: the same bytes parse the same)
+            if hit is None:
+                try:
+                    dt, shape, desc = _interop.parse_tensor(_unpack(data, msg))
+                except (ModuleNotFoundError, CorruptSegmentError, DecodeLimit):
+                    raise
+                except Exception as e:
+                    raise _corrupt(msg, f"bad tensor descriptor: {e}") from None
+                hit = dt, shape, parse(desc)
+                if len(_tensor_cache) >= _CACHE_MAX:
+                    _tensor_cache.clear()
+                _tensor_cache[data] = hit
+            dt, shape, parsed = hit
             return _interop.make_tensor(msg, dt, shape, block(parsed), parsed[4], copy)
         if code == _interop.EXT_ARROW:
             try:

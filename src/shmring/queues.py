@@ -27,9 +27,11 @@ each buffer out once into memory of its own (a ``bytearray``, or ``bytes``
 for a read-only buffer) and releases the message before it returns, so the
 object it returns owns its memory and is writable as with
 ``multiprocessing``; the ring space is free for the next ``put`` at once.  (A
-lease, where the object keeps the message held until it dies, would save that
-copy but let a consumer that keeps results block every producer; see
-``docs/design.md``, R74.)
+lease, where the object keeps the message held until it dies, saves that copy
+but lets a consumer that keeps results block every producer: opt-in only,
+``get(lease=True)``; see ``docs/design.md``, R74 and R87.)  Once torch is
+loaded, a dense CPU tensor pickles as its bytes out of band, like a numpy
+array, and comes back as a tensor owning its memory (R85).
 
 **Trust**: unpickling runs code chosen by whoever pickled.  That is the
 ``multiprocessing`` trust model: the queue's memory is reachable only by
@@ -46,6 +48,7 @@ the bytes (a power of two, the ring's data area; default 16 MiB).  One item
 """
 from __future__ import annotations
 
+import copyreg
 import io
 import os
 import pickle
@@ -60,9 +63,10 @@ from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 
-from . import _core
+from . import _core, _interop
 from . import layout as L
-from .errors import CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout
+from .errors import (CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout,
+                     UnsupportedType)
 from .ring import Producer, Ring
 from .waiting import DEFAULT_SPIN, WAIT_SLICE
 
@@ -94,22 +98,118 @@ _NO_BUFFERS = frozenset((bytes, str, int, float, bool, complex, type(None)))
 _forks = 0
 
 
+_queues = weakref.WeakSet()         # this process's queue objects, for the fork hook
+
+
 def _after_fork_in_child():
     global _forks
     _forks += 1
+    for q in list(_queues):            # the parent's handles are the parent's: the fast paths' thread-locals go
+        q._local = threading.local()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_TORCH = "torch"
+_modules = sys.modules
+
+
+def _reduce_tensor(t, _module=_modules):
+    """A dense CPU tensor as its bytes, out of band (R85): rebuilt by
+    :func:`shmring._interop.rebuild_tensor` over the buffer ``get`` copied
+    out (a tensor owning its memory, C-contiguous, same dtype, shape and
+    ``requires_grad``; a ``Parameter`` stays one).  Anything else (CUDA,
+    sparse, quantized, meta, named, another Tensor subclass, a tensor with
+    attributes of its own, an exotic dtype): torch's own pickling."""
+    torch = _module["torch"]
+    if (t.device.type == "cpu" and t.layout is torch.strided and not t.is_quantized
+            and not any(getattr(t, "names", None) or ()) and not getattr(t, "__dict__", None)):
+        try:
+            raw, name, shape = _interop.tensor_parts(t)
+        except UnsupportedType:
+            pass
+        else:
+            return _interop.rebuild_tensor, (pickle.PickleBuffer(raw), name, shape, t.requires_grad,
+                                             type(t) is not torch.Tensor)
+    return t.__reduce_ex__(5)
+
+
+class _TensorTable(dict):
+    """The dispatch table of a queue's pickler once torch is loaded: the two
+    exact tensor types (``Tensor``, ``Parameter``) to :func:`_reduce_tensor`,
+    every other type to ``copyreg``'s table (looked up when asked, so later
+    ``copyreg.pickle`` registrations count).  Other Tensor subclasses keep
+    torch's own pickling (they may carry state of their own)."""
+
+    def __missing__(self, cls):
+        return copyreg.dispatch_table[cls]
+
+
+_tensor_table = _TensorTable()
+
+
+def _tensor_types():
+    if not _tensor_table:
+        torch = _modules["torch"]
+        _tensor_table[torch.Tensor] = _tensor_table[torch.nn.Parameter] = _reduce_tensor
+    return _tensor_table
+
+
+class _TPickler(pickle.Pickler):
+    """Plain pickling, but torch tensors by :func:`_reduce_tensor`."""
+
+    def __init__(self, f, protocol, buffer_callback):
+        super().__init__(f, protocol, buffer_callback=buffer_callback)
+        self.dispatch_table = _tensor_types()
+
+
 class _FPickler(ForkingPickler):
     """multiprocessing's pickler (its extra reducers: connections, sockets, ...)
-    with a buffer callback; used only when plain ``pickle.dumps`` refuses."""
+    with a buffer callback; used only when plain pickling refuses.  Tensors
+    still go by :func:`_reduce_tensor` (not torch.multiprocessing's reducers,
+    which share the tensor's storage through its own shared memory)."""
 
     def __init__(self, f, protocol, buffer_callback):
         pickle.Pickler.__init__(self, f, protocol, buffer_callback=buffer_callback)
         self.dispatch_table = self._copyreg_dispatch_table.copy()
         self.dispatch_table.update(self._extra_reducers)
+        if _modules.get(_TORCH) is not None:
+            self.dispatch_table.update(_tensor_types())
+
+
+_tls = threading.local()
+_REUSE_BELOW = 1 << 20              # a thread keeps its tensor pickler while its streams stay this small
+
+
+def _tdumps(obj):
+    """(pickle stream, out-of-band PickleBuffers) of ``obj`` by a
+    :class:`_TPickler`, reused by its thread (making one costs about as much
+    as pickling a small object)."""
+    st = getattr(_tls, "tp", None)
+    if st is None or st[3]:                        # none yet, or in use (a reducer that puts)
+        f, bufs = io.BytesIO(), []
+
+        def callback(pb, _append=bufs.append):
+            # True: in-band (small); None: out-of-band (pickle's convention)
+            return memoryview(pb).nbytes < OOB_MIN or _append(pb)
+        st = [_TPickler(f, 5, callback), f, bufs, False]
+        if getattr(_tls, "tp", None) is None:
+            _tls.tp = st
+    p, f, bufs, _ = st
+    st[3] = True
+    try:
+        p.dump(obj)
+        out = f.getvalue(), bufs[:]
+        if f.tell() >= _REUSE_BELOW:
+            _tls.tp = None
+        return out
+    finally:
+        st[3] = False
+        f.seek(0)
+        f.truncate()
+        p.clear_memo()
+        bufs.clear()
 
 
 def _dumps(obj):
@@ -121,7 +221,10 @@ def _dumps(obj):
         return memoryview(pb).nbytes < OOB_MIN or _append(pb)
     if type(obj) in (bytes, bytearray) and len(obj) >= OOB_MIN:
         obj = pickle.PickleBuffer(obj)        # comes back as the buffer object itself: bytes / bytearray
+    torch = _modules.get(_TORCH) is not None
     try:
+        if torch:
+            return _tdumps(obj)
         return pickle.dumps(obj, 5, buffer_callback=callback), bufs
     except Exception:
         bufs.clear()
@@ -133,6 +236,8 @@ def _dumps(obj):
         else:
             return f.getvalue(), bufs
         bufs.clear()
+        if torch:
+            return _tdumps(obj)
         return pickle.dumps(obj, 5, buffer_callback=callback), bufs
 
 
@@ -162,9 +267,10 @@ def _not_pickle(data, label):
                               f"(starts with {bytes(data[:4])!r}, {len(data)} bytes)")
 
 
-def _decode(mv, label):
+def _decode(mv, label, lease=False):
     """The object in a message payload ``mv`` (a view of the ring): read
-    into memory of its own, so the message may be released after."""
+    into memory of its own, so the message may be released after; with
+    ``lease``, its out-of-band buffers are read-only views of ``mv`` (R87)."""
     n = mv.nbytes
     if n < _OOB_HDR.size or bytes(mv[:4]) != OOB_MAGIC:
         raise CorruptSegmentError(f"an array message of the queue on {label} is not an out-of-band item "
@@ -182,7 +288,7 @@ def _decode(mv, label):
             raise CorruptSegmentError(f"buffer {i} of an out-of-band message of the queue on {label} lies "
                                       f"outside its {n} bytes (offset {off}, length {length})")
         part = mv[off:off + length]
-        buffers.append(bytes(part) if ro else bytearray(part))     # the one copy on the receive side
+        buffers.append(part if lease else bytes(part) if ro else bytearray(part))  # the one copy of a get
     return pickle.loads(mv[hdr:hdr + plen], buffers=buffers)
 
 
@@ -266,6 +372,7 @@ class _Base:
         self._label = ring._seg.label
         self._closed = False
         self._fresh()
+        _queues.add(self)
 
     def _fresh(self):
         """This process's part: no handles yet (after a fork: the parent's
@@ -296,6 +403,8 @@ class _Base:
             p = self._ring.producer(spin=self._spin)
             local.prod, local.held_prod = p, _Held(p)
             self._holders.add(local.held_prod)
+            if not self._maxsize:
+                local.fprod = p                # put's fast path (no bound in items); gone on close / fork
         return p
 
     def _consumer(self):
@@ -308,6 +417,8 @@ class _Base:
             c = self._ring.consumer(spin=self._spin)
             local.cons, local.held_cons, local.pending = c, _Held(c), None
             self._holders.add(local.held_cons)
+            if not self._maxsize:
+                local.fcons = c                # get's fast path; gone on close / fork
         return c
 
     def _check_open(self):
@@ -414,7 +525,7 @@ class _Base:
                     raise Full from None
 
     # -- get ------------------------------------------------------------------
-    def _take(self, msg):
+    def _take(self, msg, lease=False):
         """The item in a message taken with ``recv`` / ``try_recv``, released
         before it returns: a bytes message is a pickle stream (copied out
         and released in one C step), an array message an out-of-band item
@@ -426,25 +537,34 @@ class _Base:
         try:
             if msg.kind != "array":
                 raise CorruptSegmentError(f"a {msg.kind} message in the queue on {self._label}")
+            if lease:
+                # R87: not released here; the views in the object hold the message (its
+                # exports), and dropping the last one releases it (R39: it was handed over)
+                return _decode(memoryview(msg.value), self._label, True)
             with memoryview(msg.value) as mv:
                 return _decode(mv, self._label)
         except BaseException as e:
             # the traceback's frames hold views of the message: clear their
             # locals (the lines stay) so the release below is complete
             traceback.clear_frames(e.__traceback__)
+            lease = False
             raise
         finally:
-            msg.release()
+            if not lease:
+                msg.release()
 
     def _raise_pending(self):
         """Raise the error of an item that failed to unpickle in this thread's
         last ``get_many`` after it had taken others (they were returned)."""
-        err = getattr(self._local, "pending", None)
+        local = self._local
+        err = getattr(local, "pending", None)
         if err is not None:
-            self._local.pending = None
+            local.pending = None
+            if not self._maxsize:
+                local.fcons = local.cons          # get's fast path again (get_many turned it off)
             raise err
 
-    def _get(self, block, timeout):
+    def _get(self, block, timeout, lease=False):
         self._check_open()
         self._raise_pending()
         deadline = _deadline(block, timeout)
@@ -465,7 +585,7 @@ class _Base:
         except (EndOfStream, PeerGone):            # a queue's stream never ends (R73): corruption
             raise CorruptSegmentError(f"the queue on {self._label} ended its stream") from None
         try:
-            return self._take(msg)
+            return self._take(msg, lease)
         finally:
             self._count_out(1)      # taken, even if it fails to unpickle (as multiprocessing)
 
@@ -521,55 +641,79 @@ class Queue(_Base):
     timeout, then ``queue.Full``) when the ring is full in bytes too, and
     ``qsize()`` works on every platform (R70)."""
 
-    def put(self, obj, block: bool = True, timeout=None, _dumps=pickle.dumps) -> None:
+    def put(self, obj, block: bool = True, timeout=None, _dumps=pickle.dumps, _items=L.Q_OFF_ITEMS,
+            _plain=_NO_BUFFERS, _blobs=(bytes, bytearray), _mods=_modules) -> None:
         """Put ``obj``; with ``block`` wait up to ``timeout`` s (None: no
         limit) for room, else ``queue.Full``."""
-        prod = getattr(self._local, "prod", None)
-        if (prod is None or not block or timeout is not None or self._maxsize or self._joinable or self._closed
-                or self._gen != _forks or (type(obj) in (bytes, bytearray) and len(obj) >= OOB_MIN)):
+        # fprod: this thread's producer, set only without maxsize, dropped by close() and fork
+        prod = getattr(self._local, "fprod", None)
+        if prod is None or (type(obj) in _blobs and len(obj) >= OOB_MIN):
             return self._put(obj, block, timeout)
-        # the common case, inlined (as _put): no bound in items, no timeout, joined already
+        # the common case, inlined (as _put): no bound in items, joined already; a
+        # timeout matters only if the ring is full in bytes (then _send waits)
         bufs = []
         try:
-            # (objects that cannot hold a buffer skip the callback; a bytes item here is < OOB_MIN)
-            stream = (_dumps(obj, 5) if type(obj) in _NO_BUFFERS
-                      else _dumps(obj, 5, buffer_callback=bufs.append))
+            # (objects that cannot hold a buffer skip the callback; a bytes item here is < OOB_MIN;
+            # once torch is loaded, anything else may hold a tensor: _tdumps, R85)
+            if type(obj) in _plain:
+                stream = _dumps(obj, 5)
+            elif _mods.get(_TORCH) is None:
+                stream = _dumps(obj, 5, buffer_callback=bufs.append)
+            else:
+                stream, bufs = _tdumps(obj)
         except Exception:
             return self._put(obj, block, timeout)   # the ForkingPickler fallback, or the error
-        self._r.fetch_add_u64(L.Q_OFF_ITEMS, 1)     # R70: counted before it can be taken
+        r = self._r
+        if self._joinable:
+            r.fetch_add_u64(L.Q_OFF_UNFINISHED, 1)   # R72, then R70: counted before it can be taken
+        r.fetch_add_u64(_items, 1)
         try:
             if bufs:
-                self._send(prod, stream, bufs, None)
+                self._send(prod, stream, bufs, _deadline(block, timeout))
             else:
                 try:
-                    prod.send(stream)
-                except PeerGone:
-                    self._send(prod, stream, bufs, None)
+                    if prod.try_send(stream):
+                        return
+                except (PeerGone, MessageTooLarge):
+                    pass                            # _send says which (and waits for a consumer)
+                self._send(prod, stream, bufs, _deadline(block, timeout))
         except BaseException:
-            self._count_out(1)
+            self._undo(1)
             raise
 
     def put_nowait(self, obj) -> None:
-        self._put(obj, False, None)
+        self.put(obj, False)
 
-    def get(self, block: bool = True, timeout=None, _loads=pickle.loads):
+    def get(self, block: bool = True, timeout=None, *, lease: bool = False, _loads=pickle.loads,
+            _items=L.Q_OFF_ITEMS):
         """Take the next item; with ``block`` wait up to ``timeout`` s (None:
-        no limit), else ``queue.Empty``."""
-        local = self._local
-        cons = getattr(local, "cons", None)
-        if (cons is None or not block or timeout is not None or self._maxsize or self._closed or self._gen != _forks
-                or local.pending is not None):
-            return self._get(block, timeout)
-        # the common case, inlined (as _get)
-        msg = cons.recv()
+        no limit), else ``queue.Empty``.
+
+        ``lease=True`` (an extension; R87): the item's out-of-band buffers
+        (numpy arrays, torch tensors, ...) come back as read-only views of
+        the ring instead of copies, and the item's ring space stays held
+        until the last of them is garbage-collected: no receive copy, but
+        keep such objects briefly (space comes back in ring order: one kept
+        for good stops every producer once the ring wraps around to it).
+        Items without buffers are unaffected."""
+        cons = getattr(self._local, "fcons", None)    # as put's fprod
+        if cons is None or lease:
+            return self._get(block, timeout, lease)
+        # the common case, inlined (as _get): an item is there already
         try:
-            if msg.type == 1:                       # T_BYTES: a pickle stream
-                data = msg._take_copy()
-                return _loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
+            msg = cons.try_recv()
+        except (EndOfStream, PeerGone):
+            return self._get(block, timeout)        # says what it means (corruption, R73)
+        if msg is None:
+            return self._get(block, timeout)        # waits, up to the timeout
+        if msg.type == 1:                           # T_BYTES: a pickle stream
+            data = msg._take_copy()
+            self._r.fetch_add_u64(_items, _M64)     # R70: -1, once taken (before it is unpickled)
+            return _loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
+        try:
             return self._take(msg)
         finally:
-            # R70: -1 once taken, even if it fails to unpickle (as multiprocessing)
-            self._r.fetch_add_u64(L.Q_OFF_ITEMS, _M64)
+            self._r.fetch_add_u64(_items, _M64)     # taken, even if it fails to unpickle (as multiprocessing)
 
     def get_nowait(self):
         return self._get(False, None)
@@ -590,9 +734,15 @@ class Queue(_Base):
         n = len(encoded)
         self._count_in(n, deadline)
         done = 0
+        try_send = prod.try_send
         try:
             for stream, bufs in encoded:
-                self._send(prod, stream, bufs, deadline)
+                try:                                 # a pickle stream that fits now: one C call
+                    sent = not bufs and try_send(stream)
+                except (PeerGone, MessageTooLarge):
+                    sent = False                     # _send says which (and waits for a consumer)
+                if not sent:
+                    self._send(prod, stream, bufs, deadline)
                 done += 1
         except Full:
             self._undo(n - done)
@@ -609,19 +759,25 @@ class Queue(_Base):
             raise ValueError(f"max_messages_to_get must be >= 1, got {max_messages_to_get}")
         out = [self._get(block, timeout)]
         cons = self._consumer()
-        take = cons.try_recv
+        take, loads, append = cons.try_recv, pickle.loads, out.append
         n = 1
         try:
             while n < max_messages_to_get:
                 msg = take()
                 if msg is None:
                     break
-                n += 1                              # taken: counted out below, whatever follows
-                out.append(self._take(msg))
+                n += 1                               # taken: counted out below, whatever follows
+                if msg.type == 1:                    # T_BYTES: a pickle stream (as get's fast path)
+                    data = msg._take_copy()
+                    append(loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label))
+                else:
+                    append(self._take(msg))
         except Exception as e:
-            # an item failed to unpickle after others were taken: they are
-            # returned, and the next get / get_many of this thread raises its error
+            # an item failed to unpickle after others were taken: they are returned, and
+            # the next get / get_many of this thread raises its error (get's fast path is
+            # off until then: _raise_pending turns it back on)
             self._local.pending = e.with_traceback(None)
+            self._local.fcons = None
         finally:
             if n > 1:
                 self._count_out(n - 1)
