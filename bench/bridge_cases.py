@@ -7,7 +7,8 @@ Each transport's two ends run in two network namespaces joined by a veth pair
 the veth addresses); without root / iproute2 it falls back to loopback TCP and
 prints why.  Every message carries its sequence number in its first 8 bytes,
 the rest is a fixed random block: the receiving side checks every message's
-sequence number (in order, none missing, none twice) and the crc32 of the rest,
+sequence number (in order, none missing, none twice) and compares the rest byte
+for byte,
 and a row fails loudly otherwise.  Rates are counted from the first to the last
 message at the final receiver; medians of ``--repeats`` interleaved runs.
 
@@ -30,7 +31,6 @@ import os
 import statistics
 import subprocess
 import time
-import zlib
 
 import multiprocess
 import numpy as np
@@ -103,17 +103,19 @@ def _block(size):
 
 
 class Checker:
-    """Every message: its sequence number (in order from 0) and the crc32 of its fixed part."""
+    """Every message: its sequence number (in order from 0), and its fixed part
+    compared byte for byte with the expected block (a memcmp: cheaper than a
+    crc32 of 1 MiB, 0.8 ms here, which would cap every row near 1,200 msg/s)."""
 
     def __init__(self, size):
-        self.crc = zlib.crc32(_block(size)[8:])
+        self.rest = _block(size)[8:]
         self.next = 0
         self.bad = 0
 
     def __call__(self, buf):
-        mv = memoryview(buf).cast("B")
-        seq = int.from_bytes(mv[:8], "little")
-        if seq != self.next or zlib.crc32(mv[8:]) != self.crc:
+        a = np.frombuffer(buf, np.uint8)
+        seq = int.from_bytes(a[:8].tobytes(), "little")
+        if seq != self.next or not np.array_equal(a[8:], self.rest):
             self.bad += 1
         self.next = seq + 1
 
@@ -360,7 +362,7 @@ def main(argv=None):
         net = (ns_a, ns_b, addr)
         print(f"{desc}; {os.uname().release}, {os.cpu_count()} CPUs, load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; median of {a.repeats}, interleaved; "
-              f"every message checked (sequence number + crc32)\n", flush=True)
+              f"every message checked (sequence number + byte compare)\n", flush=True)
         print("| payload | transport | msg/s | MB/s | vs PUSH/PULL |\n|---|---|---:|---:|---:|", flush=True)
         port = 40000 + os.getpid() % 10000
         sizes = [s for s in ((1 << 20), 64) if a.only is None or (a.only == "1m") == (s > 64)]

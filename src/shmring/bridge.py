@@ -11,11 +11,21 @@ ROUTER (receive, binds) socket::
 
     forward -> receive   HELLO  [b"H", stream id u64, version u16]
                          DATA   [b"D" seq u64 prev u64 type u16 phase u8, payload]
+                         BATCH  [b"B" prev u64 count u32, entries]   (version 2)
+                                entries: count x (seq u64 type u16 phase u8 len u32, payload)
                          END    [b"E" seq=2**64-1 prev u64 status u16]
     receive -> forward   WELCOME [b"W" last u64 window u32 window_bytes u64]
                          ACK     [b"A" last u64 busy u8]   (also every 0.2 s as a keepalive)
                          NACK    [b"N" last u64]           (a gap: resend after last)
                          REFUSE  [b"X", reason]
+
+A BATCH carries several small messages (each under ``ZERO_COPY_FROM``) in
+one ZeroMQ message: the forward copies them once into it (the one user-space
+copy of its side), and each entry is then taken exactly as a DATA would be,
+its ``prev`` being the batch's ``prev`` for the first entry and the previous
+entry's ``seq`` after that.  A malformed frame of any kind is answered with a
+REFUSE naming what is wrong (the forward raises BridgeError) and commits
+nothing.
 
 ``seq`` is the message's position in the source ring (stable when a message
 is delivered again to a restarted forward), ``prev`` the seq of the message
@@ -51,17 +61,21 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import mmap
 import os
 import struct
 import time
 
 from . import layout as L
-from .errors import EndOfStream, PeerGone, ShmringError, Timeout, WrongKind
+from .errors import EndOfStream, MessageTooLarge, PeerGone, ShmringError, Timeout, WrongKind
 
-VERSION = 1
+VERSION = 2                   # 2: BATCH frames (a version-1 forward is still served: it sends none)
+VERSIONS = (1, 2)
 HELLO = struct.Struct("<cQH")
 DATA = struct.Struct("<cQQHB")
+BATCH = struct.Struct("<cQI")
+ENTRY = struct.Struct("<QHBI")
 END = struct.Struct("<cQQH")
 WELCOME = struct.Struct("<cQIQ")
 ACK = struct.Struct("<cQB")
@@ -70,6 +84,7 @@ END_SEQ = (1 << 64) - 1
 NONE = (1 << 64) - 2          # "nothing committed yet" (a seq no message has: positions are 8-aligned)
 END_EOS, END_PEER_GONE = 1, 2
 ZERO_COPY_FROM = 64 << 10     # payloads from this size go to libzmq without a copy (copy=False, track=True)
+BATCH_BYTES = 64 << 10        # smaller payloads are sent together, up to this many bytes per BATCH
 KEEPALIVE = 0.2
 
 
@@ -259,12 +274,46 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
         prod = ring.producer()
         if state_path == "default":
             state_path = default_state_path(ring)
-        stats = {"committed": 0, "duplicates": 0, "gaps": 0, "sessions": 0, "end": None}
+        stats = {"committed": 0, "duplicates": 0, "gaps": 0, "sessions": 0, "batches": 0, "malformed": 0,
+                 "end": None}
         stream = None
         last_heard = time.monotonic()
         last_keep = 0.0
         peers: set = set()
         ended_at = None
+
+        def take(peer, seq, prev, type_, phase, payload, end=False) -> bool:
+            """One message (or the end) in the chain: commit it, drop a
+            duplicate (True), or NACK a gap (False: the rest of a batch is moot)."""
+            nonlocal ended_at
+            if seq != END_SEQ and seq <= state.last and state.last != NONE or (
+                    seq == END_SEQ and state.last == END_SEQ):
+                stats["duplicates"] += 1
+                return True
+            if prev != state.last:
+                stats["gaps"] += 1
+                sock.send_multipart([peer, NACK.pack(b"N", state.last)])
+                ack_to.discard(peer)
+                return False
+            if end:
+                state.pending(seq, _write_pos(ring))
+                prod.close(_status=CLOSED_ABORTED if type_ == END_PEER_GONE else 1)
+                state.committed(END_SEQ)
+                stats["end"] = "peer gone" if type_ == END_PEER_GONE else "end of stream"
+                ended_at = time.monotonic()
+                return True
+            state.pending(seq, prod.position)
+            try:
+                _put_waiting(prod, type_, phase, payload, sock, peer, state)
+            except (BridgeError, MessageTooLarge) as e:         # hostile or broken: nothing committed
+                stats["malformed"] += 1
+                ack_to.discard(peer)
+                sock.send_multipart([peer, b"X", f"malformed message {seq}: {e}".encode()])
+                return False
+            state.committed(seq)
+            stats["committed"] += 1
+            return True
+
         try:
             while True:
                 now = time.monotonic()
@@ -287,13 +336,19 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
                     except zmq.Again:
                         break
                     last_heard = time.monotonic()
-                    peer, head = frames[0].bytes, frames[1].bytes
+                    peer = frames[0].bytes
+                    if len(frames) < 2:
+                        continue                               # an empty message carries nothing to answer
+                    head = frames[1].bytes
                     kind = head[:1]
+                    bad = _malformed(kind, head, frames)
+                    if bad:
+                        stats["malformed"] += 1
+                        sock.send_multipart([peer, b"X", f"malformed frame: {bad}".encode()])
+                        continue
                     if kind == b"H":
-                        if len(head) != HELLO.size:
-                            continue
                         _, sid, ver = HELLO.unpack(head)
-                        if ver != VERSION:
+                        if ver not in VERSIONS:
                             sock.send_multipart([peer, b"X", f"bridge protocol {ver}; this end speaks {VERSION}".encode()])
                             continue
                         if state is None:
@@ -312,37 +367,36 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
                         stats["sessions"] += 1
                         sock.send_multipart([peer, WELCOME.pack(b"W", state.last, window, window_bytes)])
                         continue
-                    if state is None or kind not in (b"D", b"E"):
+                    if state is None:
                         continue                               # data before HELLO (a stale pipe): ignored
-                    if kind == b"D":
-                        if len(head) != DATA.size or len(frames) != 3:
-                            continue
-                        _, seq, prev, type_, phase = DATA.unpack(head)
-                    else:
-                        if len(head) != END.size:
-                            continue
-                        _, seq, prev, type_ = END.unpack(head)
                     ack_to.add(peer)
-                    if seq != END_SEQ and seq <= state.last and state.last != NONE or (
-                            seq == END_SEQ and state.last == END_SEQ):
-                        stats["duplicates"] += 1
+                    if kind == b"B":
+                        _, prev, count = BATCH.unpack(head)
+                        entries = _entries(frames[2].buffer, count, ring.max_message)
+                        if isinstance(entries, str):
+                            stats["malformed"] += 1
+                            ack_to.discard(peer)
+                            sock.send_multipart([peer, b"X", f"malformed batch: {entries}".encode()])
+                            continue
+                        stats["batches"] += 1
+                        for seq, type_, phase, payload in entries:
+                            if not take(peer, seq, prev, type_, phase, payload):
+                                break
+                            prev = seq
                         continue
-                    if prev != state.last:
-                        stats["gaps"] += 1
-                        sock.send_multipart([peer, NACK.pack(b"N", state.last)])
-                        ack_to.discard(peer)
-                        continue
-                    if kind == b"E":
-                        state.pending(seq, _write_pos(ring))
-                        prod.close(_status=CLOSED_ABORTED if type_ == END_PEER_GONE else 1)
-                        state.committed(END_SEQ)
-                        stats["end"] = "peer gone" if type_ == END_PEER_GONE else "end of stream"
-                        ended_at = time.monotonic()
-                        continue
-                    state.pending(seq, prod.position)
-                    _put_waiting(prod, type_, phase, frames[2].buffer, sock, peer, state)
-                    state.committed(seq)
-                    stats["committed"] += 1
+                    if kind == b"D":
+                        _, seq, prev, type_, phase = DATA.unpack(head)
+                        payload = frames[2].buffer
+                        if len(payload) > ring.max_message:
+                            stats["malformed"] += 1
+                            ack_to.discard(peer)
+                            sock.send_multipart([peer, b"X", f"malformed frame: a {len(payload)}-byte message; "
+                                                 f"{ring._seg.label} holds at most {ring.max_message}".encode()])
+                            continue
+                    else:
+                        _, seq, prev, type_ = END.unpack(head)
+                        payload = None
+                    take(peer, seq, prev, type_, phase if kind == b"D" else 0, payload, kind == b"E")
                 for p in ack_to:
                     sock.send_multipart([p, ACK.pack(b"A", state.last, 0)])
         finally:
@@ -355,6 +409,46 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
             state.close()
         if own:
             ring.close()
+
+
+def _malformed(kind, head, frames) -> str | None:
+    """What is wrong with the shape of a frame (None: well formed)."""
+    shapes = {b"H": (HELLO, 2), b"D": (DATA, 3), b"B": (BATCH, 3), b"E": (END, 2)}
+    if kind not in shapes:
+        return f"unknown kind {kind!r}"
+    st, nframes = shapes[kind]
+    if len(head) != st.size:
+        return f"a {kind.decode()} header of {len(head)} bytes, not {st.size}"
+    if len(frames) != nframes:
+        return f"a {kind.decode()} message of {len(frames) - 1} parts, not {nframes - 1}"
+    if kind == b"D" and struct.unpack_from("<Q", head, 1)[0] >= NONE:
+        return "a DATA with a reserved sequence number"
+    if kind == b"E" and (END.unpack(head)[1] != END_SEQ or END.unpack(head)[3] not in (END_EOS, END_PEER_GONE)):
+        return "an END with another sequence number than 2**64-1 or an unknown status"
+    return None
+
+
+def _entries(buf, count, max_message):
+    """The (seq, type, phase, payload) entries of a BATCH, or what is wrong with it (a str)."""
+    mv = memoryview(buf).cast("B")
+    out, pos, n, last = [], 0, len(mv), None
+    if count == 0 or count > n // ENTRY.size:
+        return f"{count} entries in {n} bytes"
+    for i in range(count):
+        if pos + ENTRY.size > n:
+            return f"entry {i} of {count} starts past the end ({pos} of {n} bytes)"
+        seq, type_, phase, ln = ENTRY.unpack_from(mv, pos)
+        pos += ENTRY.size
+        if ln > n - pos or ln > max_message:
+            return f"entry {i} ({ln} bytes) overruns the batch ({n - pos} left) or the far ring ({max_message})"
+        if seq >= NONE or (last is not None and seq <= last):
+            return f"entry {i}: sequence number {seq} after {last}"
+        out.append((seq, type_, phase, mv[pos:pos + ln]))
+        pos += ln
+        last = seq
+    if pos != n:
+        return f"{n - pos} bytes after the last of {count} entries"
+    return out
 
 
 def _put_waiting(prod, type_, phase, payload, sock, peer, state) -> None:
@@ -383,12 +477,14 @@ def _stream_id(ring) -> int:
 
 def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: str = "oldest",
             resend_after: float = 1.0, dead_after: float = 2.0, timeout: float | None = None,
-            stop=None) -> dict:
+            stop=None, batch_bytes: int = BATCH_BYTES) -> dict:
     """Send every message of ``ring`` (a Ring or the name of one; this
     process takes its consumer role, or subscribes to a broadcast ring) to
     the :func:`receive` bound at ``endpoint``, until the stream ended and the
     end was acknowledged.  ``timeout``: give up (BridgeError) when no
-    receiver was heard for that long."""
+    receiver was heard for that long.  ``batch_bytes``: consecutive messages
+    under ``ZERO_COPY_FROM`` are sent together in BATCH frames of up to this
+    many bytes (0: one DATA per message)."""
     from .ring import Ring
     zmq = _zmq()
     own = not isinstance(ring, Ring)
@@ -396,7 +492,7 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
         ring = Ring.attach(ring)
     ctx = zmq.Context.instance()
     sock = None
-    stats = {"sent": 0, "resent": 0, "sessions": 0, "end": None}
+    stats = {"sent": 0, "resent": 0, "sessions": 0, "batches": 0, "end": None}
     try:
         if ring.dtype is not None:
             raise WrongKind(f"{ring._seg.label} is a record ring; the bridge forwards message rings")
@@ -434,6 +530,33 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
                 nxt = max(0, nxt - 1)
                 inflight_bytes -= o.nbytes
                 _release(o)
+
+        def send_batch(i) -> int:
+            """Send out[i:j] (small messages) as one BATCH; returns j - i (0: not batchable)."""
+            j, size, parts = i, 0, []
+            while j < len(out):
+                o = out[j]
+                if o.seq == END_SEQ or o.nbytes >= ZERO_COPY_FROM or (j > i and size + ENTRY.size + o.nbytes
+                                                                      > batch_bytes):
+                    break
+                size += ENTRY.size + o.nbytes
+                j += 1
+            if j - i < 2:
+                return 0
+            views = []
+            for o in itertools.islice(out, i, j):
+                parts.append(ENTRY.pack(o.seq, o.msg.type, o.msg._offset % L.ARRAY_ALIGN, o.nbytes))
+                views.append(memoryview(o.msg))
+                parts.append(views[-1])
+            try:
+                frame = b"".join(parts)                  # the one copy of this side
+            finally:
+                for v in views:
+                    v.release()
+            sock.send(BATCH.pack(b"B", out[i].prev, j - i), zmq.SNDMORE | zmq.NOBLOCK)
+            sock.send(frame, zmq.NOBLOCK, copy=False)
+            stats["batches"] += 1
+            return j - i
 
         def send(o):
             if o.seq == END_SEQ:
@@ -484,9 +607,15 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
             if welcomed:
                 while nxt < len(out):
                     try:
-                        send(out[nxt])
+                        k = send_batch(nxt) if batch_bytes else 0
+                        if not k:
+                            send(out[nxt])
                     except zmq.Again:
                         break
+                    if k:
+                        stats["sent"] += k
+                        nxt += k
+                        continue
                     stats["sent"] += out[nxt].seq != END_SEQ
                     nxt += 1
             wait_ring = welcomed and end_status is None and len(out) < window and inflight_bytes < window_bytes
