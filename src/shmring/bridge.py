@@ -86,6 +86,7 @@ END_EOS, END_PEER_GONE = 1, 2
 ZERO_COPY_FROM = 64 << 10     # payloads from this size go to libzmq without a copy (copy=False, track=True)
 BATCH_BYTES = 64 << 10        # smaller payloads are sent together, up to this many bytes per BATCH
 KEEPALIVE = 0.2
+_test_hook = None             # tests: called as _test_hook(event, value) at "sent" (seq) and "committed" (seq)
 
 
 class BridgeError(ShmringError, ConnectionError):
@@ -312,6 +313,8 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
                 return False
             state.committed(seq)
             stats["committed"] += 1
+            if _test_hook is not None:
+                _test_hook("committed", seq)
             return True
 
         try:
@@ -615,8 +618,12 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
                     if k:
                         stats["sent"] += k
                         nxt += k
+                        if _test_hook is not None:
+                            _test_hook("sent", out[nxt - 1].seq)
                         continue
                     stats["sent"] += out[nxt].seq != END_SEQ
+                    if _test_hook is not None:
+                        _test_hook("sent", out[nxt].seq)
                     nxt += 1
             wait_ring = welcomed and end_status is None and len(out) < window and inflight_bytes < window_bytes
             poller = zmq.Poller()
