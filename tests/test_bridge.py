@@ -407,3 +407,57 @@ def test_hostile_frames_get_a_clear_refusal_and_commit_nothing_and_duplicates_in
     with b.consumer() as c:
         assert [bytes(memoryview(m)) for m in c] == [b"a", b"bb", b"ccc", b"dddd", b""]
     b.close()
+
+
+# -- a forwarding end killed at the end of the stream ----------------------------------------------------
+def _forward_dying_at(name, ep, when):
+    """forward(), SIGKILLed right after sending the END ("end") or the last message, the END not yet sent
+    ("last": one DATA per message, killed at the 40th)."""
+    seen = [0]
+
+    def hook(event, value):
+        if event != "sent":
+            return
+        seen[0] += value != B.END_SEQ
+        if (when == "end" and value == B.END_SEQ) or (when == "last" and seen[0] == 40):
+            os.kill(os.getpid(), signal.SIGKILL)
+    B._test_hook = hook
+    B.forward(name, ep, timeout=60, batch_bytes=0 if when == "last" else B.BATCH_BYTES)
+
+
+@pytest.mark.parametrize("when", ["end", "last"])
+def test_a_forward_killed_at_the_end_of_the_stream_still_ends_the_far_stream(ring_name, procs, when, caplog):
+    import multiprocess
+    n = 40
+    a = shmring.Ring.create(ring_name, 1 << 20)
+    b = shmring.Ring.create(ring_name + "-b", 1 << 20)
+    with a.producer() as p:                          # the whole stream, ended, before the bridge starts
+        for i in range(n):
+            p.send(_small(i))
+    ep = f"tcp://127.0.0.1:{_port()}"
+    caplog.set_level("WARNING", logger="shmring.bridge")
+    rt, rx = _run(B.receive, ep, b, state_path=None, timeout=60)
+    child = start(procs, multiprocess.get_context("fork"), _forward_dying_at, ring_name, ep, when)
+    assert finish(child) == -signal.SIGKILL
+    got, restarted = [], None
+    with b.consumer() as c:
+        while True:
+            try:
+                with c.recv(timeout=3.0) as m:
+                    got.append(bytes(memoryview(m)))
+            except shmring.EndOfStream:
+                break
+            except shmring.Timeout:                  # what the dead forward had sent did not all arrive:
+                assert restarted is None, "the far stream did not end after the forward was restarted"
+                deadline = time.monotonic() + 10          # the receiving end says why the stream waits
+                while not any("no forward heard" in r.getMessage() for r in caplog.records):
+                    assert time.monotonic() < deadline, "the receiving end waits silently for its dead forward"
+                    time.sleep(0.1)
+                restarted = _run(B.forward, a, ep, timeout=30)      # a restarted forward sends the rest
+    if restarted is not None:
+        restarted[0].join(30)
+        assert restarted[1]["result"]["end"] in ("end of stream", "acknowledged"), restarted[1]
+    assert got == [_small(i) for i in range(n)]
+    rt.join(60)
+    assert rx["result"]["end"] == "end of stream" and rx["result"]["committed"] == n
+    a.close(), b.close(), b.unlink()

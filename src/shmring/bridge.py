@@ -62,6 +62,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import logging
 import mmap
 import os
 import struct
@@ -86,6 +87,8 @@ END_EOS, END_PEER_GONE = 1, 2
 ZERO_COPY_FROM = 64 << 10     # payloads from this size go to libzmq without a copy (copy=False, track=True)
 BATCH_BYTES = 64 << 10        # smaller payloads are sent together, up to this many bytes per BATCH
 KEEPALIVE = 0.2
+SILENT_AFTER = 2.0            # a side not heard for this long is reported (a warning on the "shmring.bridge" logger)
+log = logging.getLogger("shmring.bridge")
 _test_hook = None             # tests: called as _test_hook(event, value) at "sent" (seq) and "committed" (seq)
 
 
@@ -282,6 +285,7 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
         last_keep = 0.0
         peers: set = set()
         ended_at = None
+        silent = False                    # the forward's silence was reported (once per silence)
 
         def take(peer, seq, prev, type_, phase, payload, end=False) -> bool:
             """One message (or the end) in the chain: commit it, drop a
@@ -326,6 +330,11 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
                     break
                 if timeout is not None and now - last_heard > timeout:
                     raise BridgeError(f"no forward heard on {endpoint} for {timeout} s")
+                if state is not None and ended_at is None and not silent and now - last_heard > SILENT_AFTER:
+                    silent = True
+                    log.warning("bridge in %s: no forward heard for %.1f s; the stream into %s stays open (its "
+                                "consumers wait) until a forward comes back: restart `shmring bridge out`",
+                                endpoint, now - last_heard, ring._seg.label)
                 if now - last_keep >= KEEPALIVE and state is not None:
                     for p in peers:
                         sock.send_multipart([p, ACK.pack(b"A", state.last, 0)])
@@ -339,6 +348,9 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
                     except zmq.Again:
                         break
                     last_heard = time.monotonic()
+                    if silent:
+                        silent = False
+                        log.warning("bridge in %s: a forward is heard again", endpoint)
                     peer = frames[0].bytes
                     if len(frames) < 2:
                         continue                               # an empty message carries nothing to answer
@@ -513,6 +525,7 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
         busy = False
         hello_at = 0.0
         first_heard = None
+        silent = False
 
         def connect():
             nonlocal sock, welcomed, nxt, hello_at
@@ -659,6 +672,9 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
                 except zmq.Again:
                     break
                 heard = time.monotonic()
+                if silent:
+                    silent = False
+                    log.warning("bridge out %s: the receiver is heard again", endpoint)
                 if first_heard is None:
                     first_heard = heard
                 k = head[:1]
@@ -695,6 +711,11 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
                         stats["resent"] += len(out)
             now = time.monotonic()
             if now - heard > dead_after:
+                if not silent:
+                    silent = True
+                    log.warning("bridge out %s: no receiver heard for %.1f s; reconnecting (%d messages wait "
+                                "for an acknowledgement%s)", endpoint, now - heard, len(out),
+                                ", the end of stream among them" if end_status is not None else "")
                 connect()                              # nothing heard: a new connection, a new HELLO
                 heard = now
             elif welcomed and out and nxt > 0 and not busy and now - progress > resend_after:
