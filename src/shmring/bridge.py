@@ -311,6 +311,7 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
             try:
                 _put_waiting(prod, type_, phase, payload, sock, peer, state)
             except (BridgeError, MessageTooLarge) as e:         # hostile or broken: nothing committed
+                state.pending(NONE, 0)                         # nor taken as committed by a restart
                 stats["malformed"] += 1
                 ack_to.discard(peer)
                 sock.send_multipart([peer, b"X", f"malformed message {seq}: {e}".encode()])
