@@ -370,6 +370,10 @@ def test_hostile_frames_get_a_clear_refusal_and_commit_nothing_and_duplicates_in
     rt, rx = _run(B.receive, ep, b, state_path=None, timeout=30)
     f = _RawForward(ep)
     try:
+        f.send(B.HELLO.pack(b"H", 77, 9))
+        assert b"bridge protocol 9" in f.expect(b"X")[1]
+        f.send(B.HELLO.pack(b"H", 77, 1))                 # a version-1 forward is served
+        f.expect(b"W")
         f.send(B.HELLO.pack(b"H", 77, B.VERSION))
         f.expect(b"W")
         f.send(*_batch(B.NONE, [(8, b"a"), (16, b"bb"), (24, b"ccc")]))
