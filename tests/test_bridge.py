@@ -465,3 +465,28 @@ def test_a_forward_killed_at_the_end_of_the_stream_still_ends_the_far_stream(rin
     rt.join(60)
     assert rx["result"]["end"] == "end of stream" and rx["result"]["committed"] == n
     a.close(), b.close(), b.unlink()
+
+
+def test_a_client_that_knows_the_server_key_but_not_the_secret_is_refused(ring_name):
+    """CURVE alone admits any client holding the server's public key; the
+    receiving end's ZAP handler admits only the client key derived from the secret."""
+    b = shmring.Ring.create(ring_name, 1 << 16)
+    ep = f"tcp://127.0.0.1:{_port()}"
+    rt, rx = _run(B.receive, ep, b, state_path=None, secret=b"right", timeout=15)
+    spub, _ = B._keys(b"right", "server")
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.linger = 0
+    s.curve_serverkey = spub
+    s.curve_publickey, s.curve_secretkey = zmq.curve_keypair()
+    s.connect(ep)
+    s.send(B.HELLO.pack(b"H", 5, B.VERSION))
+    assert not s.poll(2500), "a client without the secret got an answer"
+    s.close(0)
+    a = shmring.Ring.anonymous(1 << 16)                 # the right secret is admitted by the same receiver
+    with a.producer() as p:
+        p.send(b"ok")
+    fx = B.forward(a, ep, secret=b"right", timeout=10)
+    rt.join(10)
+    assert fx["end"] == "end of stream"
+    assert rx["result"]["refused_keys"] >= 1 and rx["result"]["committed"] == 1
+    a.close(), b.close()

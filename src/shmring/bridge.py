@@ -54,7 +54,8 @@ rings are in memory), and two forwards into one receiver.
 
 Security: CURVE (encryption and authentication) with keys derived from a
 shared secret (``secret=`` / ``--secret-file`` / ``SHMRING_BRIDGE_SECRET``):
-a peer that does not know the secret cannot complete the handshake.  Without a
+a peer that does not know the secret cannot complete the handshake (the
+receiving end's own ZAP handler admits only the secret-derived client key).  Without a
 secret only loopback endpoints are accepted (``insecure=True`` to override).
 """
 from __future__ import annotations
@@ -263,7 +264,15 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
     own = not isinstance(ring, Ring)
     if own:
         ring = Ring.attach(ring)
-    ctx = zmq.Context.instance()
+    # with a secret: a context of our own, whose ZAP handler (below) admits only the client key derived
+    # from the secret (without one, libzmq's CURVE server admits any client that knows the server key)
+    zap_key = None if _secret(secret) is None else _zap_client_key(_secret(secret))
+    ctx = zmq.Context.instance() if zap_key is None else zmq.Context()
+    zap = None
+    if zap_key is not None:
+        zap = ctx.socket(zmq.REP)
+        zap.linger = 0
+        zap.bind("inproc://zeromq.zap.01")
     sock = ctx.socket(zmq.ROUTER)
     state = None
     try:
@@ -286,6 +295,11 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
         peers: set = set()
         ended_at = None
         silent = False                    # the forward's silence was reported (once per silence)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
+            stats["refused_keys"] = 0
 
         def take(peer, seq, prev, type_, phase, payload, end=False) -> bool:
             """One message (or the end) in the chain: commit it, drop a
@@ -340,8 +354,15 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
                     for p in peers:
                         sock.send_multipart([p, ACK.pack(b"A", state.last, 0)])
                     last_keep = now
-                if not sock.poll(int(KEEPALIVE * 1000)):
-                    continue
+                if zap is None:
+                    if not sock.poll(int(KEEPALIVE * 1000)):
+                        continue
+                else:
+                    ready = dict(poller.poll(int(KEEPALIVE * 1000)))
+                    if zap in ready:
+                        _zap_answer(zap, zap_key, stats)
+                    if sock not in ready:
+                        continue
                 ack_to = set()
                 while True:                       # everything already here, then one ack per peer
                     try:
@@ -421,10 +442,37 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
         return stats
     finally:
         sock.close(0)
+        if zap is not None:
+            zap.close(0)
+            ctx.term()
         if state is not None:
             state.close()
         if own:
             ring.close()
+
+
+def _zap_client_key(secret: bytes) -> bytes:
+    from zmq.utils import z85
+    return z85.decode(_keys(secret, "client")[0])
+
+
+def _zap_answer(zap, client_key: bytes, stats) -> None:
+    """Answer the pending ZAP requests (RFC 27): admit a CURVE client only
+    if its long-term public key is the one derived from the shared secret."""
+    zmq = _zmq()
+    while True:
+        try:
+            req = zap.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if len(req) < 6:
+            continue                                    # not a ZAP request: nothing to answer
+        rid, mechanism, creds = req[1], req[5], req[6:]
+        ok = mechanism == b"CURVE" and len(creds) == 1 and creds[0] == client_key
+        if not ok:
+            stats["refused_keys"] += 1
+        zap.send_multipart([b"1.0", rid, b"200" if ok else b"400",
+                            b"OK" if ok else b"client key not derived from the shared secret", b"", b""])
 
 
 def _malformed(kind, head, frames) -> str | None:
