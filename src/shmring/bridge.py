@@ -11,11 +11,21 @@ ROUTER (receive, binds) socket::
 
     forward -> receive   HELLO  [b"H", stream id u64, version u16]
                          DATA   [b"D" seq u64 prev u64 type u16 phase u8, payload]
+                         BATCH  [b"B" prev u64 count u32, entries]   (version 2)
+                                entries: count x (seq u64 type u16 phase u8 len u32, payload)
                          END    [b"E" seq=2**64-1 prev u64 status u16]
     receive -> forward   WELCOME [b"W" last u64 window u32 window_bytes u64]
                          ACK     [b"A" last u64 busy u8]   (also every 0.2 s as a keepalive)
                          NACK    [b"N" last u64]           (a gap: resend after last)
                          REFUSE  [b"X", reason]
+
+A BATCH carries several small messages (each under ``ZERO_COPY_FROM``) in
+one ZeroMQ message: the forward copies them once into it (the one user-space
+copy of its side), and each entry is then taken exactly as a DATA would be,
+its ``prev`` being the batch's ``prev`` for the first entry and the previous
+entry's ``seq`` after that.  A malformed frame of any kind is answered with a
+REFUSE naming what is wrong (the forward raises BridgeError) and commits
+nothing.
 
 ``seq`` is the message's position in the source ring (stable when a message
 is delivered again to a restarted forward), ``prev`` the seq of the message
@@ -44,24 +54,30 @@ rings are in memory), and two forwards into one receiver.
 
 Security: CURVE (encryption and authentication) with keys derived from a
 shared secret (``secret=`` / ``--secret-file`` / ``SHMRING_BRIDGE_SECRET``):
-a peer that does not know the secret cannot complete the handshake.  Without a
+a peer that does not know the secret cannot complete the handshake (the
+receiving end's own ZAP handler admits only the secret-derived client key).  Without a
 secret only loopback endpoints are accepted (``insecure=True`` to override).
 """
 from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
+import logging
 import mmap
 import os
 import struct
 import time
 
 from . import layout as L
-from .errors import EndOfStream, PeerGone, ShmringError, Timeout, WrongKind
+from .errors import EndOfStream, MessageTooLarge, PeerGone, ShmringError, Timeout, WrongKind
 
-VERSION = 1
+VERSION = 2                   # 2: BATCH frames (a version-1 forward is still served: it sends none)
+VERSIONS = (1, 2)
 HELLO = struct.Struct("<cQH")
 DATA = struct.Struct("<cQQHB")
+BATCH = struct.Struct("<cQI")
+ENTRY = struct.Struct("<QHBI")
 END = struct.Struct("<cQQH")
 WELCOME = struct.Struct("<cQIQ")
 ACK = struct.Struct("<cQB")
@@ -70,7 +86,11 @@ END_SEQ = (1 << 64) - 1
 NONE = (1 << 64) - 2          # "nothing committed yet" (a seq no message has: positions are 8-aligned)
 END_EOS, END_PEER_GONE = 1, 2
 ZERO_COPY_FROM = 64 << 10     # payloads from this size go to libzmq without a copy (copy=False, track=True)
+BATCH_BYTES = 64 << 10        # smaller payloads are sent together, up to this many bytes per BATCH
 KEEPALIVE = 0.2
+SILENT_AFTER = 2.0            # a side not heard for this long is reported (a warning on the "shmring.bridge" logger)
+log = logging.getLogger("shmring.bridge")
+_test_hook = None             # tests: called as _test_hook(event, value) at "sent" (seq) and "committed" (seq)
 
 
 class BridgeError(ShmringError, ConnectionError):
@@ -244,7 +264,15 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
     own = not isinstance(ring, Ring)
     if own:
         ring = Ring.attach(ring)
-    ctx = zmq.Context.instance()
+    # with a secret: a context of our own, whose ZAP handler (below) admits only the client key derived
+    # from the secret (without one, libzmq's CURVE server admits any client that knows the server key)
+    zap_key = None if _secret(secret) is None else _zap_client_key(_secret(secret))
+    ctx = zmq.Context.instance() if zap_key is None else zmq.Context()
+    zap = None
+    if zap_key is not None:
+        zap = ctx.socket(zmq.REP)
+        zap.linger = 0
+        zap.bind("inproc://zeromq.zap.01")
     sock = ctx.socket(zmq.ROUTER)
     state = None
     try:
@@ -259,12 +287,55 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
         prod = ring.producer()
         if state_path == "default":
             state_path = default_state_path(ring)
-        stats = {"committed": 0, "duplicates": 0, "gaps": 0, "sessions": 0, "end": None}
+        stats = {"committed": 0, "duplicates": 0, "gaps": 0, "sessions": 0, "batches": 0, "malformed": 0,
+                 "end": None}
         stream = None
         last_heard = time.monotonic()
         last_keep = 0.0
         peers: set = set()
         ended_at = None
+        silent = False                    # the forward's silence was reported (once per silence)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
+            stats["refused_keys"] = 0
+
+        def take(peer, seq, prev, type_, phase, payload, end=False) -> bool:
+            """One message (or the end) in the chain: commit it, drop a
+            duplicate (True), or NACK a gap (False: the rest of a batch is moot)."""
+            nonlocal ended_at
+            if seq != END_SEQ and seq <= state.last and state.last != NONE or (
+                    seq == END_SEQ and state.last == END_SEQ):
+                stats["duplicates"] += 1
+                return True
+            if prev != state.last:
+                stats["gaps"] += 1
+                sock.send_multipart([peer, NACK.pack(b"N", state.last)])
+                ack_to.discard(peer)
+                return False
+            if end:
+                state.pending(seq, _write_pos(ring))
+                prod.close(_status=CLOSED_ABORTED if type_ == END_PEER_GONE else 1)
+                state.committed(END_SEQ)
+                stats["end"] = "peer gone" if type_ == END_PEER_GONE else "end of stream"
+                ended_at = time.monotonic()
+                return True
+            state.pending(seq, prod.position)
+            try:
+                _put_waiting(prod, type_, phase, payload, sock, peer, state)
+            except (BridgeError, MessageTooLarge) as e:         # hostile or broken: nothing committed
+                state.pending(NONE, 0)                         # nor taken as committed by a restart
+                stats["malformed"] += 1
+                ack_to.discard(peer)
+                sock.send_multipart([peer, b"X", f"malformed message {seq}: {e}".encode()])
+                return False
+            state.committed(seq)
+            stats["committed"] += 1
+            if _test_hook is not None:
+                _test_hook("committed", seq)
+            return True
+
         try:
             while True:
                 now = time.monotonic()
@@ -274,12 +345,24 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
                     break
                 if timeout is not None and now - last_heard > timeout:
                     raise BridgeError(f"no forward heard on {endpoint} for {timeout} s")
+                if state is not None and ended_at is None and not silent and now - last_heard > SILENT_AFTER:
+                    silent = True
+                    log.warning("bridge in %s: no forward heard for %.1f s; the stream into %s stays open (its "
+                                "consumers wait) until a forward comes back: restart `shmring bridge out`",
+                                endpoint, now - last_heard, ring._seg.label)
                 if now - last_keep >= KEEPALIVE and state is not None:
                     for p in peers:
                         sock.send_multipart([p, ACK.pack(b"A", state.last, 0)])
                     last_keep = now
-                if not sock.poll(int(KEEPALIVE * 1000)):
-                    continue
+                if zap is None:
+                    if not sock.poll(int(KEEPALIVE * 1000)):
+                        continue
+                else:
+                    ready = dict(poller.poll(int(KEEPALIVE * 1000)))
+                    if zap in ready:
+                        _zap_answer(zap, zap_key, stats)
+                    if sock not in ready:
+                        continue
                 ack_to = set()
                 while True:                       # everything already here, then one ack per peer
                     try:
@@ -287,13 +370,22 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
                     except zmq.Again:
                         break
                     last_heard = time.monotonic()
-                    peer, head = frames[0].bytes, frames[1].bytes
+                    if silent:
+                        silent = False
+                        log.warning("bridge in %s: a forward is heard again", endpoint)
+                    peer = frames[0].bytes
+                    if len(frames) < 2:
+                        continue                               # an empty message carries nothing to answer
+                    head = frames[1].bytes
                     kind = head[:1]
+                    bad = _malformed(kind, head, frames)
+                    if bad:
+                        stats["malformed"] += 1
+                        sock.send_multipart([peer, b"X", f"malformed frame: {bad}".encode()])
+                        continue
                     if kind == b"H":
-                        if len(head) != HELLO.size:
-                            continue
                         _, sid, ver = HELLO.unpack(head)
-                        if ver != VERSION:
+                        if ver not in VERSIONS:
                             sock.send_multipart([peer, b"X", f"bridge protocol {ver}; this end speaks {VERSION}".encode()])
                             continue
                         if state is None:
@@ -312,37 +404,36 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
                         stats["sessions"] += 1
                         sock.send_multipart([peer, WELCOME.pack(b"W", state.last, window, window_bytes)])
                         continue
-                    if state is None or kind not in (b"D", b"E"):
+                    if state is None:
                         continue                               # data before HELLO (a stale pipe): ignored
-                    if kind == b"D":
-                        if len(head) != DATA.size or len(frames) != 3:
-                            continue
-                        _, seq, prev, type_, phase = DATA.unpack(head)
-                    else:
-                        if len(head) != END.size:
-                            continue
-                        _, seq, prev, type_ = END.unpack(head)
                     ack_to.add(peer)
-                    if seq != END_SEQ and seq <= state.last and state.last != NONE or (
-                            seq == END_SEQ and state.last == END_SEQ):
-                        stats["duplicates"] += 1
+                    if kind == b"B":
+                        _, prev, count = BATCH.unpack(head)
+                        entries = _entries(frames[2].buffer, count, ring.max_message)
+                        if isinstance(entries, str):
+                            stats["malformed"] += 1
+                            ack_to.discard(peer)
+                            sock.send_multipart([peer, b"X", f"malformed batch: {entries}".encode()])
+                            continue
+                        stats["batches"] += 1
+                        for seq, type_, phase, payload in entries:
+                            if not take(peer, seq, prev, type_, phase, payload):
+                                break
+                            prev = seq
                         continue
-                    if prev != state.last:
-                        stats["gaps"] += 1
-                        sock.send_multipart([peer, NACK.pack(b"N", state.last)])
-                        ack_to.discard(peer)
-                        continue
-                    if kind == b"E":
-                        state.pending(seq, _write_pos(ring))
-                        prod.close(_status=CLOSED_ABORTED if type_ == END_PEER_GONE else 1)
-                        state.committed(END_SEQ)
-                        stats["end"] = "peer gone" if type_ == END_PEER_GONE else "end of stream"
-                        ended_at = time.monotonic()
-                        continue
-                    state.pending(seq, prod.position)
-                    _put_waiting(prod, type_, phase, frames[2].buffer, sock, peer, state)
-                    state.committed(seq)
-                    stats["committed"] += 1
+                    if kind == b"D":
+                        _, seq, prev, type_, phase = DATA.unpack(head)
+                        payload = frames[2].buffer
+                        if len(payload) > ring.max_message:
+                            stats["malformed"] += 1
+                            ack_to.discard(peer)
+                            sock.send_multipart([peer, b"X", f"malformed frame: a {len(payload)}-byte message; "
+                                                 f"{ring._seg.label} holds at most {ring.max_message}".encode()])
+                            continue
+                    else:
+                        _, seq, prev, type_ = END.unpack(head)
+                        payload = None
+                    take(peer, seq, prev, type_, phase if kind == b"D" else 0, payload, kind == b"E")
                 for p in ack_to:
                     sock.send_multipart([p, ACK.pack(b"A", state.last, 0)])
         finally:
@@ -351,10 +442,77 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
         return stats
     finally:
         sock.close(0)
+        if zap is not None:
+            zap.close(0)
+            ctx.term()
         if state is not None:
             state.close()
         if own:
             ring.close()
+
+
+def _zap_client_key(secret: bytes) -> bytes:
+    from zmq.utils import z85
+    return z85.decode(_keys(secret, "client")[0])
+
+
+def _zap_answer(zap, client_key: bytes, stats) -> None:
+    """Answer the pending ZAP requests (RFC 27): admit a CURVE client only
+    if its long-term public key is the one derived from the shared secret."""
+    zmq = _zmq()
+    while True:
+        try:
+            req = zap.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if len(req) < 6:
+            continue                                    # not a ZAP request: nothing to answer
+        rid, mechanism, creds = req[1], req[5], req[6:]
+        ok = mechanism == b"CURVE" and len(creds) == 1 and creds[0] == client_key
+        if not ok:
+            stats["refused_keys"] += 1
+        zap.send_multipart([b"1.0", rid, b"200" if ok else b"400",
+                            b"OK" if ok else b"client key not derived from the shared secret", b"", b""])
+
+
+def _malformed(kind, head, frames) -> str | None:
+    """What is wrong with the shape of a frame (None: well formed)."""
+    shapes = {b"H": (HELLO, 2), b"D": (DATA, 3), b"B": (BATCH, 3), b"E": (END, 2)}
+    if kind not in shapes:
+        return f"unknown kind {kind!r}"
+    st, nframes = shapes[kind]
+    if len(head) != st.size:
+        return f"a {kind.decode()} header of {len(head)} bytes, not {st.size}"
+    if len(frames) != nframes:
+        return f"a {kind.decode()} message of {len(frames) - 1} parts, not {nframes - 1}"
+    if kind == b"D" and struct.unpack_from("<Q", head, 1)[0] >= NONE:
+        return "a DATA with a reserved sequence number"
+    if kind == b"E" and (END.unpack(head)[1] != END_SEQ or END.unpack(head)[3] not in (END_EOS, END_PEER_GONE)):
+        return "an END with another sequence number than 2**64-1 or an unknown status"
+    return None
+
+
+def _entries(buf, count, max_message):
+    """The (seq, type, phase, payload) entries of a BATCH, or what is wrong with it (a str)."""
+    mv = memoryview(buf).cast("B")
+    out, pos, n, last = [], 0, len(mv), None
+    if count == 0 or count > n // ENTRY.size:
+        return f"{count} entries in {n} bytes"
+    for i in range(count):
+        if pos + ENTRY.size > n:
+            return f"entry {i} of {count} starts past the end ({pos} of {n} bytes)"
+        seq, type_, phase, ln = ENTRY.unpack_from(mv, pos)
+        pos += ENTRY.size
+        if ln > n - pos or ln > max_message:
+            return f"entry {i} ({ln} bytes) overruns the batch ({n - pos} left) or the far ring ({max_message})"
+        if seq >= NONE or (last is not None and seq <= last):
+            return f"entry {i}: sequence number {seq} after {last}"
+        out.append((seq, type_, phase, mv[pos:pos + ln]))
+        pos += ln
+        last = seq
+    if pos != n:
+        return f"{n - pos} bytes after the last of {count} entries"
+    return out
 
 
 def _put_waiting(prod, type_, phase, payload, sock, peer, state) -> None:
@@ -383,12 +541,14 @@ def _stream_id(ring) -> int:
 
 def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: str = "oldest",
             resend_after: float = 1.0, dead_after: float = 2.0, timeout: float | None = None,
-            stop=None) -> dict:
+            stop=None, batch_bytes: int = BATCH_BYTES) -> dict:
     """Send every message of ``ring`` (a Ring or the name of one; this
     process takes its consumer role, or subscribes to a broadcast ring) to
     the :func:`receive` bound at ``endpoint``, until the stream ended and the
     end was acknowledged.  ``timeout``: give up (BridgeError) when no
-    receiver was heard for that long."""
+    receiver was heard for that long.  ``batch_bytes``: consecutive messages
+    under ``ZERO_COPY_FROM`` are sent together in BATCH frames of up to this
+    many bytes (0: one DATA per message)."""
     from .ring import Ring
     zmq = _zmq()
     own = not isinstance(ring, Ring)
@@ -396,7 +556,7 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
         ring = Ring.attach(ring)
     ctx = zmq.Context.instance()
     sock = None
-    stats = {"sent": 0, "resent": 0, "sessions": 0, "end": None}
+    stats = {"sent": 0, "resent": 0, "sessions": 0, "batches": 0, "end": None}
     try:
         if ring.dtype is not None:
             raise WrongKind(f"{ring._seg.label} is a record ring; the bridge forwards message rings")
@@ -414,6 +574,7 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
         busy = False
         hello_at = 0.0
         first_heard = None
+        silent = False
 
         def connect():
             nonlocal sock, welcomed, nxt, hello_at
@@ -434,6 +595,33 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
                 nxt = max(0, nxt - 1)
                 inflight_bytes -= o.nbytes
                 _release(o)
+
+        def send_batch(i) -> int:
+            """Send out[i:j] (small messages) as one BATCH; returns j - i (0: not batchable)."""
+            j, size, parts = i, 0, []
+            while j < len(out):
+                o = out[j]
+                if o.seq == END_SEQ or o.nbytes >= ZERO_COPY_FROM or (j > i and size + ENTRY.size + o.nbytes
+                                                                      > batch_bytes):
+                    break
+                size += ENTRY.size + o.nbytes
+                j += 1
+            if j - i < 2:
+                return 0
+            views = []
+            for o in itertools.islice(out, i, j):
+                parts.append(ENTRY.pack(o.seq, o.msg.type, o.msg._offset % L.ARRAY_ALIGN, o.nbytes))
+                views.append(memoryview(o.msg))
+                parts.append(views[-1])
+            try:
+                frame = b"".join(parts)                  # the one copy of this side
+            finally:
+                for v in views:
+                    v.release()
+            sock.send(BATCH.pack(b"B", out[i].prev, j - i), zmq.SNDMORE | zmq.NOBLOCK)
+            sock.send(frame, zmq.NOBLOCK, copy=False)
+            stats["batches"] += 1
+            return j - i
 
         def send(o):
             if o.seq == END_SEQ:
@@ -484,10 +672,20 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
             if welcomed:
                 while nxt < len(out):
                     try:
-                        send(out[nxt])
+                        k = send_batch(nxt) if batch_bytes else 0
+                        if not k:
+                            send(out[nxt])
                     except zmq.Again:
                         break
+                    if k:
+                        stats["sent"] += k
+                        nxt += k
+                        if _test_hook is not None:
+                            _test_hook("sent", out[nxt - 1].seq)
+                        continue
                     stats["sent"] += out[nxt].seq != END_SEQ
+                    if _test_hook is not None:
+                        _test_hook("sent", out[nxt].seq)
                     nxt += 1
             wait_ring = welcomed and end_status is None and len(out) < window and inflight_bytes < window_bytes
             poller = zmq.Poller()
@@ -523,6 +721,9 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
                 except zmq.Again:
                     break
                 heard = time.monotonic()
+                if silent:
+                    silent = False
+                    log.warning("bridge out %s: the receiver is heard again", endpoint)
                 if first_heard is None:
                     first_heard = heard
                 k = head[:1]
@@ -559,6 +760,11 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
                         stats["resent"] += len(out)
             now = time.monotonic()
             if now - heard > dead_after:
+                if not silent:
+                    silent = True
+                    log.warning("bridge out %s: no receiver heard for %.1f s; reconnecting (%d messages wait "
+                                "for an acknowledgement%s)", endpoint, now - heard, len(out),
+                                ", the end of stream among them" if end_status is not None else "")
                 connect()                              # nothing heard: a new connection, a new HELLO
                 heard = now
             elif welcomed and out and nxt > 0 and not busy and now - progress > resend_after:
