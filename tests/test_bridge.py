@@ -490,3 +490,19 @@ def test_a_client_that_knows_the_server_key_but_not_the_secret_is_refused(ring_n
     assert fx["end"] == "end of stream"
     assert rx["result"]["refused_keys"] >= 1 and rx["result"]["committed"] == 1
     a.close(), b.close()
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:notaport", "tcp://", "bogus://x"])
+def test_a_bad_endpoint_is_one_clear_line_from_the_command(ring_name, side, endpoint):
+    ring = shmring.Ring.create(ring_name, 1 << 16)
+    try:
+        args = ["in", endpoint, ring_name] if side == "in" else ["out", ring_name, endpoint]
+        r = subprocess.run([sys.executable, "-m", "shmring", "bridge", *args, "--insecure"],
+                           capture_output=True, text=True, timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 1 and len(lines) == 1, r.stderr
+        assert lines[0].startswith("shmring bridge: cannot ") and endpoint in lines[0], r.stderr
+    finally:
+        ring.close()
+        ring.unlink()

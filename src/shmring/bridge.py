@@ -128,6 +128,17 @@ def _loopback(endpoint: str) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
+def _attach(how, endpoint: str, what: str) -> None:
+    """``sock.bind`` / ``sock.connect``; a bad endpoint (a malformed address,
+    an address in use or not on this host) is a BridgeError that says which."""
+    import zmq
+    try:
+        how(endpoint)
+    except zmq.ZMQError as e:
+        raise BridgeError(f"cannot {what} {endpoint!r}: {e.strerror} (an endpoint is tcp://HOST:PORT, "
+                          f"ipc://PATH or inproc://NAME)") from None
+
+
 def _secure(sock, endpoint, secret, insecure, server: bool) -> None:
     secret = _secret(secret)
     if secret is None:
@@ -283,7 +294,7 @@ def receive(endpoint: str, ring, *, secret=None, insecure: bool = False, state_p
         sock.linger = 0
         sock.router_mandatory = False
         _secure(sock, endpoint, secret, insecure, server=True)
-        sock.bind(endpoint)
+        _attach(sock.bind, endpoint, "listen on")
         prod = ring.producer()
         if state_path == "default":
             state_path = default_state_path(ring)
@@ -584,7 +595,7 @@ def forward(ring, endpoint: str, *, secret=None, insecure: bool = False, start: 
             sock.linger = 0
             sock.sndhwm = sock.rcvhwm = 0
             _secure(sock, endpoint, secret, insecure, server=False)
-            sock.connect(endpoint)
+            _attach(sock.connect, endpoint, "connect to")
             welcomed, nxt, hello_at = False, 0, 0.0
             stats["sessions"] += 1
 
