@@ -237,15 +237,15 @@ def _puller(ns, ep, size, q):
     q.put((chk.next, chk.bad, got, t0, t1))
 
 
-def pushpull(net, size, n, port):
-    ns_a, ns_b, addr = net
-    ep = f"tcp://{addr}:{port}"
+def _pair(rx_target, rx_args, tx_target, tx_args, n, label):
+    """The receiver (it puts "ready", then its counts on the queue it is
+    given last), then the sender, in forked processes; the checked row."""
     ctx = multiprocess.get_context("fork")
     q = ctx.Queue()
-    rx = ctx.Process(target=_puller, args=(ns_b, ep, size, q))
+    rx = ctx.Process(target=rx_target, args=(*rx_args, q))
     rx.start()
     assert q.get(timeout=WAIT) == "ready"
-    tx = ctx.Process(target=_pusher, args=(ns_a, ep, size, n))
+    tx = ctx.Process(target=tx_target, args=tx_args)
     tx.start()
     try:
         nxt, bad, got, t0, t1 = q.get(timeout=WAIT * 2)
@@ -256,7 +256,13 @@ def pushpull(net, size, n, port):
                 p.kill()
     chk = Checker.__new__(Checker)
     chk.next, chk.bad = nxt, bad
-    return _finish(chk, n, got, t0, t1, "PUSH/PULL")
+    return _finish(chk, n, got, t0, t1, label)
+
+
+def pushpull(net, size, n, port):
+    ns_a, ns_b, addr = net
+    ep = f"tcp://{addr}:{port}"
+    return _pair(_puller, (ns_b, ep, size), _pusher, (ns_a, ep, size, n), n, "PUSH/PULL")
 
 
 # -- zenoh pub/sub --------------------------------------------------------------------------------------
@@ -314,23 +320,7 @@ def zenoh_pubsub(net, size, n, port):
     ns_a, ns_b, addr = net
     ep = f"tcp/{addr}:{port}"
     key = f"shmring/bench/{os.getpid()}/{port}"
-    ctx = multiprocess.get_context("fork")
-    q = ctx.Queue()
-    rx = ctx.Process(target=_zsub, args=(ns_b, ep, size, key, q))
-    rx.start()
-    assert q.get(timeout=WAIT) == "ready"
-    tx = ctx.Process(target=_zpub, args=(ns_a, ep, size, n, key))
-    tx.start()
-    try:
-        nxt, bad, got, t0, t1 = q.get(timeout=WAIT * 2)
-    finally:
-        for p in (tx, rx):
-            p.join(WAIT)
-            if p.is_alive():
-                p.kill()
-    chk = Checker.__new__(Checker)
-    chk.next, chk.bad = nxt, bad
-    return _finish(chk, n, got, t0, t1, "zenoh")
+    return _pair(_zsub, (ns_b, ep, size, key), _zpub, (ns_a, ep, size, n, key), n, "zenoh")
 
 
 def cases(args):
