@@ -12,7 +12,8 @@ import time
 import numpy as np
 
 from . import peer_cases, report
-from .cases import SIZES, LargeStream, PingPong, ShmLargeSend, SmallStream, all_cases, uniq
+from .cases import (MSG_SIZES, SIZES, LargeStream, PingPong, ShmLargeSend, ShmSmallBytes, SmallStream, all_cases,
+                    pool_sum, uniq)
 from .harness import CaseFailed, measure
 
 
@@ -109,6 +110,65 @@ def sum_rows(nbytes, cfg, order, log):
     v, n = _rate(a.sum, nbytes, cfg)
     return [_ref_row(f"{nbytes >> 20}MiB-stream-sum", report.SUM_REF, "same size, same private array every time: "
                      "the consumer's read limit", order, v, n, log)]
+
+
+def loop_rows(size, cfg, order, log):
+    """The message rows' own two loops with the transport taken out, in this process:
+    what the 64 B / 4 KiB rows could reach if ``send`` and ``recv_bytes`` cost no more
+    than the cheapest C call (``len`` of the message; the next message of the pool from
+    ``itertools.cycle``).  The producer's loop and the consumer's loop (its unpack and
+    sum included) are timed one after the other; the two run on two cores in a real
+    row, so the slower one bounds the stream: the row is ``n / max(producer, consumer)``."""
+    import itertools
+
+    case = ShmSmallBytes(size)
+
+    class _Stub:                # the handles of ShmSmallBytes, with the transport taken out
+        send = len
+
+    stub = {"h": _Stub()}
+
+    def both(n):
+        _Stub.recv_bytes = itertools.cycle(case.pool).__next__
+        t0 = time.perf_counter()
+        case.produce(stub, n)
+        t1 = time.perf_counter()
+        s = case.consume(stub, n)
+        t2 = time.perf_counter()
+        if s != pool_sum(n):
+            raise RuntimeError(f"loops alone: the consumer's loop summed {s}, expected {pool_sum(n)}")
+        return t1 - t0, t2 - t1
+
+    cpus = os.sched_getaffinity(0) if cfg.pin and hasattr(os, "sched_getaffinity") else None
+    if cpus and len(cpus) > 1:
+        os.sched_setaffinity(0, {max(cpus)})        # one CPU, as a pinned row's consumer
+    try:
+        n = 20000
+        while True:
+            tp, tc = both(n)
+            if tp + tc >= cfg.warm_s or n >= 1 << 26:
+                break
+            n *= 4
+        n = max(10000, int(n * cfg.small_s / max(tp, tc, 1e-9)))
+        values, parts = [], []
+        for _ in range(cfg.repeats):
+            tp, tc = both(n)
+            values.append(n / max(tp, tc) / 1e6)
+            parts.append((n / tp / 1e6, n / tc / 1e6))
+    finally:
+        if cpus and len(cpus) > 1:
+            os.sched_setaffinity(0, cpus)
+    w = case.workload
+    mp = statistics.median(p for p, _ in parts)
+    mc = statistics.median(c for _, c in parts)
+    row = {"workload": w, "transport": report.LOOPS, "unit": "M msg/s", "higher_better": True,
+           "queue_ref": "", "shm_ref": "", "order": order, "median": statistics.median(values),
+           "values": values, "error": None, "n": n,
+           "note": (f"the shmring row's loops with send = len and recv_bytes = the pool's next message: "
+                    f"producer's loop {mp:.3g}, consumer's loop {mc:.3g} M/s; the stream cannot beat the slower")}
+    log(f"  {w:<22} {row['transport']:<44} {row['median']:.4g} M msg/s (producer's loop {mp:.4g}, "
+        f"consumer's loop {mc:.4g})")
+    return [row]
 
 
 def ring_footprint():
@@ -251,6 +311,8 @@ def main(argv=None) -> int:
     refs.update({f"{nb >> 20}MiB-stream-sum": ((report.SUM_REF,), lambda o, nb=nb: sum_rows(nb, cfg, o, log))
                  for nb in SIZES})
     refs["limits"] = (report.LIMIT_LABELS, lambda o: limits_rows(cfg, log))
+    refs.update({ShmSmallBytes(sz).workload: ((report.LOOPS,), lambda o, sz=sz: loop_rows(sz, cfg, o, log))
+                 for sz in MSG_SIZES})
     refs = {w: r for w, r in refs.items() if not pat or any(pat.search(f"{w} {t}") for t in r[0])}
     if args.list:
         for c in cases:

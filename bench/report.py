@@ -21,7 +21,8 @@ LIMIT_READ_1M = "read: XOR-reduce uint64, 1 MiB (in cache)"
 LIMIT_READ_BIG = "read: XOR-reduce uint64, 256 MiB (> L3)"
 LIMIT_SUM_BIG = "read+add: np.sum float32, 256 MiB (> L3)"
 LIMIT_LABELS = (LIMIT_COPY_BIG, LIMIT_READ_1M, LIMIT_READ_BIG, LIMIT_SUM_BIG)
-REFERENCES = (COPYTO, COPYTO_RING, COPYTO_RING_PRIVATE, SUM_REF) + LIMIT_LABELS
+LOOPS = "the bench's loops alone, no IPC (1 process)"      # the message rows' own Python, no transport
+REFERENCES = (COPYTO, COPYTO_RING, COPYTO_RING_PRIVATE, SUM_REF, LOOPS) + LIMIT_LABELS
 SPIN_FLOOR = "raw shm word spin (Python)"
 SEM_FLOOR = "raw posix_ipc.Semaphore pair"
 PEER_DISTS = ("iceoryx2", "eclipse-zenoh", "ray", "torch", "pyarrow")     # optional peers: versions in the header
@@ -178,7 +179,14 @@ def finish_rows(rows):
             if w == "64B-stream" and t.startswith("shmring"):
                 target = 5.0 if "recv_bytes" in t else 3.0
                 notes.insert(0, f"target >= {target:g} M/s: {'met' if v >= target else '**missed**'}")
-            if _is_msg(w):
+            if _is_msg(w) and t not in REFERENCES:
+                loops = _find(rows, w, LOOPS)
+                if loops:
+                    r["pct_of_loops"] = 100 * v / loops["median"]
+                    if t.startswith("shmring"):
+                        notes.insert(0, f"{r['pct_of_loops']:.0f}% of the bench's loops alone "
+                                        f"({_num(loops['median'])} M/s)")
+            if _is_msg(w) and t != LOOPS:
                 r["payload_gbps"] = v * 1e6 * _msg_bytes(w) / 1e9
                 if w != "64B-stream" or t.startswith("shmring"):
                     notes.append(f"{_num(r['payload_gbps'])} GB/s of payload")
