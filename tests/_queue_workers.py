@@ -176,3 +176,103 @@ def put_arrays_with_checksums(q, n):
         a = (np.arange(1000 + 97 * i) * (i + 1)).astype([np.float32, np.int64, np.uint8][i % 3])
         q.put((i, zlib.crc32(a.tobytes()), a), timeout=60)
     q.put(None, timeout=60)
+
+
+def array_zoo():
+    """Arrays put on their own (R95), with what must come back exactly: dtypes,
+    orders, shapes, and the ones that are pickled instead (object dtype, a
+    1-D uint8 array that starts like an out-of-band item)."""
+    rng = np.random.default_rng(95)
+    f = np.asfortranarray(rng.random((7, 5)))
+    zoo = [rng.random(1000), f, np.arange(40)[::3], np.array(5.5), np.zeros((0, 3)),
+           rng.integers(0, 255, 5000, dtype=np.uint8),
+           np.frombuffer(b"SHQB" + bytes(range(60)), np.uint8),
+           np.array(["a", "bc", "def"]), np.array([1, -2, 3], dtype=">i4"),
+           np.array([(1, 2.5, b"x"), (3, 4.5, b"yz")], dtype=[("a", "<i4"), ("b", "<f8"), ("c", "S2")]),
+           np.array(["2020-01-01", "2021-06-30"], dtype="M8[D]"), np.arange(6, dtype=np.complex64).reshape(2, 3),
+           np.array([None, 1, "x"], dtype=object),
+           (np.arange(1 << 18, dtype=np.float32) * 3).reshape(512, 512)]
+    return zoo
+
+
+def put_array_zoo(q):
+    for a in array_zoo():
+        q.put(a, timeout=60)
+
+
+def get_array_zoo(q, out):
+    """Get the zoo and report what differs (an empty list: all of it came back)."""
+    bad = []
+    for i, want in enumerate(array_zoo()):
+        got = q.get(timeout=60)
+        fortran = want.flags.f_contiguous and not want.flags.c_contiguous
+        same = (got.tolist() == want.tolist() if want.dtype == object
+                else got.tobytes("A") == want.tobytes("A"))
+        if type(got) is not type(want) or got.dtype != want.dtype or got.shape != want.shape or not same \
+                or (fortran and not got.flags.f_contiguous) or (want.flags.writeable and not got.flags.writeable):
+            bad.append((i, repr(got)[:80]))
+    out.put(bad)
+
+
+def put_checked_arrays(q, who, n, seed):
+    """``n`` items (who, i, crc) each followed by its array on its own, of varying sizes and
+    dtypes; arrays and small pickled items interleave, so both paths share the ring."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        a = rng.integers(0, 1 << 30, size=int(rng.integers(0, 40000)))
+        a = a.astype([np.float32, np.int64, np.uint8, np.int16][i % 4])
+        q.put((who, i, zlib.crc32(a.tobytes()), a.dtype.str, a.shape), timeout=60)
+        q.put(a, timeout=60)
+
+
+def get_checked_arrays(q, out, n):
+    """Take ``n`` (header, array) pairs put by put_checked_arrays through a JoinableQueue-free
+    plain Queue with one producer per consumer; report (count, xor of crc) or the first fault."""
+    got, x = 0, 0
+    for _ in range(n):
+        who, i, crc, dt, shape = q.get(timeout=60)
+        a = q.get(timeout=60)
+        if type(a) is not np.ndarray or a.dtype.str != dt or a.shape != shape:
+            out.put(f"item {who}/{i}: {type(a).__name__} {getattr(a, 'dtype', None)} {getattr(a, 'shape', None)}")
+            return
+        if zlib.crc32(a.tobytes()) != crc:
+            out.put(f"item {who}/{i}: bad checksum")
+            return
+        a[...] = 0                      # writable, its own memory
+        got, x = got + 1, x ^ crc
+    out.put((got, x))
+
+
+def _self_checking(who, i):
+    """An int64 array that says who put it and which it was, its content a function of both."""
+    n = 2 + (i * 7919 + who * 104729) % 30000
+    a = np.arange(n, dtype=np.int64) * (i + 1) + who
+    a[0], a[1] = who, i
+    return a
+
+
+def put_self_checking(q, who, n):
+    for i in range(n):
+        q.put(_self_checking(who, i), timeout=60)
+        if i % 5 == 0:
+            q.put(("small", who, i), timeout=60)       # pickled items share the ring
+    q.put(None, timeout=60)
+
+
+def get_self_checking(q, out):
+    """Until None: the (who, i) of every array taken, in order per producer; a fault ends it."""
+    seen, small = [], 0
+    while True:
+        a = q.get(timeout=60)
+        if a is None:
+            out.put((seen, small))
+            return
+        if type(a) is tuple:
+            small += 1
+            continue
+        who, i = int(a[0]), int(a[1])
+        if type(a) is not np.ndarray or not np.array_equal(a, _self_checking(who, i)):
+            out.put(f"array {who}/{i} arrived wrong")
+            return
+        a[0] = -1                       # writable, its own memory
+        seen.append((who, i))

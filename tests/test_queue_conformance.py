@@ -509,7 +509,7 @@ def test_unpicklable_on_the_consumer_side_raises_and_releases():
     # class defined in __main__): get raises; the message is consumed, its
     # space released (no EscapedViewWarning: warnings are errors here)
     q = shmring.Queue()
-    q.put(np.arange(5000))
+    q.put([np.arange(5000)])          # an out-of-band item (R74; an array on its own is not pickled, R95)
     q.put("after")
     real = pickle.loads
 
@@ -533,7 +533,7 @@ def test_corrupt_messages_are_corrupt_segment_error():
     assert q.get() == 0
     raw = q._ring.producer()                     # a second producer writing what a queue never would
     raw.send(b"XXXX not a pickle")
-    raw.send(np.zeros(64, np.uint8))             # an array message without the out-of-band header
+    raw.send({"not": "an item"})                 # an object message (msgpack): a queue sends none
     bad = np.zeros(64, np.uint8)
     bad[:4] = np.frombuffer(b"SHQB", np.uint8)
     bad[4:8] = np.frombuffer((1).to_bytes(4, "little"), np.uint8)      # one buffer ...
@@ -705,7 +705,9 @@ def test_get_lease_of_a_corrupt_item_raises_and_releases():
     q = shmring.Queue(capacity=1 << 16)
     prod = q._producer()
     with prod.reserve_array((64,), np.uint8) as arr:
-        arr[:] = 7                                           # not an out-of-band item
+        arr[:] = 7
+        arr[:4] = np.frombuffer(b"SHQB", np.uint8)           # an out-of-band item (R74) ...
+        arr[4:8] = np.frombuffer((9).to_bytes(4, "little"), np.uint8)   # ... of 9 buffers in 64 bytes
     q._add(L.Q_OFF_ITEMS, 1)
     with pytest.raises(shmring.CorruptSegmentError):
         q.get(lease=True, timeout=10)

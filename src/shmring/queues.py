@@ -31,7 +31,11 @@ lease, where the object keeps the message held until it dies, saves that copy
 but lets a consumer that keeps results block every producer: opt-in only,
 ``get(lease=True)``; see ``docs/design.md``, R74 and R87.)  Once torch is
 loaded, a dense CPU tensor pickles as its bytes out of band, like a numpy
-array, and comes back as a tensor owning its memory (R85).
+array, and comes back as a tensor owning its memory (R85).  A numpy array
+put on its own (``put(arr)``, an exact ``np.ndarray`` of a fixed-size dtype)
+is not pickled at all: it travels as the ring's own array message (one
+``memcpy`` in C, its dtype, shape and order in the message's descriptor) and
+``get`` returns a writable copy of it (R95).
 
 **Trust**: unpickling runs code chosen by whoever pickled.  That is the
 ``multiprocessing`` trust model: the queue's memory is reachable only by
@@ -63,7 +67,7 @@ from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 
-from . import _core, _interop
+from . import _core, _interop, codec
 from . import layout as L
 from .errors import (CorruptSegmentError, EndOfStream, IncompatibleSegment, MessageTooLarge, PeerGone, Timeout,
                      UnsupportedType)
@@ -265,6 +269,46 @@ def _write_oob(mv, stream, raws, hdr, offs):
 def _not_pickle(data, label):
     raise CorruptSegmentError(f"a bytes message of the queue on {label} is not a pickle stream "
                               f"(starts with {bytes(data[:4])!r}, {len(data)} bytes)")
+
+
+_native_dtypes: dict = {}
+
+
+def _native(obj) -> bool:
+    """R95: ``obj`` is put as the ring's own array message instead of a
+    pickle: an exact ``np.ndarray`` whose dtype the message's descriptor
+    carries exactly (fixed-size, and read back as the same dtype: not an
+    extension dtype that would come back as raw bytes), and that cannot be
+    taken for an out-of-band item (a 1-D ``uint8`` array starting with the
+    R74 magic is pickled instead)."""
+    if type(obj) is not np.ndarray:
+        return False
+    dt = obj.dtype
+    ok = _native_dtypes.get(dt)
+    if ok is None:
+        try:
+            back = codec._dtype_from_spec(codec._dtype_spec(dt))
+            ok = type(back) is type(dt) and back == dt and dt.metadata is None
+        except Exception:                  # noqa: BLE001 -- not describable: pickled instead
+            ok = False
+        if len(_native_dtypes) < 256:
+            _native_dtypes[dt] = ok
+    if ok and obj.ndim == 1 and dt == np.uint8 and obj.size >= _OOB_HDR.size:
+        return bytes(obj[:4]) != OOB_MAGIC
+    return ok
+
+
+def _encode(obj):
+    """(item, buffers) of ``obj``: ``(obj, None)`` for an array sent as
+    itself (R95), else the pickle stream and its out-of-band buffers."""
+    return (obj, None) if _native(obj) else _dumps(obj)
+
+
+def _is_oob(value) -> bool:
+    """An array message's value is an out-of-band item (R74), not an array
+    sent as itself (R95): 1-D ``uint8`` starting with the magic."""
+    return (value.ndim == 1 and value.dtype == np.uint8 and value.size >= _OOB_HDR.size
+            and bytes(value[:4]) == OOB_MAGIC)
 
 
 def _decode(mv, label, lease=False):
@@ -481,7 +525,7 @@ class _Base:
     # -- put ------------------------------------------------------------------
     def _put(self, obj, block, timeout):
         self._check_open()
-        stream, bufs = _dumps(obj)                # a pickling error raises here: nothing counted
+        stream, bufs = _encode(obj)               # a pickling error raises here: nothing counted
         deadline = _deadline(block, timeout)
         prod = self._producer()
         self._count_in(1, deadline)
@@ -492,7 +536,9 @@ class _Base:
             raise
 
     def _send(self, prod, stream, bufs, deadline):
-        """Send one item; queue.Full when the ring stays full (in bytes) past the deadline."""
+        """Send one item (a pickle stream and its out-of-band buffers; with
+        ``bufs`` None an array sent as itself, R95); queue.Full when the ring
+        stays full (in bytes) past the deadline."""
         while True:
             try:
                 if not bufs:
@@ -515,9 +561,10 @@ class _Base:
             except Timeout:
                 raise Full from None
             except MessageTooLarge as e:
-                raise MessageTooLarge(f"an item of {len(stream) + sum(memoryview(b).nbytes for b in bufs)} "
+                size = stream.nbytes if bufs is None else len(stream) + sum(memoryview(b).nbytes for b in bufs)
+                raise MessageTooLarge(f"an item of {size} "
                                       f"bytes does not fit in the queue's ring ({self._ring.capacity} bytes: "
-                                      f"items up to about {self._ring.max_message - 16 * len(bufs) - 160}); "
+                                      f"items up to about {self._ring.max_message - 16 * len(bufs or ()) - 160}); "
                                       f"make the queue with a larger capacity=") from e
             except PeerGone:
                 # every consumer that held the ring full died: wait on for a new one
@@ -537,17 +584,26 @@ class _Base:
         try:
             if msg.kind != "array":
                 raise CorruptSegmentError(f"a {msg.kind} message in the queue on {self._label}")
+            value = None
+            value = msg.value                       # a read-only view of the message (checked by the codec)
+            if not _is_oob(value):                  # R95: an array sent as itself
+                if lease:
+                    return value                    # R87: the view holds the message until it dies
+                out = np.array(value)               # the one copy of a get: writable, its own memory
+                value = None                        # no view left: the release below is complete
+                return out
             if lease:
                 # R87: not released here; the views in the object hold the message (its
                 # exports), and dropping the last one releases it (R39: it was handed over)
-                return _decode(memoryview(msg.value), self._label, True)
-            with memoryview(msg.value) as mv:
+                return _decode(memoryview(value), self._label, True)
+            with memoryview(value) as mv:
+                value = None
                 return _decode(mv, self._label)
         except BaseException as e:
             # the traceback's frames hold views of the message: clear their
             # locals (the lines stay) so the release below is complete
             traceback.clear_frames(e.__traceback__)
-            lease = False
+            lease = value = None
             raise
         finally:
             if not lease:
@@ -642,13 +698,13 @@ class Queue(_Base):
     ``qsize()`` works on every platform (R70)."""
 
     def put(self, obj, block: bool = True, timeout=None, _dumps=pickle.dumps, _items=L.Q_OFF_ITEMS,
-            _plain=_NO_BUFFERS, _blobs=(bytes, bytearray), _mods=_modules) -> None:
+            _plain=_NO_BUFFERS, _blobs=(bytes, bytearray), _mods=_modules, _ndarray=np.ndarray) -> None:
         """Put ``obj``; with ``block`` wait up to ``timeout`` s (None: no
         limit) for room, else ``queue.Full``."""
         # fprod: this thread's producer, set only without maxsize, dropped by close() and fork
         prod = getattr(self._local, "fprod", None)
-        if prod is None or (type(obj) in _blobs and len(obj) >= OOB_MIN):
-            return self._put(obj, block, timeout)
+        if prod is None or (type(obj) in _blobs and len(obj) >= OOB_MIN) or type(obj) is _ndarray:
+            return self._put(obj, block, timeout)   # (an array: sent as itself, R95)
         # the common case, inlined (as _put): no bound in items, joined already; a
         # timeout matters only if the ring is full in bytes (then _send waits)
         bufs = []
@@ -726,7 +782,7 @@ class Queue(_Base):
         before the one that did not fit were put, that one and the rest not
         (``e.args[1]`` is how many were put)."""
         self._check_open()
-        encoded = [_dumps(o) for o in objs]
+        encoded = [_encode(o) for o in objs]
         if not encoded:
             return
         deadline = _deadline(block, timeout)
