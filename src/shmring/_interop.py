@@ -147,8 +147,18 @@ def tensor_fast(t):
     """``(meta, bytes view)`` of a contiguous, non-empty CPU tensor sent alone: the
     C core's one-memcpy array path lays it out exactly as :mod:`shmring.codec`
     would (one block at area offset 0); None for anything else (codec.encode)."""
-    if (t.device.type != "cpu" or t.layout is not sys.modules["torch"].strided or t.is_quantized
-            or t.is_conj() or t.is_neg() or not t.is_contiguous() or not t.numel()):
+    raw = None
+    if _numpy_twin(t.dtype) is not None and not t.requires_grad:
+        try:
+            raw = t.numpy()         # a dense CPU tensor without conj / neg bit: a view, in one call
+        except (TypeError, RuntimeError):
+            pass                    # (another device or layout: the checks below say which)
+    if raw is None:
+        if (t.device.type != "cpu" or t.layout is not sys.modules["torch"].strided or t.is_quantized
+                or t.is_conj() or t.is_neg() or not t.is_contiguous() or not t.numel()):
+            return None
+        raw = t.detach().reshape(-1).view(sys.modules["torch"].uint8).numpy()
+    elif not raw.flags.c_contiguous or not raw.size:      # (C order: the meta says C)
         return None
     key = (t.dtype, t.shape)
     meta = _fast_meta.get(key)
@@ -160,7 +170,7 @@ def tensor_fast(t):
         if len(_fast_meta) >= 512:
             _fast_meta.clear()
         _fast_meta[key] = meta
-    return meta, t.detach().reshape(-1).view(sys.modules["torch"].uint8).numpy()
+    return meta, raw
 
 
 def tensor_ext(packer, src, shape, dtype) -> list:
