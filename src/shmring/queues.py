@@ -108,8 +108,9 @@ _queues = weakref.WeakSet()         # this process's queue objects, for the fork
 def _after_fork_in_child():
     global _forks
     _forks += 1
-    for q in list(_queues):            # the parent's handles are the parent's: the fast paths' thread-locals go
+    for q in list(_queues):            # the parent's handles are the parent's: the fast paths go
         q._local = threading.local()
+        q._fast_off()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -382,8 +383,10 @@ def _close_all(holders):
         held.close()
 
 
-class _Base:
-    """What the three queues share: the ring, the shared words, lazy joining."""
+class _Base(_core.QueueCore):
+    """What the three queues share: the ring, the shared words, lazy joining.
+    ``put`` and ``get`` are the C base's (qfast.c): the common case there,
+    everything else through ``_put`` / ``_get`` / ``_take`` below."""
 
     _joinable = False
 
@@ -427,6 +430,7 @@ class _Base:
             self._r = _core.Region(self._ring._seg.buf)
         self._gen = _forks
         self._local = threading.local()
+        self._fast_off()
         self._holders = weakref.WeakSet()
         weakref.finalize(self, _close_all, self._holders).atexit = False   # at exit: recovered as dead
 
@@ -447,8 +451,8 @@ class _Base:
             p = self._ring.producer(spin=self._spin)
             local.prod, local.held_prod = p, _Held(p)
             self._holders.add(local.held_prod)
-            if not self._maxsize:
-                local.fprod = p                # put's fast path (no bound in items); gone on close / fork
+            if not self._maxsize:       # put's fast path (qfast.c): this thread's producer
+                self._fast_put(p, self._r, L.Q_OFF_ITEMS, L.Q_OFF_UNFINISHED if self._joinable else -1)
         return p
 
     def _consumer(self):
@@ -461,8 +465,8 @@ class _Base:
             c = self._ring.consumer(spin=self._spin)
             local.cons, local.held_cons, local.pending = c, _Held(c), None
             self._holders.add(local.held_cons)
-            if not self._maxsize:
-                local.fcons = c                # get's fast path; gone on close / fork
+            if not self._maxsize:       # get's fast path (qfast.c): this thread's consumer
+                self._fast_get(c, self._r, L.Q_OFF_ITEMS, -1)
         return c
 
     def _check_open(self):
@@ -534,6 +538,23 @@ class _Base:
         except BaseException:
             self._undo(1)
             raise
+
+    def _fast_off(self):
+        """No fast path (qfast.c) until a thread of this process joins again."""
+        self._fast_put(None, None, 0, -1)
+        self._fast_get(None, None, 0, -1)
+
+    def _send_counted(self, prod, stream, block, timeout):
+        """put's fast path found no room, or a dead consumer, or too large an
+        item: the item is counted in already (R70); wait, or say why."""
+        try:
+            self._send(prod, stream, (), _deadline(block, timeout))
+        except BaseException:
+            self._undo(1)
+            raise
+
+    def _bad_stream(self, data):
+        _not_pickle(data, self._label)
 
     def _send(self, prod, stream, bufs, deadline):
         """Send one item (a pickle stream and its out-of-band buffers; with
@@ -616,8 +637,8 @@ class _Base:
         err = getattr(local, "pending", None)
         if err is not None:
             local.pending = None
-            if not self._maxsize:
-                local.fcons = local.cons          # get's fast path again (get_many turned it off)
+            if not self._maxsize:       # get's fast path again (get_many turned it off)
+                self._fast_get(local.cons, self._r, L.Q_OFF_ITEMS, -1)
             raise err
 
     def _get(self, block, timeout, lease=False):
@@ -671,6 +692,7 @@ class _Base:
         if self._closed:
             return
         self._closed = True
+        self._fast_off()
         if self._gen == _forks:
             _close_all(self._holders)
         self._local = threading.local()
@@ -697,79 +719,8 @@ class Queue(_Base):
     timeout, then ``queue.Full``) when the ring is full in bytes too, and
     ``qsize()`` works on every platform (R70)."""
 
-    def put(self, obj, block: bool = True, timeout=None, _dumps=pickle.dumps, _items=L.Q_OFF_ITEMS,
-            _plain=_NO_BUFFERS, _blobs=(bytes, bytearray), _mods=_modules, _ndarray=np.ndarray) -> None:
-        """Put ``obj``; with ``block`` wait up to ``timeout`` s (None: no
-        limit) for room, else ``queue.Full``."""
-        # fprod: this thread's producer, set only without maxsize, dropped by close() and fork
-        prod = getattr(self._local, "fprod", None)
-        if prod is None or (type(obj) in _blobs and len(obj) >= OOB_MIN) or type(obj) is _ndarray:
-            return self._put(obj, block, timeout)   # (an array: sent as itself, R95)
-        # the common case, inlined (as _put): no bound in items, joined already; a
-        # timeout matters only if the ring is full in bytes (then _send waits)
-        bufs = []
-        try:
-            # (objects that cannot hold a buffer skip the callback; a bytes item here is < OOB_MIN;
-            # once torch is loaded, anything else may hold a tensor: _tdumps, R85)
-            if type(obj) in _plain:
-                stream = _dumps(obj, 5)
-            elif _mods.get(_TORCH) is None:
-                stream = _dumps(obj, 5, buffer_callback=bufs.append)
-            else:
-                stream, bufs = _tdumps(obj)
-        except Exception:
-            return self._put(obj, block, timeout)   # the ForkingPickler fallback, or the error
-        r = self._r
-        if self._joinable:
-            r.fetch_add_u64(L.Q_OFF_UNFINISHED, 1)   # R72, then R70: counted before it can be taken
-        r.fetch_add_u64(_items, 1)
-        try:
-            if bufs:
-                self._send(prod, stream, bufs, _deadline(block, timeout))
-            else:
-                try:
-                    if prod.try_send(stream):
-                        return
-                except (PeerGone, MessageTooLarge):
-                    pass                            # _send says which (and waits for a consumer)
-                self._send(prod, stream, bufs, _deadline(block, timeout))
-        except BaseException:
-            self._undo(1)
-            raise
-
     def put_nowait(self, obj) -> None:
         self.put(obj, False)
-
-    def get(self, block: bool = True, timeout=None, *, lease: bool = False, _loads=pickle.loads,
-            _items=L.Q_OFF_ITEMS):
-        """Take the next item; with ``block`` wait up to ``timeout`` s (None:
-        no limit), else ``queue.Empty``.
-
-        ``lease=True`` (an extension; R87): the item's out-of-band buffers
-        (numpy arrays, torch tensors, ...) come back as read-only views of
-        the ring instead of copies, and the item's ring space stays held
-        until the last of them is garbage-collected: no receive copy, but
-        keep such objects briefly (space comes back in ring order: one kept
-        for good stops every producer once the ring wraps around to it).
-        Items without buffers are unaffected."""
-        cons = getattr(self._local, "fcons", None)    # as put's fprod
-        if cons is None or lease:
-            return self._get(block, timeout, lease)
-        # the common case, inlined (as _get): an item is there already
-        try:
-            msg = cons.try_recv()
-        except (EndOfStream, PeerGone):
-            return self._get(block, timeout)        # says what it means (corruption, R73)
-        if msg is None:
-            return self._get(block, timeout)        # waits, up to the timeout
-        if msg.type == 1:                           # T_BYTES: a pickle stream
-            data = msg._take_copy()
-            self._r.fetch_add_u64(_items, _M64)     # R70: -1, once taken (before it is unpickled)
-            return _loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
-        try:
-            return self._take(msg)
-        finally:
-            self._r.fetch_add_u64(_items, _M64)     # taken, even if it fails to unpickle (as multiprocessing)
 
     def get_nowait(self):
         return self._get(False, None)
@@ -815,25 +766,25 @@ class Queue(_Base):
             raise ValueError(f"max_messages_to_get must be >= 1, got {max_messages_to_get}")
         out = [self._get(block, timeout)]
         cons = self._consumer()
-        take, loads, append = cons.try_recv, pickle.loads, out.append
+        take, loads, append = cons._take_item, pickle.loads, out.append
         n = 1
         try:
             while n < max_messages_to_get:
-                msg = take()
-                if msg is None:
+                got = take()
+                if got is None:
                     break
                 n += 1                               # taken: counted out below, whatever follows
-                if msg.type == 1:                    # T_BYTES: a pickle stream (as get's fast path)
-                    data = msg._take_copy()
-                    append(loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label))
+                if type(got) is bytes:               # a pickle stream (as get's fast path)
+                    append(loads(got) if got[:1] == b"\x80" else _not_pickle(got, self._label))
                 else:
-                    append(self._take(msg))
+                    append(self._take(got))
         except Exception as e:
             # an item failed to unpickle after others were taken: they are returned, and
             # the next get / get_many of this thread raises its error (get's fast path is
             # off until then: _raise_pending turns it back on)
             self._local.pending = e.with_traceback(None)
-            self._local.fcons = None
+            if self._fast_getter():
+                self._fast_get(None, None, 0, -1)    # (_raise_pending gives it back)
         finally:
             if n > 1:
                 self._count_out(n - 1)

@@ -400,6 +400,8 @@ static PyObject *Consumer_recv(Consumer *self, PyObject *const *args, Py_ssize_t
     return res;
 }
 
+static int bytes_out(Consumer *self, Rec *rp, PyObject **out);
+
 /* Copy out a bytes record and release it at once.  PEEK_FOUND (*out set), else a peek status. */
 static int consumer_take_bytes(Consumer *self, PyObject **out) {
     Rec r;
@@ -421,6 +423,12 @@ static int consumer_take_bytes(Consumer *self, PyObject **out) {
         }
         return PEEK_CORRUPT;
     }
+    return bytes_out(self, &r, out);
+}
+
+/* Copy out the bytes record r (just peeked) and release it at once. */
+static int bytes_out(Consumer *self, Rec *rp, PyObject **out) {
+    Rec r = *rp;
     PyObject *b = PyBytes_FromStringAndSize(self->r.base + r.off, r.len);
     if (!b) return PEEK_CORRUPT;
     count_received(self);
@@ -462,6 +470,29 @@ static PyObject *Consumer_try_recv_bytes(Consumer *self, PyObject *unused) {
     int s = consumer_take_bytes(self, &b);
     bc_unhold_if_idle(self);
     return guard_exit(&self->r, s == PEEK_FOUND ? b : peek_status(self, s));
+}
+
+/* _take_item() -> bytes | Message | None: a queue's get (R74) in one call: a bytes
+ * message copied out and released at once, any other message as try_recv gives it
+ * (nothing is given back, unlike recv_bytes on an mpmc ring). */
+static PyObject *consumer_take_item(Consumer *self) {
+    if (check_usable(&self->r) < 0) return NULL;
+    Rec r;
+    PyObject *res = NULL;
+    int s = consumer_peek(self, &r);
+    if (s == PEEK_FOUND && r.type == SHMR_T_BYTES) s = bytes_out(self, &r, &res);
+    else if (s == PEEK_FOUND) res = consumer_message(self, &r);
+    if (s != PEEK_FOUND) res = peek_status(self, s);
+    bc_unhold_if_idle(self);
+    return res;
+}
+
+PyObject *Consumer_take_item(Consumer *self, PyObject *unused) {
+    unsigned long prev;
+    if (use_begin(&self->user, &prev, "consumer", CONSUMER_HINT) < 0) return NULL;
+    PyObject *res = guard_exit(&self->r, consumer_take_item(self));
+    self->user = prev;
+    return res;
 }
 
 static int data_cond(void *vctx) { return consumer_ready((Consumer *)vctx); }
@@ -546,6 +577,7 @@ static PyMethodDef Consumer_methods[] = {
     {"recv_bytes", (PyCFunction)(void (*)(void))Consumer_recv_bytes, METH_FASTCALL | METH_KEYWORDS,
      "recv_bytes(*, timeout=None) -> bytes: copy out the next bytes message and release it at once"},
     {"_try_recv_bytes", (PyCFunction)Consumer_try_recv_bytes, METH_NOARGS, NULL},
+    {"_take_item", (PyCFunction)Consumer_take_item, METH_NOARGS, NULL},
     {"_wait_data", (PyCFunction)(void (*)(void))Consumer_wait_data, METH_FASTCALL, NULL},
     {"_arm_data", (PyCFunction)Consumer_arm_data, METH_O, NULL},
     {"_has_data", (PyCFunction)Consumer_has_data, METH_NOARGS, NULL},

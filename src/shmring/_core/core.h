@@ -54,6 +54,7 @@ static inline uint64_t align16(uint64_t n) { return (n + 15u) & ~(uint64_t)15u; 
 extern PyObject *SegmentTruncated;
 extern PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *EscapedViewWarning;
 extern PyObject *WrongKind;
+extern PyObject *PeerGone, *EndOfStream;
 extern unsigned long fork_generation;      /* bumped in every forked child */
 
 void finalize_by_method(PyObject *self);   /* tp_finalize: the class's _finalize(), interrupt-proof (R50) */
@@ -199,6 +200,7 @@ typedef struct {
 } Producer;
 
 extern PyTypeObject ProducerType;
+PyObject *Producer_try_send(Producer *self, PyObject *data);
 
 /* ------------------------------------------------------------- consumer.c */
 
@@ -233,6 +235,8 @@ typedef struct {
 typedef struct { uint64_t start, end; Py_ssize_t off, len; int type; int again; } Rec;   /* again: a returned record handed out again */
 
 extern PyTypeObject ConsumerType;
+PyObject *Consumer_take_item(Consumer *self, PyObject *unused);
+extern PyTypeObject QueueCoreType;
 int consumer_skip(Consumer *c, uint64_t start, uint64_t end);
 int consumer_finish(Consumer *c, uint64_t start, uint64_t end);
 int consumer_return(Consumer *c, uint64_t start, uint64_t end);

@@ -8,6 +8,7 @@
 
 PyObject *CorruptSegmentError, *MessageTooLarge, *HandleClosed, *ShmringError, *EscapedViewWarning;
 PyObject *WrongKind;
+PyObject *PeerGone, *EndOfStream;
 unsigned long fork_generation;
 PyObject *decode_func, *copy_func, *state_decode_func;
 
@@ -72,9 +73,11 @@ static int load_errors(void) {
     ShmringError = PyObject_GetAttrString(m, "ShmringError");
     EscapedViewWarning = PyObject_GetAttrString(m, "EscapedViewWarning");
     SegmentTruncated = PyObject_GetAttrString(m, "SegmentTruncated");
+    PeerGone = PyObject_GetAttrString(m, "PeerGone");
+    EndOfStream = PyObject_GetAttrString(m, "EndOfStream");
     Py_DECREF(m);
     return (CorruptSegmentError && MessageTooLarge && HandleClosed && WrongKind && ShmringError && EscapedViewWarning &&
-            SegmentTruncated) ? 0 : -1;
+            SegmentTruncated && PeerGone && EndOfStream) ? 0 : -1;
 }
 
 static PyObject *set_codec(PyObject *mod, PyObject *const *args, Py_ssize_t n) {
@@ -248,7 +251,7 @@ PyMODINIT_FUNC PyInit__core(void) {
     static const struct { const char *name; PyTypeObject *type; } types[] = {
         {"Region", &RegionType}, {"ProducerCore", &ProducerType}, {"ConsumerCore", &ConsumerType},
         {"Lease", &LeaseType}, {"Message", &MessageType}, {"StateCore", &StateCoreType},
-        {"Snapshot", &SnapshotType}, {"Guard", &GuardType},
+        {"Snapshot", &SnapshotType}, {"Guard", &GuardType}, {"QueueCore", &QueueCoreType},
     };
     const size_t ntypes = sizeof types / sizeof types[0];
     if (load_errors() < 0) return NULL;

@@ -117,7 +117,7 @@ static PyObject *producer_try_send(Producer *self, PyObject *data) {
     return PyObject_CallMethodObjArgs((PyObject *)self, str_try_send_obj, data, NULL);
 }
 
-static PyObject *Producer_try_send(Producer *self, PyObject *data) {
+PyObject *Producer_try_send(Producer *self, PyObject *data) {
     unsigned long prev;
     if (use_begin(&self->user, &prev, "producer", "") < 0) return NULL;
     PyObject *res = guard_exit(&self->r, producer_try_send(self, data));
