@@ -92,6 +92,36 @@ bad:
     return -1;
 }
 
+/* An object whose pickle can hold no out-of-band buffer: exact bytes under OOB_MIN, str,
+ * int, float, bool, complex, None. */
+static inline int plain(PyObject *o) {
+    PyTypeObject *t = Py_TYPE(o);
+    return (t == &PyBytes_Type && PyBytes_GET_SIZE(o) < OOB_MIN) || t == &PyUnicode_Type || t == &PyLong_Type ||
+           t == &PyFloat_Type || t == &PyBool_Type || o == Py_None || t == &PyComplex_Type;
+}
+
+/* A dict, list or tuple of plain objects only (one level: a record), up to 64 of them. */
+static int flat(PyObject *o) {
+    PyTypeObject *t = Py_TYPE(o);
+    if (t == &PyDict_Type) {
+        if (PyDict_GET_SIZE(o) > 64) return 0;
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(o, &pos, &k, &v))
+            if (!plain(k) || !plain(v)) return 0;
+        return 1;
+    }
+    if (t == &PyList_Type || t == &PyTuple_Type) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+        if (n > 64) return 0;
+        PyObject **items = PySequence_Fast_ITEMS(o);
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (!plain(items[i])) return 0;
+        return 1;
+    }
+    return 0;
+}
+
 static PyObject *QueueCore_put(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     static const char *const names[] = {"obj", "block", "timeout"};
     PyObject *a[3] = {NULL, NULL, NULL};
@@ -104,8 +134,7 @@ static PyObject *QueueCore_put(QueueCore *self, PyObject *const *args, Py_ssize_
     Region *r = usable(self->fput, self->put_tid);
     PyTypeObject *t = Py_TYPE(obj);
     if (!r) goto slow;
-    if ((t == &PyBytes_Type && PyBytes_GET_SIZE(obj) < OOB_MIN) || t == &PyUnicode_Type || t == &PyLong_Type ||
-        t == &PyFloat_Type || t == &PyBool_Type || obj == Py_None || t == &PyComplex_Type) {
+    if (plain(obj) || flat(obj)) {
         PyObject *cargs[2] = {obj, int_5};          /* nothing to hand out of band: pickled whole */
         stream = PyObject_Vectorcall(pickle_dumps, cargs, 2, NULL);
     } else if (t == &PyDict_Type || t == &PyList_Type || t == &PyTuple_Type) {
