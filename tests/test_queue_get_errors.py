@@ -6,7 +6,9 @@ Before the fix the failed item stayed counted: ``qsize()`` was one too high
 for good, and with ``maxsize`` every such item took a place for ever, until
 ``put`` blocked on an empty queue.  ``get_many`` dropped the items it had
 already taken when a later one failed."""
+import queue as pyqueue
 import signal
+import time
 
 import multiprocess
 import numpy as np
@@ -30,6 +32,19 @@ def alarm():
     signal.signal(signal.SIGALRM, old)
 
 
+def _nowait(q, patience=30.0):
+    """get_nowait until it returns: an item is counted from before it is sent (R70), so a
+    put under way makes the queue non-empty a moment before get_nowait can take it."""
+    end = time.monotonic() + patience
+    while True:
+        try:
+            return q.get_nowait()
+        except pyqueue.Empty:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.001)
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 @pytest.mark.parametrize("how", ["get", "get(timeout)", "get_nowait"])
 def test_an_item_that_fails_to_unpickle_is_counted_out(method, how, alarm):
@@ -38,8 +53,7 @@ def test_an_item_that_fails_to_unpickle_is_counted_out(method, how, alarm):
     items = [("unloadable", "one"), 1, ("unloadable", "two"), np.arange(5000.0), 2]
     p = ctx.Process(target=put_items, args=(q, items))
     p.start()
-    get = {"get": q.get, "get(timeout)": lambda: q.get(timeout=30),
-           "get_nowait": lambda: q.get(timeout=30) if q.empty() else q.get_nowait()}[how]
+    get = {"get": q.get, "get(timeout)": lambda: q.get(timeout=30), "get_nowait": lambda: _nowait(q)}[how]
     got = []
     try:
         for _ in items:

@@ -533,10 +533,12 @@ class _Base(_core.QueueCore):
         deadline = _deadline(block, timeout)
         prod = self._producer()
         self._count_in(1, deadline)
+        sent = prod._commits
         try:
             self._send(prod, stream, bufs, deadline)
         except BaseException:
-            self._undo(1)
+            if prod._commits == sent:      # not sent: out again (an interrupt after the commit: it stays)
+                self._undo(1)
             raise
 
     def _fast_off(self):
@@ -547,10 +549,12 @@ class _Base(_core.QueueCore):
     def _send_counted(self, prod, stream, block, timeout):
         """put's fast path found no room, or a dead consumer, or too large an
         item: the item is counted in already (R70); wait, or say why."""
+        sent = prod._commits
         try:
             self._send(prod, stream, (), _deadline(block, timeout))
         except BaseException:
-            self._undo(1)
+            if prod._commits == sent:      # not sent: out again (as _put)
+                self._undo(1)
             raise
 
     def _bad_stream(self, data):
@@ -598,9 +602,14 @@ class _Base(_core.QueueCore):
         before it returns: a bytes message is a pickle stream (copied out
         and released in one C step), an array message an out-of-band item
         (R74).  (Not ``recv_bytes``: on an array message of an mpmc ring it
-        gives the message back for redelivery, which may reorder it.)"""
+        gives the message back for redelivery, which may reorder it.)
+
+        It counts the item out (R70) once the message is consumed, and only
+        then: an interrupt that lands before (the message dropped unread) has
+        it handed out again (R39), to be counted out by the get that takes it."""
         if msg.type == L.T_BYTES:
             data = msg._take_copy()                  # copied out and released in one step
+            self._count_out(1)
             return pickle.loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
         try:
             if msg.kind != "array":
@@ -629,6 +638,7 @@ class _Base(_core.QueueCore):
         finally:
             if not lease:
                 msg.release()
+            self._count_out(1)      # consumed (or leased): out, even if it failed to decode (as multiprocessing)
 
     def _raise_pending(self):
         """Raise the error of an item that failed to unpickle in this thread's
@@ -661,10 +671,7 @@ class _Base(_core.QueueCore):
                         raise Empty from None
         except (EndOfStream, PeerGone):            # a queue's stream never ends (R73): corruption
             raise CorruptSegmentError(f"the queue on {self._label} ended its stream") from None
-        try:
-            return self._take(msg, lease)
-        finally:
-            self._count_out(1)      # taken, even if it fails to unpickle (as multiprocessing)
+        return self._take(msg, lease)                # (counts it out, R70)
 
     # -- sizes ----------------------------------------------------------------
     def qsize(self) -> int:
@@ -740,7 +747,7 @@ class Queue(_Base):
         prod = self._producer()
         n = len(encoded)
         self._count_in(n, deadline)
-        done = 0
+        first = prod._commits                        # one commit per item: what was sent, even if interrupted
         try_send = prod.try_send
         try:
             for stream, bufs in encoded:
@@ -750,12 +757,12 @@ class Queue(_Base):
                     sent = False                     # _send says which (and waits for a consumer)
                 if not sent:
                     self._send(prod, stream, bufs, deadline)
-                done += 1
         except Full:
+            done = prod._commits - first
             self._undo(n - done)
             raise Full("queue full", done) from None
         except BaseException:
-            self._undo(n - done)
+            self._undo(n - (prod._commits - first))
             raise
 
     def get_many(self, block: bool = True, timeout=None, max_messages_to_get: int = 1 << 30) -> list:
@@ -767,17 +774,18 @@ class Queue(_Base):
         out = [self._get(block, timeout)]
         cons = self._consumer()
         take, loads, append = cons._take_item, pickle.loads, out.append
-        n = 1
+        n, streams = 1, 0
         try:
             while n < max_messages_to_get:
                 got = take()
                 if got is None:
                     break
-                n += 1                               # taken: counted out below, whatever follows
-                if type(got) is bytes:               # a pickle stream (as get's fast path)
+                n += 1
+                if type(got) is bytes:               # a pickle stream (as get's fast path), taken:
+                    streams += 1                     # counted out below, whatever follows
                     append(loads(got) if got[:1] == b"\x80" else _not_pickle(got, self._label))
                 else:
-                    append(self._take(got))
+                    append(self._take(got))          # (counts it out itself)
         except Exception as e:
             # an item failed to unpickle after others were taken: they are returned, and
             # the next get / get_many of this thread raises its error (get's fast path is
@@ -786,8 +794,8 @@ class Queue(_Base):
             if self._fast_getter():
                 self._fast_get(None, None, 0, -1)    # (_raise_pending gives it back)
         finally:
-            if n > 1:
-                self._count_out(n - 1)
+            if streams:
+                self._count_out(streams)
         return out
 
     def join_thread(self) -> None:

@@ -197,6 +197,7 @@ typedef struct {
     char *entry;            /* multi-party: our producer table line */
     unsigned long user;     /* the thread inside a call of this handle, 0: none (one thread at a time) */
     uint64_t res_seq;       /* reservations opened so far: names the open one, so a stale abort misses */
+    uint64_t commits;       /* messages this handle published: a caller interrupted mid-send asks it */
 } Producer;
 
 extern PyTypeObject ProducerType;

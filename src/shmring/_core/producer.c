@@ -35,6 +35,7 @@ static inline int producer_claim(Producer *p, uint64_t payload_len, uint64_t *re
 static inline void producer_finish(Producer *p, uint64_t start, uint64_t claimed_len, uint64_t len, unsigned type) {
     if (is_multi(&p->r)) mp_commit(p, start, claimed_len, len, type);
     else spsc_publish(p, start, len, type);
+    p->commits++;
 }
 
 static int too_large(Producer *p, uint64_t len) {
@@ -397,6 +398,7 @@ static PyObject *Producer_get_write_pos(Producer *self, void *c) {
 static PyObject *Producer_get_reserved(Producer *self, void *c) { return PyBool_FromLong(self->reserved); }
 static PyObject *Producer_get_res_seq(Producer *self, void *c) { return PyLong_FromUnsignedLongLong(self->res_seq); }
 static PyObject *Producer_get_user(Producer *self, void *c) { return PyLong_FromUnsignedLong(self->user); }
+static PyObject *Producer_get_commits(Producer *self, void *c) { return PyLong_FromUnsignedLongLong(self->commits); }
 
 static PyMethodDef Producer_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Producer_send, METH_FASTCALL | METH_KEYWORDS,
@@ -421,6 +423,7 @@ static PyGetSetDef Producer_getset[] = {
     {"_reserved", (getter)Producer_get_reserved, NULL, NULL, NULL},
     {"_res_seq", (getter)Producer_get_res_seq, NULL, "reservations opened so far (the open one's number)", NULL},
     {"_user", (getter)Producer_get_user, NULL, NULL, NULL},
+    {"_commits", (getter)Producer_get_commits, NULL, "messages this handle published (process-local)", NULL},
     {"closed", (getter)Region_get_closed, NULL, "True once close() was called", NULL},
     {NULL}
 };

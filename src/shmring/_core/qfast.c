@@ -225,10 +225,11 @@ static PyObject *QueueCore_get(QueueCore *self, PyObject *const *args, Py_ssize_
         Py_DECREF(got);
         return res;
     }
-    PyObject *cargs[2] = {(PyObject *)self, got};   /* a message: _take decodes and releases it */
+    /* a message: _take decodes, releases and counts it out (once consumed: an interrupt
+     * before that has it handed out again, R39) */
+    PyObject *cargs[2] = {(PyObject *)self, got};
     PyObject *res = PyObject_VectorcallMethod(str_take, cargs, 2, NULL);
     Py_DECREF(got);
-    if (count(self, self->items_off, (uint64_t)-1) < 0) Py_CLEAR(res);   /* taken, even if it fails to unpickle */
     return res;
 slow:;
     PyObject *sargs[4] = {(PyObject *)self, a[0], a[1], a[2]};
