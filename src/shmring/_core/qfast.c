@@ -161,10 +161,12 @@ static PyObject *QueueCore_put(QueueCore *self, PyObject *const *args, Py_ssize_
         Py_DECREF(stream);
         return NULL;
     }
-    PyObject *ok = Producer_try_send((Producer *)self->fput, stream);
+    PyObject *prod = Py_NewRef(self->fput);         /* ours for the call: close() may drop the slot's */
+    PyObject *ok = Producer_try_send((Producer *)prod, stream);
     if (ok == Py_True) {
         Py_DECREF(ok);
         Py_DECREF(stream);
+        Py_DECREF(prod);
         Py_RETURN_NONE;
     }
     if (!ok) {
@@ -179,15 +181,17 @@ static PyObject *QueueCore_put(QueueCore *self, PyObject *const *args, Py_ssize_
             PyErr_Clear();
             PyErr_Restore(et, ev, tb);
             Py_DECREF(stream);
+            Py_DECREF(prod);
             return NULL;
         }
         PyErr_Clear();                              /* _send says which (and waits for a consumer) */
     } else {
         Py_DECREF(ok);                              /* full: _send waits, up to the timeout */
     }
-    PyObject *cargs[5] = {(PyObject *)self, self->fput, stream, a[1], a[2]};
+    PyObject *cargs[5] = {(PyObject *)self, prod, stream, a[1], a[2]};
     PyObject *res = PyObject_VectorcallMethod(str_send_counted, cargs, 5, NULL);
     Py_DECREF(stream);
+    Py_DECREF(prod);
     return res;
 slow:;
     PyObject *sargs[4] = {(PyObject *)self, obj, a[1], a[2]};
@@ -206,7 +210,9 @@ static PyObject *QueueCore_get(QueueCore *self, PyObject *const *args, Py_ssize_
     if (lease < 0) return NULL;
     if (qfast_init_globals() < 0) return NULL;
     if (!usable(self->fget, self->get_tid) || lease) goto slow;
-    PyObject *got = Consumer_take_item((Consumer *)self->fget, NULL);   /* a bytes message: copied out and released */
+    PyObject *cons = Py_NewRef(self->fget);
+    PyObject *got = Consumer_take_item((Consumer *)cons, NULL);   /* a bytes message: copied out and released */
+    Py_DECREF(cons);
     if (!got) {
         if (!PyErr_ExceptionMatches(EndOfStream) && !PyErr_ExceptionMatches(PeerGone)) return NULL;
         PyErr_Clear();                              /* _get says what it means (corruption, R73) */
