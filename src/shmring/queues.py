@@ -97,7 +97,6 @@ _RO = 1 << 63
 _M64 = (1 << 64) - 1
 _MAX_WORD = 1 << 62               # a count above this in a queue word is corruption
 
-_NO_BUFFERS = frozenset((bytes, str, int, float, bool, complex, type(None)))
 
 _forks = 0
 
@@ -451,7 +450,7 @@ class _Base(_core.QueueCore):
             p = self._ring.producer(spin=self._spin)
             local.prod, local.held_prod = p, _Held(p)
             self._holders.add(local.held_prod)
-            if not self._maxsize:       # put's fast path (qfast.c): this thread's producer
+            if not self._maxsize:       # put's fast path (qfast.c): this thread's, if none is yet
                 self._fast_put(p, self._r, L.Q_OFF_ITEMS, L.Q_OFF_UNFINISHED if self._joinable else -1)
         return p
 
@@ -465,7 +464,7 @@ class _Base(_core.QueueCore):
             c = self._ring.consumer(spin=self._spin)
             local.cons, local.held_cons, local.pending = c, _Held(c), None
             self._holders.add(local.held_cons)
-            if not self._maxsize:       # get's fast path (qfast.c): this thread's consumer
+            if not self._maxsize:       # get's fast path (qfast.c): this thread's, if none is yet
                 self._fast_get(c, self._r, L.Q_OFF_ITEMS, -1)
         return c
 

@@ -244,7 +244,8 @@ slow:;
 
 /* _fast_put(producer, region, items_off, unfinished_off or -1) / _fast_get(consumer, region,
  * items_off, -1): this thread's handle becomes the fast path's (counting through region, the
- * queue's own); _fast_put(None, ...) / _fast_get(None, ...) turn it off. */
+ * queue's own), unless another thread's still usable one is; _fast_put(None, ...) /
+ * _fast_get(None, ...) turn it off. */
 static int set_fast(QueueCore *self, PyObject *const *args, Py_ssize_t n, PyObject **slot, unsigned long *tid,
                     PyTypeObject *type) {
     if (n != 4) {
@@ -252,6 +253,8 @@ static int set_fast(QueueCore *self, PyObject *const *args, Py_ssize_t n, PyObje
         return -1;
     }
     if (args[0] == Py_None) { Py_CLEAR(*slot); return 0; }
+    Region *held = (Region *)*slot;                 /* the first thread keeps it while its handle is usable */
+    if (held && !held->closed && held->has_view && !truncated(held) && !inherited(held)) return 0;
     if (!PyObject_TypeCheck(args[0], type) || !PyObject_TypeCheck(args[1], &RegionType)) {
         PyErr_SetString(PyExc_TypeError, "not a handle of the right kind, or not a Region");
         return -1;
