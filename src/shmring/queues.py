@@ -739,7 +739,8 @@ class Queue(_Base):
         before the one that did not fit were put, that one and the rest not
         (``e.args[1]`` is how many were put)."""
         self._check_open()
-        encoded = [_encode(o) for o in objs]
+        whole = self._pickled_whole                  # (qfast.c: an object pickled whole, else None)
+        encoded = [(stream, ()) if (stream := whole(o)) is not None else _encode(o) for o in objs]
         if not encoded:
             return
         deadline = _deadline(block, timeout)

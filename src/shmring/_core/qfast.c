@@ -122,25 +122,18 @@ static int flat(PyObject *o) {
     return 0;
 }
 
-static PyObject *QueueCore_put(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
-    static const char *const names[] = {"obj", "block", "timeout"};
-    PyObject *a[3] = {NULL, NULL, NULL};
-    if (parse(args, nargs, kwnames, names, 3, 3, a, "put(obj, block=True, timeout=None)") < 0) return NULL;
-    if (!a[0]) { PyErr_SetString(PyExc_TypeError, "put(obj, block=True, timeout=None)"); return NULL; }
-    if (!a[1]) a[1] = Py_True;
-    if (!a[2]) a[2] = Py_None;
-    PyObject *obj = a[0], *stream = NULL;
-    if (qfast_init_globals() < 0) return NULL;
-    Region *r = usable(self->fput, self->put_tid);
+/* pickle.dumps(obj, 5) of an object that hands out no out-of-band buffer (plain, a
+ * record, or a dict / list / tuple whose pickling handed none out while torch is not
+ * loaded, R85), or NULL: not such an object (no error set), or its pickling error. */
+static PyObject *pickled_whole(PyObject *obj) {
     PyTypeObject *t = Py_TYPE(obj);
-    if (!r) goto slow;
+    PyObject *stream;
     if (plain(obj) || flat(obj)) {
-        PyObject *cargs[2] = {obj, int_5};          /* nothing to hand out of band: pickled whole */
+        PyObject *cargs[2] = {obj, int_5};
         stream = PyObject_Vectorcall(pickle_dumps, cargs, 2, NULL);
     } else if (t == &PyDict_Type || t == &PyList_Type || t == &PyTuple_Type) {
-        /* may hold buffers (arrays: out of band) or, once torch is loaded, tensors (R85): Python's */
         PyObject *torch = PyDict_GetItemWithError(modules_dict, str_torch);
-        if (torch || PyErr_Occurred()) { PyErr_Clear(); goto slow; }
+        if (torch || PyErr_Occurred()) return NULL;
         PyObject *bufs = PyList_New(0);
         if (!bufs) return NULL;
         PyObject *append = PyObject_GetAttr(bufs, str_append);
@@ -152,9 +145,34 @@ static PyObject *QueueCore_put(QueueCore *self, PyObject *const *args, Py_ssize_
         Py_DECREF(bufs);
         if (stream && n) Py_CLEAR(stream);          /* out-of-band buffers: Python lays them out */
     } else {
-        goto slow;
+        return NULL;
     }
-    if (!stream || !PyBytes_Check(stream)) { PyErr_Clear(); Py_XDECREF(stream); goto slow; }   /* its error, from Python */
+    if (stream && !PyBytes_Check(stream)) Py_CLEAR(stream);
+    return stream;
+}
+
+/* _pickled_whole(obj) -> bytes | None: the same for put_many (None: the general path). */
+static PyObject *QueueCore_pickled_whole(PyObject *self, PyObject *obj) {
+    if (qfast_init_globals() < 0) return NULL;
+    PyObject *stream = pickled_whole(obj);
+    if (stream) return stream;
+    PyErr_Clear();
+    Py_RETURN_NONE;
+}
+
+static PyObject *QueueCore_put(QueueCore *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    static const char *const names[] = {"obj", "block", "timeout"};
+    PyObject *a[3] = {NULL, NULL, NULL};
+    if (parse(args, nargs, kwnames, names, 3, 3, a, "put(obj, block=True, timeout=None)") < 0) return NULL;
+    if (!a[0]) { PyErr_SetString(PyExc_TypeError, "put(obj, block=True, timeout=None)"); return NULL; }
+    if (!a[1]) a[1] = Py_True;
+    if (!a[2]) a[2] = Py_None;
+    PyObject *obj = a[0], *stream = NULL;
+    if (qfast_init_globals() < 0) return NULL;
+    Region *r = usable(self->fput, self->put_tid);
+    if (!r) goto slow;
+    stream = pickled_whole(obj);
+    if (!stream) { PyErr_Clear(); goto slow; }      /* not one (or its error): from Python */
     /* R72 then R70: counted before it can be taken */
     if ((self->unfinished_off >= 0 && count(self, (uint64_t)self->unfinished_off, 1) < 0) ||
         count(self, self->items_off, 1) < 0) {
@@ -282,13 +300,7 @@ static PyObject *QueueCore_fast_put(QueueCore *self, PyObject *const *args, Py_s
 static PyObject *QueueCore_fast_get(QueueCore *self, PyObject *const *args, Py_ssize_t n) {
     return set_fast(self, args, n, &self->fget, &self->get_tid, &ConsumerType) < 0 ? NULL : Py_NewRef(Py_None);
 }
-/* _fast_drop(handle): the fast path forgets this handle (it was given back). */
-static PyObject *QueueCore_fast_drop(QueueCore *self, PyObject *h) {
-    if (self->fput == h) Py_CLEAR(self->fput);
-    if (self->fget == h) Py_CLEAR(self->fget);
-    Py_RETURN_NONE;
-}
-/* _fast_get_thread() -> bool: the calling thread is the fast path's getter. */
+/* _fast_getter() -> bool: the calling thread is the fast path's getter. */
 static PyObject *QueueCore_fast_getter(QueueCore *self, PyObject *unused) {
     return PyBool_FromLong(self->fget && self->get_tid == this_thread());
 }
@@ -324,7 +336,7 @@ static PyMethodDef QueueCore_methods[] = {
      "it).\nItems without buffers are unaffected."},
     {"_fast_put", (PyCFunction)(void (*)(void))QueueCore_fast_put, METH_FASTCALL, NULL},
     {"_fast_get", (PyCFunction)(void (*)(void))QueueCore_fast_get, METH_FASTCALL, NULL},
-    {"_fast_drop", (PyCFunction)QueueCore_fast_drop, METH_O, NULL},
+    {"_pickled_whole", (PyCFunction)QueueCore_pickled_whole, METH_O, NULL},
     {"_fast_getter", (PyCFunction)QueueCore_fast_getter, METH_NOARGS, NULL},
     {NULL}
 };
