@@ -11,6 +11,7 @@ what the child got plus what is left in the queue is every item put, but
 for at most one per interrupt that landed.  The item count (qsize) is never
 low after the storm, and at most one high per interrupt that landed."""
 import time
+from queue import Full
 
 import multiprocess
 import numpy as np
@@ -88,10 +89,36 @@ def test_interrupted_puts_arrive_at_most_once_and_every_returned_put_arrives(pro
     assert set(done) <= set(got), f"{len(set(done) - set(got))} returned puts never arrived"
     assert set(got) <= set(range(attempted))
     assert got == sorted(got)                 # one producer: in order
-    # drained: the count is never low (it was: an interrupt after the commit undid a sent
-    # item's count, and qsize() then read a negative count as corruption); an interrupt
-    # between counting in and sending may leave it one high (R70, as a kill does)
-    assert 0 <= q.qsize() <= kis
+    # drained: the count is exact (it went negative on main: an interrupt after the commit
+    # undid a sent item's count, and qsize() then read the count as corruption); without
+    # maxsize the producer counts an item in the C step that publishes it (R70)
+    assert q.qsize() == 0 and q.empty()
+
+
+def test_interrupted_puts_into_a_joinable_queue_leave_no_phantom_task(procs):
+    q, ready, out = shmring.JoinableQueue(capacity=1 << 18), CTX.Event(), CTX.Queue()
+    child = CTX.Process(target=_putter, args=(q, ready, out, STORM / 2))
+    child.start()
+    procs.append(child)
+    assert ready.wait(20)
+    stop, counter, t = _storm(child)
+    got = 0
+    try:
+        while True:
+            item = q.get(timeout=30)
+            q.task_done()
+            if isinstance(item, str):
+                break
+            _index(item)
+            got += 1
+    finally:
+        stop.set()
+        t.join()
+    done, attempted, kis, error = out.get(timeout=30)
+    child.join(20)
+    assert child.exitcode == 0 and error is None, error
+    assert kis > 50, f"only {kis} interrupts landed"
+    assert q.join(timeout=10), "an interrupted put left a task that was never put"   # (R72)
 
 
 def _getter(q, ready, out):
@@ -120,7 +147,13 @@ def test_interrupted_gets_take_each_item_at_most_once_and_lose_only_what_they_he
     n, end = 0, time.monotonic() + STORM
     try:
         while time.monotonic() < end:
-            q.put(_item(n), timeout=20)
+            try:
+                q.put(_item(n), timeout=20)
+            except Full:
+                st = q._ring.stats()
+                raise AssertionError(f"the child stopped taking: item {n}, child alive {child.is_alive()} (exit code {child.exitcode}), "
+                                     f"ring {[(k, st[k]) for k in ('write_pos', 'read_pos', 'take_pos', 'used')]}, "
+                                     f"requeued {st['requeued_now']}, consumers {st['consumers']}") from None
             n += 1
     finally:
         stop.set()

@@ -304,13 +304,6 @@ def _encode(obj):
     return (obj, None) if _native(obj) else _dumps(obj)
 
 
-def _is_oob(value) -> bool:
-    """An array message's value is an out-of-band item (R74), not an array
-    sent as itself (R95): 1-D ``uint8`` starting with the magic."""
-    return (value.ndim == 1 and value.dtype == np.uint8 and value.size >= _OOB_HDR.size
-            and bytes(value[:4]) == OOB_MAGIC)
-
-
 def _decode(mv, label, lease=False):
     """The object in a message payload ``mv`` (a view of the ring): read
     into memory of its own, so the message may be released after; with
@@ -450,8 +443,11 @@ class _Base(_core.QueueCore):
             p = self._ring.producer(spin=self._spin)
             local.prod, local.held_prod = p, _Held(p)
             self._holders.add(local.held_prod)
-            if not self._maxsize:       # put's fast path (qfast.c): this thread's, if none is yet
-                self._fast_put(p, self._r, L.Q_OFF_ITEMS, L.Q_OFF_UNFINISHED if self._joinable else -1)
+            if not self._maxsize:
+                # no bound in items: the producer counts each item in as it publishes it (R70,
+                # R72); put's fast path (qfast.c) is this thread's, if none is yet
+                p._count_into(L.Q_OFF_ITEMS, L.Q_OFF_UNFINISHED if self._joinable else 0)
+                self._fast_put(p, self._r, L.Q_OFF_ITEMS)
         return p
 
     def _consumer(self):
@@ -465,7 +461,7 @@ class _Base(_core.QueueCore):
             local.cons, local.held_cons, local.pending = c, _Held(c), None
             self._holders.add(local.held_cons)
             if not self._maxsize:       # get's fast path (qfast.c): this thread's, if none is yet
-                self._fast_get(c, self._r, L.Q_OFF_ITEMS, -1)
+                self._fast_get(c, self._r, L.Q_OFF_ITEMS)
         return c
 
     def _check_open(self):
@@ -531,6 +527,9 @@ class _Base(_core.QueueCore):
         stream, bufs = _encode(obj)               # a pickling error raises here: nothing counted
         deadline = _deadline(block, timeout)
         prod = self._producer()
+        if not self._maxsize:
+            self._send(prod, stream, bufs, deadline)      # the producer counts it in as it publishes it
+            return
         self._count_in(1, deadline)
         sent = prod._commits
         try:
@@ -542,19 +541,14 @@ class _Base(_core.QueueCore):
 
     def _fast_off(self):
         """No fast path (qfast.c) until a thread of this process joins again."""
-        self._fast_put(None, None, 0, -1)
-        self._fast_get(None, None, 0, -1)
+        self._fast_put(None, None, 0)
+        self._fast_get(None, None, 0)
 
-    def _send_counted(self, prod, stream, block, timeout):
-        """put's fast path found no room, or a dead consumer, or too large an
-        item: the item is counted in already (R70); wait, or say why."""
-        sent = prod._commits
-        try:
-            self._send(prod, stream, (), _deadline(block, timeout))
-        except BaseException:
-            if prod._commits == sent:      # not sent: out again (as _put)
-                self._undo(1)
-            raise
+    def _send_rest(self, prod, stream, block, timeout):
+        """put's fast path found no room, a dead consumer or too large an item:
+        wait, or say why (nothing was counted: the producer counts as it
+        publishes, R70)."""
+        self._send(prod, stream, (), _deadline(block, timeout))
 
     def _bad_stream(self, data):
         _not_pickle(data, self._label)
@@ -615,7 +609,10 @@ class _Base(_core.QueueCore):
                 raise CorruptSegmentError(f"a {msg.kind} message in the queue on {self._label}")
             value = None
             value = msg.value                       # a read-only view of the message (checked by the codec)
-            if not _is_oob(value):                  # R95: an array sent as itself
+            # R95: an array sent as itself, unless an out-of-band item (R74; inline: no other
+            # frame may hold the view when an interrupt lands, see the except clause)
+            if not (value.ndim == 1 and value.dtype == np.uint8 and value.size >= _OOB_HDR.size
+                    and bytes(value[:4]) == OOB_MAGIC):
                 if lease:
                     return value                    # R87: the view holds the message until it dies
                 out = np.array(value)               # the one copy of a get: writable, its own memory
@@ -629,10 +626,11 @@ class _Base(_core.QueueCore):
                 value = None
                 return _decode(mv, self._label)
         except BaseException as e:
-            # the traceback's frames hold views of the message: clear their
-            # locals (the lines stay) so the release below is complete
-            traceback.clear_frames(e.__traceback__)
+            # this frame's view first (no call before it: no interrupt can land in between),
+            # then the traceback's frames' (their locals; the lines stay), so the release
+            # below is complete
             lease = value = None
+            traceback.clear_frames(e.__traceback__)
             raise
         finally:
             if not lease:
@@ -647,7 +645,7 @@ class _Base(_core.QueueCore):
         if err is not None:
             local.pending = None
             if not self._maxsize:       # get's fast path again (get_many turned it off)
-                self._fast_get(local.cons, self._r, L.Q_OFF_ITEMS, -1)
+                self._fast_get(local.cons, self._r, L.Q_OFF_ITEMS)
             raise err
 
     def _get(self, block, timeout, lease=False):
@@ -746,8 +744,10 @@ class Queue(_Base):
         deadline = _deadline(block, timeout)
         prod = self._producer()
         n = len(encoded)
-        self._count_in(n, deadline)
         first = prod._commits                        # one commit per item: what was sent, even if interrupted
+        counted = bool(self._maxsize)                # (without maxsize the producer counts as it publishes)
+        if counted:
+            self._count_in(n, deadline)
         try_send = prod.try_send
         try:
             for stream, bufs in encoded:
@@ -759,10 +759,12 @@ class Queue(_Base):
                     self._send(prod, stream, bufs, deadline)
         except Full:
             done = prod._commits - first
-            self._undo(n - done)
+            if counted:
+                self._undo(n - done)
             raise Full("queue full", done) from None
         except BaseException:
-            self._undo(n - (prod._commits - first))
+            if counted:
+                self._undo(n - (prod._commits - first))
             raise
 
     def get_many(self, block: bool = True, timeout=None, max_messages_to_get: int = 1 << 30) -> list:
@@ -792,7 +794,7 @@ class Queue(_Base):
             # off until then: _raise_pending turns it back on)
             self._local.pending = e.with_traceback(None)
             if self._fast_getter():
-                self._fast_get(None, None, 0, -1)    # (_raise_pending gives it back)
+                self._fast_get(None, None, 0)        # (_raise_pending gives it back)
         finally:
             if streams:
                 self._count_out(streams)

@@ -198,6 +198,7 @@ typedef struct {
     unsigned long user;     /* the thread inside a call of this handle, 0: none (one thread at a time) */
     uint64_t res_seq;       /* reservations opened so far: names the open one, so a stale abort misses */
     uint64_t commits;       /* messages this handle published: a caller interrupted mid-send asks it */
+    uint64_t count_items, count_unfinished;   /* a queue's counts (header offsets, 0: none), R70 R72 */
 } Producer;
 
 extern PyTypeObject ProducerType;

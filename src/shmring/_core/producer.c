@@ -33,6 +33,11 @@ static inline int producer_claim(Producer *p, uint64_t payload_len, uint64_t *re
 
 /* Publish the record claimed at start (claimed_len payload bytes claimed, len used). */
 static inline void producer_finish(Producer *p, uint64_t start, uint64_t claimed_len, uint64_t len, unsigned type) {
+    if (p->count_items) {            /* a queue's producer: the item is counted in the step that publishes it */
+        if (p->count_unfinished)
+            (void)fetch_add_seq_cst64(p->r.base + p->count_unfinished, 1);   /* R72, before the publish below */
+        (void)fetch_add_seq_cst64(p->r.base + p->count_items, 1);   /* R70, before the publish below: counted before it can be taken */
+    }
     if (is_multi(&p->r)) mp_commit(p, start, claimed_len, len, type);
     else spsc_publish(p, start, len, type);
     p->commits++;
@@ -400,6 +405,22 @@ static PyObject *Producer_get_res_seq(Producer *self, void *c) { return PyLong_F
 static PyObject *Producer_get_user(Producer *self, void *c) { return PyLong_FromUnsignedLong(self->user); }
 static PyObject *Producer_get_commits(Producer *self, void *c) { return PyLong_FromUnsignedLongLong(self->commits); }
 
+/* _count_into(items_off, unfinished_off or 0): a queue's producer (R70, R72) counts each
+ * message it publishes into these header words, in the C step that publishes it. */
+static PyObject *Producer_count_into(Producer *self, PyObject *const *args, Py_ssize_t n) {
+    if (n != 2) { PyErr_SetString(PyExc_TypeError, "_count_into(items_off, unfinished_off)"); return NULL; }
+    unsigned long long items = PyLong_AsUnsignedLongLong(args[0]), unfinished = PyLong_AsUnsignedLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    if (!items || items % 8 || items + 8 > self->r.words_end || unfinished % 8 ||
+        (unfinished && unfinished + 8 > self->r.words_end)) {
+        PyErr_SetString(PyExc_ValueError, "bad header offset for a queue's count");
+        return NULL;
+    }
+    self->count_items = items;
+    self->count_unfinished = unfinished;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef Producer_methods[] = {
     {"send", (PyCFunction)(void (*)(void))Producer_send, METH_FASTCALL | METH_KEYWORDS,
      "send(data, *, timeout=None): send bytes, an ndarray or a msgpack-able object; "
@@ -415,6 +436,7 @@ static PyMethodDef Producer_methods[] = {
     {"_arm_space", (PyCFunction)(void (*)(void))Producer_arm_space, METH_FASTCALL, NULL},
     {"_mark_closed", (PyCFunction)Producer_mark_closed, METH_NOARGS, NULL},
     {"_use", (PyCFunction)Producer_use, METH_NOARGS, NULL},
+    {"_count_into", (PyCFunction)(void (*)(void))Producer_count_into, METH_FASTCALL, NULL},
     {"_unuse", (PyCFunction)Producer_unuse, METH_O, NULL},
     {NULL}
 };

@@ -19,12 +19,11 @@ typedef struct {
     PyObject *fput, *fget;          /* the fast thread's ProducerCore / ConsumerCore, or NULL */
     PyObject *region;               /* the queue's own Region (its _r): the counts go through it */
     unsigned long put_tid, get_tid; /* ... and that thread (this_thread()) */
-    uint64_t items_off;             /* the item count (R70), a header word */
-    int64_t unfinished_off;         /* JoinableQueue's unfinished count (R72), or -1 */
+    uint64_t items_off;             /* the item count (R70), a header word: get counts out through region */
 } QueueCore;
 
 static PyObject *pickle_dumps, *pickle_loads, *int_5, *str_buffer_callback, *str_put, *str_get, *str_take,
-                *str_send_counted, *str_undo, *str_not_pickle, *str_torch, *str_append, *kw_callback;
+                *str_send_counted, *str_not_pickle, *str_torch, *str_append, *kw_callback;
 static PyObject *modules_dict;
 
 #define OOB_MIN 4096                /* queues.OOB_MIN: bytes this large travel out of band */
@@ -41,15 +40,14 @@ static int qfast_init_globals(void) {
     str_put = PyUnicode_InternFromString("_put");
     str_get = PyUnicode_InternFromString("_get");
     str_take = PyUnicode_InternFromString("_take");
-    str_send_counted = PyUnicode_InternFromString("_send_counted");
-    str_undo = PyUnicode_InternFromString("_undo");
+    str_send_counted = PyUnicode_InternFromString("_send_rest");
     str_not_pickle = PyUnicode_InternFromString("_bad_stream");
     str_torch = PyUnicode_InternFromString("torch");
     str_append = PyUnicode_InternFromString("append");
     kw_callback = str_buffer_callback ? PyTuple_Pack(1, str_buffer_callback) : NULL;
     modules_dict = PySys_GetObject("modules");      /* borrowed; sys.modules lives as long as we do */
     return (pickle_dumps && pickle_loads && int_5 && str_buffer_callback && str_put && str_get && str_take &&
-            str_send_counted && str_undo && str_not_pickle && str_torch && str_append && kw_callback && modules_dict) ? 0 : -1;
+            str_send_counted && str_not_pickle && str_torch && str_append && kw_callback && modules_dict) ? 0 : -1;
 }
 
 /* The handle's region if the fast path may use it now, else NULL (no error set). */
@@ -173,12 +171,7 @@ static PyObject *QueueCore_put(QueueCore *self, PyObject *const *args, Py_ssize_
     if (!r) goto slow;
     stream = pickled_whole(obj);
     if (!stream) { PyErr_Clear(); goto slow; }      /* not one (or its error): from Python */
-    /* R72 then R70: counted before it can be taken */
-    if ((self->unfinished_off >= 0 && count(self, (uint64_t)self->unfinished_off, 1) < 0) ||
-        count(self, self->items_off, 1) < 0) {
-        Py_DECREF(stream);
-        return NULL;
-    }
+    /* counted in by the producer, in the C step that publishes it (R70, R72) */
     PyObject *prod = Py_NewRef(self->fput);         /* ours for the call: close() may drop the slot's */
     PyObject *ok = Producer_try_send((Producer *)prod, stream);
     if (ok == Py_True) {
@@ -189,16 +182,7 @@ static PyObject *QueueCore_put(QueueCore *self, PyObject *const *args, Py_ssize_
     }
     if (!ok) {
         if (!PyErr_ExceptionMatches(PeerGone) && !PyErr_ExceptionMatches(MessageTooLarge)) {
-            PyObject *et, *ev, *tb;                 /* not sent: counted out again, then the error */
-            PyErr_Fetch(&et, &ev, &tb);
-            PyObject *one = PyLong_FromLong(1);
-            PyObject *cargs[2] = {(PyObject *)self, one};
-            PyObject *u = one ? PyObject_VectorcallMethod(str_undo, cargs, 2, NULL) : NULL;
-            Py_XDECREF(one);
-            Py_XDECREF(u);
-            PyErr_Clear();
-            PyErr_Restore(et, ev, tb);
-            Py_DECREF(stream);
+            Py_DECREF(stream);                      /* not sent, so not counted: the error */
             Py_DECREF(prod);
             return NULL;
         }
@@ -260,14 +244,14 @@ slow:;
     return PyObject_VectorcallMethod(str_get, sargs, 4, NULL);
 }
 
-/* _fast_put(producer, region, items_off, unfinished_off or -1) / _fast_get(consumer, region,
- * items_off, -1): this thread's handle becomes the fast path's (counting through region, the
- * queue's own), unless another thread's still usable one is; _fast_put(None, ...) /
- * _fast_get(None, ...) turn it off. */
+/* _fast_put(producer, region, items_off) / _fast_get(consumer, region, items_off): this
+ * thread's handle becomes the fast path's (a get counts out through region, the queue's
+ * own; a put's producer counts in by itself, _count_into), unless another thread's still
+ * usable one is; _fast_put(None, ...) / _fast_get(None, ...) turn it off. */
 static int set_fast(QueueCore *self, PyObject *const *args, Py_ssize_t n, PyObject **slot, unsigned long *tid,
                     PyTypeObject *type) {
-    if (n != 4) {
-        PyErr_SetString(PyExc_TypeError, "_fast_put / _fast_get(handle, region, items_off, unfinished_off)");
+    if (n != 3) {
+        PyErr_SetString(PyExc_TypeError, "_fast_put / _fast_get(handle, region, items_off)");
         return -1;
     }
     if (args[0] == Py_None) { Py_CLEAR(*slot); return 0; }
@@ -277,16 +261,14 @@ static int set_fast(QueueCore *self, PyObject *const *args, Py_ssize_t n, PyObje
         PyErr_SetString(PyExc_TypeError, "not a handle of the right kind, or not a Region");
         return -1;
     }
-    long long items = PyLong_AsLongLong(args[2]), unfinished = PyLong_AsLongLong(args[3]);
+    long long items = PyLong_AsLongLong(args[2]);
     if (PyErr_Occurred()) return -1;
     Region *r = (Region *)args[1];
-    if (items < 0 || (uint64_t)items + 8 > r->words_end || items % 8 || unfinished < -1 ||
-        (unfinished >= 0 && ((uint64_t)unfinished + 8 > r->words_end || unfinished % 8))) {
+    if (items <= 0 || (uint64_t)items + 8 > r->words_end || items % 8) {
         PyErr_SetString(PyExc_ValueError, "bad header offset for a queue's count");
         return -1;
     }
     self->items_off = (uint64_t)items;
-    self->unfinished_off = unfinished;
     Py_INCREF(args[1]);
     Py_XSETREF(self->region, args[1]);
     Py_INCREF(args[0]);
