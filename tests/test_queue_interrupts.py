@@ -63,9 +63,12 @@ def _putter(q, ready, out, duration):
     out.put((done, nxt[0], state.get("kis", 0), state.get("error")))
 
 
-def test_interrupted_puts_arrive_at_most_once_and_every_returned_put_arrives(procs):
-    q, ready, out = shmring.Queue(capacity=1 << 18), CTX.Event(), CTX.Queue()
-    child = CTX.Process(target=_putter, args=(q, ready, out, STORM))
+def _storm_a_putter(procs, q, duration):
+    """A child puts for ``duration`` s under a SIGINT storm while this process takes
+    everything (marking each item done on a JoinableQueue); returns the indices taken
+    and the child's (done, attempted, interrupts landed), its error checked."""
+    ready, out = CTX.Event(), CTX.Queue()
+    child = CTX.Process(target=_putter, args=(q, ready, out, duration))
     child.start()
     procs.append(child)
     assert ready.wait(20)
@@ -74,6 +77,8 @@ def test_interrupted_puts_arrive_at_most_once_and_every_returned_put_arrives(pro
     try:
         while True:
             item = q.get(timeout=30)
+            if isinstance(q, shmring.JoinableQueue):
+                q.task_done()
             if isinstance(item, str):
                 break
             got.append(_index(item))
@@ -84,6 +89,12 @@ def test_interrupted_puts_arrive_at_most_once_and_every_returned_put_arrives(pro
     child.join(20)
     assert child.exitcode == 0 and error is None, error
     print(f"{attempted} puts, {len(done)} returned, {counter[0]} SIGINTs, {kis} landed")
+    return got, done, attempted, kis
+
+
+def test_interrupted_puts_arrive_at_most_once_and_every_returned_put_arrives(procs):
+    q = shmring.Queue(capacity=1 << 18)
+    got, done, attempted, kis = _storm_a_putter(procs, q, STORM)
     assert kis > 100, f"only {kis} interrupts landed"
     assert len(got) == len(set(got)), "an item arrived twice"
     assert set(done) <= set(got), f"{len(set(done) - set(got))} returned puts never arrived"
@@ -96,27 +107,8 @@ def test_interrupted_puts_arrive_at_most_once_and_every_returned_put_arrives(pro
 
 
 def test_interrupted_puts_into_a_joinable_queue_leave_no_phantom_task(procs):
-    q, ready, out = shmring.JoinableQueue(capacity=1 << 18), CTX.Event(), CTX.Queue()
-    child = CTX.Process(target=_putter, args=(q, ready, out, STORM / 2))
-    child.start()
-    procs.append(child)
-    assert ready.wait(20)
-    stop, counter, t = _storm(child)
-    got = 0
-    try:
-        while True:
-            item = q.get(timeout=30)
-            q.task_done()
-            if isinstance(item, str):
-                break
-            _index(item)
-            got += 1
-    finally:
-        stop.set()
-        t.join()
-    done, attempted, kis, error = out.get(timeout=30)
-    child.join(20)
-    assert child.exitcode == 0 and error is None, error
+    q = shmring.JoinableQueue(capacity=1 << 18)
+    _, _, _, kis = _storm_a_putter(procs, q, STORM / 2)
     assert kis > 50, f"only {kis} interrupts landed"
     assert q.join(timeout=10), "an interrupted put left a task that was never put"   # (R72)
 

@@ -271,6 +271,12 @@ def _not_pickle(data, label):
                               f"(starts with {bytes(data[:4])!r}, {len(data)} bytes)")
 
 
+def _unpickle(data, label):
+    """The object of a bytes message taken from a queue: a pickle stream (it
+    starts with PROTO), else CorruptSegmentError."""
+    return pickle.loads(data) if data[:1] == b"\x80" else _not_pickle(data, label)
+
+
 _native_dtypes: dict = {}
 
 
@@ -603,7 +609,7 @@ class _Base(_core.QueueCore):
         if msg.type == L.T_BYTES:
             data = msg._take_copy()                  # copied out and released in one step
             self._count_out(1)
-            return pickle.loads(data) if data[:1] == b"\x80" else _not_pickle(data, self._label)
+            return _unpickle(data, self._label)
         try:
             if msg.kind != "array":
                 raise CorruptSegmentError(f"a {msg.kind} message in the queue on {self._label}")
@@ -775,7 +781,7 @@ class Queue(_Base):
             raise ValueError(f"max_messages_to_get must be >= 1, got {max_messages_to_get}")
         out = [self.get(block, timeout)]             # (the C fast path when it can: qfast.c)
         cons = self._consumer()
-        take, loads, append = cons._take_item, pickle.loads, out.append
+        take, append = cons._take_item, out.append
         n, streams = 1, 0
         try:
             while n < max_messages_to_get:
@@ -785,7 +791,7 @@ class Queue(_Base):
                 n += 1
                 if type(got) is bytes:               # a pickle stream (as get's fast path), taken:
                     streams += 1                     # counted out below, whatever follows
-                    append(loads(got) if got[:1] == b"\x80" else _not_pickle(got, self._label))
+                    append(_unpickle(got, self._label))
                 else:
                     append(self._take(got))          # (counts it out itself)
         except Exception as e:
